@@ -1,0 +1,52 @@
+"""`rlaif-ray` console command: train, build-toy, report, show-config."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (see jobs/configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loop.num_steps=10 learner.num_learners=2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlaif_ray.config import ConfigError, load_config
+    from rlaif_ray.prompts import PromptFileError
+
+    parser = argparse.ArgumentParser(prog="rlaif-ray", description="Online RL from AI feedback on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _config_args(sub.add_parser("train", help="run an RLAIF job (embedded local Ray cluster unless ray.address)"))
+    _config_args(sub.add_parser("build-toy", help="build (or reuse) the toy world and print its paths"))
+    _config_args(sub.add_parser("show-config", help="print the resolved config as YAML"))
+    rep = sub.add_parser("report", help="re-write report.md/report.png of a run folder")
+    rep.add_argument("run_dir")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "report":
+            from rlaif_ray.report import write_report
+            print(write_report(args.run_dir))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "show-config":
+            import yaml
+            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        elif args.command == "build-toy":
+            from rlaif_ray.toyworld import build_toy_world
+            world = build_toy_world(cfg.toy, cfg.critic)
+            print(json.dumps({"policy": world.policy, "critic": world.critic, "prompts": world.prompts}, indent=1))
+        elif args.command == "train":
+            from rlaif_ray.loop import train
+            summary = train(cfg)
+            print(json.dumps(summary, indent=1))
+            print(f"run folder: {cfg.output.run_dir} (report.md, metrics.jsonl, samples.jsonl, checkpoint/)")
+    except (ConfigError, PromptFileError) as err:
+        print(f"rlaif-ray: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

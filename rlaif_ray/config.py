@@ -1,0 +1,215 @@
+"""The typed config tree: YAML file + dotted CLI overrides -> validated `RunConfig`.
+
+Every section forbids unknown keys, so a typo (`learner.lr` for `learner.learning_rate`) is an error that
+names the key instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ToyWorldConfig(_Section):
+    """The locally built tokenizer, models and prompts (see `rlaif_ray.toyworld`)."""
+    seed: int = 0
+    cache_dir: str = "~/.cache/rlaif_ray/toyworld"
+    max_operand: int = Field(9, ge=1, le=99)
+    policy_correct_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    policy_train_steps: int = Field(300, ge=0)
+    critic_train_steps: int = Field(600, ge=0)
+
+
+class ModelConfig(_Section):
+    """Which models play which part. The literal value "toy" means: build (or reuse) the toy world."""
+    policy: str = "toy"
+    critic: str = "toy"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(256, ge=16)
+
+
+class DataConfig(_Section):
+    prompts: str = "toy"  # a JSONL/Parquet file with a "prompt" field, or "toy" for the toy world's file
+    prompts_per_step: int = Field(8, ge=1)
+    shuffle: bool = True
+
+
+class VLLMConfig(_Section):
+    """Engine settings shared by the rollout and the critic engines."""
+    gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0)
+    cpu_kvcache_space_gib: int = Field(1, ge=1)
+    enforce_eager: bool = True
+    max_num_seqs: int = Field(64, ge=1)
+    max_logprobs: int = Field(64, ge=1)
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(4, ge=2)
+    max_new_tokens: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class CriticConfig(_Section):
+    """The AI labeler. `pairwise`: soft preference from the answer-token log-probs, both orders averaged.
+    `direct`: d-RLAIF, the 1-10 score's expectation under the score-token distribution."""
+    method: Literal["pairwise", "direct"] = "pairwise"
+    num_workers: int = Field(1, ge=1)
+    pairwise_template: str = "{prompt}\nA1:{response_a}\nA2:{response_b}\nBetter:"
+    pairwise_labels: tuple[str, str] = (" 1", " 2")
+    direct_template: str = "{prompt}\nA:{response}\nScore:"
+    direct_labels: list[str] = Field(default_factory=lambda: [f" {i}" for i in range(1, 11)])
+    min_label_mass: float = Field(0.05, ge=0.0, le=1.0)  # below this the reply counts as unparsable
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _templates_have_placeholders(self) -> "CriticConfig":
+        for name, needed in (("pairwise_template", ("{prompt}", "{response_a}", "{response_b}")),
+                             ("direct_template", ("{prompt}", "{response}"))):
+            missing = [p for p in needed if p not in getattr(self, name)]
+            if missing:
+                raise ValueError(f"critic.{name} lacks the placeholder(s) {', '.join(missing)}")
+        return self
+
+
+class RewardConfig(_Section):
+    """`win_rate`: mean pairwise win probability rescaled to [-1, 1]; `direct_score`: d-RLAIF score."""
+    kind: Literal["win_rate", "direct_score"] = "win_rate"
+    cpus: float = Field(0.5, gt=0)
+
+
+class LearnerConfig(_Section):
+    num_learners: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    kl_coef: float = Field(0.05, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    cpus_per_learner: float = Field(1.0, gt=0)
+    gpus_per_learner: float = Field(0.0, ge=0)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class LoopConfig(_Section):
+    mode: Literal["async", "sync"] = "async"
+    num_steps: int = Field(6, ge=1)
+    max_staleness: int = Field(1, ge=0)   # samples more than this many versions old are dropped
+    max_inflight: int = Field(1, ge=0)    # batches generated ahead of the learner (0 in sync mode)
+    seed: int = 0
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: start an embedded local cluster
+    num_cpus: int | None = 8    # logical CPUs of the embedded cluster (stages hold one each)
+    namespace: str = "rlaif_ray"
+
+
+class OutputConfig(_Section):
+    run_dir: str = "runs/latest"
+    tensorboard: bool = True
+    progress: bool = True
+    save_checkpoint: bool = True
+
+
+class RunConfig(_Section):
+    toy: ToyWorldConfig = Field(default_factory=ToyWorldConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.reward.kind == "win_rate" and self.critic.method != "pairwise":
+            raise ValueError("reward.kind=win_rate needs critic.method=pairwise")
+        if self.reward.kind == "direct_score" and self.critic.method != "direct":
+            raise ValueError("reward.kind=direct_score needs critic.method=direct")
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(keys[:depth + 1])}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`learner.kl_coef=0.1` -> ("learner.kl_coef", 0.1); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from None
+    return key, value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{where}'")
+        else:
+            lines.append(f"  {where}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (optional), apply dotted overrides, validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"override '{text}'")
+        source += f" + {text}"
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def dump_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,231 @@
+"""The orchestrator: checks the inputs, places the actors, and drives the asynchronous RLAIF loop.
+
+The driver only moves object refs: prompts are put in the object store once; each batch flows
+RolloutWorker -> CriticLabeler -> RewardScorer -> learner ranks as refs to Arrow tables, and new weights
+flow from learner rank 0 to every RolloutWorker as one ref. What the driver reads back is small: stage
+timings, metrics, and the sample-id ledger.
+
+async: up to `loop.max_inflight` batches are generated (and labelled) ahead of the learner, so generation
+for version v+1 overlaps training on version v; a weight update is queued on each RolloutWorker behind the
+batches already submitted to it, so it lands between two `generate` calls. Samples older than
+`loop.max_staleness` versions are dropped by the learner and counted. sync: max_inflight = 0, no overlap.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from rlaif_ray.config import ConfigError, RunConfig, dump_config
+from rlaif_ray.prompts import PromptSampler, load_prompts
+
+
+@dataclass
+class Resolved:
+    """Inputs checked before any actor starts."""
+    policy: str
+    critic: str
+    prompts_path: str
+    prompts: object  # pa.Table
+
+
+@dataclass
+class InFlight:
+    step: int
+    rewards: object                      # ObjectRef[pa.Table]
+    stat_refs: list = field(default_factory=list)
+    launched_at: float = 0.0
+
+
+def _check_model_path(path: str, key: str) -> None:
+    """A local folder must exist and hold a config.json; `org/name` is taken as a hub id."""
+    local = Path(path).expanduser()
+    is_hub_id = not local.exists() and not path.startswith((".", "~", "/")) and path.count("/") <= 1
+    if is_hub_id:
+        return
+    if not local.is_dir():
+        raise ConfigError(f"{key}: model path does not exist: {path}")
+    if not (local / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} holds no config.json (not a Hugging Face model folder)")
+
+
+def resolve_inputs(cfg: RunConfig) -> Resolved:
+    """Build/reuse the toy world if asked, then check model paths and the prompt file."""
+    policy, critic, prompts_path = cfg.model.policy, cfg.model.critic, cfg.data.prompts
+    if "toy" in (policy, critic, prompts_path):
+        from rlaif_ray.toyworld import build_toy_world
+        world = build_toy_world(cfg.toy, cfg.critic)
+        policy = world.policy if policy == "toy" else policy
+        critic = world.critic if critic == "toy" else critic
+        prompts_path = world.prompts if prompts_path == "toy" else prompts_path
+    _check_model_path(policy, "model.policy")
+    _check_model_path(critic, "model.critic")
+    prompts = load_prompts(prompts_path)
+    local = lambda p: str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p  # noqa: E731
+    return Resolved(local(policy), local(critic), prompts_path, prompts)
+
+
+def start_ray(cfg: RunConfig) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs = {"namespace": cfg.ray.namespace, "log_to_driver": True}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+
+
+def check_resources(cfg: RunConfig) -> None:
+    """Fail before any actor starts if the cluster cannot hold what the config asks for."""
+    have = ray.cluster_resources()
+    need_cpu = (cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.critic.num_workers * cfg.critic.cpus_per_worker
+                + cfg.reward.cpus + cfg.learner.num_learners * cfg.learner.cpus_per_learner)
+    need_gpu = (cfg.rollout.num_workers * cfg.rollout.gpus_per_worker + cfg.critic.num_workers * cfg.critic.gpus_per_worker
+                + cfg.learner.num_learners * cfg.learner.gpus_per_learner)
+    learner_cpu = cfg.learner.num_learners * cfg.learner.cpus_per_learner
+    if learner_cpu > have.get("CPU", 0):
+        raise ConfigError(f"learner.num_learners={cfg.learner.num_learners} needs {learner_cpu:g} CPUs; "
+                          f"the cluster has {have.get('CPU', 0):g}")
+    if need_cpu > have.get("CPU", 0):
+        raise ConfigError(f"the stages need {need_cpu:g} CPUs in all (rollout, critic, reward, learners); "
+                          f"the cluster has {have.get('CPU', 0):g} (raise ray.num_cpus or lower the counts)")
+    if need_gpu > have.get("GPU", 0):
+        raise ConfigError(f"the stages need {need_gpu:g} GPUs in all; the cluster has {have.get('GPU', 0):g}")
+
+
+class Orchestrator:
+    def __init__(self, cfg: RunConfig, resolved: Resolved):
+        from ray.util.placement_group import placement_group
+
+        from rlaif_ray.critic import CriticLabeler
+        from rlaif_ray.engine import engine_env
+        from rlaif_ray.learner import LearnerGroup
+        from rlaif_ray.reward import RewardScorer
+        from rlaif_ray.rollout import RolloutWorker
+
+        self.cfg = cfg
+        raw = cfg.model_dump()
+        env = {"env_vars": engine_env(cfg.vllm)}
+        self.rollouts = [RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker,
+                                               runtime_env=env).remote(resolved.policy, raw, i)
+                         for i in range(cfg.rollout.num_workers)]
+        self.critics = [CriticLabeler.options(num_cpus=cfg.critic.cpus_per_worker, num_gpus=cfg.critic.gpus_per_worker,
+                                              runtime_env=env).remote(resolved.critic, raw, i)
+                        for i in range(cfg.critic.num_workers)]
+        self.scorer = RewardScorer.options(num_cpus=cfg.reward.cpus).remote(cfg.reward.kind)
+        lcfg = cfg.learner
+        self.learner_pg = placement_group([{"CPU": lcfg.cpus_per_learner, **({"GPU": lcfg.gpus_per_learner} if lcfg.gpus_per_learner else {})}
+                                           for _ in range(lcfg.num_learners)], strategy="PACK")
+        ray.get(self.learner_pg.ready(), timeout=300)
+        ready = [w.ready.remote() for w in self.rollouts + self.critics]
+        self.learners = LearnerGroup(resolved.policy, cfg, self.learner_pg)
+        ray.get(ready)
+        self.prompts_ref = ray.put(resolved.prompts)
+        self.sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)
+
+    def launch(self, step: int) -> InFlight:
+        """Submit generation -> labelling -> reward for one batch; returns refs only."""
+        indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
+        worker = self.rollouts[step % len(self.rollouts)]
+        critic = self.critics[step % len(self.critics)]
+        rollouts, gen_stats = worker.generate.options(num_returns=2).remote(self.prompts_ref, indices, step)
+        labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
+        rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels)
+        return InFlight(step, rewards, [gen_stats, label_stats, reward_stats], time.perf_counter())
+
+    def sync_weights(self, version: int) -> list:
+        weights = self.learners.export_weights()
+        return [w.update_weights.remote(weights, version) for w in self.rollouts]
+
+    def run(self, writer) -> dict:
+        cfg = self.cfg
+        inflight_max = cfg.loop.max_inflight if cfg.loop.mode == "async" else 0
+        pending: deque[InFlight] = deque()
+        launched, version, totals = 0, 0, {"generated": 0, "trained": 0, "dropped_stale": 0, "skipped": 0}
+        sync_refs: list = []
+        t_start = last = time.perf_counter()
+        for step in range(cfg.loop.num_steps):
+            while launched < cfg.loop.num_steps and len(pending) <= inflight_max:
+                pending.append(self.launch(launched))
+                launched += 1
+            batch = pending.popleft()
+            t_train = time.perf_counter()
+            result = self.learners.train(batch.rewards)
+            train_wall = time.perf_counter() - t_train
+            version += 1
+            sync_stats = ray.get(sync_refs) if sync_refs else []  # previous sync, long done by now
+            sync_refs = self.sync_weights(version)
+            if cfg.loop.mode == "sync":
+                sync_stats = ray.get(sync_refs)
+                sync_refs = []
+            gen, lab, rew = ray.get(batch.stat_refs)
+            now = time.perf_counter()
+            m = result["metrics"]
+            for key in ("trained", "dropped_stale", "skipped"):
+                totals[key] += m[key]
+            totals["generated"] += gen["gen_samples"]
+            m.update(gen_seconds=gen["gen_seconds"], label_seconds=lab["label_seconds"], reward_seconds=rew["reward_seconds"],
+                     train_wall_seconds=train_wall, step_seconds=now - last, policy_version=version,
+                     gen_tokens=gen["gen_tokens"], gen_policy_version=gen["policy_version"],
+                     samples_per_s=gen["gen_samples"] / max(now - last, 1e-9),
+                     tokens_per_s=gen["gen_tokens"] / max(now - last, 1e-9),
+                     judge_calls=lab.get("judge_calls", 0), inflight=len(pending))
+            if sync_stats:
+                m.update(sync_seconds=max(s["sync_seconds"] for s in sync_stats), sync_bytes=sync_stats[0]["sync_bytes"])
+            if lab.get("valid_pairs"):
+                m["first_slot_rate"] = lab["first_slot_wins"] / (2 * lab["valid_pairs"])
+            last = now
+            writer.log_step(step, m)
+            writer.log_outcomes(step, result["outcome"])
+        if sync_refs:
+            ray.get(sync_refs)
+        wall = time.perf_counter() - t_start
+        return {**totals, "final_version": version, "wall_seconds": wall,
+                "samples_per_s": totals["generated"] / wall, "mode": cfg.loop.mode}
+
+    def save_checkpoint(self, path: Path) -> str:
+        return self.learners.save_checkpoint(str(path))
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+        for actor in [*self.rollouts, *self.critics, self.scorer, *self.learners.ranks]:
+            ray.kill(actor)
+        remove_placement_group(self.learner_pg)
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run one RLAIF job end to end; returns the summary (also written to run_dir/summary.json)."""
+    import json
+
+    from rlaif_ray.metrics import MetricsWriter
+    from rlaif_ray.report import write_report
+
+    resolved = resolve_inputs(cfg)          # bad input stops here, before Ray or any actor
+    run_dir = Path(cfg.output.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl", "samples.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    start_ray(cfg)
+    check_resources(cfg)
+    t0 = time.perf_counter()
+    orch = Orchestrator(cfg, resolved)
+    startup = time.perf_counter() - t0
+    writer = MetricsWriter(run_dir, cfg.output.tensorboard, cfg.loop.num_steps if cfg.output.progress else None)
+    try:
+        summary = orch.run(writer)
+        summary["startup_seconds"] = startup
+        if cfg.output.save_checkpoint:
+            summary["checkpoint"] = orch.save_checkpoint((run_dir / "checkpoint").resolve())
+    finally:
+        writer.close()
+        orch.shutdown()
+    summary.update(policy=resolved.policy, critic=resolved.critic, prompts=resolved.prompts_path)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_report(run_dir)
+    return summary

@@ -1,0 +1,55 @@
+"""Run output: per-step metrics as JSONL and TensorBoard scalars, the per-sample ledger, a progress bar."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, progress_total: int | None = None):
+        self.run_dir = run_dir
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.ledger_file = open(run_dir / "samples.jsonl", "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.bar = None
+        if progress_total:
+            from tqdm import tqdm
+            self.bar = tqdm(total=progress_total, desc="rlaif", unit="step", dynamic_ncols=True)
+
+    def log_step(self, step: int, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
+                    self.tb.add_scalar(key, value, step)
+        if self.bar is not None:
+            self.bar.update(1)
+            shown = {k: metrics[k] for k in ("reward_mean", "true_accuracy", "kl", "samples_per_s") if k in metrics}
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, (int, float))})
+
+    def log_outcomes(self, step: int, outcome: dict, versions: dict | None = None) -> None:
+        for sid in outcome.get("trained", []):
+            self.ledger_file.write(json.dumps({"sample_id": sid, "outcome": "trained", "step": step}) + "\n")
+        for sid in outcome.get("stale", []):
+            self.ledger_file.write(json.dumps({"sample_id": sid, "outcome": "dropped_stale", "step": step}) + "\n")
+        for sid, reason in outcome.get("skipped", []):
+            self.ledger_file.write(json.dumps({"sample_id": sid, "outcome": "skipped", "reason": reason,
+                                               "step": step}) + "\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        self.metrics_file.close()
+        self.ledger_file.close()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

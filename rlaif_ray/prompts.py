@@ -1,0 +1,100 @@
+"""Prompt files (JSONL or Parquet) -> a validated Arrow table, and the batches the loop draws from it.
+
+A row needs a non-empty string `prompt`; `id` (unique) and `reference` (ground truth for the toy
+checker) are optional. Errors name the file and the 1-based row.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROMPT_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("reference", pa.string(), nullable=True),
+])
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file and row."""
+
+
+def _rows_from_jsonl(path: Path) -> list[dict]:
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise PromptFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptFileError(f"{path}: row {lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise PromptFileError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append((lineno, row))
+    return rows
+
+
+def _rows_from_parquet(path: Path) -> list[dict]:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise PromptFileError(f"{path}: not a readable Parquet file ({err})") from None
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def load_prompts(path: str | Path) -> pa.Table:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PromptFileError(f"prompts file not found: {path}")
+    rows = _rows_from_parquet(path) if path.suffix == ".parquet" else _rows_from_jsonl(path)
+    if not rows:
+        raise PromptFileError(f"{path}: no prompts in file")
+    ids, prompts, refs = [], [], []
+    seen: dict[str, int] = {}
+    for lineno, row in rows:
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str):
+            raise PromptFileError(f"{path}: row {lineno}: field 'prompt' is missing or not a string")
+        if not prompt.strip():
+            raise PromptFileError(f"{path}: row {lineno}: field 'prompt' is empty")
+        pid = str(row.get("id", f"row{lineno}"))
+        if pid in seen:
+            raise PromptFileError(f"{path}: row {lineno}: id '{pid}' already used at row {seen[pid]}")
+        seen[pid] = lineno
+        ref = row.get("reference")
+        ids.append(pid)
+        prompts.append(prompt)
+        refs.append(None if ref is None else str(ref))
+    return pa.Table.from_pydict({"prompt_id": ids, "prompt": prompts, "reference": refs}, schema=PROMPT_SCHEMA)
+
+
+class PromptSampler:
+    """Epochs over the prompt table in a seeded order; `next_indices(k)` is the cursor the loop advances."""
+
+    def __init__(self, num_prompts: int, seed: int, shuffle: bool = True):
+        self.num_prompts = num_prompts
+        self.rng = np.random.default_rng(seed)
+        self.shuffle = shuffle
+        self.order = self._new_order()
+        self.cursor = 0
+
+    def _new_order(self) -> np.ndarray:
+        idx = np.arange(self.num_prompts)
+        return self.rng.permutation(idx) if self.shuffle else idx
+
+    def next_indices(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.cursor == self.num_prompts:
+                self.order, self.cursor = self._new_order(), 0
+            out.append(int(self.order[self.cursor]))
+            self.cursor += 1
+        return out

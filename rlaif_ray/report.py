@@ -1,0 +1,61 @@
+"""A short run report: `report.md` with the summary figures and `report.png` with the curves."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rlaif_ray.metrics import read_jsonl
+
+CURVES = [("reward_mean", "reward (AI feedback)"), ("true_accuracy", "ground-truth accuracy"),
+          ("kl", "KL to reference"), ("position_agreement", "judge position agreement"),
+          ("samples_per_s", "samples / s"), ("staleness_mean", "staleness (versions)")]
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _mean(rows, key, sl):
+    vals = [r[key] for r in rows[sl] if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    _plot(rows, run_dir / "report.png")
+    k = max(1, len(rows) // 3)
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [
+        f"# RLAIF run report — {run_dir.name}", "",
+        f"- mode: **{summary['mode']}**, steps: {len(rows)}, final policy version: {summary['final_version']}",
+        f"- wall time: {summary['wall_seconds']:.1f} s (+ {summary.get('startup_seconds', 0):.1f} s actor start-up); "
+        f"samples/s: {summary['samples_per_s']:.2f}",
+        f"- samples: {summary['generated']} generated = {summary['trained']} trained + "
+        f"{summary['dropped_stale']} dropped as stale + {summary['skipped']} skipped (see samples.jsonl)",
+        f"- policy: `{summary['policy']}`; critic: `{summary['critic']}`",
+        f"- checkpoint: `{summary.get('checkpoint', 'not saved')}`", "",
+        "| metric | first third | last third |", "|---|---|---|",
+    ]
+    for key, title in CURVES + [("judge_truth_agreement", "judge agrees with ground truth"),
+                                ("first_slot_rate", "judge picks slot 1")]:
+        lines.append(f"| {title} | {fmt(_mean(rows, key, slice(0, k)))} | {fmt(_mean(rows, key, slice(-k, None)))} |")
+    lines += ["", "![curves](report.png)", ""]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out

@@ -1,0 +1,39 @@
+"""RewardScorer: turns critic labels into one reward per sample, in [-1, 1].
+
+- `win_rate`: 2·P(win) − 1, P(win) the sample's mean soft win probability over its pairs.
+- `direct_score` (d-RLAIF): the expected 1–10 score rescaled linearly to [-1, 1].
+A sample without a valid label gets a null reward and keeps its skip reason (the learner counts it).
+"""
+from __future__ import annotations
+
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from rlaif_ray import schemas
+
+
+def rewards_from_labels(labels: pa.Table, kind: str) -> pa.Array:
+    if kind == "win_rate":
+        reward = pc.subtract(pc.multiply(labels.column("win_prob"), 2.0), 1.0)
+    elif kind == "direct_score":
+        reward = pc.subtract(pc.multiply(pc.subtract(labels.column("judge_score"), 1.0), 2.0 / 9.0), 1.0)
+    else:
+        raise ValueError(f"unknown reward kind '{kind}'")
+    reward = pc.if_else(labels.column("label_valid"), reward, pa.scalar(None, pa.float32()))
+    return reward.cast(pa.float32())
+
+
+@ray.remote
+class RewardScorer:
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def score(self, labels: pa.Table) -> tuple[pa.Table, dict]:
+        t0 = time.perf_counter()
+        labels = schemas.validate(labels, "labels")
+        table = labels.append_column(schemas.REWARD_FIELDS[0], rewards_from_labels(labels, self.kind))
+        table = schemas.validate(table, "rewards")
+        return table, {"reward_seconds": time.perf_counter() - t0}

@@ -1,0 +1,87 @@
+"""RolloutWorker: a Ray actor holding a vLLM engine with the current policy weights.
+
+`generate` samples n responses per prompt (continuous batching: one `generate` call for the whole batch)
+and returns an Arrow table in the `rollouts` schema, with token ids, per-token log-probs and the policy
+version that generated every row. `update_weights` swaps all weights in one call between two `generate`
+calls; the actor runs one method at a time, so a batch never sees half-loaded weights.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from rlaif_ray import schemas
+from rlaif_ray.config import RunConfig
+from rlaif_ray.engine import make_llm
+
+
+def _sampled_logprobs(token_ids, logprobs) -> list[float]:
+    if logprobs is None:
+        return [float("nan")] * len(token_ids)
+    return [float(step[tok].logprob) for tok, step in zip(token_ids, logprobs)]
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
+        self.cfg = RunConfig.model_validate(cfg)
+        self.model_path = model_path
+        self.worker_index = worker_index
+        self.llm = make_llm(model_path, self.cfg.vllm, self.cfg.model, seed=self.cfg.loop.seed + worker_index)
+        self.version = 0
+
+    def ready(self) -> int:
+        return self.version
+
+    def generate(self, prompts: pa.Table, indices: list[int], step: int) -> tuple[pa.Table, dict]:
+        """Sample `rollout.samples_per_prompt` responses for prompts[indices]; `step` names the batch."""
+        from vllm import SamplingParams
+
+        r = self.cfg.rollout
+        rows = prompts.take(pa.array(indices, pa.int64())).to_pylist()
+        params = [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
+                                 max_tokens=r.max_new_tokens, logprobs=0,
+                                 seed=self.cfg.loop.seed * 1_000_003 + step * 10_007 + i)
+                  for i in range(len(rows))]
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([row["prompt"] for row in rows], params, use_tqdm=False)
+        gen_seconds = time.perf_counter() - t0
+        cols: dict[str, list] = {f.name: [] for f in schemas.ROLLOUT_SCHEMA}
+        num_tokens = 0
+        for row, out in zip(rows, outputs):
+            for k, sample in enumerate(out.outputs):
+                ids = list(sample.token_ids)
+                num_tokens += len(ids)
+                cols["sample_id"].append(schemas.sample_id(step, row["prompt_id"], k))
+                cols["prompt_id"].append(row["prompt_id"])
+                cols["group_index"].append(k)
+                cols["prompt"].append(row["prompt"])
+                cols["prompt_token_ids"].append(list(out.prompt_token_ids))
+                cols["response"].append(sample.text)
+                cols["response_token_ids"].append(ids)
+                cols["response_logprobs"].append(_sampled_logprobs(ids, sample.logprobs))
+                cols["finish_reason"].append(sample.finish_reason)
+                cols["policy_version"].append(self.version)
+                cols["reference"].append(row["reference"])
+        table = schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")
+        stats = {"gen_seconds": gen_seconds, "gen_tokens": num_tokens, "gen_samples": table.num_rows,
+                 "policy_version": self.version, "worker": self.worker_index}
+        return table, stats
+
+    def update_weights(self, weights: tuple[np.ndarray, list[str], list[tuple]], version: int) -> dict:
+        """Load a whole new set of weights (one flat buffer + names/shapes) and take its version."""
+        import torch
+
+        flat, names, shapes = weights
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():  # the object store hands out read-only arrays; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(flat)
+        self.llm.collective_rpc("rlaif_load_weights", args=(tensor, names, shapes))
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"sync_seconds": time.perf_counter() - t0, "sync_bytes": int(flat.nbytes), "version": version}

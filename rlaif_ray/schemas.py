@@ -1,0 +1,99 @@
+"""The Arrow schema each stage emits, and the check every stage runs on what it receives.
+
+rollouts -> (CriticLabeler adds label columns) -> labels -> (RewardScorer adds `reward`) -> rewards.
+Every row carries a stable `sample_id` and the `policy_version` whose weights generated it. Rows the
+critic could not label stay in the table with `label_valid=false` and a `skip_reason`, so the learner can
+account for every sample (trained, dropped as stale, or skipped with a reason).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+class SchemaError(ValueError):
+    """A table that does not match the schema its stage declares."""
+
+
+ROLLOUT_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("group_index", pa.int32(), nullable=False),    # which of the n samples for this prompt
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("response", pa.string(), nullable=False),
+    pa.field("response_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("response_logprobs", pa.list_(pa.float32()), nullable=False),
+    pa.field("finish_reason", pa.string(), nullable=True),
+    pa.field("policy_version", pa.int64(), nullable=False),
+    pa.field("reference", pa.string(), nullable=True),       # ground truth where the task has one
+]
+
+LABEL_FIELDS = [
+    pa.field("label_method", pa.string(), nullable=False),
+    pa.field("judge_model", pa.string(), nullable=False),
+    pa.field("label_valid", pa.bool_(), nullable=False),
+    pa.field("skip_reason", pa.string(), nullable=True),
+    # pairwise: P(this response beats each partner), both orders averaged, and whether both orders agreed
+    pa.field("pair_partner_ids", pa.list_(pa.string()), nullable=False),
+    pa.field("pair_win_probs", pa.list_(pa.float32()), nullable=False),
+    pa.field("pair_position_agree", pa.list_(pa.bool_()), nullable=False),
+    pa.field("win_prob", pa.float32(), nullable=True),       # mean over valid pairs
+    pa.field("judge_score", pa.float32(), nullable=True),    # direct: E[score] in [1, 10]
+]
+
+REWARD_FIELDS = [
+    pa.field("reward", pa.float32(), nullable=True),
+]
+
+ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
+LABEL_SCHEMA = pa.schema(ROLLOUT_FIELDS + LABEL_FIELDS)
+REWARD_SCHEMA = pa.schema(ROLLOUT_FIELDS + LABEL_FIELDS + REWARD_FIELDS)
+
+STAGE_SCHEMAS = {"rollouts": ROLLOUT_SCHEMA, "labels": LABEL_SCHEMA, "rewards": REWARD_SCHEMA}
+
+
+def validate(table: pa.Table, stage: str) -> pa.Table:
+    """Check `table` against the schema of `stage`; return it cast to the exact declared types.
+
+    Raises SchemaError naming the stage and the offending column (or row, for nulls and duplicates).
+    """
+    if stage not in STAGE_SCHEMAS:
+        raise SchemaError(f"unknown stage '{stage}' (known: {', '.join(STAGE_SCHEMAS)})")
+    if not isinstance(table, pa.Table):
+        raise SchemaError(f"{stage}: expected a pyarrow.Table, got {type(table).__name__}")
+    schema = STAGE_SCHEMAS[stage]
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise SchemaError(f"{stage}: missing column(s) {', '.join(missing)}")
+    extra = [n for n in table.column_names if n not in schema.names]
+    if extra:
+        raise SchemaError(f"{stage}: unexpected column(s) {', '.join(extra)}")
+    columns = []
+    for field in schema:
+        col = table.column(field.name)
+        if not col.type.equals(field.type):
+            try:
+                col = col.cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise SchemaError(f"{stage}: column '{field.name}' has type {col.type}, "
+                                  f"expected {field.type} ({err})") from None
+        if not field.nullable and col.null_count:
+            row = next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
+            raise SchemaError(f"{stage}: column '{field.name}' is null at row {row}")
+        columns.append(col)
+    out = pa.Table.from_arrays(columns, schema=schema)
+    ids = out.column("sample_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next((i, s) for i, s in enumerate(ids) if s in seen or seen.add(s))
+        raise SchemaError(f"{stage}: duplicate sample_id '{dup[1]}' at row {dup[0]}")
+    return out
+
+
+def empty(stage: str) -> pa.Table:
+    return STAGE_SCHEMAS[stage].empty_table()
+
+
+def sample_id(step: int, prompt_id: str, group_index: int) -> str:
+    """Stable across runs with the same seed: the batch index, the prompt and the sample's slot."""
+    return f"s{step:06d}/{prompt_id}/{group_index}"

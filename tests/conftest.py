@@ -1,0 +1,58 @@
+"""Shared fixtures: one toy world, one local Ray cluster and one pair of vLLM engines for the session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def small_config(tmp_path=None, **sections):
+    """A RunConfig for tests: toy world, few prompts, no progress bar."""
+    from rlaif_ray.config import RunConfig
+    base = {
+        "data": {"prompts_per_step": 4},
+        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 4},
+        "loop": {"num_steps": 2},
+        "ray": {"num_cpus": 8},
+        "output": {"progress": False, "tensorboard": True,
+                   "run_dir": str(tmp_path / "run") if tmp_path else "runs/test"},
+    }
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    return RunConfig.model_validate(base)
+
+
+@pytest.fixture(scope="session")
+def toy_world():
+    from rlaif_ray.config import CriticConfig, ToyWorldConfig
+    from rlaif_ray.toyworld import build_toy_world
+    return build_toy_world(ToyWorldConfig(), CriticConfig())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    ray.init(num_cpus=8, include_dashboard=False, namespace="rlaif_ray_tests", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def engines(ray_cluster, toy_world):
+    """One RolloutWorker and one CriticLabeler shared by the actor tests (engine start is ~10 s each)."""
+    from rlaif_ray.critic import CriticLabeler
+    from rlaif_ray.engine import engine_env
+    from rlaif_ray.rollout import RolloutWorker
+
+    cfg = small_config()
+    env = {"env_vars": engine_env(cfg.vllm)}
+    rollout = RolloutWorker.options(num_cpus=1, runtime_env=env).remote(toy_world.policy, cfg.model_dump())
+    critic = CriticLabeler.options(num_cpus=1, runtime_env=env).remote(toy_world.critic, cfg.model_dump())
+    ray_cluster.get([rollout.ready.remote(), critic.ready.remote()])
+    yield {"rollout": rollout, "critic": critic, "cfg": cfg}
+    ray_cluster.kill(rollout)
+    ray_cluster.kill(critic)

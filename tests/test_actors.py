@@ -1,0 +1,145 @@
+"""Each stage alone, real: vLLM generation and judging, reward scoring, DeepSpeed ranks, weight sync."""
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from rlaif_ray import schemas
+from rlaif_ray.prompts import load_prompts
+from rlaif_ray.reward import rewards_from_labels
+
+
+@pytest.fixture(scope="module")
+def prompts_ref(ray_cluster, toy_world):
+    return ray.put(load_prompts(toy_world.prompts))
+
+
+def generate(engines, prompts_ref, indices, step=0):
+    table, stats = ray.get(engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, indices, step))
+    return table, stats
+
+
+def test_rollout_generates_n_samples_with_logprobs(engines, prompts_ref):
+    table, stats = generate(engines, prompts_ref, [0, 5, 9])
+    table = schemas.validate(table, "rollouts")
+    assert table.num_rows == 3 * engines["cfg"].rollout.samples_per_prompt == stats["gen_samples"]
+    for ids, lps in zip(table.column("response_token_ids").to_pylist(), table.column("response_logprobs").to_pylist()):
+        assert len(ids) == len(lps) >= 1
+        assert all(lp <= 0.0 and math.isfinite(lp) for lp in lps)
+    assert set(table.column("policy_version").to_pylist()) == {0}
+    assert table.column("group_index").to_pylist()[:2] == [0, 1]
+    again, _ = generate(engines, prompts_ref, [0, 5, 9])  # seeded per (step, prompt): reproducible
+    assert again.column("response").to_pylist() == table.column("response").to_pylist()
+    assert again.column("sample_id").to_pylist() == table.column("sample_id").to_pylist()
+
+
+def rollout_table(responses: list[str], prompt="2+3=", reference="5"):
+    n = len(responses)
+    return pa.Table.from_pydict({
+        "sample_id": [f"t/{i}" for i in range(n)], "prompt_id": ["p0"] * n, "group_index": list(range(n)),
+        "prompt": [prompt] * n, "prompt_token_ids": [[1]] * n, "response": responses,
+        "response_token_ids": [[2]] * n, "response_logprobs": [[-1.0]] * n, "finish_reason": ["stop"] * n,
+        "policy_version": [0] * n, "reference": [reference] * n,
+    }, schema=schemas.ROLLOUT_SCHEMA)
+
+
+def test_pairwise_labels_are_soft_symmetric_and_order_averaged(engines):
+    table, stats = ray.get(engines["critic"].label.options(num_returns=2).remote(rollout_table([" 5", " 7", " 5"])))
+    table = schemas.validate(table, "labels")
+    assert stats["pairs"] == 3 and stats["judge_calls"] == 6  # every pair, both orders
+    rows = table.to_pylist()
+    win = {(r["sample_id"], o): p for r in rows for o, p in zip(r["pair_partner_ids"], r["pair_win_probs"])}
+    for (a, b), p in win.items():
+        assert 0.0 <= p <= 1.0
+        assert win[(b, a)] == pytest.approx(1.0 - p, abs=1e-6)
+    # identical responses: the two orders are the same prompt, so averaging gives exactly 0.5
+    assert win[("t/0", "t/2")] == pytest.approx(0.5, abs=1e-6)
+    assert all(r["label_valid"] and r["label_method"] == "pairwise" for r in rows)
+    for r in rows:
+        assert r["win_prob"] == pytest.approx(np.mean(r["pair_win_probs"]), abs=1e-6)
+
+
+def test_direct_scores_are_expected_values_in_range(engines):
+    table, stats = ray.get(engines["critic"].label.options(num_returns=2).remote(rollout_table([" 5", " 9"]), "direct"))
+    rows = schemas.validate(table, "labels").to_pylist()
+    assert stats["judge_calls"] == 2
+    for r in rows:
+        assert r["label_method"] == "direct" and r["label_valid"] and 1.0 <= r["judge_score"] <= 10.0
+        assert r["pair_partner_ids"] == [] and r["win_prob"] is None
+
+
+def test_judge_prompt_too_long_is_skipped_with_a_reason(engines):
+    table, _ = ray.get(engines["critic"].label.options(num_returns=2).remote(rollout_table([" 5" * 400, " 5"])))
+    rows = table.to_pylist()
+    assert not any(r["label_valid"] for r in rows)
+    assert all(r["skip_reason"].startswith("judge_prompt_too_long") for r in rows)
+    rewards = rewards_from_labels(table, "win_rate").to_pylist()
+    assert rewards == [None, None]  # never a made-up reward
+
+
+def test_reward_rescaling():
+    labels = rollout_table([" a", " b", " c"])
+    for f, values in [("label_method", ["direct"] * 3), ("judge_model", ["j"] * 3), ("label_valid", [True, True, False]),
+                      ("skip_reason", [None, None, "x"]), ("pair_partner_ids", [[], [], []]),
+                      ("pair_win_probs", [[], [], []]), ("pair_position_agree", [[], [], []]),
+                      ("win_prob", [1.0, 0.25, 0.5]), ("judge_score", [10.0, 1.0, 5.5])]:
+        field = next(x for x in schemas.LABEL_FIELDS if x.name == f)
+        labels = labels.append_column(field, pa.array(values, field.type))
+    direct = rewards_from_labels(labels, "direct_score").to_pylist()
+    assert direct[0] == pytest.approx(1.0) and direct[1] == pytest.approx(-1.0) and direct[2] is None
+    win = rewards_from_labels(labels, "win_rate").to_pylist()
+    assert win[0] == pytest.approx(1.0) and win[1] == pytest.approx(-0.5) and win[2] is None
+
+
+def test_learner_ranks_step_together_and_weight_sync_changes_generation(engines, prompts_ref, toy_world):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from rlaif_ray.learner import LearnerGroup
+    from rlaif_ray.reward import RewardScorer
+    from tests.conftest import small_config
+
+    cfg = small_config(learner={"num_learners": 2, "learning_rate": 0.05, "zero_stage": 2})
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    ray.get(pg.ready())
+    group = LearnerGroup(toy_world.policy, cfg, pg)
+    scorer = RewardScorer.remote("win_rate")
+    try:
+        before = ray.get(group.ranks[0].weights_digest.remote())
+        rollouts, _ = engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, [1, 2, 3, 4], 11)
+        labels, _ = engines["critic"].label.options(num_returns=2).remote(rollouts)
+        rewards, _ = scorer.score.options(num_returns=2).remote(labels)
+        result = group.train(rewards)
+        m = result["metrics"]
+        assert m["learner_version"] == 1 and m["trained"] + m["skipped"] + m["dropped_stale"] == 8
+        digests = ray.get([r.weights_digest.remote() for r in group.ranks])
+        assert digests[0] == digests[1] != before  # the step changed the weights, identically on both ranks
+
+        # weight sync: all-EOS output head -> every response is empty; restoring the weights restores outputs
+        baseline, _ = generate(engines, prompts_ref, [0, 1], step=3)
+        flat, names, shapes = ray.get(group.export_weights())
+        from transformers import AutoConfig
+        eos = AutoConfig.from_pretrained(toy_world.policy).eos_token_id
+        sizes = [int(np.prod(s)) for s in shapes]
+        start = sum(sizes[:names.index("lm_head.weight")])
+        head = flat.copy()
+        block = head[start:start + sizes[names.index("lm_head.weight")]].reshape(shapes[names.index("lm_head.weight")])
+        block[:] = 0.0
+        block[eos] = 1.0
+        state = ray.get(engines["rollout"].update_weights.remote((head, names, shapes), 41))
+        assert state["version"] == 41 and state["sync_bytes"] == flat.nbytes
+        eos_only, _ = generate(engines, prompts_ref, [0, 1], step=3)
+        assert set(eos_only.column("policy_version").to_pylist()) == {41}
+        assert all(r == "" for r in eos_only.column("response").to_pylist())
+        initial = ray.get(group.ranks[0].export_weights.remote())  # trained weights, a real sync
+        ray.get(engines["rollout"].update_weights.remote(initial, 1))
+        after, _ = generate(engines, prompts_ref, [0, 1], step=3)
+        assert set(after.column("policy_version").to_pylist()) == {1}
+        assert any(r != "" for r in after.column("response").to_pylist())
+        assert baseline.column("policy_version").to_pylist()[0] == 0
+    finally:
+        for r in group.ranks:
+            ray.kill(r)
+        ray.kill(scorer)
+        remove_placement_group(pg)
