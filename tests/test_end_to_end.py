@@ -16,8 +16,8 @@ def read_jsonl(path):
 
 
 def alive_actors() -> int:
-    from ray.util.state import list_actors
-    return len(list_actors(filters=[("state", "=", "ALIVE")], limit=1000))
+    # the GCS table (the state API would need the dashboard, which tests do not start)
+    return sum(a["State"] == "ALIVE" for a in ray._private.state.actors().values())
 
 
 def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
