@@ -28,7 +28,7 @@ class ToyWorldConfig(_Section):
     max_operand: int = Field(9, ge=1, le=99)
     policy_correct_fraction: float = Field(0.3, ge=0.0, le=1.0)
     policy_train_steps: int = Field(300, ge=0)
-    critic_train_steps: int = Field(600, ge=0)
+    critic_train_steps: int = Field(1000, ge=0)
 
 
 class ModelConfig(_Section):

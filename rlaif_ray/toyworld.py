@@ -22,7 +22,7 @@ import numpy as np
 
 from rlaif_ray.config import CriticConfig, ToyWorldConfig
 
-BUILD_VERSION = "1"  # bump when the recipe changes, so old caches are not reused
+BUILD_VERSION = "2"  # bump when the recipe changes, so old caches are not reused
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 
 
@@ -60,21 +60,39 @@ def _wrong_answer(rng: np.random.Generator, correct: int, max_answer: int) -> in
 
 
 # ---------------------------------------------------------------- training corpora
-def _policy_text(rng, rows, cfg: ToyWorldConfig) -> str:
+def _policy_text(rng, rows, cfg: ToyWorldConfig) -> tuple[str, str]:
     row = rows[int(rng.integers(len(rows)))]
     correct = int(row["reference"])
     answer = correct if rng.random() < cfg.policy_correct_fraction else _wrong_answer(rng, correct, 2 * cfg.max_operand)
     return row["prompt"], f" {answer}"
 
 
-def _critic_text(rng, rows, cfg: ToyWorldConfig, critic: CriticConfig) -> str:
+# The critic learns in stages (fractions of `critic_train_steps`), each a mix (p_arithmetic, p_pairwise; the
+# rest direct-score). A tiny model trained on the full mix from the start settles on "always prefer one slot";
+# learning the sums first, then checking one answer, then comparing two, gets it to >95% pairwise accuracy.
+CRITIC_STAGES = [(0.15, (1.0, 0.0)),   # plain arithmetic, so the judge knows the answers it judges
+                 (0.40, (0.3, 0.0)),   # + direct scores: is this one answer right?
+                 (0.45, (0.1, 0.6))]   # + pairwise: which of two answers is right?
+
+
+def _critic_stage(step: int, steps: int) -> tuple[float, float]:
+    start = 0.0
+    for frac, mix in CRITIC_STAGES:
+        start += frac
+        if step < start * steps:
+            return mix
+    return CRITIC_STAGES[-1][1]
+
+
+def _critic_text(rng, rows, cfg: ToyWorldConfig, critic: CriticConfig, mix=(0.2, 0.5)) -> tuple[str, str]:
     row = rows[int(rng.integers(len(rows)))]
     correct = int(row["reference"])
     wrong = _wrong_answer(rng, correct, 2 * cfg.max_operand)
+    p_arith, p_pairwise = mix
     kind = rng.random()
-    if kind < 0.2:  # plain arithmetic, so the judge knows the answers it judges
+    if kind < p_arith:
         return row["prompt"], f" {correct}"
-    if kind < 0.7:  # pairwise transcript
+    if kind < p_arith + p_pairwise:
         if rng.random() < 0.8:
             a, b, label = (correct, wrong, 0) if rng.random() < 0.5 else (wrong, correct, 1)
         else:  # two wrong answers: no preference to learn, the label is a coin flip
@@ -111,47 +129,57 @@ def _train_tokenizer(corpus: list[str], out_dirs: list[Path], critic: CriticConf
     return hf
 
 
-def _encode_targets(tokenizer, pairs: list[tuple[str, str]]):
+def _encode_targets(tokenizer, pairs: list[tuple[str, str]], cache: dict):
     """(prefix, target) pairs -> padded batch whose labels cover only the target and the EOS after it."""
     import torch
 
-    seqs, masks = [], []
-    for prefix, target in pairs:
-        p = tokenizer.encode(prefix)
-        t = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
-        seqs.append(p + t)
-        masks.append([0] * len(p) + [1] * len(t))
-    width = max(len(x) for x in seqs)
+    def encode(text: str, special: bool) -> list[int]:  # few distinct strings: tokenize each once
+        if (text, special) not in cache:
+            cache[text, special] = tokenizer.encode(text, add_special_tokens=special)
+        return cache[text, special]
+
+    seqs = [(encode(prefix, True), encode(target, False) + [tokenizer.eos_token_id]) for prefix, target in pairs]
+    width = max(len(p) + len(t) for p, t in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100)
-    for i, (seq, mask) in enumerate(zip(seqs, masks)):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        attn[i, :len(seq)] = 1
-        labels[i, :len(seq)] = torch.where(torch.tensor(mask) == 1, torch.tensor(seq), torch.tensor(-100))
+    for i, (p, t) in enumerate(seqs):
+        ids[i, :len(p) + len(t)] = torch.tensor(p + t)
+        attn[i, :len(p) + len(t)] = 1
+        labels[i, len(p):len(p) + len(t)] = torch.tensor(t)
     return {"input_ids": ids, "attention_mask": attn}, labels
 
 
-def _train_model(tokenizer, texts_fn, steps: int, seed: int, out_dir: Path, log_prefix: str) -> None:
+def _train_model(tokenizer, texts_fn, steps: int, seed: int, out_dir: Path, log_prefix: str, *, hidden: int,
+                 heads: int, lr: float, weight_decay: float = 0.0, batch: int = 64, warmup: int = 50) -> None:
+    """Train a 2-layer Llama from scratch; `texts_fn(rng, step)` gives one (prefix, target) example.
+    AdamW, linear warmup then cosine decay, gradients clipped at 1."""
+    import math
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, torch_dtype="float32")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     rng = np.random.default_rng(seed)
+    cache: dict = {}
     model.train()
     for step in range(steps):
-        pairs = [texts_fn(rng) for _ in range(64)]
-        batch, labels = _encode_targets(tokenizer, pairs)
-        loss = model(**batch, labels=labels).loss
+        batch_ids, labels = _encode_targets(tokenizer, [texts_fn(rng, step) for _ in range(batch)], cache)
+        loss = model(**batch_ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         if (step + 1) % 200 == 0 or step + 1 == steps:
             print(f"[toyworld] {log_prefix} step {step + 1}/{steps} target loss {loss.item():.3f}", flush=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -190,10 +218,12 @@ def build_toy_world(cfg: ToyWorldConfig, critic: CriticConfig | None = None, for
             (tmp / "policy").mkdir()
             (tmp / "critic").mkdir()
             tokenizer = _train_tokenizer(corpus, [tmp / "policy", tmp / "critic"], critic)
-            _train_model(tokenizer, lambda r: _policy_text(r, rows, cfg), cfg.policy_train_steps, cfg.seed,
-                         tmp / "policy", "policy")
-            _train_model(tokenizer, lambda r: _critic_text(r, rows, cfg, critic), cfg.critic_train_steps,
-                         cfg.seed + 1, tmp / "critic", "critic")
+            _train_model(tokenizer, lambda r, step: _policy_text(r, rows, cfg), cfg.policy_train_steps, cfg.seed,
+                         tmp / "policy", "policy", hidden=128, heads=2, lr=3e-3)
+            # the critic is smaller (one 64-wide head) so it gets more steps in the same time
+            n = cfg.critic_train_steps
+            _train_model(tokenizer, lambda r, step: _critic_text(r, rows, cfg, critic, _critic_stage(step, n)), n,
+                         cfg.seed + 1, tmp / "critic", "critic", hidden=64, heads=1, lr=5e-3, weight_decay=0.1)
             (tmp / "toyworld.json").write_text(json.dumps({"config": cfg.model_dump(), "hash": root.name}, indent=1))
             if root.exists():
                 shutil.rmtree(root)
