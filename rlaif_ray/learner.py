@@ -3,7 +3,7 @@
 One update per batch of rewarded samples: REINFORCE with a per-prompt group baseline and a KL penalty to
 the frozen reference policy (the weights at version 0), k3 estimator, token-mean per sequence:
 
-    loss_i = -A_i · mean_t log π(y_t)  +  β · mean_t [exp(r_t) − r_t − 1],   r_t = log π_ref(y_t) − log π(y_t)
+    loss_i = -A_i · mean_t log π(y_t)  +  β · mean_t min(10, exp(r_t) − r_t − 1),   r_t = clamp(log π_ref(y_t) − log π(y_t), ±10)
     A_i    = R_i − mean_{j in group(i)} R_j
 
 Every rank reads the whole (zero-copy) table and trains on the prompt groups `g % world == rank`; the loss
@@ -26,6 +26,10 @@ import torch
 from rlaif_ray import schemas
 from rlaif_ray.config import RunConfig
 from rlaif_ray.feedback_metrics import label_quality
+
+
+KL_LOG_RATIO_CLAMP = 10.0
+KL_TOKEN_CLAMP = 10.0
 
 
 def _free_port() -> int:
@@ -154,8 +158,10 @@ class LearnerRank:
             with torch.no_grad():
                 ref_logp = sequence_logprobs(self.ref, ids, attn)
             n_tok = resp.sum(-1).clamp(min=1)
-            log_ratio = ref_logp - logp
-            kl = ((torch.exp(log_ratio) - log_ratio - 1) * resp).sum(-1) / n_tok
+            # clamped: a token the (one version older) rollout policy sampled can be very unlikely under the
+            # learner now, and an unclamped exp() turns one such token into a KL spike that wrecks the step
+            log_ratio = (ref_logp - logp).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+            kl = ((torch.exp(log_ratio) - log_ratio - 1).clamp(max=KL_TOKEN_CLAMP) * resp).sum(-1) / n_tok
             pg = -adv * (logp * resp).sum(-1) / n_tok
             per_sample = pg + self.cfg.learner.kl_coef * kl
             loss = per_sample.sum() * (self.world_size / max(total, 1))

@@ -65,6 +65,9 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
     _check_model_path(policy, "model.policy")
     _check_model_path(critic, "model.critic")
     prompts = load_prompts(prompts_path)
+    if cfg.data.prompts_per_step > prompts.num_rows:
+        raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "
+                          f"{prompts.num_rows} prompts in {prompts_path}")
     local = lambda p: str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p  # noqa: E731
     return Resolved(local(policy), local(critic), prompts_path, prompts)
 

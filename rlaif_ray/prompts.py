@@ -77,7 +77,11 @@ def load_prompts(path: str | Path) -> pa.Table:
 
 
 class PromptSampler:
-    """Epochs over the prompt table in a seeded order; `next_indices(k)` is the cursor the loop advances."""
+    """Epochs over the prompt table in a seeded order; `next_indices(k)` is the cursor the loop advances.
+
+    A batch never holds the same prompt twice (sample ids and prompt groups stay unique): when an epoch
+    ends inside a batch, the prompts already in that batch move to the end of the next epoch's order.
+    """
 
     def __init__(self, num_prompts: int, seed: int, shuffle: bool = True):
         self.num_prompts = num_prompts
@@ -91,10 +95,15 @@ class PromptSampler:
         return self.rng.permutation(idx) if self.shuffle else idx
 
     def next_indices(self, k: int) -> list[int]:
-        out = []
+        if k > self.num_prompts:
+            raise ValueError(f"a batch of {k} prompts needs at least {k} distinct prompts; the file has {self.num_prompts}")
+        out: list[int] = []
         while len(out) < k:
             if self.cursor == self.num_prompts:
-                self.order, self.cursor = self._new_order(), 0
+                taken = set(out)
+                order = self._new_order()
+                self.order = np.concatenate([order[~np.isin(order, list(taken))], order[np.isin(order, list(taken))]])
+                self.cursor = 0
             out.append(int(self.order[self.cursor]))
             self.cursor += 1
         return out

@@ -82,3 +82,15 @@ def test_sampler_covers_every_prompt_each_epoch_and_is_seeded():
     first = a.next_indices(10)
     assert sorted(first) == list(range(10)) and first == b.next_indices(10)
     assert sorted(a.next_indices(10)) == list(range(10))
+
+
+def test_sampler_never_repeats_a_prompt_within_a_batch():
+    sampler = PromptSampler(10, seed=0)
+    seen = []
+    for _ in range(30):  # batches of 4 over 10 prompts cross epoch boundaries often
+        batch = sampler.next_indices(4)
+        assert len(set(batch)) == 4
+        seen += batch
+    assert all(seen.count(i) == 12 for i in range(10))  # still fair: every prompt equally often
+    with pytest.raises(ValueError, match="needs at least 11 distinct prompts"):
+        sampler.next_indices(11)
