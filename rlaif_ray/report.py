@@ -16,11 +16,21 @@ def _plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = list(CURVES)
+    rewards = [r["reward_mean"] for r in rows if r.get("reward_mean") is not None]
+    if rewards and max(abs(v) for v in rewards) < 1e-6:  # pairwise win rates sum to zero within a group
+        curves[0] = ("judge_truth_agreement", "judge agrees with ground truth")
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
-    for ax, (key, title) in zip(axes.flat, CURVES):
+    for ax, (key, title) in zip(axes.flat, curves):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", ms=3)
+            steps, values = zip(*pts)
+            ax.plot(steps, values, marker="o", ms=2, lw=0.8, alpha=0.45, label="per step")
+            w = max(1, len(values) // 10)
+            if w > 1:
+                smooth = [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1]) for i in range(len(values))]
+                ax.plot(steps, smooth, lw=2, label=f"mean of last {w}")
+                ax.legend(fontsize=7, loc="best")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
