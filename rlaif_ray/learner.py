@@ -187,7 +187,7 @@ class LearnerRank:
         return [(n, p.detach().cpu()) for n, p in params]
 
     def weights_digest(self) -> str:
-        """A hash of this rank's full parameters (ranks must agree after every step)."""
+        """A hash of this rank's full parameters (ranks must agree after every step); collective under ZeRO-3."""
         import hashlib
         h = hashlib.sha256()
         for name, p in self._full_params():
@@ -237,15 +237,6 @@ class LearnerGroup:
     def train(self, rewards_ref) -> dict:
         results = ray.get([r.train_step.remote(rewards_ref) for r in self.ranks])
         return results[0]
-
-    def weights_digest(self) -> str:
-        """A hash of this rank's full parameters (ranks must agree after every step)."""
-        import hashlib
-        h = hashlib.sha256()
-        for name, p in self._full_params():
-            h.update(name.encode())
-            h.update(p.float().contiguous().numpy().tobytes())
-        return h.hexdigest()
 
     def export_weights(self):
         refs = [r.export_weights.remote() for r in self.ranks]

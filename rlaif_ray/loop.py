@@ -37,8 +37,7 @@ class Resolved:
 class InFlight:
     step: int
     rewards: object                      # ObjectRef[pa.Table]
-    stat_refs: list = field(default_factory=list)
-    launched_at: float = 0.0
+    stat_refs: list = field(default_factory=list)  # [generate, label, reward] stats: small dicts
 
 
 def _check_model_path(path: str, key: str) -> None:
@@ -124,10 +123,15 @@ class Orchestrator:
         lcfg = cfg.learner
         self.learner_pg = placement_group([{"CPU": lcfg.cpus_per_learner, **({"GPU": lcfg.gpus_per_learner} if lcfg.gpus_per_learner else {})}
                                            for _ in range(lcfg.num_learners)], strategy="PACK")
-        ray.get(self.learner_pg.ready(), timeout=300)
-        ready = [w.ready.remote() for w in self.rollouts + self.critics]
-        self.learners = LearnerGroup(resolved.policy, cfg, self.learner_pg)
-        ray.get(ready)
+        self.learners = None
+        try:
+            ray.get(self.learner_pg.ready(), timeout=300)
+            ready = [w.ready.remote() for w in self.rollouts + self.critics]
+            self.learners = LearnerGroup(resolved.policy, cfg, self.learner_pg)
+            ray.get(ready)
+        except BaseException:
+            self.shutdown()  # nothing left running when start-up fails
+            raise
         self.prompts_ref = ray.put(resolved.prompts)
         self.sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)
 
@@ -139,7 +143,7 @@ class Orchestrator:
         rollouts, gen_stats = worker.generate.options(num_returns=2).remote(self.prompts_ref, indices, step)
         labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
         rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels)
-        return InFlight(step, rewards, [gen_stats, label_stats, reward_stats], time.perf_counter())
+        return InFlight(step, rewards, [gen_stats, label_stats, reward_stats])
 
     def sync_weights(self, version: int) -> list:
         weights = self.learners.export_weights()
@@ -196,7 +200,7 @@ class Orchestrator:
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
-        for actor in [*self.rollouts, *self.critics, self.scorer, *self.learners.ranks]:
+        for actor in [*self.rollouts, *self.critics, self.scorer, *(self.learners.ranks if self.learners else [])]:
             ray.kill(actor)
         remove_placement_group(self.learner_pg)
 
