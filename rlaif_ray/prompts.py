@@ -100,10 +100,9 @@ class PromptSampler:
         out: list[int] = []
         while len(out) < k:
             if self.cursor == self.num_prompts:
-                taken = set(out)
                 order = self._new_order()
-                self.order = np.concatenate([order[~np.isin(order, list(taken))], order[np.isin(order, list(taken))]])
-                self.cursor = 0
+                in_batch = np.isin(order, out)
+                self.order, self.cursor = np.concatenate([order[~in_batch], order[in_batch]]), 0
             out.append(int(self.order[self.cursor]))
             self.cursor += 1
         return out

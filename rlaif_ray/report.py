@@ -28,7 +28,8 @@ def _plot(rows: list[dict], path: Path) -> None:
             ax.plot(steps, values, marker="o", ms=2, lw=0.8, alpha=0.45, label="per step")
             w = max(1, len(values) // 10)
             if w > 1:
-                smooth = [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1]) for i in range(len(values))]
+                windows = [values[max(0, i - w + 1):i + 1] for i in range(len(values))]
+                smooth = [sum(win) / len(win) for win in windows]
                 ax.plot(steps, smooth, lw=2, label=f"mean of last {w}")
                 ax.legend(fontsize=7, loc="best")
         ax.set_title(title)
