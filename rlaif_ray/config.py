@@ -64,26 +64,60 @@ class RolloutConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0)
 
 
+class RemoteJudgeConfig(_Section):
+    """An OpenAI-compatible endpoint as the judge, in place of a local vLLM engine (`base_url` set).
+    Log-probs are read where the endpoint returns them; otherwise the reply text is parsed."""
+    base_url: str | None = None           # e.g. http://127.0.0.1:8000/v1
+    model: str = ""                       # the model name the endpoint expects
+    api: Literal["completions", "chat"] = "completions"
+    api_key_env: str | None = None        # name of the environment variable holding the key (never logged)
+    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)   # first retry wait; doubles each retry (429, 5xx, timeouts)
+    top_logprobs: int = Field(20, ge=0, le=20)
+
+
+CRITIC_METHODS = ("pairwise", "cot", "self_reference", "direct")
+
+
 class CriticConfig(_Section):
-    """The AI labeler. `pairwise`: soft preference from the answer-token log-probs, both orders averaged.
-    `direct`: d-RLAIF, the 1-10 score's expectation under the score-token distribution."""
-    method: Literal["pairwise", "direct"] = "pairwise"
+    """The AI labeler. Every judge prompt is `preamble + few_shot + body [+ rationale] + ending`; the label is
+    read from the log-probs of the label tokens right after the ending.
+
+    - `pairwise`: soft preference between two responses, both orders averaged (canonical RLAIF).
+    - `cot`: two steps; a greedy rationale after `cot_prompt`, then the preference.
+    - `self_reference`: the judge answers the prompt itself (`self_answer_template`), critiques the two
+      responses against its own answer after `critique_prompt`, then judges; both orders; margin kept.
+    - `direct`: d-RLAIF, the 1-10 score's expectation under the score-token distribution.
+    `principles`: one is sampled per label and fills `{principle}` (in the preamble or a template)."""
+    method: Literal["pairwise", "cot", "self_reference", "direct"] = "pairwise"
     num_workers: int = Field(1, ge=1)
-    pairwise_template: str = "{prompt}\nA1:{response_a}\nA2:{response_b}\nBetter:"
+    preamble: str = ""
+    few_shot: list[str] = Field(default_factory=list)
+    principles: list[str] = Field(default_factory=list)
+    pairwise_template: str = "{prompt}\nA1:{response_a}\nA2:{response_b}"
+    pairwise_ending: str = "\nBetter:"
     pairwise_labels: tuple[str, str] = (" 1", " 2")
-    direct_template: str = "{prompt}\nA:{response}\nScore:"
+    cot_prompt: str = "\nThink:"
+    self_answer_template: str = "{prompt}"
+    self_reference_template: str = "{prompt}\nMine:{own_answer}\nA1:{response_a}\nA2:{response_b}"
+    critique_prompt: str = "\nCritique:"
+    rationale_max_tokens: int = Field(8, ge=1)
+    rationale_stop: list[str] = Field(default_factory=lambda: ["\n"])
+    direct_template: str = "{prompt}\nA:{response}"
+    direct_ending: str = "\nScore:"
     direct_labels: list[str] = Field(default_factory=lambda: [f" {i}" for i in range(1, 11)])
     min_label_mass: float = Field(0.05, ge=0.0, le=1.0)  # below this the reply counts as unparsable
+    raw_reply_chars: int = Field(200, ge=0)               # how much of the judge's text each label row keeps
+    remote: RemoteJudgeConfig = Field(default_factory=RemoteJudgeConfig)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _templates_have_placeholders(self) -> "CriticConfig":
-        for name, needed in (("pairwise_template", ("{prompt}", "{response_a}", "{response_b}")),
-                             ("direct_template", ("{prompt}", "{response}"))):
-            missing = [p for p in needed if p not in getattr(self, name)]
-            if missing:
-                raise ValueError(f"critic.{name} lacks the placeholder(s) {', '.join(missing)}")
+        from rlaif_ray.judge_prompts import check_templates
+        check_templates(self)
         return self
 
 
@@ -94,11 +128,21 @@ class RewardConfig(_Section):
 
 
 class LearnerConfig(_Section):
+    """`ppo`: clipped surrogate + KL penalty on per-sample advantages (`advantage`), importance-corrected
+    for samples an older policy generated. `dpo`/`ipo`: online preference optimisation on the judge's
+    soft pairwise labels. `sft`: fine-tune on the critic's own answers (the strong-teacher baseline)."""
+    algorithm: Literal["ppo", "dpo", "ipo", "sft"] = "ppo"
+    advantage: Literal["grpo", "rloo", "reinforce_pp", "group_mean"] = "grpo"
     num_learners: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     kl_coef: float = Field(0.05, ge=0)
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    ppo_epochs: int = Field(1, ge=1)
+    importance_correction: bool = True    # weight by min(π_learner / π_behaviour, is_cap) per token
+    is_cap: float = Field(2.0, ge=1.0)
+    dpo_beta: float = Field(0.1, gt=0)
     grad_clip: float = Field(1.0, gt=0)
     cpus_per_learner: float = Field(1.0, gt=0)
     gpus_per_learner: float = Field(0.0, ge=0)
@@ -110,6 +154,7 @@ class LoopConfig(_Section):
     num_steps: int = Field(6, ge=1)
     max_staleness: int = Field(1, ge=0)   # samples more than this many versions old are dropped
     max_inflight: int = Field(1, ge=0)    # batches generated ahead of the learner (0 in sync mode)
+    eval_samples: int = Field(4, ge=0)    # before/after the run: samples per prompt for ground-truth accuracy (0: off)
     seed: int = 0
 
 
@@ -124,6 +169,7 @@ class OutputConfig(_Section):
     tensorboard: bool = True
     progress: bool = True
     save_checkpoint: bool = True
+    save_labels: bool = True    # every labelled batch as run_dir/labels/step-NNNNNN.parquet
 
 
 class RunConfig(_Section):
@@ -141,10 +187,17 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
-        if self.reward.kind == "win_rate" and self.critic.method != "pairwise":
-            raise ValueError("reward.kind=win_rate needs critic.method=pairwise")
+        pairwise_methods = ("pairwise", "cot", "self_reference")
+        if self.learner.algorithm == "sft":
+            return self  # demonstrations need no labels or rewards
+        if self.reward.kind == "win_rate" and self.critic.method not in pairwise_methods:
+            raise ValueError(f"reward.kind=win_rate needs a pairwise critic.method ({', '.join(pairwise_methods)}), "
+                             f"got '{self.critic.method}'")
         if self.reward.kind == "direct_score" and self.critic.method != "direct":
             raise ValueError("reward.kind=direct_score needs critic.method=direct")
+        if self.learner.algorithm in ("dpo", "ipo") and self.critic.method not in pairwise_methods:
+            raise ValueError(f"learner.algorithm={self.learner.algorithm} trains on judged pairs: it needs a pairwise "
+                             f"critic.method ({', '.join(pairwise_methods)}), got '{self.critic.method}'")
         return self
 
 

@@ -1,48 +1,33 @@
-"""CriticLabeler: a Ray actor holding an LLM judge (its own vLLM engine) that labels rollouts.
+"""CriticLabeler: a Ray actor holding an AI judge (its own vLLM engine, or a remote OpenAI-compatible
+endpoint) that labels rollouts with the method `critic.method` (see `CriticConfig` and `judge_prompts`).
 
-`pairwise` (canonical RLAIF): for every pair of responses to the same prompt, the judge is asked which is
-better in both orders; the preference is read from the log-probs of the answer tokens (softmax over the
-two labels -> soft label), the two orders are averaged (position-bias mitigation) and whether they agreed
-is recorded. `direct` (d-RLAIF): the judge scores one response; the score is Σ i·P(i) over the score tokens.
+Pairwise methods (pairwise, cot, self_reference) judge every pair of responses to the same prompt in both
+orders. The soft label is read from the label-token probabilities, P(slot 1) per order; the two orders are
+averaged (position-bias mitigation) and whether they agreed is kept per pair, with the slot-1 probability
+of each order (so the run's judge report can measure position bias). `cot` first generates a rationale,
+`self_reference` first answers the prompt itself and critiques both responses against that answer. `direct`
+(d-RLAIF) scores one response: Σ i·P(i) over the score tokens.
 
-A reply whose label tokens carry less than `critic.min_label_mass` of the probability is unparsable: the
-sample keeps its row with `label_valid=false` and a `skip_reason`; it never gets a made-up label.
+A reply whose label tokens hold less than `critic.min_label_mass`, or a judge call that failed, is never
+turned into a label: the sample keeps its row with `label_valid=false` and a `skip_reason`.
+`demonstrate` answers prompts with the judge model itself (the strong-teacher SFT baseline).
 """
 from __future__ import annotations
 
 import itertools
-import math
 import time
+import zlib
 from collections import defaultdict
 
+import numpy as np
 import pyarrow as pa
 import ray
 
 from rlaif_ray import schemas
 from rlaif_ray.config import CriticConfig, RunConfig
-from rlaif_ray.engine import make_llm
-
-
-class JudgeLabelError(ValueError):
-    """The judge's tokenizer cannot express the configured answer labels as single tokens."""
-
-
-def label_token_ids(tokenizer, labels, model: str) -> list[int]:
-    ids = []
-    for label in labels:
-        toks = tokenizer.encode(label, add_special_tokens=False)
-        if len(toks) != 1:
-            raise JudgeLabelError(f"judge {model}: label {label!r} is {len(toks)} tokens {toks}; every answer "
-                                  "label must be exactly one token (change critic.*_labels)")
-        ids.append(toks[0])
-    return ids
-
-
-def label_distribution(top_logprobs: dict, token_ids: list[int]) -> tuple[list[float], float]:
-    """Probabilities of the label tokens among the judge's top log-probs, renormalised, and their mass."""
-    probs = [math.exp(top_logprobs[t].logprob) if t in top_logprobs else 0.0 for t in token_ids]
-    mass = sum(probs)
-    return ([p / mass for p in probs] if mass > 0 else probs), mass
+from rlaif_ray.feedback_metrics import judge_bias_counts
+from rlaif_ray.judge_backends import JudgeLabelError, label_distribution, label_token_ids, make_judge  # noqa: F401
+from rlaif_ray.judge_prompts import JudgePrompts
 
 
 def pair_preference(first_order: float, second_order: float) -> tuple[float, bool]:
@@ -51,118 +36,195 @@ def pair_preference(first_order: float, second_order: float) -> tuple[float, boo
     return 0.5 * (a_first + a_second), (a_first > 0.5) == (a_second > 0.5)
 
 
+def _failure(reply, min_mass: float) -> str | None:
+    if reply.error:
+        return reply.error
+    if reply.probs is None or reply.mass < min_mass:
+        return f"unparsable_judge_reply(mass={reply.mass:.3f})"
+    return None
+
+
 @ray.remote
 class CriticLabeler:
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
         self.cfg = RunConfig.model_validate(cfg)
         self.ccfg: CriticConfig = self.cfg.critic
-        self.model_path = model_path
-        self.llm = make_llm(model_path, self.cfg.vllm, self.cfg.model, seed=self.cfg.loop.seed + 7919 + worker_index)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.label_ids = {"pairwise": label_token_ids(self.tokenizer, self.ccfg.pairwise_labels, model_path),
-                          "direct": label_token_ids(self.tokenizer, self.ccfg.direct_labels, model_path)}
-        self.top_k = min(self.cfg.vllm.max_logprobs, len(self.tokenizer))
-        self.max_prompt_len = self.cfg.model.max_model_len - 1
+        self.seed = self.cfg.loop.seed + 7919 + worker_index
+        self.judge = make_judge(model_path, self.cfg, self.seed)
+        self.judge_name = self.ccfg.remote.model if self.ccfg.remote.base_url else model_path
+        self.prompts = JudgePrompts(self.ccfg)
 
-    def ready(self) -> dict[str, list[int]]:
-        return self.label_ids
+    def ready(self) -> str:
+        return self.judge_name
 
-    def _judge(self, prompts: list[str], method: str) -> list[tuple[list[float], float] | str]:
-        """One greedy token per prompt; returns (label distribution, label mass) or a skip reason."""
-        from vllm import SamplingParams
+    def _principle(self, key: str) -> str | None:
+        """One principle per labelled prompt group, drawn reproducibly from the seed and the group's key."""
+        if not self.ccfg.principles:
+            return None
+        rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
+        return self.ccfg.principles[int(rng.integers(len(self.ccfg.principles)))]
 
-        results: list = [None] * len(prompts)
-        todo = []
-        for i, text in enumerate(prompts):
-            ids = self.tokenizer.encode(text)
-            if len(ids) > self.max_prompt_len:
-                results[i] = f"judge_prompt_too_long({len(ids)}>{self.max_prompt_len})"
-            else:
-                todo.append((i, ids))
-        if todo:
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=self.top_k)
-            outs = self.llm.generate([{"prompt_token_ids": ids} for _, ids in todo], params, use_tqdm=False)
-            for (i, _), out in zip(todo, outs):
-                dist, mass = label_distribution(out.outputs[0].logprobs[0], self.label_ids[method])
-                results[i] = (dist, mass) if mass >= self.ccfg.min_label_mass else f"unparsable_judge_reply(mass={mass:.3f})"
-        return results
+    def _clip(self, text: str) -> str:
+        return text[: self.ccfg.raw_reply_chars]
 
     def label(self, rollouts: pa.Table, method: str | None = None) -> tuple[pa.Table, dict]:
         """Add the label columns; `method` defaults to `critic.method`."""
         rollouts = schemas.validate(rollouts, "rollouts")
         method = method or self.ccfg.method
         t0 = time.perf_counter()
-        if method == "pairwise":
-            cols, stats = self._label_pairwise(rollouts)
-        else:
+        if method == "direct":
             cols, stats = self._label_direct(rollouts)
-        cols["label_method"] = [method] * rollouts.num_rows
-        cols["judge_model"] = [self.model_path] * rollouts.num_rows
+        else:
+            cols, stats = self._label_pairwise(rollouts, method)
+        n = rollouts.num_rows
+        cols["label_method"] = [method] * n
+        cols["judge_model"] = [self.judge_name] * n
         table = rollouts
         for field in schemas.LABEL_FIELDS:
             table = table.append_column(field, pa.array(cols[field.name], field.type))
         table = schemas.validate(table, "labels")
-        stats.update(label_seconds=time.perf_counter() - t0, labeled_samples=rollouts.num_rows,
-                     label_valid=int(sum(cols["label_valid"])))
+        seconds = time.perf_counter() - t0
+        stats.update(label_seconds=seconds, labeled_samples=n, label_valid=int(sum(cols["label_valid"])),
+                     **judge_bias_counts(table))
         return table, stats
 
-    def _label_pairwise(self, rollouts: pa.Table):
+    # ---------------------------------------------------------------- pairwise, cot, self_reference
+    def _judge_texts(self, method: str, items: list[tuple[str, str, str, str | None, str | None]]):
+        """items: (prompt, slot-1 response, slot-2 response, principle, own answer) -> (final prompts, step texts)."""
+        c, P = self.ccfg, self.prompts
+        if method == "pairwise":
+            return [P.pairwise(p, a, b, pr or "") + c.pairwise_ending for p, a, b, pr, _ in items], [""] * len(items)
+        if method == "cot":
+            heads = [P.pairwise(p, a, b, pr or "") + c.cot_prompt for p, a, b, pr, _ in items]
+        else:
+            heads = [P.self_reference(p, own or "", a, b, pr or "") + c.critique_prompt for p, a, b, pr, own in items]
+        steps = self.judge.complete(heads, c.rationale_max_tokens, c.rationale_stop)
+        self.step_calls += len(heads)
+        texts = [h + s.text + c.pairwise_ending if not s.error else None for h, s in zip(heads, steps)]
+        return texts, [s.error or s.text for s in steps]
+
+    def _label_pairwise(self, rollouts: pa.Table, method: str):
         prompts = rollouts.column("prompt").to_pylist()
         responses = rollouts.column("response").to_pylist()
         ids = rollouts.column("sample_id").to_pylist()
         groups: dict[str, list[int]] = defaultdict(list)
         for row, pid in enumerate(rollouts.column("prompt_id").to_pylist()):
             groups[pid].append(row)
-        pairs = [pair for rows in groups.values() for pair in itertools.combinations(rows, 2)]
-        template = self.ccfg.pairwise_template
-        texts = []
-        for a, b in pairs:  # both orders of every pair, in one batch
-            texts.append(template.format(prompt=prompts[a], response_a=responses[a], response_b=responses[b]))
-            texts.append(template.format(prompt=prompts[b], response_a=responses[b], response_b=responses[a]))
-        judged = self._judge(texts, "pairwise")
+        principle_of = {pid: self._principle(ids[rows[0]]) for pid, rows in groups.items()}
+        own_of: dict[str, str | None] = {pid: None for pid in groups}
+        self.step_calls = 0
+        if method == "self_reference":  # the judge answers each prompt once, itself
+            pids = list(groups)
+            answers = self.judge.complete([self.prompts.self_answer(prompts[groups[p][0]], principle_of[p] or "")
+                                           for p in pids], self.cfg.rollout.max_new_tokens, self.ccfg.rationale_stop)
+            self.step_calls += len(pids)
+            own_of = {p: (a.text if not a.error else None) for p, a in zip(pids, answers)}
+        pairs = [(pid, pair) for pid, rows in groups.items() for pair in itertools.combinations(rows, 2)]
+        items = []
+        for pid, (a, b) in pairs:  # both orders of every pair, in one batch
+            items.append((prompts[a], responses[a], responses[b], principle_of[pid], own_of[pid]))
+            items.append((prompts[b], responses[b], responses[a], principle_of[pid], own_of[pid]))
+        texts, step_texts = self._judge_texts(method, items)
+        todo = [k for k, t in enumerate(texts) if t is not None]
+        replies: list = [None] * len(texts)
+        for k, reply in zip(todo, self.judge.distribution([texts[k] for k in todo], self.ccfg.pairwise_labels)):
+            replies[k] = reply
         n = rollouts.num_rows
-        partners, wins, agree = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        partners, wins, agree, slot1 = ([[] for _ in range(n)] for _ in range(4))
         reasons: list[list[str]] = [[] for _ in range(n)]
-        agreements, first_slot, valid_pairs = 0, 0, 0
-        for k, (a, b) in enumerate(pairs):
-            ab, ba = judged[2 * k], judged[2 * k + 1]
-            bad = next((r for r in (ab, ba) if isinstance(r, str)), None)
-            if bad is not None:
-                reasons[a].append(bad)
-                reasons[b].append(bad)
+        latency, raw = [0.0] * n, [None] * n
+        failed = unparsable = valid_pairs = 0
+        for k, (pid, (a, b)) in enumerate(pairs):
+            orders = [replies[2 * k], replies[2 * k + 1]]
+            bad = [step_texts[2 * k + o] if orders[o] is None else _failure(orders[o], self.ccfg.min_label_mass)
+                   for o in range(2)]
+            for row, o in ((a, 0), (b, 1)):
+                r = orders[o]
+                latency[row] += r.latency_s if r is not None else 0.0
+                if raw[row] is None:
+                    shown = f"{step_texts[2 * k + o]} ->" if method != "pairwise" else ""
+                    top = r.text if r is not None else ""
+                    p1 = f" P(slot1)={r.probs[0]:.3f}" if r is not None and r.probs else ""
+                    raw[row] = self._clip(f"{shown}{top}{p1}".strip())
+            if any(bad):
+                reason = next(x for x in bad if x)
+                failed += sum(1 for x, r in zip(bad, orders) if x and (r is None or r.error))
+                unparsable += sum(1 for x, r in zip(bad, orders) if x and r is not None and not r.error)
+                reasons[a].append(reason)
+                reasons[b].append(reason)
                 continue
-            p_a, agreed = pair_preference(ab[0][0], ba[0][0])
+            p_a, agreed = pair_preference(orders[0].probs[0], orders[1].probs[0])
             valid_pairs += 1
-            agreements += agreed
-            first_slot += (ab[0][0] > 0.5) + (ba[0][0] > 0.5)
-            for me, other, p in ((a, b, p_a), (b, a, 1.0 - p_a)):
+            for me, other, p, s1 in ((a, b, p_a, orders[0].probs[0]), (b, a, 1.0 - p_a, orders[1].probs[0])):
                 partners[me].append(ids[other])
                 wins[me].append(p)
                 agree[me].append(agreed)
+                slot1[me].append(s1)
         valid = [bool(w) for w in wins]
         cols = {
             "label_valid": valid,
             "skip_reason": [None if v else (reasons[i][0] if reasons[i] else "no_valid_pair") for i, v in enumerate(valid)],
             "pair_partner_ids": partners, "pair_win_probs": wins, "pair_position_agree": agree,
+            "pair_slot1_probs": slot1,
             "win_prob": [sum(w) / len(w) if w else None for w in wins],
             "judge_score": [None] * n,
+            "principle": [principle_of[pid] for pid in rollouts.column("prompt_id").to_pylist()],
+            "judge_reply": raw, "label_latency_s": latency,
         }
-        stats = {"judge_calls": len(texts), "pairs": len(pairs), "valid_pairs": valid_pairs,
-                 "position_agreements": agreements, "first_slot_wins": first_slot}
+        stats = {"judge_calls": len(texts) + self.step_calls, "pairs": len(pairs), "valid_pairs": valid_pairs,
+                 "failed_calls": failed, "unparsable_calls": unparsable}
         return cols, stats
 
+    # ---------------------------------------------------------------- direct
     def _label_direct(self, rollouts: pa.Table):
-        template = self.ccfg.direct_template
-        texts = [template.format(prompt=p, response=r) for p, r in
-                 zip(rollouts.column("prompt").to_pylist(), rollouts.column("response").to_pylist())]
-        judged = self._judge(texts, "direct")
+        prompts = rollouts.column("prompt").to_pylist()
+        ids = rollouts.column("sample_id").to_pylist()
+        principles = [self._principle(sid) for sid in ids]
+        texts = [self.prompts.direct(p, r, pr or "") + self.ccfg.direct_ending
+                 for p, r, pr in zip(prompts, rollouts.column("response").to_pylist(), principles)]
+        replies = self.judge.distribution(texts, self.ccfg.direct_labels)
         n = rollouts.num_rows
-        scores = [None if isinstance(j, str) else sum((i + 1) * p for i, p in enumerate(j[0])) for j in judged]
+        reasons = [_failure(r, self.ccfg.min_label_mass) for r in replies]
+        scores = [None if bad else sum((i + 1) * p for i, p in enumerate(r.probs)) for r, bad in zip(replies, reasons)]
         cols = {
-            "label_valid": [s is not None for s in scores],
-            "skip_reason": [j if isinstance(j, str) else None for j in judged],
+            "label_valid": [s is not None for s in scores], "skip_reason": reasons,
             "pair_partner_ids": [[] for _ in range(n)], "pair_win_probs": [[] for _ in range(n)],
-            "pair_position_agree": [[] for _ in range(n)],
-            "win_prob": [None] * n, "judge_score": scores,
+            "pair_position_agree": [[] for _ in range(n)], "pair_slot1_probs": [[] for _ in range(n)],
+            "win_prob": [None] * n, "judge_score": scores, "principle": principles,
+            "judge_reply": [self._clip(f"{r.text} E[score]={s:.2f}" if s is not None else (r.error or r.text))
+                            for r, s in zip(replies, scores)],
+            "label_latency_s": [r.latency_s for r in replies],
         }
-        return cols, {"judge_calls": len(texts)}
+        stats = {"judge_calls": n, "failed_calls": sum(1 for r in replies if r.error),
+                 "unparsable_calls": sum(1 for r, bad in zip(replies, reasons) if bad and not r.error)}
+        return cols, stats
+
+    # ---------------------------------------------------------------- teacher demonstrations
+    def demonstrate(self, prompts: pa.Table, indices: list[int], step: int, version: int) -> tuple[pa.Table, dict]:
+        """The judge answers prompts[indices] itself (greedy): a `rollouts` table for the SFT baseline."""
+        rows = prompts.take(pa.array(indices, pa.int64())).to_pylist()
+        t0 = time.perf_counter()
+        replies = self.judge.complete([self.prompts.self_answer(r["prompt"]) for r in rows],
+                                      self.cfg.rollout.max_new_tokens, [])
+        cols: dict[str, list] = {f.name: [] for f in schemas.ROLLOUT_SCHEMA}
+        for row, reply in zip(rows, replies):
+            if reply.error:  # a demonstration the teacher could not give is left out, and counted
+                continue
+            cols["sample_id"].append(schemas.sample_id(step, row["prompt_id"], 0))
+            cols["prompt_id"].append(row["prompt_id"])
+            cols["group_index"].append(0)
+            cols["prompt"].append(row["prompt"])
+            cols["prompt_token_ids"].append([])   # the learner re-tokenizes text with the policy's tokenizer
+            cols["response"].append(reply.text)
+            cols["response_token_ids"].append([])
+            cols["response_logprobs"].append([])
+            cols["finish_reason"].append("stop")
+            cols["policy_version"].append(version)
+            cols["reference"].append(row["reference"])
+        table = schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")
+        seconds = time.perf_counter() - t0
+        return table, {"gen_seconds": seconds, "gen_samples": table.num_rows, "gen_tokens": sum(r.completion_tokens for r in replies),
+                       "policy_version": version, "failed_demonstrations": sum(1 for r in replies if r.error)}
+
+    def usage(self) -> dict:
+        return self.judge.usage()

@@ -1,15 +1,17 @@
 """The learner group: N Ray actors, one DeepSpeed ZeRO rank each (gloo on CPU, NCCL on GPU).
 
-One update per batch of rewarded samples: REINFORCE with a per-prompt group baseline and a KL penalty to
-the frozen reference policy (the weights at version 0), k3 estimator, token-mean per sequence:
+One `train_step` per batch; the rule is `learner.algorithm` (the math lives in `rlaif_ray.algorithms`):
+- `ppo`: clipped surrogate on per-sample advantages (`learner.advantage`: group_mean, grpo, rloo,
+  reinforce_pp), importance-corrected for samples an older policy version generated, KL penalty to the
+  frozen initial policy; `ppo_epochs` updates per batch.
+- `dpo` / `ipo`: online preference optimisation on the judge's soft pairwise labels (OAIF), no reward.
+- `sft`: supervised fine-tuning on demonstrations (the critic-as-teacher baseline); the learner
+  tokenizes prompt and response text with the policy's own tokenizer and appends EOS.
 
-    loss_i = -A_i · mean_t log π(y_t)  +  β · mean_t min(10, exp(r_t) − r_t − 1),   r_t = clamp(log π_ref(y_t) − log π(y_t), ±10)
-    A_i    = R_i − mean_{j in group(i)} R_j
-
-Every rank reads the whole (zero-copy) table and trains on the prompt groups `g % world == rank`; the loss
-is scaled so DeepSpeed's gradient averaging gives the mean over all trainable samples. Samples more than
-`loop.max_staleness` versions older than the learner are dropped, invalid labels skipped; rank 0 returns
-the accounting of every sample id.
+Every rank reads the whole (zero-copy) table and trains on the prompt groups `g % world == rank`; each loss is
+scaled so DeepSpeed's gradient averaging gives the mean over all training units (samples or pairs). Samples
+more than `loop.max_staleness` versions older than the learner are dropped, invalid labels skipped; rank 0
+returns the accounting of every sample id.
 """
 from __future__ import annotations
 
@@ -23,13 +25,16 @@ import pyarrow as pa
 import ray
 import torch
 
-from rlaif_ray import schemas
+from rlaif_ray import algorithms, schemas
 from rlaif_ray.config import RunConfig
 from rlaif_ray.feedback_metrics import label_quality
 
-
-KL_LOG_RATIO_CLAMP = 10.0
-KL_TOKEN_CLAMP = 10.0
+STAT_KEYS = {
+    "ppo": ("loss", "pg_loss", "kl", "clip_fraction", "is_weight_mean", "behav_log_ratio"),
+    "dpo": ("loss", "kl", "pair_accuracy", "logratio_margin"),
+    "ipo": ("loss", "kl", "pair_accuracy", "logratio_margin"),
+    "sft": ("loss",),
+}
 
 
 def _free_port() -> int:
@@ -58,6 +63,16 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int)
     return ids, attn, resp
 
 
+def behaviour_logprobs(logprobs: list[list[float]], resp: torch.Tensor) -> torch.Tensor:
+    """The sampling engine's per-token log-probs placed on the response positions (NaN elsewhere)."""
+    out = torch.full(resp.shape, float("nan"))
+    for i, lps in enumerate(logprobs):
+        pos = resp[i].nonzero().squeeze(-1)
+        n = min(len(pos), len(lps))
+        out[i, pos[:n]] = torch.tensor(lps[:n], dtype=torch.float32)
+    return out
+
+
 @ray.remote
 class LearnerRank:
     def __init__(self, policy_path: str, cfg: dict, rank: int, world_size: int):
@@ -76,7 +91,7 @@ class LearnerRank:
         if not gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
         import deepspeed
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         backend = lcfg.backend if lcfg.backend != "auto" else ("nccl" if gpu else "gloo")
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -85,6 +100,7 @@ class LearnerRank:
         model = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=dtype).to(self.device)
         self.ref = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=dtype).to(self.device).eval()
         self.ref.requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         ds_config = {
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -101,80 +117,162 @@ class LearnerRank:
     # ------------------------------------------------------------------ training
     def train_step(self, table: pa.Table) -> dict:
         t0 = time.perf_counter()
-        table = schemas.validate(table, "rewards")
-        lcfg, max_stale = self.cfg.learner, self.cfg.loop.max_staleness
+        algo = self.cfg.learner.algorithm
+        table = schemas.validate(table, "rollouts" if algo == "sft" else "rewards")
         ids = table.column("sample_id").to_pylist()
-        versions = np.asarray(table.column("policy_version").to_pylist())
-        staleness = self.version - versions
-        rewards = table.column("reward").to_pylist()
-        valid = table.column("label_valid").to_pylist()
-        reasons = table.column("skip_reason").to_pylist()
+        staleness = self.version - np.asarray(table.column("policy_version").to_pylist())
         outcome = {"trained": [], "stale": [], "skipped": []}
-        trainable = []
-        for i, sid in enumerate(ids):
-            if staleness[i] > max_stale:
-                outcome["stale"].append(sid)
-            elif not valid[i] or rewards[i] is None:
-                outcome["skipped"].append((sid, reasons[i] or "no_reward"))
-            else:
-                outcome["trained"].append(sid)
-                trainable.append(i)
-        # group baseline over the trainable samples of each prompt
+        if algo == "sft":  # demonstrations carry no label; their age does not matter
+            trainable = list(range(len(ids)))
+            rewards = [None] * len(ids)
+        else:
+            rewards = table.column("reward").to_pylist()
+            valid = table.column("label_valid").to_pylist()
+            reasons = table.column("skip_reason").to_pylist()
+            trainable = []
+            for i, sid in enumerate(ids):
+                if staleness[i] > self.cfg.loop.max_staleness:
+                    outcome["stale"].append(sid)
+                elif not valid[i] or rewards[i] is None:
+                    outcome["skipped"].append((sid, reasons[i] or "no_reward"))
+                else:
+                    trainable.append(i)
         group_of = table.column("prompt_id").to_pylist()
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i in trainable:
-            groups[group_of[i]].append(i)
-        advantage = {}
-        for rows in groups.values():
-            mean = float(np.mean([rewards[i] for i in rows]))
-            for i in rows:
-                advantage[i] = rewards[i] - mean
-        mine = [i for g, key in enumerate(sorted(groups)) if g % self.world_size == self.rank for i in groups[key]]
-        loss, sums = self._update(table, mine, advantage, total=len(trainable))
+        groups = sorted({group_of[i] for i in trainable})
+        my_groups = {g for k, g in enumerate(groups) if k % self.world_size == self.rank}
+
+        if algo in ("dpo", "ipo"):
+            pairs = algorithms.preference_pairs(ids, table.column("pair_partner_ids").to_pylist(),
+                                                table.column("pair_win_probs").to_pylist(), set(trainable))
+            in_pair = {i for i, j, _ in pairs} | {j for _, j, _ in pairs}
+            for i in trainable:
+                if i not in in_pair:
+                    outcome["skipped"].append((ids[i], "no_trainable_pair"))
+            trainable = sorted(in_pair)
+            mine = [pair for pair in pairs if group_of[pair[0]] in my_groups]
+            sums = self._update_preference(table, mine, total=len(pairs))
+        else:
+            mine = [i for i in trainable if group_of[i] in my_groups]
+            if algo == "ppo":
+                adv = algorithms.advantages([rewards[i] for i in trainable], [group_of[i] for i in trainable],
+                                            self.cfg.learner.advantage)
+                adv_of = dict(zip(trainable, adv))
+                sums = self._update_ppo(table, mine, adv_of, total=len(trainable))
+            else:
+                sums = self._update_sft(table, mine, total=len(trainable))
+        outcome["trained"] = [ids[i] for i in trainable]
         self.version += 1
-        metrics = {"learner_version": self.version, "train_seconds": time.perf_counter() - t0, **sums}
         if self.rank != 0:
             return {}
         fresh = staleness[trainable] if trainable else np.zeros(0)
-        metrics.update(
-            samples_in=len(ids), trained=len(outcome["trained"]), dropped_stale=len(outcome["stale"]),
-            skipped=len(outcome["skipped"]),
-            staleness_mean=float(fresh.mean()) if len(fresh) else 0.0,
-            staleness_max=int(fresh.max()) if len(fresh) else 0,
-            reward_mean=float(np.mean([rewards[i] for i in trainable])) if trainable else float("nan"),
-            **label_quality(table),
-        )
+        metrics = {
+            "learner_version": self.version, "train_seconds": time.perf_counter() - t0, **sums,
+            "samples_in": len(ids), "trained": len(outcome["trained"]), "dropped_stale": len(outcome["stale"]),
+            "skipped": len(outcome["skipped"]),
+            "staleness_mean": float(fresh.mean()) if len(fresh) else 0.0,
+            "staleness_max": int(fresh.max()) if len(fresh) else 0,
+        }
+        if algo != "sft":
+            metrics["reward_mean"] = float(np.mean([rewards[i] for i in trainable])) if trainable else float("nan")
+        metrics.update(label_quality(table))
         return {"metrics": metrics, "outcome": outcome}
 
-    def _update(self, table: pa.Table, rows: list[int], advantage: dict, total: int) -> tuple[float, dict]:
-        model = self.engine.module
-        if rows:
-            prompts = table.column("prompt_token_ids").take(pa.array(rows)).to_pylist()
-            responses = table.column("response_token_ids").take(pa.array(rows)).to_pylist()
-            ids, attn, resp = pad_batch(prompts, responses, self.pad_id)
-            ids, attn, resp = ids.to(self.device), attn.to(self.device), resp.to(self.device)
-            adv = torch.tensor([advantage[i] for i in rows], dtype=torch.float32, device=self.device)
-            logp = sequence_logprobs(self.engine, ids, attn)
-            with torch.no_grad():
-                ref_logp = sequence_logprobs(self.ref, ids, attn)
-            n_tok = resp.sum(-1).clamp(min=1)
-            # clamped: a token the (one version older) rollout policy sampled can be very unlikely under the
-            # learner now, and an unclamped exp() turns one such token into a KL spike that wrecks the step
-            log_ratio = (ref_logp - logp).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
-            kl = ((torch.exp(log_ratio) - log_ratio - 1).clamp(max=KL_TOKEN_CLAMP) * resp).sum(-1) / n_tok
-            pg = -adv * (logp * resp).sum(-1) / n_tok
-            per_sample = pg + self.cfg.learner.kl_coef * kl
-            loss = per_sample.sum() * (self.world_size / max(total, 1))
-            local = torch.tensor([per_sample.sum().item(), kl.sum().item(), pg.sum().item(), float(len(rows))])
-        else:  # still take part in the gradient all-reduce
-            loss = sum((p * 0.0).sum() for p in model.parameters())
-            local = torch.zeros(4)
+    def _tensors(self, table: pa.Table, rows: list[int]):
+        """Padded ids, attention, response mask and the behaviour log-probs of `rows` (on the device)."""
+        take = pa.array(rows, pa.int64())
+        if self.cfg.learner.algorithm == "sft":  # the teacher's tokenizer may differ: re-tokenize the text
+            prompts = [self.tokenizer.encode(t) for t in table.column("prompt").take(take).to_pylist()]
+            responses = [self.tokenizer.encode(t, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+                         for t in table.column("response").take(take).to_pylist()]
+            behav = None
+        else:
+            prompts = table.column("prompt_token_ids").take(take).to_pylist()
+            responses = table.column("response_token_ids").take(take).to_pylist()
+            behav = table.column("response_logprobs").take(take).to_pylist()
+        ids, attn, resp = pad_batch(prompts, responses, self.pad_id)
+        behav = behaviour_logprobs(behav, resp).to(self.device) if behav is not None else None
+        return ids.to(self.device), attn.to(self.device), resp.to(self.device), behav
+
+    def _step(self, loss: torch.Tensor | None) -> None:
+        """One DeepSpeed step; a rank without data still joins the gradient all-reduce with a zero loss."""
+        if loss is None:
+            loss = sum((p * 0.0).sum() for p in self.engine.module.parameters())
         self.engine.backward(loss)
         self.engine.step()
-        torch.distributed.all_reduce(local.to(self.device) if self.device.type == "cuda" else local)
+
+    def _reduce(self, keys: tuple[str, ...], sums: dict, units: int) -> dict:
+        """Mean of each statistic over all ranks' training units."""
+        local = torch.tensor([sums.get(k, 0.0) for k in keys] + [float(units)], dtype=torch.float64)
+        local = local.to(self.device) if self.device.type == "cuda" else local
+        torch.distributed.all_reduce(local)
         local = local.cpu()
-        n = max(local[3].item(), 1.0)
-        return loss.item(), {"loss": local[0].item() / n, "kl": local[1].item() / n, "pg_loss": local[2].item() / n}
+        n = max(local[-1].item(), 1.0)
+        return {k: local[i].item() / n for i, k in enumerate(keys)}
+
+    def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int) -> dict:
+        lcfg = self.cfg.learner
+        scale = self.world_size / max(total, 1)
+        sums: dict[str, float] = defaultdict(float)
+        if rows:
+            ids, attn, resp, behav = self._tensors(table, rows)
+            adv = torch.tensor([adv_of[i] for i in rows], dtype=torch.float32, device=self.device)
+            with torch.no_grad():
+                ref_logp = sequence_logprobs(self.ref, ids, attn)
+                prox_logp = sequence_logprobs(self.engine, ids, attn)
+        for epoch in range(lcfg.ppo_epochs):
+            if not rows:
+                self._step(None)
+                continue
+            logp = sequence_logprobs(self.engine, ids, attn)
+            pg, stats = algorithms.ppo_loss(logp, prox_logp, behav, resp, adv, lcfg.clip_eps,
+                                            lcfg.is_cap if lcfg.importance_correction else None)
+            kl = algorithms.kl_k3(logp, ref_logp, resp)
+            per_sample = pg + lcfg.kl_coef * kl
+            self._step(per_sample.sum() * scale)
+            if epoch == 0:  # report the first epoch: the on-batch values before this update moved anything
+                n = len(rows)
+                sums.update(loss=per_sample.sum().item(), pg_loss=pg.sum().item(), kl=kl.sum().item(),
+                            **{k: v * n for k, v in stats.items()})
+        return self._reduce(STAT_KEYS["ppo"], sums, len(rows))
+
+    def _update_preference(self, table, pairs: list[tuple[int, int, float]], total: int) -> dict:
+        lcfg = self.cfg.learner
+        sums: dict[str, float] = {}
+        if not pairs:
+            self._step(None)
+            return self._reduce(STAT_KEYS[lcfg.algorithm], sums, 0)
+        rows = sorted({i for i, _, _ in pairs} | {j for _, j, _ in pairs})
+        index = {r: k for k, r in enumerate(rows)}
+        ids, attn, resp, _ = self._tensors(table, rows)
+        logp = sequence_logprobs(self.engine, ids, attn)
+        with torch.no_grad():
+            ref_logp = sequence_logprobs(self.ref, ids, attn)
+        logratio = ((logp - ref_logp) * resp).sum(-1)
+        a = torch.tensor([index[i] for i, _, _ in pairs], device=self.device)
+        b = torch.tensor([index[j] for _, j, _ in pairs], device=self.device)
+        p = torch.tensor([q for _, _, q in pairs], dtype=torch.float32, device=self.device)
+        per_pair = algorithms.preference_loss(logratio[a], logratio[b], p, lcfg.dpo_beta, lcfg.algorithm)
+        kl = algorithms.kl_k3(logp, ref_logp, resp)
+        loss = per_pair.sum() * (self.world_size / max(total, 1)) + lcfg.kl_coef * kl.mean()
+        self._step(loss)
+        with torch.no_grad():
+            h = logratio[a] - logratio[b]
+            decided = (p - 0.5).abs() > 1e-6
+            agree = ((h > 0) == (p > 0.5)) & decided
+            n = len(pairs)
+            sums = {"loss": per_pair.sum().item(), "kl": kl.mean().item() * n,
+                    "pair_accuracy": agree.float().sum().item() / max(decided.sum().item(), 1) * n,
+                    "logratio_margin": (h * torch.sign(p - 0.5)).sum().item()}
+        return self._reduce(STAT_KEYS[lcfg.algorithm], sums, len(pairs))
+
+    def _update_sft(self, table, rows: list[int], total: int) -> dict:
+        if not rows:
+            self._step(None)
+            return self._reduce(STAT_KEYS["sft"], {}, 0)
+        ids, attn, resp, _ = self._tensors(table, rows)
+        nll = algorithms.sft_loss(sequence_logprobs(self.engine, ids, attn), resp)
+        self._step(nll.sum() * (self.world_size / max(total, 1)))
+        return self._reduce(STAT_KEYS["sft"], {"loss": nll.sum().item()}, len(rows))
 
     # ------------------------------------------------------------------ weights out
     def _full_params(self) -> list[tuple[str, torch.Tensor]]:

@@ -13,14 +13,16 @@ batches already submitted to it, so it lands between two `generate` calls. Sampl
 from __future__ import annotations
 
 import os
+import shutil
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
 from rlaif_ray.config import ConfigError, RunConfig, dump_config
+from rlaif_ray.feedback_metrics import judge_report
 from rlaif_ray.prompts import PromptSampler, load_prompts
 
 
@@ -36,8 +38,8 @@ class Resolved:
 @dataclass
 class InFlight:
     step: int
-    rewards: object                      # ObjectRef[pa.Table]
-    stat_refs: list = field(default_factory=list)  # [generate, label, reward] stats: small dicts
+    rewards: object                                # ObjectRef[pa.Table]: rewards (or demonstrations for sft)
+    stat_refs: dict = field(default_factory=dict)  # stage -> ObjectRef of its small stats dict
 
 
 def _check_model_path(path: str, key: str) -> None:
@@ -62,7 +64,8 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
         critic = world.critic if critic == "toy" else critic
         prompts_path = world.prompts if prompts_path == "toy" else prompts_path
     _check_model_path(policy, "model.policy")
-    _check_model_path(critic, "model.critic")
+    if not cfg.critic.remote.base_url:  # a remote judge needs no local critic model
+        _check_model_path(critic, "model.critic")
     prompts = load_prompts(prompts_path)
     if cfg.data.prompts_per_step > prompts.num_rows:
         raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "
@@ -132,18 +135,29 @@ class Orchestrator:
         except BaseException:
             self.shutdown()  # nothing left running when start-up fails
             raise
+        self.version = 0
+        self.run_dir = Path(cfg.output.run_dir).resolve()
         self.prompts_ref = ray.put(resolved.prompts)
         self.sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)
 
     def launch(self, step: int) -> InFlight:
-        """Submit generation -> labelling -> reward for one batch; returns refs only."""
+        """Submit generation -> labelling -> reward for one batch (sft: teacher demonstrations); refs only."""
         indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
-        worker = self.rollouts[step % len(self.rollouts)]
         critic = self.critics[step % len(self.critics)]
+        if self.cfg.learner.algorithm == "sft":
+            demos, demo_stats = critic.demonstrate.options(num_returns=2).remote(self.prompts_ref, indices, step,
+                                                                                self.version)
+            return InFlight(step, demos, {"gen": demo_stats})
+        worker = self.rollouts[step % len(self.rollouts)]
         rollouts, gen_stats = worker.generate.options(num_returns=2).remote(self.prompts_ref, indices, step)
         labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
-        rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels)
-        return InFlight(step, rewards, [gen_stats, label_stats, reward_stats])
+        save = str(self.run_dir / "labels" / f"step-{step:06d}.parquet") if self.cfg.output.save_labels else None
+        rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save)
+        return InFlight(step, rewards, {"gen": gen_stats, "label": label_stats, "reward": reward_stats})
+
+    def evaluate(self) -> dict:
+        """Ground-truth accuracy of the current policy on the whole prompt set (sampled and greedy)."""
+        return ray.get(self.rollouts[0].evaluate.remote(self.prompts_ref, self.cfg.loop.eval_samples))
 
     def sync_weights(self, version: int) -> list:
         weights = self.learners.export_weights()
@@ -153,7 +167,8 @@ class Orchestrator:
         cfg = self.cfg
         inflight_max = cfg.loop.max_inflight if cfg.loop.mode == "async" else 0
         pending: deque[InFlight] = deque()
-        launched, version, totals = 0, 0, {"generated": 0, "trained": 0, "dropped_stale": 0, "skipped": 0}
+        launched, totals = 0, {"generated": 0, "trained": 0, "dropped_stale": 0, "skipped": 0}
+        judge_counts: dict[str, float] = defaultdict(float)
         sync_refs: list = []
         t_start = last = time.perf_counter()
         for step in range(cfg.loop.num_steps):
@@ -164,36 +179,49 @@ class Orchestrator:
             t_train = time.perf_counter()
             result = self.learners.train(batch.rewards)
             train_wall = time.perf_counter() - t_train
-            version += 1
+            self.version += 1
             sync_stats = ray.get(sync_refs) if sync_refs else []  # previous sync, long done by now
-            sync_refs = self.sync_weights(version)
+            sync_refs = self.sync_weights(self.version)
             if cfg.loop.mode == "sync":
                 sync_stats = ray.get(sync_refs)
                 sync_refs = []
-            gen, lab, rew = ray.get(batch.stat_refs)
+            stats = dict(zip(batch.stat_refs, ray.get(list(batch.stat_refs.values()))))
+            gen, lab = stats["gen"], stats.get("label", {})
             now = time.perf_counter()
             m = result["metrics"]
             for key in ("trained", "dropped_stale", "skipped"):
                 totals[key] += m[key]
             totals["generated"] += gen["gen_samples"]
-            m.update(gen_seconds=gen["gen_seconds"], label_seconds=lab["label_seconds"], reward_seconds=rew["reward_seconds"],
-                     train_wall_seconds=train_wall, step_seconds=now - last, policy_version=version,
-                     gen_tokens=gen["gen_tokens"], gen_policy_version=gen["policy_version"],
+            m.update(gen_seconds=gen["gen_seconds"], train_wall_seconds=train_wall, step_seconds=now - last,
+                     policy_version=self.version, gen_tokens=gen["gen_tokens"], gen_policy_version=gen["policy_version"],
                      samples_per_s=gen["gen_samples"] / max(now - last, 1e-9),
-                     tokens_per_s=gen["gen_tokens"] / max(now - last, 1e-9),
-                     judge_calls=lab.get("judge_calls", 0), inflight=len(pending))
+                     tokens_per_s=gen["gen_tokens"] / max(now - last, 1e-9), inflight=len(pending))
+            if lab:
+                for key, value in lab.items():
+                    if isinstance(value, (int, float)):
+                        judge_counts[key] += value
+                batch_report = judge_report(lab)
+                m.update(label_seconds=lab["label_seconds"], judge_calls=lab["judge_calls"],
+                         reward_seconds=stats["reward"]["reward_seconds"],
+                         **{k: batch_report[k] for k in ("first_slot_rate", "unparsable_share", "failed_share")
+                            if batch_report[k] is not None})
             if sync_stats:
                 m.update(sync_seconds=max(s["sync_seconds"] for s in sync_stats), sync_bytes=sync_stats[0]["sync_bytes"])
-            if lab.get("valid_pairs"):
-                m["first_slot_rate"] = lab["first_slot_wins"] / (2 * lab["valid_pairs"])
             last = now
             writer.log_step(step, m)
             writer.log_outcomes(step, result["outcome"])
         if sync_refs:
             ray.get(sync_refs)
         wall = time.perf_counter() - t_start
-        return {**totals, "final_version": version, "wall_seconds": wall,
-                "samples_per_s": totals["generated"] / wall, "mode": cfg.loop.mode}
+        summary = {**totals, "final_version": self.version, "wall_seconds": wall,
+                   "samples_per_s": totals["generated"] / wall, "mode": cfg.loop.mode,
+                   "algorithm": cfg.learner.algorithm}
+        if judge_counts:
+            for usage in ray.get([c.usage.remote() for c in self.critics]):
+                for key, value in usage.items():
+                    judge_counts[key] += value
+            summary["judge_report"] = judge_report(judge_counts)
+        return summary
 
     def save_checkpoint(self, path: Path) -> str:
         return self.learners.save_checkpoint(str(path))
@@ -217,6 +245,7 @@ def train(cfg: RunConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "samples.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "labels", ignore_errors=True)
     dump_config(cfg, run_dir / "config.yaml")
     start_ray(cfg)
     check_resources(cfg)
@@ -225,8 +254,11 @@ def train(cfg: RunConfig) -> dict:
     startup = time.perf_counter() - t0
     writer = MetricsWriter(run_dir, cfg.output.tensorboard, cfg.loop.num_steps if cfg.output.progress else None)
     try:
+        before = orch.evaluate() if cfg.loop.eval_samples else None
         summary = orch.run(writer)
         summary["startup_seconds"] = startup
+        if before is not None:
+            summary["eval_before"], summary["eval_after"] = before, orch.evaluate()
         if cfg.output.save_checkpoint:
             summary["checkpoint"] = orch.save_checkpoint((run_dir / "checkpoint").resolve())
     finally:

@@ -54,7 +54,7 @@ def write_report(run_dir: Path) -> Path:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         f"# RLAIF run report — {run_dir.name}", "",
-        f"- mode: **{summary['mode']}**, steps: {len(rows)}, final policy version: {summary['final_version']}",
+        f"- algorithm: **{summary.get('algorithm', 'ppo')}**, mode: **{summary['mode']}**, steps: {len(rows)}, final policy version: {summary['final_version']}",
         f"- wall time: {summary['wall_seconds']:.1f} s (+ {summary.get('startup_seconds', 0):.1f} s actor start-up); "
         f"samples/s: {summary['samples_per_s']:.2f}",
         f"- samples: {summary['generated']} generated = {summary['trained']} trained + "
@@ -66,6 +66,17 @@ def write_report(run_dir: Path) -> Path:
     for key, title in CURVES + [("judge_truth_agreement", "judge agrees with ground truth"),
                                 ("first_slot_rate", "judge picks slot 1")]:
         lines.append(f"| {title} | {fmt(_mean(rows, key, slice(0, k)))} | {fmt(_mean(rows, key, slice(-k, None)))} |")
+    if summary.get("eval_before"):
+        b, a = summary["eval_before"], summary["eval_after"]
+        lines += ["", f"## Policy on the whole prompt set (ground truth, {b['prompts']} prompts)", "",
+                  "| | before | after |", "|---|---|---|",
+                  f"| accuracy, {b['samples_per_prompt']} samples per prompt | {fmt(b['accuracy_sampled'])} | "
+                  f"{fmt(a['accuracy_sampled'])} |",
+                  f"| accuracy, greedy | {fmt(b['accuracy_greedy'])} | {fmt(a['accuracy_greedy'])} |"]
+    if summary.get("judge_report"):
+        lines += ["", "## Judge report (whole run)", "", "| | |", "|---|---|"]
+        lines += [f"| {k.replace('_', ' ')} | {fmt(v) if isinstance(v, float) or v is None else v} |"
+                  for k, v in summary["judge_report"].items()]
     lines += ["", "![curves](report.png)", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))

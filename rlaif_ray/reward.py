@@ -31,9 +31,18 @@ class RewardScorer:
     def __init__(self, kind: str):
         self.kind = kind
 
-    def score(self, labels: pa.Table) -> tuple[pa.Table, dict]:
+    def score(self, labels: pa.Table, save_path: str | None = None) -> tuple[pa.Table, dict]:
+        """Add the `reward` column; with `save_path`, also write the labelled batch there as Parquet (the run's
+        label dataset: every judge reply, principle, latency and reward, for offline analysis)."""
         t0 = time.perf_counter()
         labels = schemas.validate(labels, "labels")
         table = labels.append_column(schemas.REWARD_FIELDS[0], rewards_from_labels(labels, self.kind))
         table = schemas.validate(table, "rewards")
+        if save_path:
+            import os
+
+            import pyarrow.parquet as pq
+            os.makedirs(os.path.dirname(save_path), exist_ok=True)
+            pq.write_table(table, save_path + ".tmp")
+            os.replace(save_path + ".tmp", save_path)  # a reader never sees half a file
         return table, {"reward_seconds": time.perf_counter() - t0}

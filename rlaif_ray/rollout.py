@@ -72,6 +72,28 @@ class RolloutWorker:
                  "policy_version": self.version, "worker": self.worker_index}
         return table, stats
 
+    def evaluate(self, prompts: pa.Table, samples: int) -> dict:
+        """Ground-truth accuracy on every prompt with a reference: `samples` draws at the rollout temperature
+        (seeded) and one greedy answer each. Empty when no prompt has a reference."""
+        from vllm import SamplingParams
+
+        from rlaif_ray.toyworld import is_correct
+
+        rows = [r for r in prompts.select(["prompt", "reference"]).to_pylist() if r["reference"] is not None]
+        if not rows:
+            return {}
+        r = self.cfg.rollout
+        texts = [row["prompt"] for row in rows]
+        sampled = self.llm.generate(texts, [SamplingParams(n=samples, temperature=r.temperature, top_p=r.top_p,
+                                                           max_tokens=r.max_new_tokens, seed=self.cfg.loop.seed + i)
+                                            for i in range(len(rows))], use_tqdm=False)
+        greedy = self.llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens), use_tqdm=False)
+        hits = [sum(is_correct(o.text, row["reference"]) for o in out.outputs) for row, out in zip(rows, sampled)]
+        return {"accuracy_sampled": sum(hits) / (samples * len(rows)),
+                "accuracy_greedy": sum(is_correct(out.outputs[0].text, row["reference"])
+                                       for row, out in zip(rows, greedy)) / len(rows),
+                "prompts": len(rows), "samples_per_prompt": samples, "policy_version": self.version}
+
     def update_weights(self, weights: tuple[np.ndarray, list[str], list[tuple]], version: int) -> dict:
         """Load a whole new set of weights (one flat buffer + names/shapes) and take its version."""
         import torch

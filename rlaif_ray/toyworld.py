@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rlaif_ray.config import CriticConfig, ToyWorldConfig
+from rlaif_ray.judge_prompts import JudgePrompts
 
 BUILD_VERSION = "2"  # bump when the recipe changes, so old caches are not reused
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
@@ -97,11 +98,11 @@ def _critic_text(rng, rows, cfg: ToyWorldConfig, critic: CriticConfig, mix=(0.2,
             a, b, label = (correct, wrong, 0) if rng.random() < 0.5 else (wrong, correct, 1)
         else:  # two wrong answers: no preference to learn, the label is a coin flip
             a, b, label = wrong, _wrong_answer(rng, correct, 2 * cfg.max_operand), int(rng.integers(2))
-        text = critic.pairwise_template.format(prompt=row["prompt"], response_a=f" {a}", response_b=f" {b}")
+        text = JudgePrompts(critic).pairwise(row["prompt"], f" {a}", f" {b}") + critic.pairwise_ending
         return text, critic.pairwise_labels[label]
     ok = rng.random() < 0.5
     score = int(rng.integers(8, 11)) if ok else int(rng.integers(1, 4))
-    text = critic.direct_template.format(prompt=row["prompt"], response=f" {correct if ok else wrong}")
+    text = JudgePrompts(critic).direct(row["prompt"], f" {correct if ok else wrong}") + critic.direct_ending
     return text, critic.direct_labels[score - 1]
 
 

@@ -35,10 +35,10 @@ def test_rollout_generates_n_samples_with_logprobs(engines, prompts_ref):
     assert again.column("sample_id").to_pylist() == table.column("sample_id").to_pylist()
 
 
-def rollout_table(responses: list[str], prompt="2+3=", reference="5"):
+def rollout_table(responses: list[str], prompt="2+3=", reference="5", prompt_id="p0", id_prefix="t"):
     n = len(responses)
     return pa.Table.from_pydict({
-        "sample_id": [f"t/{i}" for i in range(n)], "prompt_id": ["p0"] * n, "group_index": list(range(n)),
+        "sample_id": [f"{id_prefix}/{i}" for i in range(n)], "prompt_id": [prompt_id] * n, "group_index": list(range(n)),
         "prompt": [prompt] * n, "prompt_token_ids": [[1]] * n, "response": responses,
         "response_token_ids": [[2]] * n, "response_logprobs": [[-1.0]] * n, "finish_reason": ["stop"] * n,
         "policy_version": [0] * n, "reference": [reference] * n,

@@ -54,6 +54,46 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
     out = model.generate(**tok("2+3=", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 3
     assert alive_actors() == alive_before  # the run's actors are gone
+    # the judge report and the before/after evaluation on the whole prompt set
+    report = summary["judge_report"]
+    assert 0.0 <= report["position_consistency"] <= 1.0 and 0.0 <= report["first_slot_rate"] <= 1.0
+    assert report["judge_calls"] == sum(m["judge_calls"] for m in metrics) and report["labels_per_s"] > 0
+    assert summary["eval_before"]["prompts"] == 100 and summary["eval_after"]["policy_version"] == steps
+    assert "Judge report" in (run / "report.md").read_text()
+    # the label dataset: one Parquet file per batch, in the rewards schema
+    import pyarrow.parquet as pq
+    from rlaif_ray import schemas
+    saved = sorted((run / "labels").glob("step-*.parquet"))
+    assert len(saved) == steps
+    schemas.validate(pq.read_table(saved[0]), "rewards")
+
+
+@pytest.mark.parametrize("algorithm, sections", [
+    ("dpo", {"critic": {"method": "cot", "preamble": "{principle}\n",
+                        "principles": ["Prefer the correct sum.", "Prefer the exact answer."]}}),
+    ("sft", {}),
+])
+def test_each_learner_type_runs_end_to_end(tmp_path, ray_cluster, toy_world, algorithm, sections):
+    steps = 2
+    cfg = small_config(tmp_path, learner={"algorithm": algorithm, "num_learners": 1}, loop={"num_steps": steps,
+                       "eval_samples": 2}, **sections)
+    summary = train(cfg)
+    run = tmp_path / "run"
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert summary["algorithm"] == algorithm and summary["final_version"] == steps
+    assert all(m["loss"] == m["loss"] for m in metrics)  # not NaN
+    ledger = read_jsonl(run / "samples.jsonl")
+    assert len(ledger) == len({r["sample_id"] for r in ledger}) == summary["generated"]
+    assert summary["eval_after"]["policy_version"] == steps
+    if algorithm == "sft":  # one teacher demonstration per prompt, all trained
+        assert summary["generated"] == steps * 4 == summary["trained"]
+        assert "judge_report" not in summary
+    else:
+        assert summary["trained"] > 0 and all("pair_accuracy" in m for m in metrics)
+        import pyarrow.parquet as pq
+        labels = pq.read_table(sorted((run / "labels").glob("*.parquet"))[0]).to_pylist()
+        assert {r["label_method"] for r in labels} == {"cot"}
+        assert {r["principle"] for r in labels} <= set(cfg.critic.principles) and all(r["principle"] for r in labels)
 
 
 @pytest.mark.parametrize("overrides, error, fragment", [

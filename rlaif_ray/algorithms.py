@@ -1,0 +1,114 @@
+"""The learning rules, as plain functions of tensors: advantages, the PPO surrogate with an importance
+correction for stale samples, the KL penalty, DPO/IPO on AI-labelled pairs, and SFT.
+
+Notation per response token t of sample i: log π (learner, with gradient), log π_prox (learner before
+this update, no gradient), log π_behav (the vLLM engine that sampled it, possibly some versions older),
+log π_ref (the frozen initial policy).
+
+PPO, decoupled (the behaviour policy may be older than the learner):
+    r_t = π / π_prox,   w_t = min(π_prox / π_behav, is_cap)           (w = 1 without the correction)
+    loss_i = -mean_t w_t · min(r_t A_i, clip(r_t, 1 ± ε) A_i)  +  β · mean_t k3(π_ref, π)
+Advantages from the sample rewards R, per prompt group g of n samples:
+    group_mean    A = R − mean_g R                   (REINFORCE with a group baseline)
+    grpo          A = (R − mean_g R) / (std_g R + 1e-6)
+    rloo          A = n/(n−1) · (R − mean_g R)        (leave-one-out baseline)
+    reinforce_pp  A = R − mean_g R, then normalised over the whole batch
+DPO / IPO on the judge's soft preference p = P(i ≻ j), h = (log π − log π_ref)(i) − (same)(j), sums over tokens:
+    dpo   loss = −p log σ(βh) − (1−p) log σ(−βh)
+    ipo   loss = (h − (2p−1) / (2β))²
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ADVANTAGES = ("group_mean", "grpo", "rloo", "reinforce_pp")
+KL_LOG_RATIO_CLAMP = 10.0
+KL_TOKEN_CLAMP = 10.0
+
+
+def advantages(rewards: list[float], groups: list[str], kind: str) -> np.ndarray:
+    """One advantage per sample; a group of one sample gets 0 (no baseline to compare with)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    adv = np.zeros_like(r)
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    for rows in members.values():
+        if len(rows) < 2:
+            continue
+        centred = r[rows] - r[rows].mean()
+        if kind == "grpo":
+            centred = centred / (r[rows].std() + 1e-6)
+        elif kind == "rloo":
+            centred = centred * len(rows) / (len(rows) - 1)
+        elif kind not in ("group_mean", "reinforce_pp"):
+            raise ValueError(f"unknown advantage estimator '{kind}' (known: {', '.join(ADVANTAGES)})")
+        adv[rows] = centred
+    if kind == "reinforce_pp" and len(adv) > 1:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-6)
+    return adv
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean over the masked (response) positions, shape [B]."""
+    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(π || π_ref) per sequence. Clamped: a token the (older) rollout policy sampled can be
+    very unlikely under the learner now, and an unclamped exp() turns one such token into a spike."""
+    log_ratio = (ref_logp - logp).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    return token_mean((torch.exp(log_ratio) - log_ratio - 1).clamp(max=KL_TOKEN_CLAMP), mask)
+
+
+def ppo_loss(logp, prox_logp, behav_logp, mask, adv, clip_eps: float, is_cap: float | None):
+    """Per-sequence clipped surrogate (to minimise) and diagnostics. `is_cap=None` turns the correction off."""
+    ratio = torch.exp(logp - prox_logp)
+    if is_cap is None:
+        weight = torch.ones_like(ratio)
+    else:
+        behav = torch.where(torch.isfinite(behav_logp), behav_logp, prox_logp)  # unknown → no correction
+        weight = torch.exp((prox_logp - behav).clamp(max=20.0)).clamp(max=is_cap).detach()
+    a = adv[:, None]
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    loss = -token_mean(weight * surrogate, mask)
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {"clip_fraction": float((((ratio - 1).abs() > clip_eps).float() * mask).sum() / n),
+                 "is_weight_mean": float((weight * mask).sum() / n),
+                 "behav_log_ratio": float(((prox_logp - torch.where(torch.isfinite(behav_logp), behav_logp, prox_logp))
+                                           * mask).sum() / n)}
+    return loss, stats
+
+
+def preference_pairs(sample_ids: list[str], partners: list[list[str]], win_probs: list[list[float]],
+                     allowed: set[int]) -> list[tuple[int, int, float]]:
+    """Unique judged pairs (i, j, P(i ≻ j)) between allowed rows; each pair once, i the lower row."""
+    row_of = {sid: i for i, sid in enumerate(sample_ids)}
+    pairs = []
+    for i in sorted(allowed):
+        for other, p in zip(partners[i], win_probs[i]):
+            j = row_of.get(other)
+            if j is not None and j in allowed and i < j:
+                pairs.append((i, j, float(p)))
+    return pairs
+
+
+def preference_loss(logratio_i: torch.Tensor, logratio_j: torch.Tensor, p: torch.Tensor, beta: float,
+                    kind: str) -> torch.Tensor:
+    """Per-pair DPO or IPO loss on soft labels; logratio = Σ_t (log π − log π_ref) of each response."""
+    h = logratio_i - logratio_j
+    if kind == "dpo":
+        return -(p * F.logsigmoid(beta * h) + (1 - p) * F.logsigmoid(-beta * h))
+    if kind == "ipo":
+        return (h - (2 * p - 1) / (2 * beta)) ** 2
+    raise ValueError(f"unknown preference loss '{kind}'")
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence negative log-likelihood of the demonstration tokens (token mean)."""
+    return -token_mean(logp, mask)
