@@ -122,9 +122,22 @@ class CriticConfig(_Section):
 
 
 class RewardConfig(_Section):
-    """`win_rate`: mean pairwise win probability rescaled to [-1, 1]; `direct_score`: d-RLAIF score."""
-    kind: Literal["win_rate", "direct_score"] = "win_rate"
+    """`win_rate`: mean pairwise win probability rescaled to [-1, 1]; `direct_score`: d-RLAIF score;
+    `reward_model`: a sequence-classification model trained on the judge's pairwise labels (warmed up on
+    `warmup_batches` batches from the initial policy, refit every `refresh_every` steps on the latest
+    `buffer_batches` labelled batches)."""
+    kind: Literal["win_rate", "direct_score", "reward_model"] = "win_rate"
     cpus: float = Field(0.5, gt=0)
+    model: str = "policy"                 # reward-model backbone: "policy" (the policy's checkpoint) or a path
+    warmup_batches: int = Field(4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    refresh_every: int = Field(10, ge=0)  # 0: never refit after the warm-up
+    train_steps: int = Field(20, ge=1)    # minibatch updates per refit
+    batch_pairs: int = Field(32, ge=1)
+    buffer_batches: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    margin_scale: float = Field(0.0, ge=0)  # > 0: Bradley–Terry with margin scale·|2p−1| (preference strength)
+    trainer_cpus: float = Field(0.5, gt=0)
 
 
 class LearnerConfig(_Section):
@@ -190,8 +203,8 @@ class RunConfig(_Section):
         pairwise_methods = ("pairwise", "cot", "self_reference")
         if self.learner.algorithm == "sft":
             return self  # demonstrations need no labels or rewards
-        if self.reward.kind == "win_rate" and self.critic.method not in pairwise_methods:
-            raise ValueError(f"reward.kind=win_rate needs a pairwise critic.method ({', '.join(pairwise_methods)}), "
+        if self.reward.kind in ("win_rate", "reward_model") and self.critic.method not in pairwise_methods:
+            raise ValueError(f"reward.kind={self.reward.kind} needs a pairwise critic.method ({', '.join(pairwise_methods)}), "
                              f"got '{self.critic.method}'")
         if self.reward.kind == "direct_score" and self.critic.method != "direct":
             raise ValueError("reward.kind=direct_score needs critic.method=direct")

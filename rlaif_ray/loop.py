@@ -33,6 +33,7 @@ class Resolved:
     critic: str
     prompts_path: str
     prompts: object  # pa.Table
+    reward_model: str | None = None  # backbone of reward.kind=reward_model
 
 
 @dataclass
@@ -71,7 +72,12 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
         raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "
                           f"{prompts.num_rows} prompts in {prompts_path}")
     local = lambda p: str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p  # noqa: E731
-    return Resolved(local(policy), local(critic), prompts_path, prompts)
+    reward_model = None
+    if cfg.reward.kind == "reward_model":
+        reward_model = policy if cfg.reward.model == "policy" else cfg.reward.model
+        _check_model_path(reward_model, "reward.model")
+        reward_model = local(reward_model)
+    return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model)
 
 
 def start_ray(cfg: RunConfig) -> None:
@@ -122,7 +128,11 @@ class Orchestrator:
         self.critics = [CriticLabeler.options(num_cpus=cfg.critic.cpus_per_worker, num_gpus=cfg.critic.gpus_per_worker,
                                               runtime_env=env).remote(resolved.critic, raw, i)
                         for i in range(cfg.critic.num_workers)]
-        self.scorer = RewardScorer.options(num_cpus=cfg.reward.cpus).remote(cfg.reward.kind)
+        self.rm_trainer = None
+        if cfg.reward.kind == "reward_model":
+            from rlaif_ray.reward_model import RewardModelTrainer
+            self.rm_trainer = RewardModelTrainer.options(num_cpus=cfg.reward.trainer_cpus).remote(resolved.reward_model, raw)
+        self.scorer = RewardScorer.options(num_cpus=cfg.reward.cpus).remote(cfg.reward.kind, resolved.reward_model)
         lcfg = cfg.learner
         self.learner_pg = placement_group([{"CPU": lcfg.cpus_per_learner, **({"GPU": lcfg.gpus_per_learner} if lcfg.gpus_per_learner else {})}
                                            for _ in range(lcfg.num_learners)], strategy="PACK")
@@ -153,7 +163,24 @@ class Orchestrator:
         labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
         save = str(self.run_dir / "labels" / f"step-{step:06d}.parquet") if self.cfg.output.save_labels else None
         rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save)
+        if self.rm_trainer is not None:  # fresh on-policy labels for the next reward-model refit
+            self.rm_trainer.add.remote(labels)
         return InFlight(step, rewards, {"gen": gen_stats, "label": label_stats, "reward": reward_stats})
+
+    def warm_up_reward_model(self) -> dict:
+        """Canonical RLAIF: fit the reward model on labels of the initial policy's samples before RL starts.
+        Warm-up batches (negative batch numbers: sample ids `s-00001/...`) train only the reward model; they
+        are not in the policy's ledger."""
+        rcfg = self.cfg.reward
+        for k in range(rcfg.warmup_batches):
+            indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
+            worker, critic = self.rollouts[k % len(self.rollouts)], self.critics[k % len(self.critics)]
+            rollouts, _ = worker.generate.options(num_returns=2).remote(self.prompts_ref, indices, -(k + 1))
+            labels, _ = critic.label.options(num_returns=2).remote(rollouts)
+            self.rm_trainer.add.remote(labels)
+        stats = ray.get(self.rm_trainer.fit.remote(rcfg.warmup_steps)) if rcfg.warmup_batches else {}
+        ray.get(self.scorer.load_state.remote(self.rm_trainer.state_dict.remote()))
+        return stats
 
     def evaluate(self) -> dict:
         """Ground-truth accuracy of the current policy on the whole prompt set (sampled and greedy)."""
@@ -170,12 +197,17 @@ class Orchestrator:
         launched, totals = 0, {"generated": 0, "trained": 0, "dropped_stale": 0, "skipped": 0}
         judge_counts: dict[str, float] = defaultdict(float)
         sync_refs: list = []
+        rm_fit = None
         t_start = last = time.perf_counter()
         for step in range(cfg.loop.num_steps):
             while launched < cfg.loop.num_steps and len(pending) <= inflight_max:
                 pending.append(self.launch(launched))
                 launched += 1
             batch = pending.popleft()
+            rcfg = cfg.reward
+            if self.rm_trainer is not None and rcfg.refresh_every and step and step % rcfg.refresh_every == 0:
+                rm_fit = self.rm_trainer.fit.remote()  # runs beside the learner; the scorer takes the new
+                self.scorer.load_state.remote(self.rm_trainer.state_dict.remote())  # weights for later batches
             t_train = time.perf_counter()
             result = self.learners.train(batch.rewards)
             train_wall = time.perf_counter() - t_train
@@ -202,9 +234,12 @@ class Orchestrator:
                         judge_counts[key] += value
                 batch_report = judge_report(lab)
                 m.update(label_seconds=lab["label_seconds"], judge_calls=lab["judge_calls"],
-                         reward_seconds=stats["reward"]["reward_seconds"],
+                         reward_seconds=stats["reward"]["reward_seconds"], rm_version=stats["reward"]["rm_version"],
                          **{k: batch_report[k] for k in ("first_slot_rate", "unparsable_share", "failed_share")
                             if batch_report[k] is not None})
+            if rm_fit is not None and ray.wait([rm_fit], timeout=0)[0]:
+                m.update(ray.get(rm_fit))
+                rm_fit = None
             if sync_stats:
                 m.update(sync_seconds=max(s["sync_seconds"] for s in sync_stats), sync_bytes=sync_stats[0]["sync_bytes"])
             last = now
@@ -228,7 +263,8 @@ class Orchestrator:
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
-        for actor in [*self.rollouts, *self.critics, self.scorer, *(self.learners.ranks if self.learners else [])]:
+        for actor in [*self.rollouts, *self.critics, self.scorer, *([self.rm_trainer] if self.rm_trainer else []),
+                      *(self.learners.ranks if self.learners else [])]:
             ray.kill(actor)
         remove_placement_group(self.learner_pg)
 
@@ -255,7 +291,11 @@ def train(cfg: RunConfig) -> dict:
     writer = MetricsWriter(run_dir, cfg.output.tensorboard, cfg.loop.num_steps if cfg.output.progress else None)
     try:
         before = orch.evaluate() if cfg.loop.eval_samples else None
+        warmup = orch.warm_up_reward_model() if orch.rm_trainer is not None else None
         summary = orch.run(writer)
+        if warmup is not None:
+            summary["reward_model_warmup"] = warmup
+            summary["reward_model"] = ray.get(orch.rm_trainer.save.remote(str(run_dir.resolve() / "reward_model")))
         summary["startup_seconds"] = startup
         if before is not None:
             summary["eval_before"], summary["eval_after"] = before, orch.evaluate()

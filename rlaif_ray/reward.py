@@ -2,6 +2,8 @@
 
 - `win_rate`: 2·P(win) − 1, P(win) the sample's mean soft win probability over its pairs.
 - `direct_score` (d-RLAIF): the expected 1–10 score rescaled linearly to [-1, 1].
+- `reward_model`: the score of a reward model trained on the judge's labels (`rlaif_ray.reward_model`);
+  unbounded, refreshed by `load_state` while the run goes on.
 A sample without a valid label gets a null reward and keeps its skip reason (the learner counts it).
 """
 from __future__ import annotations
@@ -28,15 +30,38 @@ def rewards_from_labels(labels: pa.Table, kind: str) -> pa.Array:
 
 @ray.remote
 class RewardScorer:
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, reward_model_path: str | None = None):
         self.kind = kind
+        self.model = self.tok = None
+        self.rm_version = 0
+        if kind == "reward_model":
+            from rlaif_ray.reward_model import load_reward_model
+            self.model, self.tok = load_reward_model(reward_model_path)
+            self.model.eval()
+
+    def load_state(self, state: dict) -> int:
+        """New reward-model weights from the trainer; batches scored after this call use them."""
+        self.model.load_state_dict(state)
+        self.rm_version += 1
+        return self.rm_version
+
+    def _rewards(self, labels: pa.Table) -> pa.Array:
+        if self.kind != "reward_model":
+            return rewards_from_labels(labels, self.kind)
+        import torch
+
+        from rlaif_ray.reward_model import score_texts
+        with torch.no_grad():
+            scores = score_texts(self.model, self.tok, labels.column("prompt").to_pylist(),
+                                 labels.column("response").to_pylist())
+        return pa.array(scores.numpy(), pa.float32())
 
     def score(self, labels: pa.Table, save_path: str | None = None) -> tuple[pa.Table, dict]:
         """Add the `reward` column; with `save_path`, also write the labelled batch there as Parquet (the run's
         label dataset: every judge reply, principle, latency and reward, for offline analysis)."""
         t0 = time.perf_counter()
         labels = schemas.validate(labels, "labels")
-        table = labels.append_column(schemas.REWARD_FIELDS[0], rewards_from_labels(labels, self.kind))
+        table = labels.append_column(schemas.REWARD_FIELDS[0], self._rewards(labels))
         table = schemas.validate(table, "rewards")
         if save_path:
             import os
@@ -45,4 +70,4 @@ class RewardScorer:
             os.makedirs(os.path.dirname(save_path), exist_ok=True)
             pq.write_table(table, save_path + ".tmp")
             os.replace(save_path + ".tmp", save_path)  # a reader never sees half a file
-        return table, {"reward_seconds": time.perf_counter() - t0}
+        return table, {"reward_seconds": time.perf_counter() - t0, "rm_version": self.rm_version}

@@ -114,3 +114,20 @@ def test_empty_prompt_row_is_named(tmp_path, ray_cluster, toy_world):
     bad.write_text('{"prompt": "1+1="}\n{"prompt": ""}\n')
     with pytest.raises(PromptFileError, match="row 2: field 'prompt' is empty"):
         train(small_config(tmp_path, data={"prompts": str(bad)}))
+
+
+def test_reward_model_run(tmp_path, ray_cluster, toy_world):
+    """Canonical RLAIF: a reward model warmed up on AI labels, refit during the run, scoring every batch."""
+    steps = 3
+    cfg = small_config(tmp_path, reward={"kind": "reward_model", "warmup_batches": 2, "warmup_steps": 30,
+                                         "refresh_every": 2, "train_steps": 5, "margin_scale": 0.5},
+                       loop={"num_steps": steps, "eval_samples": 0})
+    summary = train(cfg)
+    warm = summary["reward_model_warmup"]
+    assert warm["rm_pairs"] > 0 and warm["rm_loss"] == warm["rm_loss"] and 0 <= warm["rm_judge_agreement"] <= 1
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["rm_version"] for m in metrics][0] >= 1  # scored by the warmed-up model, not the random head
+    assert all(m["reward_mean"] == m["reward_mean"] for m in metrics)
+    from rlaif_ray.reward_model import load_reward_model
+    model, tok = load_reward_model(summary["reward_model"])  # the trained reward model reloads
+    assert model.config.num_labels == 1
