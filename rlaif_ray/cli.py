@@ -1,4 +1,4 @@
-"""`rlaif-ray` console command: train, build-toy, report, show-config."""
+"""`rlaif-ray` console command: train, eval, build-toy, report, show-config."""
 from __future__ import annotations
 
 import argparse
@@ -20,9 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(sub.add_parser("train", help="run an RLAIF job (embedded local Ray cluster unless ray.address)"))
     _config_args(sub.add_parser("build-toy", help="build (or reuse) the toy world and print its paths"))
     _config_args(sub.add_parser("show-config", help="print the resolved config as YAML"))
+    ev = sub.add_parser("eval", help="judge a checkpoint against a reference (checkpoint or responses JSONL)")
+    ev.add_argument("checkpoint", help="Hugging Face folder of the candidate policy")
+    ev.add_argument("--reference", required=True, help="a checkpoint folder, or JSONL with prompt_id/prompt + response")
+    ev.add_argument("--out", default=None, help="output folder for eval.json / eval.png (default: CHECKPOINT/../eval)")
+    ev.add_argument("--temperature", type=float, default=0.0)
+    _config_args(ev)
     rep = sub.add_parser("report", help="re-write report.md/report.png of a run folder")
     rep.add_argument("run_dir")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)  # overrides may also follow options: eval CKPT --reference R k=v
+    stray = [a for a in rest if a.startswith("-") or "=" not in a]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
 
     try:
         if args.command == "report":
@@ -37,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             from rlaif_ray.toyworld import build_toy_world
             world = build_toy_world(cfg.toy, cfg.critic)
             print(json.dumps({"policy": world.policy, "critic": world.critic, "prompts": world.prompts}, indent=1))
+        elif args.command == "eval":
+            from pathlib import Path
+
+            from rlaif_ray.evaluate import evaluate
+            out = args.out or str(Path(args.checkpoint).resolve().parent / "eval")
+            print(json.dumps(evaluate(cfg, args.checkpoint, args.reference, out, args.temperature), indent=1))
+            print(f"written: {out}/eval.json, {out}/eval.png")
         elif args.command == "train":
             from rlaif_ray.loop import train
             summary = train(cfg)

@@ -72,6 +72,27 @@ class RolloutWorker:
                  "policy_version": self.version, "worker": self.worker_index}
         return table, stats
 
+    def respond(self, prompts: pa.Table, temperature: float, tag: str) -> pa.Table:
+        """One response per prompt (greedy at temperature 0, else seeded), sample ids `tag/prompt_id`."""
+        from vllm import SamplingParams
+
+        rows = prompts.to_pylist()
+        params = [SamplingParams(temperature=temperature, max_tokens=self.cfg.rollout.max_new_tokens, logprobs=0,
+                                 seed=self.cfg.loop.seed + i) for i in range(len(rows))]
+        outs = self.llm.generate([row["prompt"] for row in rows], params, use_tqdm=False)
+        cols: dict[str, list] = {f.name: [] for f in schemas.ROLLOUT_SCHEMA}
+        for row, out in zip(rows, outs):
+            sample = out.outputs[0]
+            for key, value in (("sample_id", f"{tag}/{row['prompt_id']}"), ("prompt_id", row["prompt_id"]),
+                               ("group_index", 0), ("prompt", row["prompt"]),
+                               ("prompt_token_ids", list(out.prompt_token_ids)), ("response", sample.text),
+                               ("response_token_ids", list(sample.token_ids)),
+                               ("response_logprobs", _sampled_logprobs(sample.token_ids, sample.logprobs)),
+                               ("finish_reason", sample.finish_reason), ("policy_version", self.version),
+                               ("reference", row["reference"])):
+                cols[key].append(value)
+        return schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")
+
     def evaluate(self, prompts: pa.Table, samples: int) -> dict:
         """Ground-truth accuracy on every prompt with a reference: `samples` draws at the rollout temperature
         (seeded) and one greedy answer each. Empty when no prompt has a reference."""
