@@ -55,6 +55,30 @@ def _check_model_path(path: str, key: str) -> None:
         raise ConfigError(f"{key}: {path} holds no config.json (not a Hugging Face model folder)")
 
 
+def _check_judge(cfg: RunConfig, critic: str) -> None:
+    """The judge can give the labels the config asks for: one token per label (local), a reachable endpoint
+    that answers a log-prob request (remote). Checked on the driver, before any actor starts."""
+    from rlaif_ray.judge_backends import JudgeLabelError, label_token_ids
+
+    if cfg.critic.remote.base_url:
+        from rlaif_ray.remote_judge import OpenAIJudge, RemoteJudgeError
+        try:
+            with OpenAIJudge(cfg.critic.remote) as judge:
+                judge.check()
+        except RemoteJudgeError as err:
+            raise ConfigError(f"critic.remote: {err}") from None
+        return
+    if cfg.learner.algorithm == "sft":
+        return
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(critic)
+    labels = cfg.critic.direct_labels if cfg.critic.method == "direct" else cfg.critic.pairwise_labels
+    try:
+        label_token_ids(tok, labels, critic)
+    except JudgeLabelError as err:
+        raise ConfigError(str(err)) from None
+
+
 def resolve_inputs(cfg: RunConfig) -> Resolved:
     """Build/reuse the toy world if asked, then check model paths and the prompt file."""
     policy, critic, prompts_path = cfg.model.policy, cfg.model.critic, cfg.data.prompts
@@ -67,6 +91,7 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
     _check_model_path(policy, "model.policy")
     if not cfg.critic.remote.base_url:  # a remote judge needs no local critic model
         _check_model_path(critic, "model.critic")
+    _check_judge(cfg, critic)
     prompts = load_prompts(prompts_path)
     if cfg.data.prompts_per_step > prompts.num_rows:
         raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "

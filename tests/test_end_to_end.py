@@ -131,3 +131,13 @@ def test_reward_model_run(tmp_path, ray_cluster, toy_world):
     from rlaif_ray.reward_model import load_reward_model
     model, tok = load_reward_model(summary["reward_model"])  # the trained reward model reloads
     assert model.config.num_labels == 1
+
+
+def test_judge_that_cannot_give_the_labels_stops_before_any_actor(tmp_path, ray_cluster, toy_world):
+    alive_before = alive_actors()
+    given = {"model": {"policy": toy_world.policy, "critic": toy_world.critic}, "data": {"prompts": toy_world.prompts}}
+    with pytest.raises(ConfigError, match="label ' first choice' is [0-9]+ tokens"):
+        train(small_config(tmp_path, critic={"pairwise_labels": [" first choice", " 2"]}, **given))
+    with pytest.raises(ConfigError, match="critic.remote: .*127.0.0.1:9"):
+        train(small_config(tmp_path, critic={"remote": {"base_url": "http://127.0.0.1:9/v1", "max_retries": 0}}))
+    assert alive_actors() == alive_before
