@@ -7,7 +7,8 @@ ground truth, and how much the policy's ground-truth accuracy moves under each l
    same batch is labelled by every method (pairwise, cot, self_reference, direct); per method: agreement
    with the checker on pairs with exactly one right answer (direct: score > 5.5 iff right), position
    consistency, first-slot rate, unparsable share, labels/s.
-2. Learners: one run each of RLAIF-PPO (GRPO advantages on pairwise win rates), RLAIF with a reward model,
+2. Learners: one run each of RLAIF-PPO on pairwise win rates (group-mean and GRPO advantages), RLAIF-PPO
+   with a reward model,
    online DPO, and SFT on the critic's own answers (the strong-teacher baseline), same seed and steps;
    ground-truth accuracy on the whole prompt set before and after (sampled at the rollout temperature, and greedy).
 Writes OUT/study.json and OUT/study.md (tables a person reads); prints them.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 METHODS = ("pairwise", "cot", "self_reference", "direct")
 LEARNERS = {  # name -> overrides on the base config
+    "ppo_group_mean": {"learner.algorithm": "ppo", "learner.advantage": "group_mean", "reward.kind": "win_rate"},
     "ppo_grpo": {"learner.algorithm": "ppo", "learner.advantage": "grpo", "reward.kind": "win_rate"},
     "ppo_reward_model": {"learner.algorithm": "ppo", "reward.kind": "reward_model"},
     "dpo": {"learner.algorithm": "dpo", "reward.kind": "win_rate"},
@@ -108,12 +110,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    unknown = [name for name in args.learners.split(",") if name not in LEARNERS]
+    if unknown:
+        print(f"feedback_study: error: unknown learner(s) {', '.join(unknown)} (known: {', '.join(LEARNERS)})",
+              file=sys.stderr)
+        return 2
     try:
         base = load_config(args.config, args.overrides)
         runs = {name: load_config(args.config, [*args.overrides, *(f"{k}={v}" for k, v in LEARNERS[name].items()),
                                                 f"output.run_dir={out / name}", "output.progress=false"])
                 for name in args.learners.split(",")}
-    except (ConfigError, KeyError) as err:
+    except ConfigError as err:
         print(f"feedback_study: error: {err}", file=sys.stderr)
         return 2
     study = {"config": args.config, "overrides": args.overrides, "seed": base.loop.seed,
