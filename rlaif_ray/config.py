@@ -27,8 +27,11 @@ class ToyWorldConfig(_Section):
     cache_dir: str = "~/.cache/rlaif_ray/toyworld"
     max_operand: int = Field(9, ge=1, le=99)
     policy_correct_fraction: float = Field(0.3, ge=0.0, le=1.0)
-    policy_train_steps: int = Field(300, ge=0)
-    critic_train_steps: int = Field(1000, ge=0)
+    # how the policy's pre-training answers are wrong: "off_by_one" = mostly correct+1 (a systematic error, so
+    # greedy decoding is mostly wrong while sampling is right ~policy_correct_fraction of the time), "random" = any
+    policy_wrong_mode: Literal["off_by_one", "random"] = "off_by_one"
+    policy_train_steps: int = Field(600, ge=0)
+    critic_train_steps: int = Field(900, ge=0)
 
 
 class ModelConfig(_Section):

@@ -49,10 +49,8 @@ def test_pairwise_methods_label_every_pair_in_both_orders(engines, method, calls
     assert stats["bias_orders"] == 2 * pairs and stats["bias_pair_rows"] == 2 * pairs
 
 
-def test_judge_prefers_the_right_answer(engines):
-    """The toy judge is better than chance: on one-right-one-wrong pairs it mostly picks the right one.
-    (Only `pairwise`: the toy critic is not trained on the cot / self_reference transcripts yet, and measures
-    near chance with them — see jobs/feedback_study.py.)"""
+def test_judge_prefers_the_right_answer_with_each_method(engines):
+    """The toy judge is better than chance: on one-right-one-wrong pairs it mostly picks the right one."""
     import numpy as np
     rng = np.random.default_rng(0)
     tables = []
@@ -62,7 +60,7 @@ def test_judge_prefers_the_right_answer(engines):
         tables.append(rollout_table([f" {a + b}", f" {wrong}"], prompt=f"{a}+{b}=", reference=str(a + b),
                                     prompt_id=f"q{k}", id_prefix=f"q{k}"))
     batch = pa.concat_tables(tables)
-    for method in ("pairwise",):
+    for method in ("pairwise", "cot", "self_reference"):
         rows = label(engines, batch, method)[0].to_pylist()
         right = [r["win_prob"] for r in rows if r["response"].strip() == r["reference"]]
         assert sum(p > 0.5 for p in right) >= 9, (method, right)
