@@ -46,10 +46,15 @@ def reference(toy_world):
     def label_dist(prompt: str, labels: list[str], top_k: int = 20) -> tuple[list[float], float]:
         with torch.no_grad():
             probs = torch.softmax(model(torch.tensor([tok.encode(prompt)])).logits[0, -1], -1)
-        top = set(torch.topk(probs, top_k).indices.tolist())
-        ids = [tok.encode(label, add_special_tokens=False) for label in labels]
-        assert all(len(i) == 1 for i in ids)
-        p = [float(probs[i[0]]) if i[0] in top else 0.0 for i in ids]
+        assert all(len(tok.encode(label, add_special_tokens=False)) == 1 for label in labels)
+        # the documented rule: every top-k token whose text is a label, or equals one label once whitespace is
+        # stripped (" 1" and "1" both count for label " 1"), adds its probability to that label
+        p = [0.0] * len(labels)
+        for i in torch.topk(probs, top_k).indices.tolist():
+            text = tok.decode([i])
+            match = [k for k, label in enumerate(labels) if text == label or text.strip() == label.strip()]
+            if match:
+                p[match[0]] += float(probs[i])
         return [x / sum(p) for x in p], sum(p)
 
     def greedy(prompt: str, n: int) -> str:
