@@ -11,8 +11,38 @@ import sys
 from pathlib import Path
 
 
+def engine_alone(cfg, batches: int) -> float:
+    """Generation tokens/s of one RolloutWorker (same model and config) driven with nothing else running:
+    `batches` batches of `data.prompts_per_step` prompts, engine seconds as the loop measures them."""
+    import ray
+
+    from rlaif_ray.engine import engine_env
+    from rlaif_ray.loop import resolve_inputs
+    from rlaif_ray.prompts import PromptSampler
+    from rlaif_ray.rollout import RolloutWorker
+
+    resolved = resolve_inputs(cfg)
+    worker = RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker,
+                                   runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(resolved.policy, cfg.model_dump())
+    try:
+        prompts = ray.put(resolved.prompts)
+        sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)
+        stats = []
+        for step in range(batches + 2):  # the first two warm the engine up, as the loop's warm-up steps do
+            _, s = worker.generate.options(num_returns=2).remote(prompts, sampler.next_indices(cfg.data.prompts_per_step), step)
+            stats.append(ray.get(s))
+        stats = stats[2:]
+        return sum(s["gen_tokens"] for s in stats) / sum(s["engine_seconds"] for s in stats)
+    finally:
+        ray.kill(worker)
+
+
 def main(argv=None) -> int:
-    from rlaif_ray.benchmark import compare, format_table, run_figures
+    import time
+
+    import ray
+
+    from rlaif_ray.benchmark import compare, format_table, run_figures, transport_from_timeline, transport_share
     from rlaif_ray.config import ConfigError, load_config
     from rlaif_ray.loop import train
     from rlaif_ray.metrics import read_jsonl
@@ -21,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the figures")
+    parser.add_argument("--alone-batches", type=int, default=20, help="batches for the engine-alone measurement")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
@@ -29,7 +60,7 @@ def main(argv=None) -> int:
         print(f"benchmark: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    figures = {}
+    figures, windows = {}, {}
     for mode in ("sync", "async"):
         cfg = base.model_copy(deep=True)
         cfg.loop.mode = mode
@@ -37,11 +68,24 @@ def main(argv=None) -> int:
         cfg.output.run_dir = str(out / mode)
         cfg.output.progress = False
         cfg.output.save_checkpoint = False
+        t0 = time.time()
         summary = train(cfg)
+        windows[mode] = (t0, time.time())
         figures[mode] = {**run_figures(read_jsonl(out / mode / "metrics.jsonl"), args.warmup),
-                         "startup_seconds": summary["startup_seconds"]}
+                         "startup_seconds": summary["startup_seconds"], "busy_fraction": summary["busy_fraction"]}
         print(f"[benchmark] {mode}: {figures[mode]['samples_per_s']:.1f} samples/s", flush=True)
+    alone = engine_alone(base, args.alone_batches)
+    time.sleep(2.0)  # workers report task events every second
+    events = ray.timeline()
+    calls_per_step = {"train": base.learner.num_learners}
+    for mode, (t0, t1) in windows.items():
+        transport = transport_from_timeline(events, t0, t1)
+        figures[mode]["transport"] = transport
+        figures[mode]["transport_share"] = transport_share(transport, figures[mode]["step_seconds"], calls_per_step)
     cmp = compare(figures["sync"], figures["async"])
+    cmp["engine_alone_tokens_per_s"] = alone
+    in_loop = figures["async"]["engine_tokens_per_s"]
+    cmp["rollout_efficiency"] = in_loop / alone if in_loop and alone else None
     print(format_table(figures["sync"], figures["async"], cmp))
     result = {"config": args.config, "overrides": args.overrides, **figures, "comparison": cmp}
     (out / "benchmark.json").write_text(json.dumps(result, indent=1))

@@ -8,8 +8,7 @@ ground truth, and how much the policy's ground-truth accuracy moves under each l
    with the checker on pairs with exactly one right answer (direct: score > 5.5 iff right), position
    consistency, first-slot rate, unparsable share, labels/s.
 2. Learners: one run each of RLAIF-PPO on pairwise win rates (group-mean and GRPO advantages), RLAIF-PPO
-   with a reward model,
-   online DPO, and SFT on the critic's own answers (the strong-teacher baseline), same seed and steps;
+   with a reward model trained on the labels (initialised from the judge's checkpoint), online DPO, and SFT on the critic's own answers (the strong-teacher baseline), same seed and steps;
    ground-truth accuracy on the whole prompt set before and after (sampled at the rollout temperature, and greedy).
 Writes OUT/study.json and OUT/study.md (tables a person reads); prints them.
 """
@@ -23,7 +22,10 @@ METHODS = ("pairwise", "cot", "self_reference", "direct")
 LEARNERS = {  # name -> overrides on the base config
     "ppo_group_mean": {"learner.algorithm": "ppo", "learner.advantage": "group_mean", "reward.kind": "win_rate"},
     "ppo_grpo": {"learner.algorithm": "ppo", "learner.advantage": "grpo", "reward.kind": "win_rate"},
-    "ppo_reward_model": {"learner.algorithm": "ppo", "reward.kind": "reward_model"},
+    # the reward model starts from the judge's checkpoint (the policy's is too weak to learn correctness from a
+    # few hundred pairs); its scores are unnormalised and shift at every refit, so GRPO's std normalisation
+    "ppo_reward_model": {"learner.algorithm": "ppo", "reward.kind": "reward_model", "reward.model": "critic",
+                         "learner.advantage": "grpo"},
     "dpo": {"learner.algorithm": "dpo", "reward.kind": "win_rate"},
     "sft_critic": {"learner.algorithm": "sft"},
 }

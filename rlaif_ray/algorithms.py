@@ -112,3 +112,24 @@ def preference_loss(logratio_i: torch.Tensor, logratio_j: torch.Tensor, p: torch
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence negative log-likelihood of the demonstration tokens (token mean)."""
     return -token_mean(logp, mask)
+
+
+def micro_batches(units: list[list[int]], lengths: dict[int, int], max_tokens: int) -> list[list[int]]:
+    """Pack units (lists of row indices that must stay together, e.g. one prompt group) into micro-batches whose
+    padded size, rows × longest row, stays within `max_tokens` (0: everything in one micro-batch). Longest
+    units first, first fit; a unit larger than the budget is a micro-batch of its own. Returns row lists."""
+    units = [u for u in units if u]
+    if max_tokens <= 0 or not units:
+        return [sorted(r for u in units for r in u)] if units else []
+    units = sorted(units, key=lambda u: (-max(lengths[r] for r in u), u[0]))
+    batches: list[tuple[list[int], int]] = []  # (rows, longest row)
+    for unit in units:
+        longest = max(lengths[r] for r in unit)
+        for k, (rows, width) in enumerate(batches):
+            w = max(width, longest)
+            if (len(rows) + len(unit)) * w <= max_tokens:
+                batches[k] = (rows + unit, w)
+                break
+        else:
+            batches.append((list(unit), longest))
+    return [sorted(rows) for rows, _ in batches]

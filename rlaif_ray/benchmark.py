@@ -4,11 +4,22 @@ From each run's metrics.jsonl (first `warmup` steps left out):
 - samples/s and tokens/s over the measured steps, and the async/sync ratio;
 - the ideal overlap ratio from the sync run's stage times, (gen + label + reward + train + sync) / max(stage),
   and the fraction of it the async run achieved;
-- weight sync seconds and GB/s; the staleness of the trained samples.
+- weight sync seconds and GB/s; the staleness of the trained samples;
+- queue depths (calls submitted to a stage and not finished, sampled when the learner takes a batch);
+- Arrow transport: from Ray's task timeline, the time each stage call spent deserialising its input table
+  (`task:deserialize_arguments`, which includes fetching it from the object store) and storing its output
+  (`task:store_outputs`), per step, as a share of the step time;
+- rollout efficiency: the engine's generation tokens/s inside the loop over the same engine config driven
+  alone (measured separately by jobs/benchmark.py).
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
+
+# the stage calls a batch goes through; a learner step is one call per rank
+PIPELINE_TASKS = {"RolloutWorker.generate": "gen", "CriticLabeler.label": "label", "CriticLabeler.demonstrate": "gen",
+                  "RewardScorer.score": "reward", "LearnerRank.train_step": "train"}
+QUEUES = ("queue_gen", "queue_label", "queue_reward", "queue_ready")
 
 STAGES = ("gen_seconds", "label_seconds", "reward_seconds", "train_seconds", "sync_seconds")
 
@@ -33,7 +44,48 @@ def run_figures(rows: list[dict], warmup: int = 2) -> dict:
         "sync_seconds": sync_s, "sync_bytes": sync_bytes,
         "sync_gb_per_s": sync_bytes / sync_s / 1e9 if sync_s else 0.0,
         "staleness_max_hist": dict(sorted(Counter(r["staleness_max"] for r in measured).items())),
+        "queue_mean": {q: _mean(measured, q) for q in QUEUES if any(q in r for r in measured)},
+        "queue_max": {q: max(r.get(q, 0) for r in measured) for q in QUEUES if any(q in r for r in measured)},
+        "engine_tokens_per_s": (tokens / sum(r["engine_seconds"] for r in measured)
+                                if all(r.get("engine_seconds") for r in measured) else None),
     }
+
+
+def transport_from_timeline(events: list[dict], start_s: float, end_s: float) -> dict:
+    """Per pipeline stage, from Ray's task timeline (`ray.timeline()`), between two wall-clock times: calls seen
+    and the mean seconds per call spent deserialising arguments, executing, and storing outputs. A phase event
+    belongs to the task event on the same worker that contains it."""
+    lo, hi = start_s * 1e6, end_s * 1e6
+    tasks: dict[str, list[tuple[float, float, str]]] = defaultdict(list)  # worker -> (start, end, stage)
+    phases = []
+    for e in events:
+        if e.get("ph") != "X" or not lo <= e.get("ts", 0) <= hi:
+            continue
+        cat = e.get("cat", "")
+        if cat.startswith("task::") and cat[6:] in PIPELINE_TASKS:
+            tasks[e["tid"]].append((e["ts"], e["ts"] + e["dur"], PIPELINE_TASKS[cat[6:]]))
+        elif cat in ("task:deserialize_arguments", "task:execute", "task:store_outputs"):
+            phases.append(e)
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for stage_tasks in tasks.values():
+        for _, _, stage in stage_tasks:
+            sums[stage]["calls"] += 1
+    for e in phases:
+        for t0, t1, stage in tasks.get(e["tid"], ()):
+            if t0 - 1 <= e["ts"] and e["ts"] + e["dur"] <= t1 + 1:
+                sums[stage][e["cat"].split(":")[1]] += e["dur"] / 1e6
+                break
+    return {stage: {"calls": int(v["calls"]), **{f"{k}_s_per_call": v[k] / v["calls"]
+                                                  for k in ("deserialize_arguments", "execute", "store_outputs")}}
+            for stage, v in sums.items() if v["calls"]}
+
+
+def transport_share(transport: dict, step_seconds: float, calls_per_step: dict[str, float]) -> float:
+    """Seconds per step spent moving tables in and out of the stage calls, over the step time (an upper bound
+    of the critical-path share: the stages run concurrently)."""
+    per_step = sum((t["deserialize_arguments_s_per_call"] + t["store_outputs_s_per_call"]) * calls_per_step.get(stage, 1)
+                   for stage, t in transport.items())
+    return per_step / step_seconds if step_seconds else 0.0
 
 
 def compare(sync: dict, async_: dict) -> dict:
@@ -54,9 +106,21 @@ def format_table(sync: dict, async_: dict, cmp: dict) -> str:
     for stage in sync["stage_seconds"]:
         lines.append(f"{'stage ' + stage + ' s/step':32s}{sync['stage_seconds'][stage]:12.3f}{async_['stage_seconds'][stage]:12.3f}")
     lines.append(f"{'staleness (max per step) hist':32s}{str(sync['staleness_max_hist']):>12s}{str(async_['staleness_max_hist']):>12s}")
+    for stage in async_.get("busy_fraction", {}):
+        lines.append(f"{'busy fraction ' + stage:32s}{sync.get('busy_fraction', {}).get(stage, 0):12.2f}"
+                     f"{async_['busy_fraction'][stage]:12.2f}")
+    for q in async_.get("queue_mean", {}):
+        lines.append(f"{q + ' mean (max)':32s}{sync['queue_mean'].get(q, 0):7.2f} ({sync['queue_max'].get(q, 0)})"
+                     f"{async_['queue_mean'][q]:7.2f} ({async_['queue_max'][q]})")
+    for key, label in [("transport_share", "Arrow transport share of step"), ("engine_tokens_per_s", "engine tokens/s in loop")]:
+        if async_.get(key) is not None:
+            lines.append(f"{label:32s}{sync.get(key) or 0:12.3f}{async_[key]:12.3f}")
     lines += ["",
               f"async / sync samples/s:        {cmp['async_over_sync']:.2f}x",
               f"ideal overlap ratio (sync stage times): {cmp['ideal_overlap_ratio']:.2f}x  "
               f"(bottleneck: {cmp['bottleneck_stage']})",
               f"achieved fraction of ideal:    {cmp['achieved_fraction_of_ideal']:.0%}"]
+    if cmp.get("rollout_efficiency") is not None:
+        lines.append(f"rollout efficiency (engine tokens/s in the async loop / alone, {cmp['engine_alone_tokens_per_s']:.0f}"
+                     f" tokens/s): {cmp['rollout_efficiency']:.2f}")
     return "\n".join(lines)

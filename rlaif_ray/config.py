@@ -131,7 +131,7 @@ class RewardConfig(_Section):
     `buffer_batches` labelled batches)."""
     kind: Literal["win_rate", "direct_score", "reward_model"] = "win_rate"
     cpus: float = Field(0.5, gt=0)
-    model: str = "policy"                 # reward-model backbone: "policy" (the policy's checkpoint) or a path
+    model: str = "policy"                 # reward-model backbone: "policy", "critic" (the local judge's checkpoint) or a path
     warmup_batches: int = Field(4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     refresh_every: int = Field(10, ge=0)  # 0: never refit after the warm-up
@@ -159,6 +159,7 @@ class LearnerConfig(_Section):
     importance_correction: bool = True    # weight by min(π_learner / π_behaviour, is_cap) per token
     is_cap: float = Field(2.0, ge=1.0)
     dpo_beta: float = Field(0.1, gt=0)
+    micro_batch_tokens: int = Field(0, ge=0)  # padded tokens per forward/backward pass (0: a rank's share at once)
     grad_clip: float = Field(1.0, gt=0)
     cpus_per_learner: float = Field(1.0, gt=0)
     gpus_per_learner: float = Field(0.0, ge=0)

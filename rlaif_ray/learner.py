@@ -193,11 +193,39 @@ class LearnerRank:
         behav = behaviour_logprobs(behav, resp).to(self.device) if behav is not None else None
         return ids.to(self.device), attn.to(self.device), resp.to(self.device), behav
 
-    def _step(self, loss: torch.Tensor | None) -> None:
-        """One DeepSpeed step; a rank without data still joins the gradient all-reduce with a zero loss."""
-        if loss is None:
-            loss = sum((p * 0.0).sum() for p in self.engine.module.parameters())
-        self.engine.backward(loss)
+    def _lengths(self, table: pa.Table, rows: list[int]) -> dict[int, int]:
+        """Tokens of prompt + response per row (what one row costs in a forward pass)."""
+        take = pa.array(rows, pa.int64())
+        if self.cfg.learner.algorithm == "sft":
+            texts = zip(table.column("prompt").take(take).to_pylist(), table.column("response").take(take).to_pylist())
+            return {r: len(self.tokenizer.encode(p)) + len(self.tokenizer.encode(t, add_special_tokens=False)) + 1
+                    for r, (p, t) in zip(rows, texts)}
+        prompts = table.column("prompt_token_ids").take(take).to_pylist()
+        responses = table.column("response_token_ids").take(take).to_pylist()
+        return {r: len(p) + len(q) for r, p, q in zip(rows, prompts, responses)}
+
+    def _plan(self, table: pa.Table, units: list[list[int]]) -> tuple[list[list[int]], int]:
+        """This rank's micro-batches (`learner.micro_batch_tokens` padded tokens each, 0: one) and the number of
+        backward passes every rank makes: the most any rank needs, so the gradient reductions stay matched."""
+        budget = self.cfg.learner.micro_batch_tokens
+        rows = [r for unit in units for r in unit]
+        mbs = algorithms.micro_batches(units, self._lengths(table, rows) if budget and rows else {}, budget)
+        if not budget:
+            return mbs, 1
+        count = torch.tensor([float(max(len(mbs), 1))], dtype=torch.float64)
+        count = count.to(self.device) if self.device.type == "cuda" else count
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return mbs, int(count.item())
+
+    def _train_passes(self, n_local: int, passes: int, loss_of) -> None:
+        """`passes` backward passes accumulated into one optimizer step: micro-batch k < n_local contributes
+        `loss_of(k)`; a rank with fewer micro-batches joins the remaining gradient reductions with a zero loss."""
+        for k in range(passes):
+            self.engine.set_gradient_accumulation_boundary(k == passes - 1)
+            loss = loss_of(k) if k < n_local else None
+            if loss is None:
+                loss = sum((p * 0.0).sum() for p in self.engine.module.parameters())
+            self.engine.backward(loss)
         self.engine.step()
 
     def _reduce(self, keys: tuple[str, ...], sums: dict, units: int) -> dict:
@@ -212,67 +240,83 @@ class LearnerRank:
     def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int) -> dict:
         lcfg = self.cfg.learner
         scale = self.world_size / max(total, 1)
-        sums: dict[str, float] = defaultdict(float)
-        if rows:
-            ids, attn, resp, behav = self._tensors(table, rows)
-            adv = torch.tensor([adv_of[i] for i in rows], dtype=torch.float32, device=self.device)
+        mbs, passes = self._plan(table, [[r] for r in rows])
+        prepared = []
+        for mb in mbs:
+            ids, attn, resp, behav = self._tensors(table, mb)
+            adv = torch.tensor([adv_of[i] for i in mb], dtype=torch.float32, device=self.device)
             with torch.no_grad():
-                ref_logp = sequence_logprobs(self.ref, ids, attn)
-                prox_logp = sequence_logprobs(self.engine, ids, attn)
+                prepared.append((ids, attn, resp, behav, adv, sequence_logprobs(self.ref, ids, attn),
+                                 sequence_logprobs(self.engine, ids, attn)))
+        sums: dict[str, float] = defaultdict(float)
         for epoch in range(lcfg.ppo_epochs):
-            if not rows:
-                self._step(None)
-                continue
-            logp = sequence_logprobs(self.engine, ids, attn)
-            pg, stats = algorithms.ppo_loss(logp, prox_logp, behav, resp, adv, lcfg.clip_eps,
-                                            lcfg.is_cap if lcfg.importance_correction else None)
-            kl = algorithms.kl_k3(logp, ref_logp, resp)
-            per_sample = pg + lcfg.kl_coef * kl
-            self._step(per_sample.sum() * scale)
-            if epoch == 0:  # report the first epoch: the on-batch values before this update moved anything
-                n = len(rows)
-                sums.update(loss=per_sample.sum().item(), pg_loss=pg.sum().item(), kl=kl.sum().item(),
-                            **{k: v * n for k, v in stats.items()})
+            def loss_of(k: int) -> torch.Tensor:
+                ids, attn, resp, behav, adv, ref_logp, prox_logp = prepared[k]
+                logp = sequence_logprobs(self.engine, ids, attn)
+                pg, stats = algorithms.ppo_loss(logp, prox_logp, behav, resp, adv, lcfg.clip_eps,
+                                                lcfg.is_cap if lcfg.importance_correction else None)
+                kl = algorithms.kl_k3(logp, ref_logp, resp)
+                per_sample = pg + lcfg.kl_coef * kl
+                if epoch == 0:  # report the first epoch: the on-batch values before this update moved anything
+                    n = len(adv)
+                    for key, value in (("loss", per_sample.sum().item()), ("pg_loss", pg.sum().item()),
+                                       ("kl", kl.sum().item()), *((s, v * n) for s, v in stats.items())):
+                        sums[key] += value
+                return per_sample.sum() * scale
+            self._train_passes(len(prepared), passes, loss_of)
         return self._reduce(STAT_KEYS["ppo"], sums, len(rows))
 
     def _update_preference(self, table, pairs: list[tuple[int, int, float]], total: int) -> dict:
         lcfg = self.cfg.learner
-        sums: dict[str, float] = {}
-        if not pairs:
-            self._step(None)
-            return self._reduce(STAT_KEYS[lcfg.algorithm], sums, 0)
-        rows = sorted({i for i, _, _ in pairs} | {j for _, j, _ in pairs})
-        index = {r: k for k, r in enumerate(rows)}
-        ids, attn, resp, _ = self._tensors(table, rows)
-        logp = sequence_logprobs(self.engine, ids, attn)
-        with torch.no_grad():
-            ref_logp = sequence_logprobs(self.ref, ids, attn)
-        logratio = ((logp - ref_logp) * resp).sum(-1)
-        a = torch.tensor([index[i] for i, _, _ in pairs], device=self.device)
-        b = torch.tensor([index[j] for _, j, _ in pairs], device=self.device)
-        p = torch.tensor([q for _, _, q in pairs], dtype=torch.float32, device=self.device)
-        per_pair = algorithms.preference_loss(logratio[a], logratio[b], p, lcfg.dpo_beta, lcfg.algorithm)
-        kl = algorithms.kl_k3(logp, ref_logp, resp)
-        loss = per_pair.sum() * (self.world_size / max(total, 1)) + lcfg.kl_coef * kl.mean()
-        self._step(loss)
-        with torch.no_grad():
-            h = logratio[a] - logratio[b]
-            decided = (p - 0.5).abs() > 1e-6
-            agree = ((h > 0) == (p > 0.5)) & decided
-            n = len(pairs)
-            sums = {"loss": per_pair.sum().item(), "kl": kl.mean().item() * n,
-                    "pair_accuracy": agree.float().sum().item() / max(decided.sum().item(), 1) * n,
-                    "logratio_margin": (h * torch.sign(p - 0.5)).sum().item()}
-        return self._reduce(STAT_KEYS[lcfg.algorithm], sums, len(pairs))
+        group_of = table.column("prompt_id").to_pylist()
+        units: dict[str, set[int]] = defaultdict(set)  # a prompt group's pairs share rows: keep them together
+        for i, j, _ in pairs:
+            units[group_of[i]] |= {i, j}
+        mbs, passes = self._plan(table, [sorted(u) for u in units.values()])
+        n_rows = max(sum(len(u) for u in units.values()), 1)
+        sums: dict[str, float] = defaultdict(float)
+
+        def loss_of(k: int) -> torch.Tensor:
+            rows = mbs[k]
+            index = {r: n for n, r in enumerate(rows)}
+            mine = [(i, j, q) for i, j, q in pairs if i in index]
+            ids, attn, resp, _ = self._tensors(table, rows)
+            logp = sequence_logprobs(self.engine, ids, attn)
+            with torch.no_grad():
+                ref_logp = sequence_logprobs(self.ref, ids, attn)
+            logratio = ((logp - ref_logp) * resp).sum(-1)
+            a = torch.tensor([index[i] for i, _, _ in mine], device=self.device)
+            b = torch.tensor([index[j] for _, j, _ in mine], device=self.device)
+            p = torch.tensor([q for _, _, q in mine], dtype=torch.float32, device=self.device)
+            per_pair = algorithms.preference_loss(logratio[a], logratio[b], p, lcfg.dpo_beta, lcfg.algorithm)
+            kl = algorithms.kl_k3(logp, ref_logp, resp)
+            with torch.no_grad():
+                h = logratio[a] - logratio[b]
+                decided = (p - 0.5).abs() > 1e-6
+                sums["loss"] += per_pair.sum().item()
+                sums["kl_rows"] += kl.sum().item()
+                sums["agree"] += (((h > 0) == (p > 0.5)) & decided).float().sum().item()
+                sums["decided"] += decided.float().sum().item()
+                sums["logratio_margin"] += (h * torch.sign(p - 0.5)).sum().item()
+            return per_pair.sum() * (self.world_size / max(total, 1)) + lcfg.kl_coef * kl.sum() / n_rows
+
+        self._train_passes(len(mbs), passes, loss_of)
+        n = len(pairs)
+        sums.update(kl=sums["kl_rows"] / n_rows * n, pair_accuracy=sums["agree"] / max(sums["decided"], 1) * n)
+        return self._reduce(STAT_KEYS[lcfg.algorithm], sums, n)
 
     def _update_sft(self, table, rows: list[int], total: int) -> dict:
-        if not rows:
-            self._step(None)
-            return self._reduce(STAT_KEYS["sft"], {}, 0)
-        ids, attn, resp, _ = self._tensors(table, rows)
-        nll = algorithms.sft_loss(sequence_logprobs(self.engine, ids, attn), resp)
-        self._step(nll.sum() * (self.world_size / max(total, 1)))
-        return self._reduce(STAT_KEYS["sft"], {"loss": nll.sum().item()}, len(rows))
+        mbs, passes = self._plan(table, [[r] for r in rows])
+        sums = {"loss": 0.0}
+
+        def loss_of(k: int) -> torch.Tensor:
+            ids, attn, resp, _ = self._tensors(table, mbs[k])
+            nll = algorithms.sft_loss(sequence_logprobs(self.engine, ids, attn), resp)
+            sums["loss"] += nll.sum().item()
+            return nll.sum() * (self.world_size / max(total, 1))
+
+        self._train_passes(len(mbs), passes, loss_of)
+        return self._reduce(STAT_KEYS["sft"], sums, len(rows))
 
     # ------------------------------------------------------------------ weights out
     def _full_params(self) -> list[tuple[str, torch.Tensor]]:

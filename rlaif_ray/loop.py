@@ -99,10 +99,15 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
     local = lambda p: str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p  # noqa: E731
     reward_model = None
     if cfg.reward.kind == "reward_model":
-        reward_model = policy if cfg.reward.model == "policy" else cfg.reward.model
+        reward_model = {"policy": policy, "critic": critic}.get(cfg.reward.model, cfg.reward.model)
         _check_model_path(reward_model, "reward.model")
         reward_model = local(reward_model)
     return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model)
+
+
+def busy_fractions(busy: dict[str, float], wall: float, pool_sizes: dict[str, int]) -> dict[str, float]:
+    """Share of the run's wall time each stage's actors spent working (1.0 = every actor always busy)."""
+    return {stage: seconds / (wall * pool_sizes.get(stage, 1)) if wall > 0 else 0.0 for stage, seconds in busy.items()}
 
 
 def start_ray(cfg: RunConfig) -> None:
@@ -170,6 +175,10 @@ class Orchestrator:
         except BaseException:
             self.shutdown()  # nothing left running when start-up fails
             raise
+        from rlaif_ray.pool import ActorPool
+        self.rollout_pool = ActorPool(self.rollouts, "rollout")
+        self.critic_pool = ActorPool(self.critics, "critic")
+        self.scorer_pool = ActorPool([self.scorer], "reward")
         self.version = 0
         self.run_dir = Path(cfg.output.run_dir).resolve()
         self.prompts_ref = ray.put(resolved.prompts)
@@ -178,16 +187,21 @@ class Orchestrator:
     def launch(self, step: int) -> InFlight:
         """Submit generation -> labelling -> reward for one batch (sft: teacher demonstrations); refs only."""
         indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
-        critic = self.critics[step % len(self.critics)]
+        c = self.critic_pool.pick()
+        critic = self.critics[c]
         if self.cfg.learner.algorithm == "sft":
             demos, demo_stats = critic.demonstrate.options(num_returns=2).remote(self.prompts_ref, indices, step,
                                                                                 self.version)
+            self.critic_pool.track(c, demo_stats)
             return InFlight(step, demos, {"gen": demo_stats})
-        worker = self.rollouts[step % len(self.rollouts)]
-        rollouts, gen_stats = worker.generate.options(num_returns=2).remote(self.prompts_ref, indices, step)
+        w = self.rollout_pool.pick()
+        rollouts, gen_stats = self.rollouts[w].generate.options(num_returns=2).remote(self.prompts_ref, indices, step)
+        self.rollout_pool.track(w, gen_stats)
         labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
+        self.critic_pool.track(c, label_stats)
         save = str(self.run_dir / "labels" / f"step-{step:06d}.parquet") if self.cfg.output.save_labels else None
         rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save)
+        self.scorer_pool.track(0, reward_stats)
         if self.rm_trainer is not None:  # fresh on-policy labels for the next reward-model refit
             self.rm_trainer.add.remote(labels)
         return InFlight(step, rewards, {"gen": gen_stats, "label": label_stats, "reward": reward_stats})
@@ -221,6 +235,7 @@ class Orchestrator:
         pending: deque[InFlight] = deque()
         launched, totals = 0, {"generated": 0, "trained": 0, "dropped_stale": 0, "skipped": 0}
         judge_counts: dict[str, float] = defaultdict(float)
+        busy: dict[str, float] = defaultdict(float)  # stage -> seconds its actors spent working
         sync_refs: list = []
         rm_fit = None
         t_start = last = time.perf_counter()
@@ -229,6 +244,9 @@ class Orchestrator:
                 pending.append(self.launch(launched))
                 launched += 1
             batch = pending.popleft()
+            queues = {"queue_gen": self.rollout_pool.depth(), "queue_label": self.critic_pool.depth(),
+                      "queue_reward": self.scorer_pool.depth(),
+                      "queue_ready": sum(bool(ray.wait([b.rewards], timeout=0, fetch_local=False)[0]) for b in pending)}
             rcfg = cfg.reward
             if self.rm_trainer is not None and rcfg.refresh_every and step and step % rcfg.refresh_every == 0:
                 rm_fit = self.rm_trainer.fit.remote()  # runs beside the learner; the scorer takes the new
@@ -252,12 +270,19 @@ class Orchestrator:
             m.update(gen_seconds=gen["gen_seconds"], train_wall_seconds=train_wall, step_seconds=now - last,
                      policy_version=self.version, gen_tokens=gen["gen_tokens"], gen_policy_version=gen["policy_version"],
                      samples_per_s=gen["gen_samples"] / max(now - last, 1e-9),
-                     tokens_per_s=gen["gen_tokens"] / max(now - last, 1e-9), inflight=len(pending))
+                     tokens_per_s=gen["gen_tokens"] / max(now - last, 1e-9), inflight=len(pending), **queues,
+                     gen_worker=gen.get("worker", 0))
+            if "engine_seconds" in gen:
+                m["engine_seconds"] = gen["engine_seconds"]
+            busy["gen"] += gen["gen_seconds"]
+            busy["train"] += result["metrics"]["train_seconds"]
             if lab:
                 for key, value in lab.items():
                     if isinstance(value, (int, float)):
                         judge_counts[key] += value
                 batch_report = judge_report(lab)
+                busy["label"] += lab["label_seconds"]
+                busy["reward"] += stats["reward"]["reward_seconds"]
                 m.update(label_seconds=lab["label_seconds"], judge_calls=lab["judge_calls"],
                          reward_seconds=stats["reward"]["reward_seconds"], rm_version=stats["reward"]["rm_version"],
                          **{k: batch_report[k] for k in ("first_slot_rate", "unparsable_share", "failed_share")
@@ -275,7 +300,11 @@ class Orchestrator:
         wall = time.perf_counter() - t_start
         summary = {**totals, "final_version": self.version, "wall_seconds": wall,
                    "samples_per_s": totals["generated"] / wall, "mode": cfg.loop.mode,
-                   "algorithm": cfg.learner.algorithm}
+                   "algorithm": cfg.learner.algorithm,
+                   "busy_fraction": busy_fractions(busy, wall, {"gen": len(self.critics) if cfg.learner.algorithm == "sft"
+                                                                else len(self.rollouts), "label": len(self.critics),
+                                                                "reward": 1, "train": 1}),
+                   "dispatched": {"rollout": self.rollout_pool.dispatched, "critic": self.critic_pool.dispatched}}
         if judge_counts:
             for usage in ray.get([c.usage.remote() for c in self.critics]):
                 for key, value in usage.items():

@@ -59,6 +59,8 @@ def write_report(run_dir: Path) -> Path:
         f"samples/s: {summary['samples_per_s']:.2f}",
         f"- samples: {summary['generated']} generated = {summary['trained']} trained + "
         f"{summary['dropped_stale']} dropped as stale + {summary['skipped']} skipped (see samples.jsonl)",
+        *([f"- busy fraction per stage (share of wall time its actors worked): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in summary["busy_fraction"].items())] if summary.get("busy_fraction") else []),
         f"- policy: `{summary['policy']}`; critic: `{summary['critic']}`",
         f"- checkpoint: `{summary.get('checkpoint', 'not saved')}`", "",
         "| metric | first third | last third |", "|---|---|---|",

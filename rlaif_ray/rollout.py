@@ -41,6 +41,7 @@ class RolloutWorker:
         """Sample `rollout.samples_per_prompt` responses for prompts[indices]; `step` names the batch."""
         from vllm import SamplingParams
 
+        t_start = time.perf_counter()
         r = self.cfg.rollout
         rows = prompts.take(pa.array(indices, pa.int64())).to_pylist()
         params = [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
@@ -49,7 +50,7 @@ class RolloutWorker:
                   for i in range(len(rows))]
         t0 = time.perf_counter()
         outputs = self.llm.generate([row["prompt"] for row in rows], params, use_tqdm=False)
-        gen_seconds = time.perf_counter() - t0
+        engine_seconds = time.perf_counter() - t0
         cols: dict[str, list] = {f.name: [] for f in schemas.ROLLOUT_SCHEMA}
         num_tokens = 0
         for row, out in zip(rows, outputs):
@@ -68,7 +69,7 @@ class RolloutWorker:
                 cols["policy_version"].append(self.version)
                 cols["reference"].append(row["reference"])
         table = schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")
-        stats = {"gen_seconds": gen_seconds, "gen_tokens": num_tokens, "gen_samples": table.num_rows,
+        stats = {"gen_seconds": time.perf_counter() - t_start, "engine_seconds": engine_seconds, "gen_tokens": num_tokens, "gen_samples": table.num_rows,
                  "policy_version": self.version, "worker": self.worker_index}
         return table, stats
 

@@ -146,3 +146,18 @@ def test_bad_critic_config_is_named(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, override.split(";"))
     assert fragment in str(err.value)
+
+
+def test_micro_batches_pack_units_within_the_token_budget():
+    from rlaif_ray.algorithms import micro_batches
+
+    lengths = {0: 10, 1: 10, 2: 4, 3: 4, 4: 4, 5: 30}
+    units = [[0, 1], [2], [3], [4], [5]]
+    mbs = micro_batches(units, lengths, max_tokens=24)
+    assert sorted(r for mb in mbs for r in mb) == [0, 1, 2, 3, 4, 5]          # every row exactly once
+    assert [5] in mbs                                                        # too long for the budget: alone
+    assert any({0, 1} <= set(mb) for mb in mbs)                              # a unit is never split
+    for mb in mbs:
+        assert len(mb) * max(lengths[r] for r in mb) <= 24 or len(mb) == 1 or mb == [0, 1]
+    assert micro_batches(units, lengths, max_tokens=0) == [[0, 1, 2, 3, 4, 5]]
+    assert micro_batches([], lengths, max_tokens=24) == [] and micro_batches([], {}, 0) == []

@@ -22,3 +22,27 @@ def test_ideal_overlap_and_achieved_fraction():
     assert cmp["bottleneck_stage"] == "label"
     assert async_["staleness_max_hist"] == {1: 4}
     assert "achieved fraction of ideal:    80%" in format_table(sync, async_, cmp)
+
+
+def test_transport_from_a_constructed_timeline():
+    from rlaif_ray.benchmark import transport_from_timeline, transport_share
+
+    def ev(cat, tid, ts, dur):
+        return {"cat": cat, "name": cat, "tid": tid, "ts": ts * 1e6, "dur": dur * 1e6, "ph": "X"}
+    events = []
+    for k in range(4):  # 4 steps, one generate (worker g) and one train_step on each of two ranks (r0, r1)
+        t = 100.0 + k
+        events += [ev("task::RolloutWorker.generate", "g", t, 0.30), ev("task:deserialize_arguments", "g", t, 0.01),
+                   ev("task:execute", "g", t + 0.01, 0.28), ev("task:store_outputs", "g", t + 0.29, 0.01)]
+        for r in ("r0", "r1"):
+            events += [ev("task::LearnerRank.train_step", r, t + 0.4, 0.2), ev("task:deserialize_arguments", r, t + 0.4, 0.02),
+                       ev("task:execute", r, t + 0.42, 0.18)]
+    events.append(ev("task::Other.method", "o", 101.0, 0.5))                 # not a pipeline stage
+    events.append(ev("task::RolloutWorker.generate", "g", 500.0, 0.3))       # outside the window
+    t = transport_from_timeline(events, 99.0, 110.0)
+    assert set(t) == {"gen", "train"} and t["gen"]["calls"] == 4 and t["train"]["calls"] == 8
+    assert t["gen"]["deserialize_arguments_s_per_call"] == pytest.approx(0.01)
+    assert t["gen"]["store_outputs_s_per_call"] == pytest.approx(0.01)
+    assert t["train"]["execute_s_per_call"] == pytest.approx(0.18)
+    # per step: gen moves 0.02 s, each of two ranks 0.02 s -> 0.06 s of a 1 s step
+    assert transport_share(t, 1.0, {"train": 2}) == pytest.approx(0.06)

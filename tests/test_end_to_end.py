@@ -23,9 +23,14 @@ def alive_actors() -> int:
 def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
     alive_before = alive_actors()
     steps, per_step = 4, 4 * 2
-    cfg = small_config(tmp_path, learner={"num_learners": 2, "zero_stage": 2},
+    cfg = small_config(tmp_path, learner={"num_learners": 2, "zero_stage": 2}, rollout={"num_workers": 2},
                        loop={"mode": "async", "num_steps": steps, "max_inflight": 2, "max_staleness": 1})
     summary = train(cfg)
+    # two rollout engines behind the least-loaded pool: both worked, every batch went to exactly one
+    assert len(summary["dispatched"]["rollout"]) == 2 and min(summary["dispatched"]["rollout"]) >= 1
+    assert sum(summary["dispatched"]["rollout"]) == steps == sum(summary["dispatched"]["critic"])
+    assert set(summary["busy_fraction"]) == {"gen", "label", "reward", "train"}
+    assert all(0 < f <= 1.05 for f in summary["busy_fraction"].values())
     run = tmp_path / "run"
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["policy_version"] for m in metrics] == [1, 2, 3, 4] and summary["final_version"] == steps
@@ -45,6 +50,8 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
     for m in metrics:
         assert m["trained"] + m["dropped_stale"] + m["skipped"] == per_step
         assert m["samples_per_s"] > 0 and m["gen_seconds"] > 0 and "position_agreement" in m
+        assert all(m[q] >= 0 for q in ("queue_gen", "queue_label", "queue_reward", "queue_ready"))
+    assert {m["gen_worker"] for m in metrics} == {0, 1}
     # outputs a person reads, and a checkpoint that reloads in transformers
     assert (run / "report.md").read_text().count("|") > 10 and (run / "report.png").stat().st_size > 1000
     assert list((run / "tensorboard").iterdir())
