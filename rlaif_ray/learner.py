@@ -161,12 +161,14 @@ class LearnerRank:
             else:
                 sums = self._update_sft(table, mine, total=len(trainable))
         outcome["trained"] = [ids[i] for i in trainable]
+        grad_norm = self.engine.get_global_grad_norm()  # of the last update, before clipping
         self.version += 1
         if self.rank != 0:
             return {}
         fresh = staleness[trainable] if trainable else np.zeros(0)
         metrics = {
             "learner_version": self.version, "train_seconds": time.perf_counter() - t0, **sums,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_in": len(ids), "trained": len(outcome["trained"]), "dropped_stale": len(outcome["stale"]),
             "skipped": len(outcome["skipped"]),
             "staleness_mean": float(fresh.mean()) if len(fresh) else 0.0,
