@@ -1,8 +1,8 @@
 """Weight-sync benchmark: a ~100M-parameter policy (Llama architecture, random weights, built from a config
 here) synced from a real DeepSpeed learner rank to a real vLLM RolloutWorker through the object store, the
-path every training step takes. Prints seconds and GB/s per sync, split into export (rank 0 gathers and
-flattens its parameters into one buffer in the object store) and load (the worker maps the buffer and
-vLLM loads it into the engine), and writes OUT/weight_sync.json.
+path every training step takes. Prints seconds and GB/s per sync, split into export (rank 0 returns its
+parameters, one array each, which Ray copies into the object store) and transfer + load (the worker maps
+them zero-copy and vLLM loads them into the engine), and writes OUT/weight_sync.json.
 
     python jobs/weight_sync_bench.py --out runs/bench [--hidden 1024 --layers 8 --repeats 5] [overrides...]
 """
@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between syncs (a training step)")
+    parser.add_argument("--warmup", type=int, default=2, help="syncs left out (they touch fresh store pages)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
@@ -74,10 +76,12 @@ def main(argv=None) -> int:
         try:
             for version in range(1, args.repeats + 1):
                 t0 = time.perf_counter()
-                ref = learners.export_weights()       # rank 0's buffer is in the object store when this returns
+                ref = learners.export_weights()       # rank 0's arrays are in the object store when this returns
                 t1 = time.perf_counter()
                 stats = ray.get(worker.update_weights.remote(ref, version))
                 t2 = time.perf_counter()
+                del ref  # as in the loop: the previous version's object is released before the next export,
+                time.sleep(args.interval)  # which comes a training step later and reuses its warm store pages
                 rows.append({"export_seconds": t1 - t0, "transfer_load_seconds": t2 - t1,
                              "engine_load_seconds": stats["sync_seconds"], "total_seconds": t2 - t0,
                              "bytes": stats["sync_bytes"]})
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
             for actor in [worker, *learners.ranks]:
                 ray.kill(actor)
             remove_placement_group(pg)
-    measured = rows[1:] if len(rows) > 1 else rows  # the first sync also warms the object store up
+    measured = rows[args.warmup:] if len(rows) > args.warmup else rows
     mean = {k: sum(r[k] for r in measured) / len(measured) for k in rows[0]}
     result = {"parameters": params, "dtype": "float32", "bytes": mean["bytes"], "repeats": rows,
               "mean_seconds": {k: v for k, v in mean.items() if k != "bytes"},
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
               "gb_per_s_export": mean["bytes"] / mean["export_seconds"] / 1e9,
               "gb_per_s_transfer_load": mean["bytes"] / mean["transfer_load_seconds"] / 1e9}
     print(f"weight sync of {params / 1e6:.0f}M fp32 parameters ({mean['bytes'] / 1e9:.2f} GB), mean of "
-          f"{len(measured)} syncs after the first: {mean['total_seconds']:.3f} s = "
+          f"{len(measured)} syncs after {args.warmup} warm-up syncs: {mean['total_seconds']:.3f} s = "
           f"{result['gb_per_s_end_to_end']:.2f} GB/s end to end (export {result['gb_per_s_export']:.2f} GB/s, "
           f"transfer + engine load {result['gb_per_s_transfer_load']:.2f} GB/s)")
     (out / "weight_sync.json").write_text(json.dumps(result, indent=1))

@@ -28,6 +28,7 @@ from rlaif_ray.config import CriticConfig, RunConfig
 from rlaif_ray.feedback_metrics import judge_bias_counts
 from rlaif_ray.judge_backends import JudgeLabelError, label_distribution, label_token_ids, make_judge  # noqa: F401
 from rlaif_ray.judge_prompts import JudgePrompts
+from rlaif_ray.transport import use_arrow_ipc
 
 
 def pair_preference(first_order: float, second_order: float) -> tuple[float, bool]:
@@ -47,6 +48,7 @@ def _failure(reply, min_mass: float) -> str | None:
 @ray.remote
 class CriticLabeler:
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
+        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.transport)
         self.cfg = RunConfig.model_validate(cfg)
         self.ccfg: CriticConfig = self.cfg.critic
         self.seed = self.cfg.loop.seed + 7919 + worker_index

@@ -46,26 +46,14 @@ def make_llm(model_path: str, vcfg: VLLMConfig, mcfg: ModelConfig, seed: int):
     )
 
 
-def unflatten(flat: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]]):
-    """Views into one flat buffer, in the order the learner flattened them (no copies)."""
-    offset = 0
-    for name, shape in zip(names, shapes):
-        n = 1
-        for d in shape:
-            n *= d
-        yield name, flat[offset:offset + n].view(shape)
-        offset += n
-    if offset != flat.numel():
-        raise ValueError(f"weight buffer holds {flat.numel()} values, the names/shapes describe {offset}")
-
-
 class WeightUpdateExtension:
     """Mixed into vLLM's worker (`worker_extension_cls`); called through `LLM.collective_rpc`."""
 
-    def rlaif_load_weights(self, flat: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]]) -> int:
+    def rlaif_load_weights(self, tensors: list[torch.Tensor], names: list[str]) -> int:
+        if len(tensors) != len(names):
+            raise ValueError(f"weight update holds {len(tensors)} tensors for {len(names)} names")
         device = self.model_runner.device if hasattr(self.model_runner, "device") else "cpu"
-        flat = flat.to(device, non_blocking=True)
-        weights = list(unflatten(flat, names, shapes))
+        weights = [(name, t.to(device, non_blocking=True)) for name, t in zip(names, tensors)]
         reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights  # worker wraps the config context
         reload(weights_iterator=weights)
         return len(names)

@@ -28,6 +28,7 @@ import torch
 from rlaif_ray import algorithms, schemas
 from rlaif_ray.config import RunConfig
 from rlaif_ray.feedback_metrics import label_quality
+from rlaif_ray.transport import use_arrow_ipc
 
 STAT_KEYS = {
     "ppo": ("loss", "pg_loss", "kl", "clip_fraction", "is_weight_mean", "behav_log_ratio"),
@@ -76,6 +77,7 @@ def behaviour_logprobs(logprobs: list[list[float]], resp: torch.Tensor) -> torch
 @ray.remote
 class LearnerRank:
     def __init__(self, policy_path: str, cfg: dict, rank: int, world_size: int):
+        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.transport)
         self.cfg = RunConfig.model_validate(cfg)
         self.policy_path, self.rank, self.world_size = policy_path, rank, world_size
         self.version = 0
@@ -340,12 +342,13 @@ class LearnerRank:
         return h.hexdigest()
 
     def export_weights(self):
-        """Rank 0: (flat numpy buffer, names, shapes), one object in the store; other ranks: None."""
+        """Rank 0: (one numpy array per parameter, names), returned into the object store; other ranks: None.
+        The arrays are views of the live fp32 parameters (no flattening copy): Ray copies each once, straight
+        into the store, while this actor runs nothing else."""
         params = self._full_params()
         if self.rank != 0:
             return None
-        flat = torch.cat([p.reshape(-1).float() if p.dtype != torch.float32 else p.reshape(-1) for _, p in params])
-        return flat.numpy(), [n for n, _ in params], [tuple(p.shape) for _, p in params]
+        return [(p if p.dtype == torch.float32 else p.float()).numpy() for _, p in params], [n for n, _ in params]
 
     def save_checkpoint(self, path: str) -> str | None:
         """Hugging Face format (model + tokenizer) written by rank 0."""

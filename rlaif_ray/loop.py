@@ -111,6 +111,8 @@ def busy_fractions(busy: dict[str, float], wall: float, pool_sizes: dict[str, in
 
 
 def start_ray(cfg: RunConfig) -> None:
+    from rlaif_ray.transport import use_arrow_ipc
+    use_arrow_ipc()  # the driver puts the prompt table
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

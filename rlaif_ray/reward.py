@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import ray
 
 from rlaif_ray import schemas
+from rlaif_ray.transport import use_arrow_ipc
 
 
 def rewards_from_labels(labels: pa.Table, kind: str) -> pa.Array:
@@ -31,6 +32,7 @@ def rewards_from_labels(labels: pa.Table, kind: str) -> pa.Array:
 @ray.remote
 class RewardScorer:
     def __init__(self, kind: str, reward_model_path: str | None = None):
+        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.transport)
         self.kind = kind
         self.model = self.tok = None
         self.rm_version = 0

@@ -17,6 +17,7 @@ import ray
 from rlaif_ray import schemas
 from rlaif_ray.config import RunConfig
 from rlaif_ray.engine import make_llm
+from rlaif_ray.transport import use_arrow_ipc
 
 
 def _sampled_logprobs(token_ids, logprobs) -> list[float]:
@@ -28,6 +29,7 @@ def _sampled_logprobs(token_ids, logprobs) -> list[float]:
 @ray.remote
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
+        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.transport)
         self.cfg = RunConfig.model_validate(cfg)
         self.model_path = model_path
         self.worker_index = worker_index
@@ -116,16 +118,18 @@ class RolloutWorker:
                                        for row, out in zip(rows, greedy)) / len(rows),
                 "prompts": len(rows), "samples_per_prompt": samples, "policy_version": self.version}
 
-    def update_weights(self, weights: tuple[np.ndarray, list[str], list[tuple]], version: int) -> dict:
-        """Load a whole new set of weights (one flat buffer + names/shapes) and take its version."""
+    def update_weights(self, weights: tuple[list[np.ndarray], list[str]], version: int) -> dict:
+        """Load a whole new set of weights (one array per parameter + names, as the learner exports them) and
+        take its version."""
         import torch
 
-        flat, names, shapes = weights
+        arrays, names = weights
         t0 = time.perf_counter()
         with warnings.catch_warnings():  # the object store hands out read-only arrays; we only read them
             warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.from_numpy(flat)
-        self.llm.collective_rpc("rlaif_load_weights", args=(tensor, names, shapes))
+            tensors = [torch.from_numpy(a) for a in arrays]
+        self.llm.collective_rpc("rlaif_load_weights", args=(tensors, names))
         self.llm.reset_prefix_cache()
         self.version = version
-        return {"sync_seconds": time.perf_counter() - t0, "sync_bytes": int(flat.nbytes), "version": version}
+        return {"sync_seconds": time.perf_counter() - t0, "sync_bytes": int(sum(a.nbytes for a in arrays)),
+                "version": version}

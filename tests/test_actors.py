@@ -120,13 +120,12 @@ def test_learner_ranks_step_together_and_weight_sync_changes_generation(engines,
         # weight sync: a zeroed output head makes sampling uniform over the vocabulary, so responses change;
         # loading the initial weights back reproduces the seeded baseline exactly (nothing half-loaded)
         baseline, _ = generate(engines, prompts_ref, [0, 1, 2, 3], step=3)
-        flat, names, shapes = initial
-        sizes = [int(np.prod(s)) for s in shapes]
-        k = names.index("lm_head.weight")
-        zeroed = flat.copy()
-        zeroed[sum(sizes[:k]):sum(sizes[:k + 1])] = 0.0
-        state = ray.get(engines["rollout"].update_weights.remote((zeroed, names, shapes), 41))
-        assert state["version"] == 41 and state["sync_bytes"] == flat.nbytes
+        arrays, names = initial
+        assert len(arrays) == len(names) and all(a.dtype == np.float32 for a in arrays)
+        zeroed = [a.copy() for a in arrays]
+        zeroed[names.index("lm_head.weight")][:] = 0.0
+        state = ray.get(engines["rollout"].update_weights.remote((zeroed, names), 41))
+        assert state["version"] == 41 and state["sync_bytes"] == sum(a.nbytes for a in arrays)
         changed, _ = generate(engines, prompts_ref, [0, 1, 2, 3], step=3)
         assert set(changed.column("policy_version").to_pylist()) == {41}
         same = sum(x == y for x, y in zip(changed.column("response").to_pylist(), baseline.column("response").to_pylist()))
@@ -166,9 +165,9 @@ def test_token_budget_micro_batches_give_the_same_update(engines, prompts_ref, t
         ray.get(pg.ready())
         group = LearnerGroup(toy_world.policy, cfg, pg)
         try:
-            initial = ray.get(group.export_weights())[0]
+            initial = np.concatenate([a.ravel() for a in ray.get(group.export_weights())[0]])
             result = group.train(rewards)
-            weights[budget] = ray.get(group.export_weights())[0]
+            weights[budget] = np.concatenate([a.ravel() for a in ray.get(group.export_weights())[0]])
             losses[budget] = result["metrics"]["loss"], result["metrics"]["grad_norm"]
             assert result["metrics"]["trained"] > 0
         finally:
