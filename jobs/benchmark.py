@@ -1,7 +1,7 @@
 """Throughput benchmark: the same config and seed run in sync and then async mode on one Ray cluster,
 figures printed side by side and written as JSON (compare across commits).
 
-    python jobs/benchmark.py -c jobs/configs/toy_cpu.yaml loop.num_steps=60 --out runs/bench
+    python jobs/benchmark.py -c jobs/configs/toy_cpu.yaml loop.num_steps=60 --rounds 3 --out runs/bench
 
 Also a Ray job: `ray job submit --working-dir . -- python jobs/benchmark.py -c ... ray.address=auto`.
 """
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the figures")
+    parser.add_argument("--rounds", type=int, default=1, help="sync/async pairs; the median round is shown")
     parser.add_argument("--alone-batches", type=int, default=20, help="batches for the engine-alone measurement")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -60,34 +61,47 @@ def main(argv=None) -> int:
         print(f"benchmark: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    figures, windows = {}, {}
-    for mode in ("sync", "async"):
-        cfg = base.model_copy(deep=True)
-        cfg.loop.mode = mode
-        cfg.loop.max_inflight = 0 if mode == "sync" else max(1, base.loop.max_inflight)
-        cfg.output.run_dir = str(out / mode)
-        cfg.output.progress = False
-        cfg.output.save_checkpoint = False
-        t0 = time.time()
-        summary = train(cfg)
-        windows[mode] = (t0, time.time())
-        figures[mode] = {**run_figures(read_jsonl(out / mode / "metrics.jsonl"), args.warmup),
-                         "startup_seconds": summary["startup_seconds"], "busy_fraction": summary["busy_fraction"]}
-        print(f"[benchmark] {mode}: {figures[mode]['samples_per_s']:.1f} samples/s", flush=True)
+    rounds = []  # per round: {"sync": figures, "async": figures, "windows": ...}
+    for k in range(args.rounds):  # sync and async alternate, so slow spells of a shared machine hit both
+        figures, windows = {}, {}
+        for mode in ("sync", "async"):
+            cfg = base.model_copy(deep=True)
+            cfg.loop.mode = mode
+            cfg.loop.max_inflight = 0 if mode == "sync" else max(1, base.loop.max_inflight)
+            cfg.output.run_dir = str(out / (mode if args.rounds == 1 else f"round{k}_{mode}"))
+            cfg.output.progress = False
+            cfg.output.save_checkpoint = False
+            t0 = time.time()
+            summary = train(cfg)
+            windows[mode] = (t0, time.time())
+            figures[mode] = {**run_figures(read_jsonl(Path(cfg.output.run_dir) / "metrics.jsonl"), args.warmup),
+                             "startup_seconds": summary["startup_seconds"], "busy_fraction": summary["busy_fraction"]}
+            print(f"[benchmark] round {k + 1}/{args.rounds} {mode}: {figures[mode]['samples_per_s']:.1f} samples/s",
+                  flush=True)
+        rounds.append({**figures, "windows": windows})
     alone = engine_alone(base, args.alone_batches)
     time.sleep(2.0)  # workers report task events every second
     events = ray.timeline()
     calls_per_step = {"train": base.learner.num_learners}
-    for mode, (t0, t1) in windows.items():
-        transport = transport_from_timeline(events, t0, t1)
-        figures[mode]["transport"] = transport
-        figures[mode]["transport_share"] = transport_share(transport, figures[mode]["step_seconds"], calls_per_step)
-    cmp = compare(figures["sync"], figures["async"])
-    cmp["engine_alone_tokens_per_s"] = alone
-    in_loop = figures["async"]["engine_tokens_per_s"]
-    cmp["rollout_efficiency"] = in_loop / alone if in_loop and alone else None
-    print(format_table(figures["sync"], figures["async"], cmp))
-    result = {"config": args.config, "overrides": args.overrides, **figures, "comparison": cmp}
+    for r in rounds:
+        for mode, (t0, t1) in r.pop("windows").items():
+            transport = transport_from_timeline(events, t0, t1)
+            r[mode]["transport"] = transport
+            r[mode]["transport_share"] = transport_share(transport, r[mode]["step_seconds"], calls_per_step)
+        r["comparison"] = compare(r["sync"], r["async"])
+        in_loop = r["async"]["engine_tokens_per_s"]
+        r["comparison"].update(engine_alone_tokens_per_s=alone,
+                               rollout_efficiency=in_loop / alone if in_loop and alone else None)
+    ratios = [r["comparison"]["async_over_sync"] for r in rounds]
+    median = sorted(range(len(rounds)), key=lambda i: ratios[i])[len(rounds) // 2]
+    shown = rounds[median]
+    print(format_table(shown["sync"], shown["async"], shown["comparison"]))
+    if len(rounds) > 1:
+        print(f"(the round with the median async/sync ratio; ratios of all rounds: "
+              f"{', '.join(f'{x:.2f}x' for x in ratios)}; achieved fractions of ideal: "
+              f"{', '.join(format(r['comparison']['achieved_fraction_of_ideal'], '.0%') for r in rounds)})")
+    result = {"config": args.config, "overrides": args.overrides, **{k: v for k, v in shown.items()},
+              "rounds": rounds, "median_round": median}
     (out / "benchmark.json").write_text(json.dumps(result, indent=1))
     print(f"written: {out / 'benchmark.json'}")
     return 0

@@ -75,11 +75,11 @@ def pairwise_win_rate_reward(critic_path: str, critic_cfg, samples_per_prompt: i
     return reward
 
 
-def run_trl(cfg, steps: int, out: Path) -> dict:
+def run_trl(cfg, steps: int, out: Path, warmup: int) -> dict:
     """Runs inside the subprocess (TRL importable)."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from rlaif_ray.loop import resolve_inputs
@@ -100,10 +100,19 @@ def run_trl(cfg, steps: int, out: Path) -> dict:
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(resolved.policy, dtype=torch.float32),
                           reward_funcs=pairwise_win_rate_reward(resolved.critic, cfg.critic, cfg.rollout.samples_per_prompt),
                           args=args, train_dataset=dataset, processing_class=tok)
+    ends = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            ends.append(time.perf_counter())
+
+    trainer.add_callback(StepClock())
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
+    measured = ends[warmup - 1:] if warmup else [t0, *ends]  # the clock starts at the end of the warm-up steps
     return {"steps": steps, "samples": steps * per_step, "wall_seconds": wall, "samples_per_s": steps * per_step / wall,
+            "samples_per_s_after_warmup": (len(measured) - 1) * per_step / (measured[-1] - measured[0]),
             "torch_threads": torch.get_num_threads()}
 
 
@@ -114,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the after-warm-up figures")
     parser.add_argument("--trl-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -125,13 +135,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.trl_only:
-        print("TRL_RESULT " + json.dumps(run_trl(cfg, args.steps, out)), flush=True)
+        print("TRL_RESULT " + json.dumps(run_trl(cfg, args.steps, out, args.warmup)), flush=True)
         return 0
 
     ensure_trl()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PEER_DIR.resolve()), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, __file__, "--trl-only", "-c", args.config, "--steps", str(args.steps),
-                           "--out", str(out), *args.overrides], env=env, capture_output=True, text=True)
+                           "--warmup", str(args.warmup), "--out", str(out), *args.overrides], env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("TRL_RESULT ")]
     if proc.returncode or not lines:
         print(proc.stdout[-3000:], proc.stderr[-5000:], sep="\n", file=sys.stderr)
@@ -153,20 +163,20 @@ def main(argv=None) -> int:
         run.output.run_dir, run.output.progress, run.output.save_checkpoint = str(out / f"peer_{mode}"), False, False
         run.loop.eval_samples = 0
         summary = train(run)
-        figures = run_figures(read_jsonl(out / f"peer_{mode}" / "metrics.jsonl"), warmup=0)
+        figures = run_figures(read_jsonl(out / f"peer_{mode}" / "metrics.jsonl"), warmup=args.warmup)
         ours[mode] = {"samples_per_s": summary["samples_per_s"], "wall_seconds": summary["wall_seconds"],
                       "samples_per_s_after_warmup": figures["samples_per_s"]}
         print(f"[peer] rlaif_ray {mode}: {ours[mode]['samples_per_s']:.1f} samples/s", flush=True)
-    result = {"config": args.config, "overrides": args.overrides, "steps": args.steps, "trl": trl, "rlaif_ray": ours,
-              "ratio_async_over_trl": ours["async"]["samples_per_s"] / trl["samples_per_s"],
-              "ratio_sync_over_trl": ours["sync"]["samples_per_s"] / trl["samples_per_s"],
-              "packages": PEER_PACKAGES}
-    print(f"\n{'':28s}{'samples/s':>12s}{'wall s':>10s}")
-    print(f"{'TRL GRPOTrainer':28s}{trl['samples_per_s']:12.1f}{trl['wall_seconds']:10.1f}")
-    for mode in ("sync", "async"):
-        print(f"{'rlaif_ray ' + mode:28s}{ours[mode]['samples_per_s']:12.1f}{ours[mode]['wall_seconds']:10.1f}")
-    print(f"\nrlaif_ray async / TRL: {result['ratio_async_over_trl']:.2f}x; sync / TRL: {result['ratio_sync_over_trl']:.2f}x "
-          f"(loop wall time, model loading and actor start-up excluded on both sides)")
+    key = "samples_per_s_after_warmup"
+    result = {"config": args.config, "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup,
+              "trl": trl, "rlaif_ray": ours, "packages": PEER_PACKAGES,
+              "ratio_async_over_trl": ours["async"][key] / trl[key], "ratio_sync_over_trl": ours["sync"][key] / trl[key],
+              "ratio_async_over_trl_all_steps": ours["async"]["samples_per_s"] / trl["samples_per_s"]}
+    print(f"\n{'':24s}{'samples/s':>12s}{'after warm-up':>15s}{'wall s':>9s}")
+    for name, r in (("TRL GRPOTrainer", trl), ("rlaif_ray sync", ours["sync"]), ("rlaif_ray async", ours["async"])):
+        print(f"{name:24s}{r['samples_per_s']:12.1f}{r[key]:15.1f}{r['wall_seconds']:9.1f}")
+    print(f"\nafter {args.warmup} warm-up steps: rlaif_ray async / TRL {result['ratio_async_over_trl']:.2f}x, "
+          f"sync / TRL {result['ratio_sync_over_trl']:.2f}x (model loading and actor start-up excluded on both sides)")
     (out / "peer_trl.json").write_text(json.dumps(result, indent=1))
     print(f"written: {out / 'peer_trl.json'}")
     return 0

@@ -95,6 +95,10 @@ class CriticConfig(_Section):
     - `direct`: d-RLAIF, the 1-10 score's expectation under the score-token distribution.
     `principles`: one is sampled per label and fills `{principle}` (in the preamble or a template)."""
     method: Literal["pairwise", "cot", "self_reference", "direct"] = "pairwise"
+    # who runs a local judge: a vLLM engine, or plain transformers forward passes (small judges: reading a label
+    # is one prefill, and a padded batch forward skips the engine's per-request scheduling)
+    backend: Literal["vllm", "transformers"] = "vllm"
+    batch_size: int = Field(64, ge=1)     # judge prompts per forward pass (backend=transformers)
     num_workers: int = Field(1, ge=1)
     preamble: str = ""
     few_shot: list[str] = Field(default_factory=list)

@@ -1,4 +1,5 @@
-"""Where the judge runs: a local vLLM engine, or an OpenAI-compatible endpoint (`critic.remote.base_url`).
+"""Where the judge runs: a local vLLM engine, a local transformers model (`critic.backend`), or an
+OpenAI-compatible endpoint (`critic.remote.base_url`).
 
 Both answer the two questions every labeling method asks:
 - `distribution(prompts, labels)`: the probabilities of the label strings as the next token (renormalised
@@ -118,11 +119,91 @@ class LocalJudge:
         return {"requests": self.calls}
 
 
+class TransformersJudge(LocalJudge):
+    """The judge as a plain transformers model in this process (`critic.backend=transformers`): reading a label
+    is one prefill, with no KV cache to manage, so for small judges a padded batch forward beats an engine's
+    per-request scheduling. Label probabilities come from the full softmax (not a top-k list)."""
+
+    def __init__(self, model_path: str, cfg: RunConfig, seed: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(seed)
+        self.name = model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype)).eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.batch = cfg.critic.batch_size
+        self.max_prompt_len = cfg.model.max_model_len - 1
+        self.label_ids = {tuple(labels): label_token_ids(self.tokenizer, labels, model_path)
+                          for labels in (cfg.critic.pairwise_labels, cfg.critic.direct_labels)}
+        self.calls = 0
+
+    def _left_padded(self, rows: list[list[int]]):
+        import torch
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for k, r in enumerate(rows):
+            ids[k, width - len(r):], attn[k, width - len(r):] = torch.tensor(r), 1
+        return ids, attn
+
+    def _batches(self, prompts: list[str], room: int):
+        encoded = self._encode(prompts, room)
+        todo = [(i, ids) for i, ids in enumerate(encoded) if not isinstance(ids, JudgeReply)]
+        self.calls += len(todo)
+        return encoded, [todo[k:k + self.batch] for k in range(0, len(todo), self.batch)]
+
+    def distribution(self, prompts: list[str], labels) -> list[JudgeReply]:
+        import torch
+        label_ids = self.label_ids[tuple(labels)]
+        encoded, batches = self._batches(prompts, 1)
+        replies: list = list(encoded)
+        for chunk in batches:
+            t0 = time.perf_counter()
+            ids, attn = self._left_padded([row for _, row in chunk])
+            with torch.no_grad():
+                logits = self.model(input_ids=ids, attention_mask=attn,
+                                    position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
+            probs = torch.softmax(logits, -1)
+            share = (time.perf_counter() - t0) / len(chunk)
+            for (i, row), p in zip(chunk, probs):
+                raw = [float(p[t]) for t in label_ids]
+                mass = sum(raw)
+                replies[i] = JudgeReply(probs=[x / mass for x in raw] if mass > 0 else raw, mass=mass,
+                                        text=self.tokenizer.decode([int(p.argmax())]), latency_s=share,
+                                        completion_tokens=1, prompt_tokens=len(row))
+        return replies
+
+    def complete(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[JudgeReply]:
+        import torch
+        encoded, batches = self._batches(prompts, max_tokens)
+        replies: list = list(encoded)
+        eos = self.tokenizer.eos_token_id
+        for chunk in batches:
+            t0 = time.perf_counter()
+            ids, attn = self._left_padded([row for _, row in chunk])
+            with torch.no_grad():
+                out = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_tokens,
+                                          do_sample=False, pad_token_id=self.pad_id, eos_token_id=eos)
+            share = (time.perf_counter() - t0) / len(chunk)
+            for (i, row), seq in zip(chunk, out[:, ids.shape[1]:].tolist()):
+                seq = seq[:seq.index(eos)] if eos in seq else seq
+                text = self.tokenizer.decode(seq, skip_special_tokens=True)
+                cut = min([text.index(s) for s in stop or [] if s and s in text], default=len(text))
+                replies[i] = JudgeReply(text=text[:cut], latency_s=share, prompt_tokens=len(row),
+                                        completion_tokens=len(seq))
+        return replies
+
+
 def make_judge(model_path: str, cfg: RunConfig, seed: int):
-    """The judge the config asks for: remote when `critic.remote.base_url` is set, else a local engine."""
+    """The judge the config asks for: remote when `critic.remote.base_url` is set, else a local model run by
+    vLLM (`critic.backend=vllm`) or by transformers (`critic.backend=transformers`)."""
     if cfg.critic.remote.base_url:
         from rlaif_ray.remote_judge import OpenAIJudge
         judge = OpenAIJudge(cfg.critic.remote)
         judge.check()
         return judge
+    if cfg.critic.backend == "transformers":
+        return TransformersJudge(model_path, cfg, seed)
     return LocalJudge(model_path, cfg, seed)

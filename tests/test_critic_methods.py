@@ -83,3 +83,38 @@ def test_teacher_demonstrations_are_rollouts(engines, toy_world):
     assert set(table.column("policy_version").to_pylist()) == {3}
     rows = table.to_pylist()
     assert sum(is_correct(r["response"], r["reference"]) for r in rows) >= 7  # the teacher knows the sums
+
+
+@pytest.fixture(scope="module")
+def hf_critic(ray_cluster, toy_world):
+    from rlaif_ray.critic import CriticLabeler
+    from tests.conftest import small_config
+
+    cfg = small_config(critic={"backend": "transformers", "batch_size": 5})  # batches of 5: padding and chunking
+    actor = CriticLabeler.options(num_cpus=1).remote(toy_world.critic, cfg.model_dump())
+    ray.get(actor.ready.remote())
+    yield actor
+    ray.kill(actor)
+
+
+def text_part(reply: str) -> str:
+    """The generated text of a judge reply (rationale, or the top label token), without the printed numbers."""
+    return reply.split("->")[0] if "->" in reply else reply.split(" P(slot1)")[0].split(" E[score]")[0]
+
+
+@pytest.mark.parametrize("method", ["pairwise", "cot", "self_reference", "direct"])
+def test_transformers_backend_labels_like_the_engine(engines, hf_critic, method):
+    """The same judge run by transformers (padded batch forward / greedy generate) gives the vLLM engine's labels:
+    same rationales, and label probabilities equal up to the engine's top-k truncation and float order."""
+    table = two_prompts()
+    ref, ref_stats = label(engines, table, method)
+    out, stats = ray.get(hf_critic.label.options(num_returns=2).remote(table, method))
+    out = schemas.validate(out, "labels").to_pylist()
+    assert stats["judge_calls"] == ref_stats["judge_calls"]
+    for a, b in zip(out, ref.to_pylist()):
+        assert a["label_valid"] == b["label_valid"] and text_part(a["judge_reply"]) == text_part(b["judge_reply"])
+        if method == "direct":
+            assert a["judge_score"] == pytest.approx(b["judge_score"], abs=1e-2)
+        else:
+            assert a["pair_partner_ids"] == b["pair_partner_ids"]
+            assert a["pair_win_probs"] == pytest.approx(b["pair_win_probs"], abs=1e-3)
