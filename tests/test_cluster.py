@@ -1,0 +1,123 @@
+"""The cluster files, checked without a cloud: launcher YAMLs against Ray's own autoscaler schema (and its
+default-filling), KubeRay manifests against the ray.io/v1 CRD fields they use, the Dockerfile against
+pyproject.toml. No cluster is started here."""
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+RAY_PIN = next(re.search(r"==([\d.]+)", d).group(1) for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray["))
+IMAGE = re.search(r"-t (\S+) ", (CLUSTER / "Dockerfile").read_text()).group(1).split("/", 1)[1]  # name:tag after registry
+
+# Fields of the KubeRay ray.io/v1 CRDs (ray-operator/config/crd/bases, KubeRay >= 1.1) that manifests here may use.
+RAYCLUSTER_SPEC = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec", "workerGroupSpecs",
+                   "suspend", "headServiceAnnotations"}
+HEAD_GROUP = {"rayStartParams", "template", "serviceType", "enableIngress", "headService"}
+WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template", "numOfHosts",
+                "scaleStrategy", "suspend"}
+RAYJOB_SPEC = {"entrypoint", "runtimeEnvYAML", "rayClusterSpec", "clusterSelector", "submissionMode",
+               "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds", "jobId", "metadata",
+               "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "submitterPodTemplate", "suspend"}
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+
+
+def load_launcher(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_yaml_passes_rays_schema_and_default_filling(name):
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = load_launcher(name)
+    schema = json.loads((Path(os.path.dirname(ray.autoscaler.__file__)) / "ray-schema.json").read_text())
+    jsonschema.validate(raw, schema)          # as written (no unknown keys: the schema forbids them)
+    validate_config(prepare_config(raw))      # after Ray fills in the provider's defaults, as `ray up` does
+    types = raw["available_node_types"]
+    assert raw["head_node_type"] in types and types[raw["head_node_type"]]["resources"] == {"CPU": 0}
+    assert sum(t["max_workers"] for t in types.values()) >= raw["max_workers"]
+    assert all(t["min_workers"] <= t["max_workers"] for t in types.values())
+    assert raw["docker"]["image"].endswith(IMAGE)
+    assert all("RAY_AUTH_MODE=token" in cmd for cmd in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+               if cmd.strip().startswith(("ray start", "RAY_AUTH_MODE")))
+
+
+def test_launcher_schema_check_rejects_a_typo():
+    import ray.autoscaler
+    raw = load_launcher("aws.yaml")
+    raw["max_worker"] = raw.pop("max_workers")
+    schema = json.loads((Path(os.path.dirname(ray.autoscaler.__file__)) / "ray-schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError, match="max_worker"):
+        jsonschema.validate(raw, schema)
+
+
+def check_pod_template(template: dict, where: str) -> None:
+    containers = template["spec"]["containers"]
+    assert containers, where
+    for c in containers:
+        assert c["name"] and c["image"].endswith(IMAGE), where
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in c.get("env", []), f"{where}: set RAY_AUTH_MODE explicitly"
+        req, lim = c["resources"]["requests"], c["resources"]["limits"]
+        assert req.get("nvidia.com/gpu") == lim.get("nvidia.com/gpu"), f"{where}: GPU requests must equal limits"
+    mounts = {m["name"] for c in containers for m in c.get("volumeMounts", [])}
+    assert mounts <= {v["name"] for v in template["spec"].get("volumes", [])}, f"{where}: mount without a volume"
+
+
+def check_cluster_spec(spec: dict, where: str) -> None:
+    assert set(spec) <= RAYCLUSTER_SPEC, f"{where}: unknown fields {set(spec) - RAYCLUSTER_SPEC}"
+    assert spec["rayVersion"] == RAY_PIN
+    assert set(spec["headGroupSpec"]) <= HEAD_GROUP
+    assert all(isinstance(v, str) for v in spec["headGroupSpec"]["rayStartParams"].values())  # CRD: map of strings
+    check_pod_template(spec["headGroupSpec"]["template"], f"{where} head")
+    names = [g["groupName"] for g in spec["workerGroupSpecs"]]
+    assert len(names) == len(set(names))
+    for g in spec["workerGroupSpecs"]:
+        assert set(g) <= WORKER_GROUP, f"{where}: unknown fields {set(g) - WORKER_GROUP}"
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        assert all(isinstance(v, str) for v in g["rayStartParams"].values())
+        check_pod_template(g["template"], f"{where} {g['groupName']}")
+
+
+def test_kuberay_raycluster_uses_crd_fields():
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
+    check_cluster_spec(doc["spec"], "RayCluster")
+
+
+def test_kuberay_rayjob_uses_crd_fields_and_a_real_entrypoint():
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    spec = doc["spec"]
+    assert set(spec) <= RAYJOB_SPEC, f"unknown fields {set(spec) - RAYJOB_SPEC}"
+    assert spec["submissionMode"] in SUBMISSION_MODES
+    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)  # a YAML string, as the CRD wants
+    check_cluster_spec(spec["rayClusterSpec"], "RayJob")
+    # the entrypoint names a script and config of this repo and joins the job's cluster
+    words = spec["entrypoint"].split()
+    assert words[0] == "python" and (ROOT / words[1]).is_file() and (ROOT / words[words.index("-c") + 1]).is_file()
+    assert "ray.address=auto" in words
+    from rlaif_ray.config import load_config
+    load_config(ROOT / words[words.index("-c") + 1], [w for w in words[words.index("-c") + 2:]])
+
+
+def test_dockerfile_matches_pyproject():
+    text = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    py = PYPROJECT["project"]["requires-python"]
+    minor = re.search(r">=3\.(\d+)", py).group(1)
+    assert base == f"rayproject/ray:{RAY_PIN}-py3{minor}-gpu"   # an official Ray GPU image, same Ray and Python
+    extras = re.findall(r'pip install [^\n]*"\.\[([a-z,]+)\]"', text)
+    assert extras and set(extras[0].split(",")) <= set(PYPROJECT["project"]["optional-dependencies"])
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
+        for path in src.split():
+            assert (ROOT / path).exists(), f"Dockerfile copies {path}, which is not in the repo"
+    assert f"ray.__version__ == '{RAY_PIN}'" in text
