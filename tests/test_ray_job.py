@@ -1,0 +1,80 @@
+"""The README's Ray-job path, literally: a real head node started with `ray start --head` on 127.0.0.1 (auth mode
+set explicitly), a short toy training run submitted through `JobSubmissionClient` with the repo as working_dir,
+its logs followed until it succeeds, and the run folder checked; then the head it started is stopped (only it:
+`ray start --block` owns its processes, so no `ray stop` that would hit other clusters on this machine)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head_node(tmp_path_factory):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    port, dashboard = free_port(), free_port()
+    log = open(tmp_path_factory.mktemp("head") / "ray_start.log", "w")
+    proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", "--num-cpus=8", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    from ray.job_submission import JobSubmissionClient
+    address = f"http://127.0.0.1:{dashboard}"
+    client, deadline = None, time.monotonic() + 120
+    while client is None:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start --head exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
+        try:
+            client = JobSubmissionClient(address)
+        except Exception:  # the dashboard is not up yet
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the head's dashboard did not come up at {address}")
+            time.sleep(1.0)
+    yield {"client": client, "address": address, "env": env}
+    os.killpg(proc.pid, 15)  # SIGTERM to `ray start --block` and the processes it started
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    log.close()
+
+
+def test_submit_a_training_job_and_follow_it(head_node, tmp_path, toy_world):
+    from ray.job_submission import JobStatus
+
+    client = head_node["client"]
+    run_dir = tmp_path / "job_run"
+    steps = 3
+    entrypoint = (f"python jobs/train.py -c jobs/configs/toy_cpu.yaml ray.address=auto loop.num_steps={steps} "
+                  f"data.prompts_per_step=4 rollout.samples_per_prompt=2 loop.eval_samples=0 output.progress=false "
+                  f"output.run_dir={run_dir}")
+    job_id = client.submit_job(entrypoint=entrypoint,
+                               runtime_env={"working_dir": str(ROOT), "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    deadline, status = time.monotonic() + 480, None
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2.0)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, f"job {job_id} ended {status}:\n{logs[-4000:]}"
+    assert "rlaif-ray: error" not in logs
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_version"] == steps and summary["generated"] == steps * 4 * 2
+    assert (run_dir / "checkpoint" / "config.json").is_file() and (run_dir / "report.md").is_file()
+    info = client.get_job_info(job_id)
+    assert info.entrypoint == entrypoint
