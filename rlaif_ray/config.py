@@ -13,6 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and key."""
 
@@ -64,7 +67,9 @@ class RolloutConfig(_Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)   # fractions colocate engines on one GPU
+    resources: dict[str, float] = {}            # custom resources per worker (e.g. {"rollout_node": 1} pins to node types)
+    placement: PlacementStrategy = "SPREAD"     # one placement-group bundle per worker
 
 
 class RemoteJudgeConfig(_Section):
@@ -120,6 +125,8 @@ class CriticConfig(_Section):
     remote: RemoteJudgeConfig = Field(default_factory=RemoteJudgeConfig)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}
+    placement: PlacementStrategy = "SPREAD"
 
     @model_validator(mode="after")
     def _templates_have_placeholders(self) -> "CriticConfig":
@@ -135,6 +142,7 @@ class RewardConfig(_Section):
     `buffer_batches` labelled batches)."""
     kind: Literal["win_rate", "direct_score", "reward_model"] = "win_rate"
     cpus: float = Field(0.5, gt=0)
+    resources: dict[str, float] = {}      # custom resources of the RewardScorer (and RewardModelTrainer)
     model: str = "policy"                 # reward-model backbone: "policy", "critic" (the local judge's checkpoint) or a path
     warmup_batches: int = Field(4, ge=0)
     warmup_steps: int = Field(100, ge=0)
@@ -167,6 +175,8 @@ class LearnerConfig(_Section):
     grad_clip: float = Field(1.0, gt=0)
     cpus_per_learner: float = Field(1.0, gt=0)
     gpus_per_learner: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}
+    placement: PlacementStrategy = "PACK"  # the ranks' bundles: together, for fast collectives
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 

@@ -372,7 +372,7 @@ class LearnerGroup:
         n = lcfg.num_learners
         self.ranks = [
             LearnerRank.options(
-                num_cpus=lcfg.cpus_per_learner, num_gpus=lcfg.gpus_per_learner,
+                num_cpus=lcfg.cpus_per_learner, num_gpus=lcfg.gpus_per_learner, resources=dict(lcfg.resources) or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i),
                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"} if lcfg.gpus_per_learner == 0 else {}},
             ).remote(policy_path, cfg.model_dump(), i, n)

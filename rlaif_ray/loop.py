@@ -123,60 +123,42 @@ def start_ray(cfg: RunConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
 
 
-def check_resources(cfg: RunConfig) -> None:
-    """Fail before any actor starts if the cluster cannot hold what the config asks for."""
-    have = ray.cluster_resources()
-    need_cpu = (cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.critic.num_workers * cfg.critic.cpus_per_worker
-                + cfg.reward.cpus + cfg.learner.num_learners * cfg.learner.cpus_per_learner)
-    need_gpu = (cfg.rollout.num_workers * cfg.rollout.gpus_per_worker + cfg.critic.num_workers * cfg.critic.gpus_per_worker
-                + cfg.learner.num_learners * cfg.learner.gpus_per_learner)
-    learner_cpu = cfg.learner.num_learners * cfg.learner.cpus_per_learner
-    if learner_cpu > have.get("CPU", 0):
-        raise ConfigError(f"learner.num_learners={cfg.learner.num_learners} needs {learner_cpu:g} CPUs; "
-                          f"the cluster has {have.get('CPU', 0):g}")
-    if need_cpu > have.get("CPU", 0):
-        raise ConfigError(f"the stages need {need_cpu:g} CPUs in all (rollout, critic, reward, learners); "
-                          f"the cluster has {have.get('CPU', 0):g} (raise ray.num_cpus or lower the counts)")
-    if need_gpu > have.get("GPU", 0):
-        raise ConfigError(f"the stages need {need_gpu:g} GPUs in all; the cluster has {have.get('GPU', 0):g}")
-
-
 class Orchestrator:
     def __init__(self, cfg: RunConfig, resolved: Resolved):
-        from ray.util.placement_group import placement_group
-
         from rlaif_ray.critic import CriticLabeler
         from rlaif_ray.engine import engine_env
         from rlaif_ray.learner import LearnerGroup
+        from rlaif_ray.placement import in_bundle, stage_groups
         from rlaif_ray.reward import RewardScorer
         from rlaif_ray.rollout import RolloutWorker
 
         self.cfg = cfg
         raw = cfg.model_dump()
         env = {"env_vars": engine_env(cfg.vllm)}
-        self.rollouts = [RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker,
-                                               runtime_env=env).remote(resolved.policy, raw, i)
-                         for i in range(cfg.rollout.num_workers)]
-        self.critics = [CriticLabeler.options(num_cpus=cfg.critic.cpus_per_worker, num_gpus=cfg.critic.gpus_per_worker,
-                                              runtime_env=env).remote(resolved.critic, raw, i)
-                        for i in range(cfg.critic.num_workers)]
-        self.rm_trainer = None
-        if cfg.reward.kind == "reward_model":
-            from rlaif_ray.reward_model import RewardModelTrainer
-            self.rm_trainer = RewardModelTrainer.options(num_cpus=cfg.reward.trainer_cpus).remote(resolved.reward_model, raw)
-        self.scorer = RewardScorer.options(num_cpus=cfg.reward.cpus).remote(cfg.reward.kind, resolved.reward_model)
-        lcfg = cfg.learner
-        self.learner_pg = placement_group([{"CPU": lcfg.cpus_per_learner, **({"GPU": lcfg.gpus_per_learner} if lcfg.gpus_per_learner else {})}
-                                           for _ in range(lcfg.num_learners)], strategy="PACK")
-        self.learners = None
+        self.groups = stage_groups(cfg)  # one placement group per stage (rlaif_ray.placement)
+        self.rollouts, self.critics, self.rm_trainer, self.scorer, self.learners = [], [], None, None, None
         try:
-            ray.get(self.learner_pg.ready(), timeout=300)
-            ready = [w.ready.remote() for w in self.rollouts + self.critics]
-            self.learners = LearnerGroup(resolved.policy, cfg, self.learner_pg)
+            r, c, w = cfg.rollout, cfg.critic, cfg.reward
+            self.rollouts = [RolloutWorker.options(runtime_env=env, **in_bundle(
+                self.groups["rollout"], i, r.cpus_per_worker, r.gpus_per_worker, r.resources)).remote(resolved.policy, raw, i)
+                for i in range(r.num_workers)]
+            self.critics = [CriticLabeler.options(runtime_env=env, **in_bundle(
+                self.groups["critic"], i, c.cpus_per_worker, c.gpus_per_worker, c.resources)).remote(resolved.critic, raw, i)
+                for i in range(c.num_workers)]
+            if cfg.reward.kind == "reward_model":
+                from rlaif_ray.reward_model import RewardModelTrainer
+                self.rm_trainer = RewardModelTrainer.options(**in_bundle(
+                    self.groups["reward_trainer"], 0, w.trainer_cpus, 0, w.resources)).remote(resolved.reward_model, raw)
+            self.scorer = RewardScorer.options(**in_bundle(self.groups["reward"], 0, w.cpus, 0, w.resources)).remote(
+                cfg.reward.kind, resolved.reward_model)
+            ready = [x.ready.remote() for x in self.rollouts + self.critics]
+            self.learners = LearnerGroup(resolved.policy, cfg, self.groups["learner"])
             ray.get(ready)
         except BaseException:
             self.shutdown()  # nothing left running when start-up fails
             raise
+        from rlaif_ray.placement import where
+        self.placement = where(self.groups)
         from rlaif_ray.pool import ActorPool
         self.rollout_pool = ActorPool(self.rollouts, "rollout")
         self.critic_pool = ActorPool(self.critics, "critic")
@@ -306,7 +288,8 @@ class Orchestrator:
                    "busy_fraction": busy_fractions(busy, wall, {"gen": len(self.critics) if cfg.learner.algorithm == "sft"
                                                                 else len(self.rollouts), "label": len(self.critics),
                                                                 "reward": 1, "train": 1}),
-                   "dispatched": {"rollout": self.rollout_pool.dispatched, "critic": self.critic_pool.dispatched}}
+                   "dispatched": {"rollout": self.rollout_pool.dispatched, "critic": self.critic_pool.dispatched},
+                   "placement": self.placement}
         if judge_counts:
             for usage in ray.get([c.usage.remote() for c in self.critics]):
                 for key, value in usage.items():
@@ -319,10 +302,11 @@ class Orchestrator:
 
     def shutdown(self) -> None:
         from ray.util.placement_group import remove_placement_group
-        for actor in [*self.rollouts, *self.critics, self.scorer, *([self.rm_trainer] if self.rm_trainer else []),
-                      *(self.learners.ranks if self.learners else [])]:
+        for actor in [*self.rollouts, *self.critics, *([self.scorer] if self.scorer else []),
+                      *([self.rm_trainer] if self.rm_trainer else []), *(self.learners.ranks if self.learners else [])]:
             ray.kill(actor)
-        remove_placement_group(self.learner_pg)
+        for pg in self.groups.values():
+            remove_placement_group(pg)
 
 
 def train(cfg: RunConfig) -> dict:
@@ -340,6 +324,7 @@ def train(cfg: RunConfig) -> dict:
     shutil.rmtree(run_dir / "labels", ignore_errors=True)
     dump_config(cfg, run_dir / "config.yaml")
     start_ray(cfg)
+    from rlaif_ray.placement import check_resources
     check_resources(cfg)
     t0 = time.perf_counter()
     orch = Orchestrator(cfg, resolved)

@@ -4,9 +4,11 @@ its logs followed until it succeeds, and the run folder checked; then the head i
 `ray start --block` owns its processes, so no `ray stop` that would hit other clusters on this machine)."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +29,13 @@ def head_node(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     port, dashboard = free_port(), free_port()
     log = open(tmp_path_factory.mktemp("head") / "ray_start.log", "w")
+    # its own temp dir: `ray start` records itself in <temp dir>/ray_current_cluster, where a later plain
+    # `ray.init()` on this machine would find it (and fail) once this head is gone; short path for the sockets
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
     proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dashboard}", "--num-cpus=8", "--disable-usage-stats"],
+                             f"--dashboard-port={dashboard}", "--num-cpus=8", "--disable-usage-stats",
+                             f"--temp-dir={temp_dir}"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     from ray.job_submission import JobSubmissionClient
     address = f"http://127.0.0.1:{dashboard}"
@@ -51,6 +57,9 @@ def head_node(tmp_path_factory):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
     log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not Path("/tmp/ray/ray_current_cluster").exists() or \
+        f":{port}" not in Path("/tmp/ray/ray_current_cluster").read_text(), "the head left itself as the current cluster"
 
 
 def test_submit_a_training_job_and_follow_it(head_node, tmp_path, toy_world):

@@ -1,0 +1,102 @@
+"""Where each stage runs: one placement group per stage, one bundle per actor, from the config.
+
+Each bundle holds the actor's CPUs, GPUs (fractions colocate stages on a GPU) and custom resources (e.g.
+`{"rollout_node": 1}` to pin engines to a node type of the cluster). Strategies: rollout engines and judges
+default to SPREAD (one per node where possible), the learner ranks to PACK (fast collectives); STRICT_* make
+it a requirement. On one machine SPREAD and PACK both fit, so the same config scales from a laptop to N nodes
+by changing counts and resources.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+from rlaif_ray.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class StageShape:
+    name: str
+    count: int
+    cpus: float
+    gpus: float
+    resources: dict
+    strategy: str
+
+    def bundle(self) -> dict:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {}), **self.resources}
+
+
+def stage_shapes(cfg: RunConfig) -> list[StageShape]:
+    r, c, w, lr = cfg.rollout, cfg.critic, cfg.reward, cfg.learner
+    shapes = [StageShape("rollout", r.num_workers, r.cpus_per_worker, r.gpus_per_worker, dict(r.resources), r.placement),
+              StageShape("critic", c.num_workers, c.cpus_per_worker, c.gpus_per_worker, dict(c.resources), c.placement),
+              StageShape("reward", 1, w.cpus, 0.0, dict(w.resources), "PACK"),
+              StageShape("learner", lr.num_learners, lr.cpus_per_learner, lr.gpus_per_learner, dict(lr.resources),
+                         lr.placement)]
+    if cfg.reward.kind == "reward_model":
+        shapes.append(StageShape("reward_trainer", 1, w.trainer_cpus, 0.0, dict(w.resources), "PACK"))
+    return shapes
+
+
+def check_resources(cfg: RunConfig) -> None:
+    """Fail before any actor starts if the cluster cannot hold what the config asks for (CPUs, GPUs, and every
+    custom resource a stage names), with the stage and key in the message."""
+    have = ray.cluster_resources()
+    shapes = stage_shapes(cfg)
+    learner = next(s for s in shapes if s.name == "learner")
+    if learner.count * learner.cpus > have.get("CPU", 0):
+        raise ConfigError(f"learner.num_learners={learner.count} needs {learner.count * learner.cpus:g} CPUs; "
+                          f"the cluster has {have.get('CPU', 0):g}")
+    need: dict[str, float] = {}
+    for shape in shapes:
+        for key, value in shape.bundle().items():
+            need[key] = need.get(key, 0.0) + value * shape.count
+    for key, value in need.items():
+        if value > have.get(key, 0.0) + 1e-9:
+            users = ", ".join(s.name for s in shapes if key in s.bundle())
+            hint = " (raise ray.num_cpus or lower the counts)" if key == "CPU" else ""
+            what = {"CPU": "CPUs", "GPU": "GPUs"}.get(key, f"of resource {key!r}")
+            raise ConfigError(f"the stages need {value:g} {what} in all ({users}); the cluster has "
+                              f"{have.get(key, 0.0):g}{hint}")
+
+
+def stage_groups(cfg: RunConfig, timeout_s: float = 300) -> dict:
+    """One ready placement group per stage (name -> PlacementGroup); removes them all if one cannot be placed."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    groups = {}
+    try:
+        for shape in stage_shapes(cfg):
+            groups[shape.name] = placement_group([shape.bundle() for _ in range(shape.count)], strategy=shape.strategy)
+        for name, pg in groups.items():
+            if not pg.wait(timeout_seconds=timeout_s):
+                shape = next(s for s in stage_shapes(cfg) if s.name == name)
+                raise ConfigError(f"stage {name}: {shape.count} bundle(s) of {shape.bundle()} with strategy "
+                                  f"{shape.strategy} could not be placed within {timeout_s:g} s")
+    except BaseException:
+        for pg in groups.values():
+            remove_placement_group(pg)
+        raise
+    return groups
+
+
+def in_bundle(pg, index: int, cpus: float, gpus: float, resources: dict) -> dict:
+    """`.options(...)` that put an actor into bundle `index` of `pg` with exactly the bundle's resources."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"num_cpus": cpus, "num_gpus": gpus, "resources": dict(resources) or None,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
+
+
+def where(groups: dict) -> dict[str, list[str]]:
+    """Stage -> the node id of each bundle (for the run summary and the placement test)."""
+    from ray.util.placement_group import placement_group_table
+
+    out = {}
+    for name, pg in groups.items():
+        table = placement_group_table(pg)
+        nodes = table.get("bundles_to_node_id", {})
+        out[name] = [nodes.get(i) for i in range(len(table.get("bundles", {})))]
+    return out
