@@ -71,8 +71,15 @@ def test_submit_a_training_job_and_follow_it(head_node, tmp_path, toy_world):
     entrypoint = (f"python jobs/train.py -c jobs/configs/toy_cpu.yaml ray.address=auto loop.num_steps={steps} "
                   f"data.prompts_per_step=4 rollout.samples_per_prompt=2 loop.eval_samples=0 output.progress=false "
                   f"output.run_dir={run_dir}")
-    job_id = client.submit_job(entrypoint=entrypoint,
-                               runtime_env={"working_dir": str(ROOT), "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    job_id, deadline = None, time.monotonic() + 120
+    while job_id is None:  # the dashboard answers before the head's job agent is up: "No available agent ..."
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint,
+                                       runtime_env={"working_dir": str(ROOT), "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
     deadline, status = time.monotonic() + 480, None
     while time.monotonic() < deadline:
         status = client.get_job_status(job_id)
