@@ -1,4 +1,4 @@
-"""`rlaif-ray` console command: train, eval, build-toy, report, show-config."""
+"""`rlaif-ray` console command: train, label, eval, build-toy, report, show-config."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(sub.add_parser("train", help="run an RLAIF job (embedded local Ray cluster unless ray.address)"))
     _config_args(sub.add_parser("build-toy", help="build (or reuse) the toy world and print its paths"))
     _config_args(sub.add_parser("show-config", help="print the resolved config as YAML"))
+    lab = sub.add_parser("label", help="label a prompts file with the configured judge and write Parquet (no training)")
+    lab.add_argument("--out", required=True, help="Parquet file to write (rewards schema)")
+    _config_args(lab)
     ev = sub.add_parser("eval", help="judge a checkpoint against a reference (checkpoint or responses JSONL)")
     ev.add_argument("checkpoint", help="Hugging Face folder of the candidate policy")
     ev.add_argument("--reference", required=True, help="a checkpoint folder, or JSONL with prompt_id/prompt + response")
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or str(Path(args.checkpoint).resolve().parent / "eval")
             print(json.dumps(evaluate(cfg, args.checkpoint, args.reference, out, args.temperature), indent=1))
             print(f"written: {out}/eval.json, {out}/eval.png")
+        elif args.command == "label":
+            from rlaif_ray.label_only import label_prompts
+            print(json.dumps(label_prompts(cfg, args.out), indent=1))
         elif args.command == "train":
             from rlaif_ray.loop import train
             summary = train(cfg)

@@ -35,7 +35,12 @@ def head_node(tmp_path_factory):
     proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard}", "--num-cpus=8", "--disable-usage-stats",
-                             f"--temp-dir={temp_dir}"],
+                             f"--temp-dir={temp_dir}",
+                             # free ports for the head's agents: the test session's own cluster already holds the
+                             # defaults (52365 ...), and a job agent that cannot bind never comes up
+                             *(f"--{flag}={free_port()}" for flag in (
+                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                                 "runtime-env-agent-port", "ray-client-server-port"))],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     from ray.job_submission import JobSubmissionClient
     address = f"http://127.0.0.1:{dashboard}"

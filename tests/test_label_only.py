@@ -1,0 +1,33 @@
+"""`rlaif-ray label`: a prompts file labelled by the judge into one Parquet file, no training."""
+import json
+
+import pyarrow.parquet as pq
+
+from rlaif_ray.cli import main
+from rlaif_ray.label_only import label_prompts
+from rlaif_ray.schemas import REWARD_SCHEMA
+from tests.conftest import small_config
+
+
+def test_label_a_prompts_file_into_parquet(tmp_path, ray_cluster, toy_world):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"q{i}", "prompt": f"{i}+{i + 1}=", "reference": str(2 * i + 1)} for i in range(5)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = small_config(tmp_path, data={"prompts": str(prompts), "prompts_per_step": 2})  # 3 batches, the last short
+    summary = label_prompts(cfg, str(tmp_path / "out" / "labels.parquet"))
+    table = pq.read_table(tmp_path / "out" / "labels.parquet")
+    assert table.schema.equals(REWARD_SCHEMA, check_metadata=False)
+    assert table.num_rows == summary["samples"] == 5 * 2 and summary["prompts"] == 5
+    assert list(dict.fromkeys(table.column("prompt_id").to_pylist())) == [r["id"] for r in rows]  # prompt order kept
+    assert all(table.column("label_valid").to_pylist()) and None not in table.column("reward").to_pylist()
+    assert summary["judge_report"]["judge_calls"] == 5 * 2 and summary["method"] == "pairwise"
+    assert not (tmp_path / "out" / "labels.parquet.tmp").exists()
+
+
+def test_label_cli_names_the_bad_row(tmp_path, capsys):
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n{"prompt": ""}\n')
+    assert main(["label", "--out", str(tmp_path / "x.parquet"), f"data.prompts={prompts}"]) == 2
+    err = capsys.readouterr().err
+    assert "rlaif-ray: error" in err and "bad.jsonl" in err and "2" in err
+    assert not (tmp_path / "x.parquet").exists()
