@@ -1,4 +1,4 @@
-"""`rlaif-ray` console command: train, label, eval, build-toy, report, show-config."""
+"""`rlaif-ray` console command: train, label, eval, serve, build-toy, report, show-config."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out", default=None, help="output folder for eval.json / eval.png (default: CHECKPOINT/../eval)")
     ev.add_argument("--temperature", type=float, default=0.0)
     _config_args(ev)
+    srv = sub.add_parser("serve", help="serve a checkpoint with Ray Serve behind OpenAI-compatible routes")
+    srv.add_argument("checkpoint", help="Hugging Face folder (a run's checkpoint/), or toy:policy / toy:critic")
+    srv.add_argument("--detach", action="store_true", help="return once healthy (needs ray.address: a running cluster)")
+    _config_args(srv)
     rep = sub.add_parser("report", help="re-write report.md/report.png of a run folder")
     rep.add_argument("run_dir")
     args, rest = parser.parse_known_args(argv)  # overrides may also follow options: eval CKPT --reference R k=v
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "label":
             from rlaif_ray.label_only import label_prompts
             print(json.dumps(label_prompts(cfg, args.out), indent=1))
+        elif args.command == "serve":
+            from rlaif_ray.serve import serve_forever
+            return serve_forever(cfg, args.checkpoint, args.detach)
         elif args.command == "train":
             from rlaif_ray.loop import train
             summary = train(cfg)

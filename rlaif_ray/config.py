@@ -203,6 +203,40 @@ class OutputConfig(_Section):
     save_labels: bool = True    # every labelled batch as run_dir/labels/step-NNNNNN.parquet
 
 
+class ServeConfig(_Section):
+    """`rlaif-ray serve CHECKPOINT`: Ray Serve's LLM app (a vLLM engine per replica) behind OpenAI-compatible
+    routes, with rlaif_ray's request guard in front (see `rlaif_ray.serve_guard`). Engine settings come from
+    `model.*` and `vllm.*`."""
+    model_id: str = "policy"              # the name clients send as "model"
+    host: str = "127.0.0.1"               # 0.0.0.0 to listen on every interface of the head node
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    app_name: str = "rlaif_ray"
+    min_replicas: int = Field(1, ge=0)    # engine replicas; max > min autoscales on ongoing requests
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16.0, gt=0)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    ingress_cpus: float = Field(0.5, ge=0)
+    api_key_env: str | None = None        # env var holding the bearer token clients must send (never logged)
+    max_request_bytes: int = Field(65536, ge=256)
+    max_tokens: int = Field(256, ge=1)    # the most new tokens one request may ask for
+    max_n: int = Field(8, ge=1)
+    max_prompts: int = Field(32, ge=1)    # prompts in one /v1/completions batch
+    # "auto": the checkpoint's own template, else "plain" (the messages' contents joined by newlines: rlaif_ray
+    # trains on raw prompt text); "checkpoint": the checkpoint's only; or a Jinja file path / inline template
+    chat_template: str = "auto"
+    ready_timeout_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.min_replicas ({self.min_replicas}) > serve.max_replicas ({self.max_replicas})")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
+        return self
+
+
 class RunConfig(_Section):
     toy: ToyWorldConfig = Field(default_factory=ToyWorldConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -215,6 +249,7 @@ class RunConfig(_Section):
     loop: LoopConfig = Field(default_factory=LoopConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

@@ -127,7 +127,7 @@ def evaluate(cfg: RunConfig, checkpoint: str, reference: str, out_dir: str, temp
     import ray
 
     from rlaif_ray.critic import CriticLabeler
-    from rlaif_ray.engine import engine_env
+    from rlaif_ray.engine import engine_env, judge_env
     from rlaif_ray.loop import _check_model_path, resolve_inputs, start_ray
     from rlaif_ray.rollout import RolloutWorker
 
@@ -147,8 +147,9 @@ def evaluate(cfg: RunConfig, checkpoint: str, reference: str, out_dir: str, temp
     if ref_is_model:
         actors.append(RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker,
                                             **env).remote(str(Path(reference).resolve()), raw, 1))
+    critic_env = {"env_vars": judge_env(cfg)}
     critic = CriticLabeler.options(num_cpus=cfg.critic.cpus_per_worker, num_gpus=cfg.critic.gpus_per_worker,
-                                   **env).remote(resolved.critic, raw)
+                                   runtime_env=critic_env).remote(resolved.critic, raw)
     try:
         prompts = ray.put(resolved.prompts)
         cand = ray.get(actors[0].respond.remote(prompts, temperature, "cand"))

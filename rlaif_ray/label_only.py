@@ -23,7 +23,7 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
     import pyarrow.parquet as pq
 
     from rlaif_ray.critic import CriticLabeler
-    from rlaif_ray.engine import engine_env
+    from rlaif_ray.engine import engine_env, judge_env
     from rlaif_ray.feedback_metrics import judge_report, label_quality
     from rlaif_ray.loop import resolve_inputs, start_ray
     from rlaif_ray.placement import check_resources
@@ -38,8 +38,9 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
     raw = cfg.model_dump()
     worker = RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker,
                                    runtime_env=env).remote(resolved.policy, raw)
+    critic_env = {"env_vars": judge_env(cfg)}
     critic = CriticLabeler.options(num_cpus=cfg.critic.cpus_per_worker, num_gpus=cfg.critic.gpus_per_worker,
-                                   runtime_env=env).remote(resolved.critic, raw)
+                                   runtime_env=critic_env).remote(resolved.critic, raw)
     kind = cfg.reward.kind if cfg.reward.kind != "reward_model" else ("direct_score" if cfg.critic.method == "direct"
                                                                       else "win_rate")
     scorer = RewardScorer.options(num_cpus=cfg.reward.cpus).remote(kind)

@@ -126,7 +126,7 @@ def start_ray(cfg: RunConfig) -> None:
 class Orchestrator:
     def __init__(self, cfg: RunConfig, resolved: Resolved):
         from rlaif_ray.critic import CriticLabeler
-        from rlaif_ray.engine import engine_env
+        from rlaif_ray.engine import engine_env, judge_env
         from rlaif_ray.learner import LearnerGroup
         from rlaif_ray.placement import in_bundle, stage_groups
         from rlaif_ray.reward import RewardScorer
@@ -135,6 +135,7 @@ class Orchestrator:
         self.cfg = cfg
         raw = cfg.model_dump()
         env = {"env_vars": engine_env(cfg.vllm)}
+        critic_env = {"env_vars": judge_env(cfg)}
         self.groups = stage_groups(cfg)  # one placement group per stage (rlaif_ray.placement)
         self.rollouts, self.critics, self.rm_trainer, self.scorer, self.learners = [], [], None, None, None
         try:
@@ -142,7 +143,7 @@ class Orchestrator:
             self.rollouts = [RolloutWorker.options(runtime_env=env, **in_bundle(
                 self.groups["rollout"], i, r.cpus_per_worker, r.gpus_per_worker, r.resources)).remote(resolved.policy, raw, i)
                 for i in range(r.num_workers)]
-            self.critics = [CriticLabeler.options(runtime_env=env, **in_bundle(
+            self.critics = [CriticLabeler.options(runtime_env=critic_env, **in_bundle(
                 self.groups["critic"], i, c.cpus_per_worker, c.gpus_per_worker, c.resources)).remote(resolved.critic, raw, i)
                 for i in range(c.num_workers)]
             if cfg.reward.kind == "reward_model":

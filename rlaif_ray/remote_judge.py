@@ -63,6 +63,14 @@ def label_probs(top, labels: list[str]) -> tuple[list[float] | None, float]:
     return ([p / mass for p in probs] if mass > 0 else None), mass
 
 
+def key_env(cfg: RemoteJudgeConfig) -> dict[str, str]:
+    """The API key variable, for the labeler actors' runtime_env: they may run on nodes (or under a raylet
+    started before the variable was set) whose environment lacks it. Empty when no key is configured."""
+    if cfg.base_url and cfg.api_key_env and os.environ.get(cfg.api_key_env):
+        return {cfg.api_key_env: os.environ[cfg.api_key_env]}
+    return {}
+
+
 class OpenAIJudge:
     def __init__(self, cfg: RemoteJudgeConfig):
         if not cfg.base_url:
