@@ -26,6 +26,10 @@ WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStart
 RAYJOB_SPEC = {"entrypoint", "runtimeEnvYAML", "rayClusterSpec", "clusterSelector", "submissionMode",
                "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds", "jobId", "metadata",
                "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "submitterPodTemplate", "suspend"}
+RAYSERVICE_SPEC = {"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "serveService", "excludeHeadPodFromServeSvc",
+                   "deploymentUnhealthySecondThreshold", "serviceUnhealthySecondThreshold",
+                   "rayClusterDeletionDelaySeconds"}
+UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 
 
@@ -107,6 +111,42 @@ def test_kuberay_rayjob_uses_crd_fields_and_a_real_entrypoint():
     assert "ray.address=auto" in words
     from rlaif_ray.config import load_config
     load_config(ROOT / words[words.index("-c") + 1], [w for w in words[words.index("-c") + 2:]])
+
+
+def test_kuberay_rayservice_serves_with_rlaif_ray_app_builder(toy_world):
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    from rlaif_ray.config import load_config
+    from rlaif_ray.serve import app_builder, llm_config
+
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
+    spec = doc["spec"]
+    assert set(spec) <= RAYSERVICE_SPEC, f"unknown fields {set(spec) - RAYSERVICE_SPEC}"
+    assert spec["upgradeStrategy"]["type"] in UPGRADE_TYPES
+    check_cluster_spec(spec["rayClusterConfig"], "RayService")
+    # serveConfigV2 is a YAML string that Ray Serve's own deploy schema accepts (as `serve deploy` would)
+    raw = yaml.safe_load(spec["serveConfigV2"])
+    serve_config = ServeDeploySchema.model_validate(raw)
+    assert raw["http_options"]["host"] == "0.0.0.0"  # KubeRay's serve service reaches the proxy on the pod IP
+    (app,) = raw["applications"]
+    assert set(app) <= set(ServeApplicationSchema.model_fields), f"unknown keys {set(app) - set(ServeApplicationSchema.model_fields)}"
+    assert serve_config.applications[0].import_path == "rlaif_ray.serve:app_builder"
+    module, name = app["import_path"].split(":")
+    assert getattr(__import__(module, fromlist=[name]), name) is app_builder
+    # the builder's args are a checkpoint plus dotted overrides of this repo's config tree
+    args = dict(app["args"])
+    assert args.pop("checkpoint").startswith("/mnt/runs/")
+    cfg = load_config(None, [f"{key}={value}" for key, value in args.items()])
+    assert cfg.serve.gpus_per_replica >= 1 and cfg.serve.max_replicas >= cfg.serve.min_replicas
+    config = llm_config(cfg, toy_world.policy)  # Ray Serve's LLMConfig accepts the engine settings
+    assert config.placement_group_config["bundles"][0]["GPU"] == cfg.serve.gpus_per_replica
+    # the bearer token's variable comes from a Secret in every container that may build or run the app
+    key_env = cfg.serve.api_key_env
+    groups = [spec["rayClusterConfig"]["headGroupSpec"], *spec["rayClusterConfig"]["workerGroupSpecs"]]
+    for group in groups:
+        for c in group["template"]["spec"]["containers"]:
+            assert any(e["name"] == key_env and "secretKeyRef" in e.get("valueFrom", {}) for e in c["env"])
 
 
 def test_dockerfile_matches_pyproject():
