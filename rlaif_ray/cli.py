@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -13,11 +14,15 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from rlaif_ray.config import ConfigError, load_config
+    from rlaif_ray.faults import RunStopped
     from rlaif_ray.prompts import PromptFileError
 
     parser = argparse.ArgumentParser(prog="rlaif-ray", description="Online RL from AI feedback on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("train", help="run an RLAIF job (embedded local Ray cluster unless ray.address)"))
+    tr = sub.add_parser("train", help="run an RLAIF job (embedded local Ray cluster unless ray.address)")
+    tr.add_argument("--resume", metavar="RUN_DIR", default=None,
+                    help="continue the run in RUN_DIR from its latest checkpoint (its config.yaml + overrides)")
+    _config_args(tr)
     _config_args(sub.add_parser("build-toy", help="build (or reuse) the toy world and print its paths"))
     _config_args(sub.add_parser("show-config", help="print the resolved config as YAML"))
     lab = sub.add_parser("label", help="label a prompts file with the configured judge and write Parquet (no training)")
@@ -47,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
             from rlaif_ray.report import write_report
             print(write_report(args.run_dir))
             return 0
+        if getattr(args, "resume", None):
+            if args.config:
+                parser.error("--resume takes the run's own config.yaml: give overrides, not --config")
+            run_yaml = os.path.join(args.resume, "config.yaml")
+            if not os.path.isfile(run_yaml):
+                raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a run folder)")
+            args.config, args.overrides = run_yaml, [*args.overrides, f"output.run_dir={args.resume}"]
         cfg = load_config(args.config, args.overrides)
         if args.command == "show-config":
             import yaml
@@ -70,12 +82,15 @@ def main(argv: list[str] | None = None) -> int:
             return serve_forever(cfg, args.checkpoint, args.detach)
         elif args.command == "train":
             from rlaif_ray.loop import train
-            summary = train(cfg)
+            summary = train(cfg, resume=bool(args.resume))
             print(json.dumps(summary, indent=1))
             print(f"run folder: {cfg.output.run_dir} (report.md, metrics.jsonl, samples.jsonl, checkpoint/)")
     except (ConfigError, PromptFileError) as err:
         print(f"rlaif-ray: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"rlaif-ray: run stopped: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

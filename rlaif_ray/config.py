@@ -203,6 +203,27 @@ class OutputConfig(_Section):
     save_labels: bool = True    # every labelled batch as run_dir/labels/step-NNNNNN.parquet
 
 
+class CheckpointConfig(_Section):
+    """Periodic checkpoints in run_dir/checkpoints/step-NNNNNN: the policy (Hugging Face format), every
+    DeepSpeed rank's model and optimizer state, the reward model's state, and the loop's state (prompt cursor
+    and RNG, batches in flight, policy version, counters). Written to a temporary folder and renamed, then
+    `latest` is replaced: a crash mid-write leaves the previous checkpoint usable."""
+    every: int = Field(0, ge=0)   # steps between checkpoints (0: none; a learner failure then restarts the run)
+    keep: int = Field(2, ge=1)    # newest checkpoints kept
+
+
+class FaultConfig(_Section):
+    """What the loop survives. Stage actors (RolloutWorker, CriticLabeler, RewardScorer) are restarted by Ray
+    (or replaced when killed for good), get the current weights again, and the batches they held are re-issued
+    under the same sample ids. A learner rank failure stops the step; the run resumes from the last checkpoint."""
+    max_actor_restarts: int = Field(3, ge=0)   # Ray restarts of each stage actor
+    max_reissues: int = Field(8, ge=0)         # batches re-issued after stage-actor faults before the run stops
+    max_resumes: int = Field(2, ge=0)          # automatic resumes from the last checkpoint after a learner failure
+    judge_failure_limit: float = Field(0.5, ge=0.0, le=1.0)  # stop when failed judge calls exceed this share ...
+    judge_failure_min_calls: int = Field(64, ge=1)           # ... counted once this many calls were made
+    recovery_timeout_s: float = Field(300.0, gt=0)           # wait for a restarted or replaced actor to be ready
+
+
 class ServeConfig(_Section):
     """`rlaif-ray serve CHECKPOINT`: Ray Serve's LLM app (a vLLM engine per replica) behind OpenAI-compatible
     routes, with rlaif_ray's request guard in front (see `rlaif_ray.serve_guard`). Engine settings come from
@@ -249,6 +270,8 @@ class RunConfig(_Section):
     loop: LoopConfig = Field(default_factory=LoopConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")

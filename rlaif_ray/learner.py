@@ -27,6 +27,7 @@ import torch
 
 from rlaif_ray import algorithms, schemas
 from rlaif_ray.config import RunConfig
+from rlaif_ray.faults import get_all_or_fail
 from rlaif_ray.feedback_metrics import label_quality
 from rlaif_ray.transport import use_arrow_ipc
 
@@ -342,13 +343,31 @@ class LearnerRank:
         return h.hexdigest()
 
     def export_weights(self):
-        """Rank 0: (one numpy array per parameter, names), returned into the object store; other ranks: None.
+        """Rank 0: (one numpy array per parameter, names) and a receipt, as two objects; other ranks: None and
+        a receipt.
         The arrays are views of the live fp32 parameters (no flattening copy): Ray copies each once, straight
         into the store, while this actor runs nothing else."""
         params = self._full_params()
         if self.rank != 0:
-            return None
-        return [(p if p.dtype == torch.float32 else p.float()).numpy() for _, p in params], [n for n, _ in params]
+            return None, {"rank": self.rank}
+        arrays = [(p if p.dtype == torch.float32 else p.float()).numpy() for _, p in params]
+        return (arrays, [n for n, _ in params]), {"rank": 0, "bytes": int(sum(a.nbytes for a in arrays))}
+
+    def save_state(self, folder: str) -> str | None:
+        """Every rank: its DeepSpeed model + optimizer state into folder/deepspeed; rank 0 also the Hugging Face
+        policy into folder/policy. Collective."""
+        self.engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag="state",
+                                    client_state={"policy_version": self.version})
+        return self.save_checkpoint(os.path.join(folder, "policy"))
+
+    def load_state(self, folder: str) -> int:
+        """Model, optimizer and policy version from `save_state` (the frozen reference stays the initial policy)."""
+        path, client = self.engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state",
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state in {folder}/deepspeed")
+        self.version = int(client["policy_version"])
+        return self.version
 
     def save_checkpoint(self, path: str) -> str | None:
         """Hugging Face format (model + tokenizer) written by rank 0."""
@@ -378,17 +397,26 @@ class LearnerGroup:
             ).remote(policy_path, cfg.model_dump(), i, n)
             for i in range(n)
         ]
-        addr, port = ray.get(self.ranks[0].address.remote())
-        ray.get([r.setup.remote(addr, port) for r in self.ranks])
+        addr, port = get_all_or_fail([r.address.remote() for r in self.ranks[:1]], "learner start-up")[0]
+        get_all_or_fail([r.setup.remote(addr, port) for r in self.ranks], "learner start-up")
 
+    # every call waits on all ranks but fails at once when one rank dies (LearnerFailure): the others would
+    # wait in a collective for it forever
     def train(self, rewards_ref) -> dict:
-        results = ray.get([r.train_step.remote(rewards_ref) for r in self.ranks])
-        return results[0]
+        return get_all_or_fail([r.train_step.remote(rewards_ref) for r in self.ranks], "learner step")[0]
 
     def export_weights(self):
-        refs = [r.export_weights.remote() for r in self.ranks]
-        ray.wait(refs, num_returns=len(refs), fetch_local=False)
-        return refs[0]
+        """Rank 0's weights ref, once every rank finished the export (a failed rank: LearnerFailure). The
+        weights stay in the object store; the driver reads only each rank's small receipt."""
+        calls = [r.export_weights.options(num_returns=2).remote() for r in self.ranks]
+        get_all_or_fail([receipt for _, receipt in calls], "weight export")
+        return calls[0][0]
 
     def save_checkpoint(self, path: str) -> str:
-        return ray.get([r.save_checkpoint.remote(path) for r in self.ranks])[0]
+        return get_all_or_fail([r.save_checkpoint.remote(path) for r in self.ranks], "checkpoint")[0]
+
+    def save_state(self, folder: str) -> str:
+        return get_all_or_fail([r.save_state.remote(folder) for r in self.ranks], "checkpoint")[0]
+
+    def load_state(self, folder: str) -> int:
+        return get_all_or_fail([r.load_state.remote(folder) for r in self.ranks], "resume")[0]

@@ -7,22 +7,27 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, tensorboard: bool = True, progress_total: int | None = None):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, progress_total: int | None = None,
+                 first_step: int = 0):
+        """`first_step` > 0: a resumed run appends; TensorBoard events from that step on are purged."""
         self.run_dir = run_dir
+        self.metrics_lines = _count_lines(run_dir / "metrics.jsonl")  # checkpoints record how far each file got
+        self.ledger_lines = _count_lines(run_dir / "samples.jsonl")
         self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.ledger_file = open(run_dir / "samples.jsonl", "a", buffering=1)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=first_step or None)
         self.bar = None
         if progress_total:
             from tqdm import tqdm
-            self.bar = tqdm(total=progress_total, desc="rlaif", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=progress_total, initial=first_step, desc="rlaif", unit="step", dynamic_ncols=True)
 
     def log_step(self, step: int, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         self.metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
+        self.metrics_lines += 1
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
@@ -32,14 +37,13 @@ class MetricsWriter:
             shown = {k: metrics[k] for k in ("reward_mean", "true_accuracy", "kl", "samples_per_s") if k in metrics}
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, (int, float))})
 
-    def log_outcomes(self, step: int, outcome: dict, versions: dict | None = None) -> None:
-        for sid in outcome.get("trained", []):
-            self.ledger_file.write(json.dumps({"sample_id": sid, "outcome": "trained", "step": step}) + "\n")
-        for sid in outcome.get("stale", []):
-            self.ledger_file.write(json.dumps({"sample_id": sid, "outcome": "dropped_stale", "step": step}) + "\n")
-        for sid, reason in outcome.get("skipped", []):
-            self.ledger_file.write(json.dumps({"sample_id": sid, "outcome": "skipped", "reason": reason,
-                                               "step": step}) + "\n")
+    def log_outcomes(self, step: int, outcome: dict) -> None:
+        rows = [{"sample_id": sid, "outcome": "trained", "step": step} for sid in outcome.get("trained", [])]
+        rows += [{"sample_id": sid, "outcome": "dropped_stale", "step": step} for sid in outcome.get("stale", [])]
+        rows += [{"sample_id": sid, "outcome": "skipped", "reason": reason, "step": step}
+                 for sid, reason in outcome.get("skipped", [])]
+        self.ledger_file.write("".join(json.dumps(row) + "\n" for row in rows))
+        self.ledger_lines += len(rows)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -48,6 +52,13 @@ class MetricsWriter:
             self.tb.close()
         self.metrics_file.close()
         self.ledger_file.close()
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
 
 
 def read_jsonl(path: Path) -> list[dict]:

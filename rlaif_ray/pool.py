@@ -44,6 +44,11 @@ class ActorPool:
         self.dispatched[index] += 1
         return index
 
+    def replace(self, index: int, actor) -> None:
+        """A new actor in place of a dead one (its unfinished calls are lost with it)."""
+        self.actors[index] = actor
+        self._pending[index] = []
+
     def track(self, index: int, ref) -> None:
         self._pending[index].append(ref)
 

@@ -94,6 +94,16 @@ class PromptSampler:
         idx = np.arange(self.num_prompts)
         return self.rng.permutation(idx) if self.shuffle else idx
 
+    def state(self) -> dict:
+        """Everything `next_indices` depends on, JSON-serialisable (checkpoints)."""
+        return {"order": [int(i) for i in self.order], "cursor": self.cursor, "rng": self.rng.bit_generator.state}
+
+    def restore(self, state: dict) -> None:
+        if len(state["order"]) != self.num_prompts:
+            raise ValueError(f"sampler state holds {len(state['order'])} prompts, the prompt file {self.num_prompts}")
+        self.order, self.cursor = np.asarray(state["order"]), int(state["cursor"])
+        self.rng.bit_generator.state = state["rng"]
+
     def next_indices(self, k: int) -> list[int]:
         if k > self.num_prompts:
             raise ValueError(f"a batch of {k} prompts needs at least {k} distinct prompts; the file has {self.num_prompts}")

@@ -41,6 +41,10 @@ class RewardScorer:
             self.model, self.tok = load_reward_model(reward_model_path)
             self.model.eval()
 
+    def ready(self) -> int:
+        """The reward model's version (0: the initial weights; a restarted scorer is back at 0)."""
+        return self.rm_version
+
     def load_state(self, state: dict) -> int:
         """New reward-model weights from the trainer; batches scored after this call use them."""
         self.model.load_state_dict(state)

@@ -116,6 +116,22 @@ class RewardModelTrainer:
     def state_dict(self) -> dict:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    def save_state(self, path: str) -> str:
+        """Everything a resumed run needs to continue the same fits: weights, optimizer, RNG, buffer."""
+        torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "rng": self.rng.getstate(),
+                    "buffer": list(self.buffer), "fits": self.fits}, path)
+        return path
+
+    def load_state(self, path: str) -> int:
+        state = torch.load(path, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.rng.setstate(state["rng"])
+        self.buffer.clear()
+        self.buffer.extend(state["buffer"])
+        self.fits = state["fits"]
+        return self.fits
+
     def save(self, path: str) -> str:
         self.model.save_pretrained(path, safe_serialization=True)
         self.tok.save_pretrained(path)

@@ -1,0 +1,94 @@
+"""What counts as a fault, and how the driver brings a stage back after one.
+
+- A stage actor (RolloutWorker, CriticLabeler, RewardScorer) that dies is restarted by Ray (`max_restarts`) or,
+  when it is gone for good (`ray.kill`, restarts used up), replaced by a new actor in the same placement
+  bundle. `recover_pool` probes every actor of a pool and does that; the loop then gives restarted engines the
+  current weights and re-issues the batches that failed, under the same sample ids.
+- A learner rank that dies leaves the others blocked in a collective: `get_all_or_fail` returns as soon as
+  one rank's call fails (`LearnerFailure`), and the loop resumes from the last checkpoint.
+- Application errors (a bug, bad data) are not faults: they propagate unchanged, and are never retried.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray import exceptions as rex
+
+log = logging.getLogger(__name__)
+
+ACTOR_FAULTS = (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError, rex.ObjectLostError,
+                rex.OwnerDiedError, rex.NodeDiedError, rex.OutOfMemoryError)
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died (or its node did); the step did not happen."""
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (too many faults, a judge failing past its limit); the message says why."""
+
+
+class StaleEngine(RuntimeError):
+    """A batch came from an engine that lost its weights (restarted after the batch was submitted)."""
+
+
+def is_actor_fault(err: BaseException) -> bool:
+    """An actor, its process or its node went away (also when that surfaces through a downstream task)."""
+    if isinstance(err, (StaleEngine, *ACTOR_FAULTS)):
+        return True
+    cause = getattr(err, "cause", None)
+    return isinstance(err, rex.RayTaskError) and cause is not None and is_actor_fault(cause)
+
+
+def get_all_or_fail(refs: list, what: str) -> list:
+    """`ray.get(refs)`, but a failed ref raises at once, even while other refs (ranks blocked in a collective
+    with the failed one) never finish. Actor faults become LearnerFailure."""
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+    except Exception as err:
+        if is_actor_fault(err):
+            raise LearnerFailure(f"{what}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+        raise
+    return ray.get(refs)
+
+
+def probe(actor, timeout_s: float):
+    """The actor's `ready()` answer once it is up (waits through a restart); ActorDiedError if gone for good."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except (rex.ActorUnavailableError, rex.GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise RunStopped(f"an actor did not come back within {timeout_s:.0f} s (fault.recovery_timeout_s)")
+            time.sleep(0.5)
+
+
+def recover_pool(pool, factory, timeout_s: float) -> list[tuple[int, object, bool]]:
+    """Probe every actor of `pool`; replace the dead ones through `factory(index)`. Returns, per actor,
+    (index, its `ready()` answer, replaced?)."""
+    out = []
+    for i, actor in enumerate(list(pool.actors)):
+        try:
+            out.append((i, probe(actor, timeout_s), False))
+        except rex.RayActorError:
+            log.warning("%s actor %d is gone for good: starting a replacement", pool.name, i)
+            ray.kill(actor, no_restart=True)  # make sure, and free its bundle
+            fresh = factory(i)
+            out.append((i, probe(fresh, timeout_s), True))
+            pool.replace(i, fresh)
+    return out
+
+
+def check_judge_failures(counts: dict, failure_limit: float, min_calls: int) -> None:
+    """RunStopped when the share of failed judge calls is past the limit (counted from `min_calls` calls on)."""
+    calls, failed = counts.get("judge_calls", 0), counts.get("failed_calls", 0)
+    if calls >= min_calls and failed / calls > failure_limit:
+        raise RunStopped(f"the judge failed {int(failed)} of {int(calls)} calls ({failed / calls:.0%}), over "
+                         f"fault.judge_failure_limit={failure_limit:.0%}: check the judge endpoint "
+                         "(the failed labels are skipped with their reason in samples.jsonl)")

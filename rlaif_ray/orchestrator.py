@@ -1,0 +1,350 @@
+"""The Orchestrator: places the actors and drives the asynchronous RLAIF loop, surviving stage faults.
+
+The driver only moves object refs: prompts are put in the object store once; each batch flows
+RolloutWorker -> CriticLabeler -> RewardScorer -> learner ranks as refs to Arrow tables, and new weights
+flow from learner rank 0 to every RolloutWorker as one ref. What the driver reads back is small: stage
+timings, metrics, and the sample-id ledger.
+
+async: up to `loop.max_inflight` batches are generated (and labelled) ahead of the learner, so generation
+for version v+1 overlaps training on version v; a weight update is queued on each RolloutWorker behind the
+batches already submitted to it, so it lands between two `generate` calls. Samples older than
+`loop.max_staleness` versions are dropped by the learner and counted. sync: max_inflight = 0, no overlap.
+
+Faults (rlaif_ray.faults): a batch whose stage actor died (or whose engine restarted and lost its weights) is
+re-issued with the same step and prompts, so its sample ids stay the same and reach the learner once; the
+dead actor is restarted by Ray or replaced, and engines behind the current policy version get its weights
+again. Checkpoints (rlaif_ray.checkpoint) hold what a resumed run needs to continue exactly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from rlaif_ray import checkpoint
+from rlaif_ray.config import RunConfig
+from rlaif_ray.faults import RunStopped, StaleEngine, check_judge_failures, is_actor_fault, recover_pool
+from rlaif_ray.feedback_metrics import judge_report
+from rlaif_ray.loop import Resolved, busy_fractions
+from rlaif_ray.pool import ActorPool
+from rlaif_ray.prompts import PromptSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InFlight:
+    step: int
+    indices: list[int]                             # the batch's prompts: a re-issued batch takes the same ones
+    rewards: object                                # ObjectRef[pa.Table]: rewards (or demonstrations for sft)
+    stat_refs: dict = field(default_factory=dict)  # stage -> ObjectRef of its small stats dict
+    expected_version: int = 0                      # the engine must hold at least this version of the weights
+
+
+class Orchestrator:
+    def __init__(self, cfg: RunConfig, resolved: Resolved):
+        from rlaif_ray.critic import CriticLabeler
+        from rlaif_ray.engine import engine_env, judge_env
+        from rlaif_ray.learner import LearnerGroup
+        from rlaif_ray.placement import in_bundle, stage_groups
+        from rlaif_ray.reward import RewardScorer
+        from rlaif_ray.rollout import RolloutWorker
+
+        self.cfg = cfg
+        raw = cfg.model_dump()
+        env, critic_env = {"env_vars": engine_env(cfg.vllm)}, {"env_vars": judge_env(cfg)}
+        r, c, w = cfg.rollout, cfg.critic, cfg.reward
+        restarts = dict(max_restarts=cfg.fault.max_actor_restarts, max_task_retries=0)  # the driver re-issues
+        self.groups = stage_groups(cfg)  # one placement group per stage (rlaif_ray.placement)
+        self.factories = {  # stage -> index -> a new actor in that bundle (start-up, and replacing a dead one)
+            "rollout": lambda i: RolloutWorker.options(runtime_env=env, **restarts, **in_bundle(
+                self.groups["rollout"], i, r.cpus_per_worker, r.gpus_per_worker, r.resources)).remote(
+                resolved.policy, raw, i),
+            "critic": lambda i: CriticLabeler.options(runtime_env=critic_env, **restarts, **in_bundle(
+                self.groups["critic"], i, c.cpus_per_worker, c.gpus_per_worker, c.resources)).remote(
+                resolved.critic, raw, i),
+            "reward": lambda i: RewardScorer.options(**restarts, **in_bundle(
+                self.groups["reward"], 0, w.cpus, 0, w.resources)).remote(cfg.reward.kind, resolved.reward_model),
+        }
+        self.pools: dict[str, ActorPool] = {}
+        self.rm_trainer, self.learners = None, None
+        try:
+            sizes = {"rollout": r.num_workers, "critic": c.num_workers, "reward": 1}
+            for stage, n in sizes.items():
+                self.pools[stage] = ActorPool([self.factories[stage](i) for i in range(n)], stage)
+            if cfg.reward.kind == "reward_model":
+                from rlaif_ray.reward_model import RewardModelTrainer
+                self.rm_trainer = RewardModelTrainer.options(**in_bundle(
+                    self.groups["reward_trainer"], 0, w.trainer_cpus, 0, w.resources)).remote(resolved.reward_model, raw)
+            ready = [x.ready.remote() for x in self.rollouts + self.critics]
+            self.learners = LearnerGroup(resolved.policy, cfg, self.groups["learner"])
+            ray.get(ready)
+        except BaseException:
+            self.shutdown()  # nothing left running when start-up fails
+            raise
+        from rlaif_ray.placement import where
+        self.placement = where(self.groups)
+        self.version = 0              # policy version of the learner
+        self.synced_version = 0       # the version every engine was last sent
+        self.latest_weights = None    # ref to the weights of `synced_version` (None: the initial policy on disk)
+        self.rm_loads = 0             # reward-model states pushed to the scorer
+        self.eval_before = None       # ground-truth accuracy before the run (kept in checkpoints)
+        self.faults = {"reissued_batches": 0, "replaced_actors": 0, "resynced_engines": 0, "events": []}
+        self.run_dir = Path(cfg.output.run_dir).resolve()
+        self.prompts_ref = ray.put(resolved.prompts)
+        self.sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)
+
+    @property
+    def rollouts(self) -> list:
+        return self.pools["rollout"].actors if "rollout" in self.pools else []
+
+    @property
+    def critics(self) -> list:
+        return self.pools["critic"].actors if "critic" in self.pools else []
+
+    @property
+    def scorer(self):
+        return self.pools["reward"].actors[0] if "reward" in self.pools else None
+
+    # ------------------------------------------------------------------ batches
+    def launch(self, step: int, indices: list[int] | None = None) -> InFlight:
+        """Submit generation -> labelling -> reward for one batch (sft: teacher demonstrations); refs only.
+        `indices` given: re-issue that batch (same prompts, same step, so the same sample ids)."""
+        if indices is None:
+            indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
+        critic_pool = self.pools["critic"]
+        c = critic_pool.pick()
+        critic = critic_pool.actors[c]
+        if self.cfg.learner.algorithm == "sft":
+            demos, demo_stats = critic.demonstrate.options(num_returns=2).remote(self.prompts_ref, indices, step,
+                                                                                self.version)
+            critic_pool.track(c, demo_stats)
+            return InFlight(step, indices, demos, {"gen": demo_stats})
+        rollout_pool = self.pools["rollout"]
+        w = rollout_pool.pick()
+        rollouts, gen_stats = rollout_pool.actors[w].generate.options(num_returns=2).remote(
+            self.prompts_ref, indices, step)
+        rollout_pool.track(w, gen_stats)
+        labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
+        critic_pool.track(c, label_stats)
+        save = str(self.run_dir / "labels" / f"step-{step:06d}.parquet") if self.cfg.output.save_labels else None
+        rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save)
+        self.pools["reward"].track(0, reward_stats)
+        if self.rm_trainer is not None:  # fresh on-policy labels for the next reward-model refit
+            self.rm_trainer.add.remote(labels)
+        return InFlight(step, indices, rewards, {"gen": gen_stats, "label": label_stats, "reward": reward_stats},
+                        self.synced_version)
+
+    def collect(self, batch: InFlight) -> tuple[InFlight, dict]:
+        """The batch's stage stats once it is ready; a batch lost to a stage fault is re-issued (after the
+        stage is repaired) until it comes through, at most `fault.max_reissues` times in a run."""
+        while True:
+            try:
+                stats = dict(zip(batch.stat_refs, ray.get(list(batch.stat_refs.values()))))
+                gen_version = stats["gen"]["policy_version"]
+                if self.cfg.learner.algorithm != "sft" and gen_version < batch.expected_version:
+                    raise StaleEngine(f"engine {stats['gen'].get('worker')} generated step {batch.step} with "
+                                      f"version {gen_version}, expected >= {batch.expected_version} (it restarted)")
+                return batch, stats
+            except Exception as err:
+                if not is_actor_fault(err):
+                    raise
+                self.faults["reissued_batches"] += 1
+                reason = f"step {batch.step}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                self.faults["events"].append(reason)
+                if self.faults["reissued_batches"] > self.cfg.fault.max_reissues:
+                    raise RunStopped(f"{self.faults['reissued_batches']} batches lost to stage faults, over "
+                                     f"fault.max_reissues={self.cfg.fault.max_reissues}; last: {reason}") from err
+                log.warning("batch lost to a stage fault (%s): repairing the stages and re-issuing it", reason)
+                self.recover()
+                batch = self.launch(batch.step, batch.indices)
+
+    def recover(self) -> None:
+        """Every stage actor up (restarted by Ray or replaced), engines on the current weights, the scorer on
+        the current reward model."""
+        timeout = self.cfg.fault.recovery_timeout_s
+        for stage, pool in self.pools.items():
+            for i, answer, replaced in recover_pool(pool, self.factories[stage], timeout):
+                self.faults["replaced_actors"] += int(replaced)
+                if stage == "rollout" and answer < self.synced_version:
+                    ray.get(pool.actors[i].update_weights.remote(self.latest_weights, self.synced_version))
+                    self.faults["resynced_engines"] += 1
+                if stage == "reward" and self.rm_trainer is not None and answer < self.rm_loads:
+                    ray.get(pool.actors[i].load_state.remote(self.rm_trainer.state_dict.remote()))
+
+    def sync_weights(self, version: int) -> list:
+        self.latest_weights, self.synced_version = self.learners.export_weights(), version
+        return [w.update_weights.remote(self.latest_weights, version) for w in self.rollouts]
+
+    def finish_syncs(self, refs: list) -> list[dict]:
+        """Results of weight updates; an engine that died meanwhile is repaired (and resynced) instead."""
+        out, broken = [], False
+        for ref in refs:
+            try:
+                out.append(ray.get(ref))
+            except Exception as err:
+                if not is_actor_fault(err):
+                    raise
+                broken = True
+        if broken:
+            self.recover()
+        return out
+
+    def warm_up_reward_model(self) -> dict:
+        """Canonical RLAIF: fit the reward model on labels of the initial policy's samples before RL starts.
+        Warm-up batches (negative batch numbers: sample ids `s-00001/...`) train only the reward model; they
+        are not in the policy's ledger."""
+        rcfg = self.cfg.reward
+        for k in range(rcfg.warmup_batches):
+            indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
+            worker, critic = self.rollouts[k % len(self.rollouts)], self.critics[k % len(self.critics)]
+            rollouts, _ = worker.generate.options(num_returns=2).remote(self.prompts_ref, indices, -(k + 1))
+            labels, _ = critic.label.options(num_returns=2).remote(rollouts)
+            self.rm_trainer.add.remote(labels)
+        stats = ray.get(self.rm_trainer.fit.remote(rcfg.warmup_steps)) if rcfg.warmup_batches else {}
+        self.load_reward_model()
+        return stats
+
+    def load_reward_model(self) -> None:
+        ray.get(self.scorer.load_state.remote(self.rm_trainer.state_dict.remote()))
+        self.rm_loads += 1
+
+    def evaluate(self) -> dict:
+        """Ground-truth accuracy of the current policy on the whole prompt set (sampled and greedy)."""
+        return ray.get(self.rollouts[0].evaluate.remote(self.prompts_ref, self.cfg.loop.eval_samples))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, step: int, loop_state: dict) -> Path:
+        """Checkpoint after `step` steps: learner ranks, reward model, then the loop state; atomic."""
+        tmp = checkpoint.begin(self.run_dir, step)
+        self.learners.save_state(str(tmp))
+        if self.rm_trainer is not None:
+            ray.get(self.rm_trainer.save_state.remote(str(tmp / "reward_model.pt")))
+        state = {"step": step, "version": self.version, "sampler": self.sampler.state(),
+                 "config_digest": checkpoint.config_digest(self.cfg), **loop_state}
+        return checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
+
+    def restore(self, folder: Path, state: dict) -> None:
+        """Learners, reward model, prompt cursor and engines as they were when `folder` was written."""
+        self.version = self.learners.load_state(str(folder))
+        if self.rm_trainer is not None:
+            ray.get(self.rm_trainer.load_state.remote(str(folder / "reward_model.pt")))
+            self.load_reward_model()
+        self.sampler.restore(state["sampler"])
+        self.finish_syncs(self.sync_weights(self.version))
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, writer, resume: dict | None = None) -> dict:
+        cfg = self.cfg
+        inflight_max = cfg.loop.max_inflight if cfg.loop.mode == "async" else 0
+        pending: deque[InFlight] = deque()
+        resume = resume or {}
+        start = resume.get("step", 0)
+        totals = resume.get("totals", {"generated": 0, "trained": 0, "dropped_stale": 0, "skipped": 0})
+        judge_counts: dict[str, float] = defaultdict(float, resume.get("judge_counts", {}))
+        busy: dict[str, float] = defaultdict(float, resume.get("busy", {}))  # stage -> seconds its actors worked
+        for b in resume.get("pending", []):  # batches in flight at the checkpoint: same steps, same prompts
+            pending.append(self.launch(b["step"], b["indices"]))
+        launched = resume.get("launched", 0)
+        sync_refs: list = []
+        rm_fit = None
+        wall_before = resume.get("wall_seconds", 0.0)
+        t_start = last = time.perf_counter()
+        for step in range(start, cfg.loop.num_steps):
+            while launched < cfg.loop.num_steps and len(pending) <= inflight_max:
+                pending.append(self.launch(launched))
+                launched += 1
+            batch, stats = self.collect(pending.popleft())
+            queues = {"queue_gen": self.pools["rollout"].depth(), "queue_label": self.pools["critic"].depth(),
+                      "queue_reward": self.pools["reward"].depth(),
+                      "queue_ready": sum(bool(ray.wait([b.rewards], timeout=0, fetch_local=False)[0]) for b in pending)}
+            rcfg = cfg.reward
+            if self.rm_trainer is not None and rcfg.refresh_every and step and step % rcfg.refresh_every == 0:
+                rm_fit = self.rm_trainer.fit.remote()  # runs beside the learner; the scorer takes the new
+                self.scorer.load_state.remote(self.rm_trainer.state_dict.remote())  # weights for later batches
+                self.rm_loads += 1
+            t_train = time.perf_counter()
+            result = self.learners.train(batch.rewards)
+            train_wall = time.perf_counter() - t_train
+            self.version += 1
+            sync_stats = self.finish_syncs(sync_refs)  # previous sync, long done by now
+            sync_refs = self.sync_weights(self.version)
+            if cfg.loop.mode == "sync":
+                sync_stats, sync_refs = self.finish_syncs(sync_refs), []
+            gen, lab = stats["gen"], stats.get("label", {})
+            now = time.perf_counter()
+            m = result["metrics"]
+            for key in ("trained", "dropped_stale", "skipped"):
+                totals[key] += m[key]
+            totals["generated"] += gen["gen_samples"]
+            m.update(gen_seconds=gen["gen_seconds"], train_wall_seconds=train_wall, step_seconds=now - last,
+                     policy_version=self.version, gen_tokens=gen["gen_tokens"], gen_policy_version=gen["policy_version"],
+                     samples_per_s=gen["gen_samples"] / max(now - last, 1e-9),
+                     tokens_per_s=gen["gen_tokens"] / max(now - last, 1e-9), inflight=len(pending), **queues,
+                     gen_worker=gen.get("worker", 0), reissued_batches=self.faults["reissued_batches"])
+            if "engine_seconds" in gen:
+                m["engine_seconds"] = gen["engine_seconds"]
+            busy["gen"] += gen["gen_seconds"]
+            busy["train"] += result["metrics"]["train_seconds"]
+            if lab:
+                for key, value in lab.items():
+                    if isinstance(value, (int, float)):
+                        judge_counts[key] += value
+                batch_report = judge_report(lab)
+                busy["label"] += lab["label_seconds"]
+                busy["reward"] += stats["reward"]["reward_seconds"]
+                m.update(label_seconds=lab["label_seconds"], judge_calls=lab["judge_calls"],
+                         reward_seconds=stats["reward"]["reward_seconds"], rm_version=stats["reward"]["rm_version"],
+                         **{k: batch_report[k] for k in ("first_slot_rate", "unparsable_share", "failed_share")
+                            if batch_report[k] is not None})
+            if rm_fit is not None and ray.wait([rm_fit], timeout=0)[0]:
+                m.update(ray.get(rm_fit))
+                rm_fit = None
+            if sync_stats:
+                m.update(sync_seconds=max(s["sync_seconds"] for s in sync_stats), sync_bytes=sync_stats[0]["sync_bytes"])
+            last = now
+            writer.log_step(step, m)
+            writer.log_outcomes(step, result["outcome"])
+            check_judge_failures(judge_counts, cfg.fault.judge_failure_limit, cfg.fault.judge_failure_min_calls)
+            every = cfg.checkpoint.every
+            if every and (step + 1) % every == 0:
+                self.save(step + 1, {
+                    "launched": launched, "pending": [{"step": b.step, "indices": b.indices} for b in pending],
+                    "totals": totals, "judge_counts": dict(judge_counts), "busy": dict(busy),
+                    "wall_seconds": wall_before + time.perf_counter() - t_start,
+                    "metrics_lines": writer.metrics_lines, "ledger_lines": writer.ledger_lines,
+                    "eval_before": self.eval_before})
+        if sync_refs:
+            self.finish_syncs(sync_refs)
+        wall = wall_before + time.perf_counter() - t_start
+        summary = {**totals, "final_version": self.version, "wall_seconds": wall,
+                   "samples_per_s": totals["generated"] / wall, "mode": cfg.loop.mode,
+                   "algorithm": cfg.learner.algorithm,
+                   "busy_fraction": busy_fractions(busy, wall, {"gen": len(self.critics) if cfg.learner.algorithm == "sft"
+                                                                else len(self.rollouts), "label": len(self.critics),
+                                                                "reward": 1, "train": 1}),
+                   "dispatched": {"rollout": self.pools["rollout"].dispatched, "critic": self.pools["critic"].dispatched},
+                   "placement": self.placement, "faults": self.faults}
+        if judge_counts:
+            for usage in ray.get([c.usage.remote() for c in self.critics]):
+                for key, value in usage.items():
+                    judge_counts[key] += value
+            summary["judge_report"] = judge_report(judge_counts)
+        return summary
+
+    def save_checkpoint(self, path: Path) -> str:
+        return self.learners.save_checkpoint(str(path))
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+        actors = [a for pool in self.pools.values() for a in pool.actors]
+        actors += [self.rm_trainer] if self.rm_trainer else []
+        actors += self.learners.ranks if self.learners else []
+        for actor in actors:
+            ray.kill(actor)
+        for pg in self.groups.values():
+            remove_placement_group(pg)

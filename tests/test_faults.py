@@ -1,0 +1,137 @@
+"""Faults injected into real runs on the local cluster: stage actors killed mid-run (`ray.kill`, and SIGKILL of
+the process), a learner rank killed, the driver interrupted and resumed. Each checks the sample accounting:
+every sample id trained once, dropped as stale, or skipped with a reason -- never lost, never duplicated.
+The injections hook `Orchestrator.launch`, which the driver calls before it submits each batch."""
+import json
+import os
+import signal
+from collections import Counter
+
+import numpy as np
+import pytest
+import ray
+
+from rlaif_ray.orchestrator import Orchestrator
+from tests.conftest import small_config
+
+SYNC = dict(loop={"mode": "sync", "num_steps": 4, "eval_samples": 0}, checkpoint={"every": 2},
+            learner={"num_learners": 2}, critic={"backend": "transformers"})
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def pid_of(actor) -> int:
+    return ray._private.state.actors(actor._actor_id.hex())["Pid"]
+
+
+def inject(monkeypatch, faults: dict):
+    """Run `faults[step](orchestrator)` once, just before the batch of that step is submitted."""
+    original = Orchestrator.launch
+    done = set()
+
+    def launch(self, step, indices=None):
+        if step in faults and step not in done and indices is None:
+            done.add(step)
+            faults[step](self)
+        return original(self, step, indices)
+    monkeypatch.setattr(Orchestrator, "launch", launch)
+
+
+def weights(run_dir):
+    from safetensors.numpy import load_file
+    return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
+
+
+def check_ledger(run_dir, summary, steps, per_step):
+    ledger = read_jsonl(run_dir / "samples.jsonl")
+    ids = [row["sample_id"] for row in ledger]
+    assert len(ids) == len(set(ids)) == steps * per_step == summary["generated"]  # none lost, none twice
+    counts = Counter(row["outcome"] for row in ledger)
+    assert counts["trained"] == summary["trained"] and counts["dropped_stale"] == summary["dropped_stale"]
+    assert all(row.get("reason") for row in ledger if row["outcome"] == "skipped")
+    assert Counter(row["step"] for row in ledger) == {s: per_step for s in range(steps)}
+    return ledger
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, toy_world, tmp_path_factory):
+    from rlaif_ray.loop import train
+    run = tmp_path_factory.mktemp("uninterrupted")
+    summary = train(small_config(run, **SYNC))
+    return run / "run", summary
+
+
+def test_stage_actors_killed_mid_run(ray_cluster, toy_world, tmp_path, monkeypatch):
+    from rlaif_ray.loop import train
+    steps, per_step = 7, 4 * 2
+    inject(monkeypatch, {
+        2: lambda o: ray.kill(o.critics[0]),                              # gone for good: replaced
+        4: lambda o: os.kill(pid_of(o.rollouts[0]), signal.SIGKILL),      # the only engine: Ray restarts it
+        5: lambda o: ray.kill(o.scorer, no_restart=False),                # Ray restarts it
+    })
+    cfg = small_config(tmp_path, loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "max_staleness": 1,
+                                       "eval_samples": 1})
+    summary = train(cfg)
+    faults = summary["faults"]
+    assert faults["reissued_batches"] >= 3 and faults["replaced_actors"] >= 1
+    assert len(faults["events"]) == faults["reissued_batches"]
+    # the restarted engine was given the learner's weights again: it ends on the final version
+    assert summary["eval_after"]["policy_version"] == summary["final_version"] == steps
+    check_ledger(tmp_path / "run", summary, steps, per_step)
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["policy_version"] for m in metrics] == list(range(1, steps + 1))
+    assert max(m["staleness_max"] for m in metrics) <= 1
+    # after the engine came back it generated with the learner's weights, not the initial ones
+    assert all(m["gen_policy_version"] >= m["policy_version"] - 2 for m in metrics)
+    assert summary["trained"] > steps * per_step // 2
+
+
+def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, monkeypatch):
+    from rlaif_ray.cli import main
+    from rlaif_ray.loop import train
+
+    def interrupt(orch):
+        raise KeyboardInterrupt  # Ctrl-C on the driver, after the step-2 checkpoint
+    inject(monkeypatch, {3: interrupt})
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tmp_path, **SYNC))
+    run = tmp_path / "run"
+    assert len(read_jsonl(run / "metrics.jsonl")) == 3  # step 2 ran past the checkpoint: cut on resume
+    assert (run / "checkpoints" / "latest").read_text() == "step-000002"
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run)]) == 0
+    ref_run, ref = uninterrupted
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("step-000002") and summary["final_version"] == ref["final_version"]
+    # the same sample ids in the same order, the same version sequence, the same weights (CPU, sync)
+    assert [(r["sample_id"], r["outcome"]) for r in check_ledger(run, summary, 4, 8)] == \
+        [(r["sample_id"], r["outcome"]) for r in read_jsonl(ref_run / "samples.jsonl")]
+    got, want = read_jsonl(run / "metrics.jsonl"), read_jsonl(ref_run / "metrics.jsonl")
+    assert [m["policy_version"] for m in got] == [m["policy_version"] for m in want] == [1, 2, 3, 4]
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], abs=1e-7)
+    mine, theirs = weights(run), weights(ref_run)
+    assert all(np.allclose(mine[k], theirs[k], atol=1e-6) for k in theirs)
+
+
+def test_learner_rank_killed_resumes_from_last_checkpoint(uninterrupted, tmp_path, monkeypatch):
+    from rlaif_ray.loop import train
+    inject(monkeypatch, {3: lambda o: os.kill(pid_of(o.learners.ranks[1]), signal.SIGKILL)})
+    summary = train(small_config(tmp_path, **SYNC))
+    run = tmp_path / "run"
+    assert len(summary["faults"]["resumes"]) == 1 and "learner step" in summary["faults"]["resumes"][0]
+    assert summary["resumed_from"].endswith("step-000002")
+    ref_run, _ = uninterrupted
+    assert [r["sample_id"] for r in check_ledger(run, summary, 4, 8)] == \
+        [r["sample_id"] for r in read_jsonl(ref_run / "samples.jsonl")]
+    assert [m["policy_version"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    mine, theirs = weights(run), weights(ref_run)
+    assert all(np.allclose(mine[k], theirs[k], atol=1e-6) for k in theirs)
+
+
+def test_resume_refuses_a_changed_config(uninterrupted, tmp_path):
+    from rlaif_ray.cli import main
+    ref_run, _ = uninterrupted
+    assert main(["train", "--resume", str(ref_run), "learner.learning_rate=0.5"]) == 2
+    assert main(["train", "--resume", str(tmp_path)]) == 2  # not a run folder
