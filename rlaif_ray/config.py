@@ -49,6 +49,9 @@ class DataConfig(_Section):
     prompts: str = "toy"  # a JSONL/Parquet file with a "prompt" field, or "toy" for the toy world's file
     prompts_per_step: int = Field(8, ge=1)
     shuffle: bool = True
+    # prompts too long for model.max_model_len minus rollout.max_new_tokens: stop with an error naming the first
+    # ("error"), or leave them out and count them ("skip", reported as prompts_left_out in summary.json)
+    long_prompts: Literal["error", "skip"] = "error"
 
 
 class VLLMConfig(_Section):

@@ -27,6 +27,7 @@ class Resolved:
     prompts_path: str
     prompts: object  # pa.Table
     reward_model: str | None = None  # backbone of reward.kind=reward_model
+    prompts_left_out: int = 0        # longer than the context allows (data.long_prompts=skip)
 
 
 def _check_model_path(path: str, key: str) -> None:
@@ -78,7 +79,7 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
     if not cfg.critic.remote.base_url:  # a remote judge needs no local critic model
         _check_model_path(critic, "model.critic")
     _check_judge(cfg, critic)
-    prompts = load_prompts(prompts_path)
+    prompts, left_out = _fit_prompts_to_context(cfg, policy, prompts_path, load_prompts(prompts_path))
     if cfg.data.prompts_per_step > prompts.num_rows:
         raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "
                           f"{prompts.num_rows} prompts in {prompts_path}")
@@ -88,7 +89,29 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
         reward_model = {"policy": policy, "critic": critic}.get(cfg.reward.model, cfg.reward.model)
         _check_model_path(reward_model, "reward.model")
         reward_model = local(reward_model)
-    return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model)
+    return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model, left_out)
+
+
+def _fit_prompts_to_context(cfg: RunConfig, policy: str, path: str, prompts):
+    """Prompts whose tokens leave no room for `rollout.max_new_tokens` in `model.max_model_len` would fail deep
+    inside the engine: an error naming the prompt (data.long_prompts=error), or left out and counted (skip)."""
+    from transformers import AutoTokenizer
+
+    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(policy)(prompts.column("prompt").to_pylist())["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n > limit]
+    if not too_long:
+        return prompts, 0
+    first = too_long[0]
+    if cfg.data.long_prompts == "error":
+        raise ConfigError(f"{path}: prompt '{prompts.column('prompt_id')[first].as_py()}' is {lengths[first]} tokens; "
+                          f"with rollout.max_new_tokens={cfg.rollout.max_new_tokens} it may have at most {limit} "
+                          f"(model.max_model_len={cfg.model.max_model_len}); {len(too_long)} prompt(s) are too long "
+                          "(data.long_prompts=skip leaves them out)")
+    print(f"[rlaif] data.long_prompts=skip: {len(too_long)} of {prompts.num_rows} prompts in {path} are longer than "
+          f"{limit} tokens and are left out", flush=True)
+    keep = sorted(set(range(prompts.num_rows)) - set(too_long))
+    return prompts.take(keep), len(too_long)
 
 
 def busy_fractions(busy: dict[str, float], wall: float, pool_sizes: dict[str, int]) -> dict[str, float]:
@@ -204,7 +227,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             (run_dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(err)}, indent=1))
             raise
     summary["faults"]["resumes"] = resumes
-    summary.update(status="finished", policy=resolved.policy, critic=resolved.critic, prompts=resolved.prompts_path)
+    summary.update(status="finished", policy=resolved.policy, critic=resolved.critic, prompts=resolved.prompts_path,
+                   prompts_left_out=resolved.prompts_left_out)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     write_report(run_dir)
     return summary

@@ -5,6 +5,7 @@ checker) are optional. Errors name the file and the 1-based row.
 """
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -23,31 +24,53 @@ class PromptFileError(ValueError):
     """A prompt file that cannot be used; the message names the file and row."""
 
 
-def _rows_from_jsonl(path: Path) -> list[dict]:
+MAX_LINE_BYTES = 1 << 20  # one JSONL row over 1 MiB is an error naming the row (a runaway line, not a prompt)
+
+
+def _rows_from_jsonl(path: Path) -> list[tuple[int, dict]]:
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):  # editors on Windows write one
+        data = data[len(codecs.BOM_UTF8):]
     rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise PromptFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for lineno, line in enumerate(data.split(b"\n"), start=1):  # JSONL rows end at \n only
+        if len(line) > MAX_LINE_BYTES:
+            raise PromptFileError(f"{path}: row {lineno}: line is {len(line)} bytes, over the limit of "
+                                  f"{MAX_LINE_BYTES} bytes per row")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise PromptFileError(f"{path}: row {lineno}: not UTF-8 text ({err.reason} at byte {err.start} "
+                                  "of the line)") from None
+        if not text.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(text)
         except json.JSONDecodeError as err:
             raise PromptFileError(f"{path}: row {lineno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise PromptFileError(f"{path}: row {lineno}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise PromptFileError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append((lineno, row))
     return rows
 
 
-def _rows_from_parquet(path: Path) -> list[dict]:
+def _rows_from_parquet(path: Path) -> list[tuple[int, dict]]:
     try:
         table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowException, OSError) as err:
         raise PromptFileError(f"{path}: not a readable Parquet file ({err})") from None
     return list(enumerate(table.to_pylist(), start=1))
+
+
+def _text(path: Path, lineno: int, field: str, value) -> str:
+    """A field that must hold text Arrow can store (JSON escapes can spell unpaired surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptFileError(f"{path}: row {lineno}: field '{field}' holds an unpaired surrogate "
+                              "(not valid Unicode)") from None
+    return value
 
 
 def load_prompts(path: str | Path) -> pa.Table:
@@ -65,14 +88,25 @@ def load_prompts(path: str | Path) -> pa.Table:
             raise PromptFileError(f"{path}: row {lineno}: field 'prompt' is missing or not a string")
         if not prompt.strip():
             raise PromptFileError(f"{path}: row {lineno}: field 'prompt' is empty")
-        pid = str(row.get("id", f"row{lineno}"))
+        prompt = _text(path, lineno, "prompt", prompt)
+        raw_id = row.get("id")
+        if raw_id is None:
+            pid = f"row{lineno}"
+        elif isinstance(raw_id, str) or (isinstance(raw_id, int) and not isinstance(raw_id, bool)):
+            pid = _text(path, lineno, "id", str(raw_id))
+        else:
+            raise PromptFileError(f"{path}: row {lineno}: field 'id' must be a string or an integer, "
+                                  f"got {type(raw_id).__name__}")
         if pid in seen:
             raise PromptFileError(f"{path}: row {lineno}: id '{pid}' already used at row {seen[pid]}")
         seen[pid] = lineno
         ref = row.get("reference")
+        if ref is not None and (isinstance(ref, (bool, dict, list)) or not isinstance(ref, (str, int, float))):
+            raise PromptFileError(f"{path}: row {lineno}: field 'reference' must be text or a number, "
+                                  f"got {type(ref).__name__}")
         ids.append(pid)
         prompts.append(prompt)
-        refs.append(None if ref is None else str(ref))
+        refs.append(None if ref is None else _text(path, lineno, "reference", str(ref)))
     return pa.Table.from_pydict({"prompt_id": ids, "prompt": prompts, "reference": refs}, schema=PROMPT_SCHEMA)
 
 

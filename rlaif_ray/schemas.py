@@ -8,6 +8,7 @@ account for every sample (trained, dropped as stale, or skipped with a reason).
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 class SchemaError(ValueError):
@@ -79,12 +80,15 @@ def validate(table: pa.Table, stage: str) -> pa.Table:
         if not col.type.equals(field.type):
             try:
                 col = col.cast(field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            except (pa.ArrowException, OverflowError) as err:
                 raise SchemaError(f"{stage}: column '{field.name}' has type {col.type}, "
                                   f"expected {field.type} ({err})") from None
         if not field.nullable and col.null_count:
             row = next(i for i, v in enumerate(col.is_null().to_pylist()) if v)
             raise SchemaError(f"{stage}: column '{field.name}' is null at row {row}")
+        if pa.types.is_list(field.type) and pc.list_flatten(col).null_count:  # a learner indexes these lists
+            row = next(i for i, v in enumerate(col.to_pylist()) if v is not None and None in v)
+            raise SchemaError(f"{stage}: column '{field.name}' holds a null item at row {row}")
         columns.append(col)
     out = pa.Table.from_arrays(columns, schema=schema)
     ids = out.column("sample_id").to_pylist()

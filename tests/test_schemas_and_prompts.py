@@ -60,6 +60,11 @@ def test_prompt_file_ok(tmp_path):
     ([json.dumps({"prompt": "a", "id": 1}), json.dumps({"prompt": "b", "id": 1})], "row 2: id '1' already used at row 1"),
     (["[1, 2]"], "row 1: expected a JSON object"),
     ([""], "no prompts"),
+    ([json.dumps({"prompt": "a"}), json.dumps({"prompt": "x" * (1 << 20)})], "row 2: line is 1048590 bytes, over the limit"),
+    ([json.dumps({"prompt": "a\ud800b"})], "row 1: field 'prompt' holds an unpaired surrogate"),
+    ([json.dumps({"prompt": "a", "id": [1]})], "row 1: field 'id' must be a string or an integer"),
+    ([json.dumps({"prompt": "a", "reference": {"x": 1}})], "row 1: field 'reference' must be text or a number"),
+    (["[" * 100000], "row 1: JSON nested too deeply"),
 ])
 def test_bad_prompt_files_name_the_row(tmp_path, lines, fragment):
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
@@ -72,9 +77,23 @@ def test_missing_and_non_utf8_files(tmp_path):
     with pytest.raises(PromptFileError, match="not found"):
         load_prompts(tmp_path / "none.jsonl")
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
-    with pytest.raises(PromptFileError, match="not UTF-8"):
+    path.write_bytes(b'{"prompt": "ok"}\n' + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(PromptFileError, match="row 2: not UTF-8"):
         load_prompts(path)
+    path.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "caf\xe9"}\r\n{"prompt": "a\u2028b"}\n'.encode())  # BOM, CRLF, U+2028
+    assert load_prompts(path).column("prompt").to_pylist() == ["caf\xe9", "a\u2028b"]
+
+
+def test_prompts_longer_than_the_context_error_or_skip(tmp_path, toy_world):
+    from rlaif_ray.config import ConfigError, load_config
+    from rlaif_ray.loop import resolve_inputs
+    path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": f"{i}+1=", "id": f"q{i}"}) for i in range(3)]
+                       + [json.dumps({"prompt": "9+9=" * 200, "id": "long"})])
+    overrides = [f"data.prompts={path}", "data.prompts_per_step=2", "model.max_model_len=64"]
+    with pytest.raises(ConfigError, match="prompt 'long' is .* tokens.*at most 56"):
+        resolve_inputs(load_config(None, overrides))
+    resolved = resolve_inputs(load_config(None, [*overrides, "data.long_prompts=skip"]))
+    assert resolved.prompts.column("prompt_id").to_pylist() == ["q0", "q1", "q2"] and resolved.prompts_left_out == 1
 
 
 def test_sampler_covers_every_prompt_each_epoch_and_is_seeded():

@@ -83,6 +83,18 @@ def test_invalid_requests_get_4xx_and_the_replica_stays_up(served_judge):
     assert client.completions.create(model="judge", prompt="2+2=", max_tokens=4, temperature=0).choices[0].text.strip() == "4"
 
 
+def test_load_with_hostile_requests_mixed_in(served_judge):
+    """A few hundred requests on 127.0.0.1, every 10th hostile: no errors, each hostile one its 4xx."""
+    from rlaif_ray.loadtest import run_load
+    prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)]
+    out = run_load(f"{served_judge['url']}/v1", "judge", prompts, requests=300, concurrency=16, api_key=KEY)
+    print("serve load:", json.dumps({k: v for k, v in out.items() if k != "first_errors"}))
+    assert out["errors"] == 0, out["first_errors"]
+    assert out["valid_ok"] == 270 and out["statuses"]["oversized:413"] > 0 and out["statuses"]["no_token:401"] > 0
+    assert 0 < out["p50_ms"] <= out["p95_ms"] <= out["p99_ms"]
+    assert httpx.get(f"{served_judge['url']}/health", timeout=30).status_code == 200
+
+
 def test_served_model_is_the_remote_judge_of_a_training_run(served_judge, tmp_path, monkeypatch):
     from rlaif_ray.loop import train
 
