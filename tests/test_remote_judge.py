@@ -255,3 +255,35 @@ def test_unreachable_remote_judge_fails_at_start(ray_cluster, toy_world):
     labeler = CriticLabeler.options(num_cpus=0.5).remote("unused", cfg.model_dump())
     with pytest.raises(ray.exceptions.RayActorError, match="127.0.0.1:9"):
         ray.get(labeler.ready.remote())
+
+
+def test_training_runs_through_judge_failures_and_stops_past_the_limit(server, ray_cluster, tmp_path):
+    """The endpoint fails some judge calls: the run goes on, those samples are skipped with the HTTP reason.
+    It fails every call: the run stops after the first step with a message naming the limit."""
+    import json
+
+    from rlaif_ray.faults import RunStopped
+    from rlaif_ray.loop import train
+    from tests.conftest import small_config
+
+    def config(run):
+        return small_config(run, critic={"remote": {"base_url": server.base_url, "model": "toy-critic",
+                                                    "max_retries": 0, "backoff_s": 0.01, "timeout_s": 5}},
+                            fault={"judge_failure_limit": 0.5, "judge_failure_min_calls": 8},
+                            loop={"num_steps": 3, "eval_samples": 0}, output={"save_checkpoint": False})
+
+    server.faults = {"status": 503, "times": 3, "match": "Better:"}  # judge prompts only, not the start-up probe
+    summary = train(config(tmp_path / "some"))
+    ledger = [json.loads(line) for line in open(tmp_path / "some" / "run" / "samples.jsonl")]
+    assert len(ledger) == len({r["sample_id"] for r in ledger}) == summary["generated"] == 3 * 8
+    skipped = [r for r in ledger if r["outcome"] == "skipped"]
+    assert 2 <= len(skipped) <= 6 and {r["reason"] for r in skipped} == {"http_503"}
+    assert summary["judge_report"]["failed_share"] == pytest.approx(3 / 24)
+
+    server.faults = {"status": 500, "match": "Better:"}  # every judge call, for good
+    with pytest.raises(RunStopped, match=r"judge failed 8 of 8 calls.*fault.judge_failure_limit=50%"):
+        train(config(tmp_path / "all"))
+    run = tmp_path / "all" / "run"
+    assert json.loads((run / "summary.json").read_text())["status"] == "stopped"
+    ledger = [json.loads(line) for line in open(run / "samples.jsonl")]
+    assert len(ledger) == 8 and all(r["outcome"] == "skipped" and r["reason"] == "http_500" for r in ledger)
