@@ -49,6 +49,11 @@ def config_digest(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def prompts_digest(prompts) -> str:
+    """A hash of the prompt ids in file order: the sampler state in a checkpoint indexes into exactly these."""
+    return hashlib.sha256("\x00".join(prompts.column("prompt_id").to_pylist()).encode()).hexdigest()[:16]
+
+
 def begin(run_dir: str | os.PathLike, step: int) -> Path:
     """An empty temporary folder for the checkpoint after `step` steps (removes a leftover of a crash)."""
     tmp = checkpoints_dir(run_dir) / f".tmp-{step_name(step)}"
@@ -94,8 +99,9 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_state(checkpoint: Path, cfg: RunConfig) -> dict:
-    """The loop state of `checkpoint`; ConfigError if the config changed in a way the resume cannot carry."""
+def load_state(checkpoint: Path, cfg: RunConfig, prompts=None) -> dict:
+    """The loop state of `checkpoint`; ConfigError if the config (or, given `prompts`, the prompt file) changed
+    in a way the resume cannot carry."""
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -103,6 +109,9 @@ def load_state(checkpoint: Path, cfg: RunConfig) -> dict:
     if state.get("config_digest") != config_digest(cfg):
         raise ConfigError(f"checkpoint {checkpoint} was written with a different config: only "
                           f"{', '.join(RESUMABLE_CHANGES)} may change on resume")
+    if prompts is not None and state.get("prompts_digest") != prompts_digest(prompts):
+        raise ConfigError(f"checkpoint {checkpoint}: the prompt file changed since it was written "
+                          f"({len(state['sampler']['order'])} prompts then, {prompts.num_rows} now, or other ids)")
     if state["step"] > cfg.loop.num_steps:
         raise ConfigError(f"checkpoint {checkpoint} is at step {state['step']}, past loop.num_steps="
                           f"{cfg.loop.num_steps}")

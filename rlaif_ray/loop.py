@@ -145,7 +145,7 @@ def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None) -> d
     from rlaif_ray.orchestrator import Orchestrator
 
     run_dir = Path(cfg.output.run_dir)
-    state = checkpoint.load_state(resume_from, cfg) if resume_from else None
+    state = checkpoint.load_state(resume_from, cfg, resolved.prompts) if resume_from else None
     if state is not None:  # lines written after the checkpoint belong to steps that run again
         checkpoint.truncate_lines(run_dir / "metrics.jsonl", state["metrics_lines"])
         checkpoint.truncate_lines(run_dir / "samples.jsonl", state["ledger_lines"])
@@ -198,7 +198,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         if resume_from is None:
             raise ConfigError(f"--resume {run_dir}: no checkpoint in {checkpoint.checkpoints_dir(run_dir)} "
                               "(checkpoints are written every checkpoint.every steps)")
-        checkpoint.load_state(resume_from, cfg)  # a config that cannot resume fails here, before Ray
+        checkpoint.load_state(resume_from, cfg, resolved.prompts)  # what cannot resume fails here, before Ray
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         _reset_outputs(run_dir)
