@@ -79,6 +79,14 @@ def write_report(run_dir: Path) -> Path:
         lines += ["", "## Judge report (whole run)", "", "| | |", "|---|---|"]
         lines += [f"| {k.replace('_', ' ')} | {fmt(v) if isinstance(v, float) or v is None else v} |"
                   for k, v in summary["judge_report"].items()]
+    faults = summary.get("faults") or {}
+    if faults.get("events") or faults.get("resumes") or summary.get("resumed_from"):
+        lines += ["", "## Faults survived", "",
+                  f"- batches re-issued after a stage actor fault: {faults.get('reissued_batches', 0)}; actors replaced: "
+                  f"{faults.get('replaced_actors', 0)}; engines given the weights again: {faults.get('resynced_engines', 0)}",
+                  f"- resumes from a checkpoint after a learner failure: {len(faults.get('resumes', []))}"
+                  + (f"; this run resumed from `{summary['resumed_from']}`" if summary.get("resumed_from") else "")]
+        lines += [f"- {event}" for event in [*faults.get("events", []), *faults.get("resumes", [])][:20]]
     lines += ["", "![curves](report.png)", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))

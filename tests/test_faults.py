@@ -87,6 +87,8 @@ def test_stage_actors_killed_mid_run(ray_cluster, toy_world, tmp_path, monkeypat
     # after the engine came back it generated with the learner's weights, not the initial ones
     assert all(m["gen_policy_version"] >= m["policy_version"] - 2 for m in metrics)
     assert summary["trained"] > steps * per_step // 2
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Faults survived" in report and f"re-issued after a stage actor fault: {faults['reissued_batches']}" in report
 
 
 def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, monkeypatch):
