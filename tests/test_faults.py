@@ -65,18 +65,19 @@ def uninterrupted(ray_cluster, toy_world, tmp_path_factory):
 
 def test_stage_actors_killed_mid_run(ray_cluster, toy_world, tmp_path, monkeypatch):
     from rlaif_ray.loop import train
-    steps, per_step = 8, 4 * 2
+    steps, per_step = 9, 4 * 2
     inject(monkeypatch, {
         1: lambda o: ray.kill(o.rollouts[0]),                             # the only engine, gone for good: replaced
         3: lambda o: os.kill(pid_of(o.critics[0]), signal.SIGKILL),       # the judge engine's process: Ray restarts it
         5: lambda o: os.kill(pid_of(o.rollouts[0]), signal.SIGKILL),      # the replacement engine: Ray restarts it
         6: lambda o: ray.kill(o.scorer, no_restart=False),                # Ray restarts it
+        7: lambda o: os.kill(pid_of(o.critics[0]), signal.SIGKILL),       # restarts used up: replaced
     })
     cfg = small_config(tmp_path, loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "max_staleness": 1,
-                                       "eval_samples": 1})
+                                       "eval_samples": 1}, fault={"max_actor_restarts": 1})  # Ray restarts, and replacement
     summary = train(cfg)
     faults = summary["faults"]
-    assert faults["reissued_batches"] >= 4 and faults["replaced_actors"] >= 1
+    assert faults["reissued_batches"] >= 5 and faults["replaced_actors"] >= 2
     assert len(faults["events"]) == faults["reissued_batches"]
     # the restarted engine was given the learner's weights again: it ends on the final version
     assert summary["eval_after"]["policy_version"] == summary["final_version"] == steps
