@@ -77,7 +77,9 @@ def test_stage_actors_killed_mid_run(ray_cluster, toy_world, tmp_path, monkeypat
                                        "eval_samples": 1}, fault={"max_actor_restarts": 1})  # Ray restarts, and replacement
     summary = train(cfg)
     faults = summary["faults"]
-    assert faults["reissued_batches"] >= 5 and faults["replaced_actors"] >= 2
+    # ray.kill (step 1) and a kill with no restart left (step 7) fail a batch for sure and force a replacement;
+    # a call sent to an actor Ray is restarting may wait for it instead of failing, so the rest may re-issue or not
+    assert faults["reissued_batches"] >= 2 and faults["replaced_actors"] >= 2
     assert len(faults["events"]) == faults["reissued_batches"]
     # the restarted engine was given the learner's weights again: it ends on the final version
     assert summary["eval_after"]["policy_version"] == summary["final_version"] == steps
