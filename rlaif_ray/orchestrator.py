@@ -43,6 +43,7 @@ class InFlight:
     rewards: object                                # ObjectRef[pa.Table]: rewards (or demonstrations for sft)
     stat_refs: dict = field(default_factory=dict)  # stage -> ObjectRef of its small stats dict
     expected_version: int = 0                      # the engine must hold at least this version of the weights
+    expected_rm: int = 0                           # ... and the scorer this reward-model state
 
 
 class Orchestrator:
@@ -138,7 +139,7 @@ class Orchestrator:
         if self.rm_trainer is not None:  # fresh on-policy labels for the next reward-model refit
             self.rm_trainer.add.remote(labels)
         return InFlight(step, indices, rewards, {"gen": gen_stats, "label": label_stats, "reward": reward_stats},
-                        self.synced_version)
+                        self.synced_version, self.rm_loads)
 
     def collect(self, batch: InFlight) -> tuple[InFlight, dict]:
         """The batch's stage stats once it is ready; a batch lost to a stage fault is re-issued (after the
@@ -150,6 +151,9 @@ class Orchestrator:
                 if self.cfg.learner.algorithm != "sft" and gen_version < batch.expected_version:
                     raise StaleEngine(f"engine {stats['gen'].get('worker')} generated step {batch.step} with "
                                       f"version {gen_version}, expected >= {batch.expected_version} (it restarted)")
+                if "reward" in stats and stats["reward"]["rm_version"] < batch.expected_rm:
+                    raise StaleEngine(f"the scorer scored step {batch.step} with reward model {stats['reward']['rm_version']}"
+                                      f", expected >= {batch.expected_rm} (it restarted)")
                 return batch, stats
             except Exception as err:
                 if not is_actor_fault(err):
@@ -175,7 +179,7 @@ class Orchestrator:
                     ray.get(pool.actors[i].update_weights.remote(self.latest_weights, self.synced_version))
                     self.faults["resynced_engines"] += 1
                 if stage == "reward" and self.rm_trainer is not None and answer < self.rm_loads:
-                    ray.get(pool.actors[i].load_state.remote(self.rm_trainer.state_dict.remote()))
+                    ray.get(pool.actors[i].load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads))
 
     def sync_weights(self, version: int) -> list:
         self.latest_weights, self.synced_version = self.learners.export_weights(), version
@@ -211,8 +215,8 @@ class Orchestrator:
         return stats
 
     def load_reward_model(self) -> None:
-        ray.get(self.scorer.load_state.remote(self.rm_trainer.state_dict.remote()))
         self.rm_loads += 1
+        ray.get(self.scorer.load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads))
 
     def evaluate(self) -> dict:
         """Ground-truth accuracy of the current policy on the whole prompt set (sampled and greedy)."""
@@ -227,7 +231,7 @@ class Orchestrator:
             ray.get(self.rm_trainer.save_state.remote(str(tmp / "reward_model.pt")))
         state = {"step": step, "version": self.version, "sampler": self.sampler.state(),
                  "config_digest": checkpoint.config_digest(self.cfg),
-                 "prompts_digest": checkpoint.prompts_digest(self.prompts), **loop_state}
+                 "prompts_digest": checkpoint.prompts_digest(self.prompts), "rm_loads": self.rm_loads, **loop_state}
         return checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
 
     def restore(self, folder: Path, state: dict) -> None:
@@ -235,6 +239,7 @@ class Orchestrator:
         self.version = self.learners.load_state(str(folder))
         if self.rm_trainer is not None:
             ray.get(self.rm_trainer.load_state.remote(str(folder / "reward_model.pt")))
+            self.rm_loads = state.get("rm_loads", 1) - 1  # the scorer takes the state under its old number
             self.load_reward_model()
         self.sampler.restore(state["sampler"])
         self.finish_syncs(self.sync_weights(self.version))
@@ -267,8 +272,8 @@ class Orchestrator:
             rcfg = cfg.reward
             if self.rm_trainer is not None and rcfg.refresh_every and step and step % rcfg.refresh_every == 0:
                 rm_fit = self.rm_trainer.fit.remote()  # runs beside the learner; the scorer takes the new
-                self.scorer.load_state.remote(self.rm_trainer.state_dict.remote())  # weights for later batches
-                self.rm_loads += 1
+                self.rm_loads += 1                      # weights for later batches
+                self.scorer.load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads)
             t_train = time.perf_counter()
             result = self.learners.train(batch.rewards)
             train_wall = time.perf_counter() - t_train

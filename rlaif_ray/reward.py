@@ -45,10 +45,11 @@ class RewardScorer:
         """The reward model's version (0: the initial weights; a restarted scorer is back at 0)."""
         return self.rm_version
 
-    def load_state(self, state: dict) -> int:
-        """New reward-model weights from the trainer; batches scored after this call use them."""
+    def load_state(self, state: dict, version: int | None = None) -> int:
+        """New reward-model weights from the trainer; batches scored after this call use them. `version`: the
+        driver's count of the states it sent (a replaced or restarted scorer takes the current one)."""
         self.model.load_state_dict(state)
-        self.rm_version += 1
+        self.rm_version = self.rm_version + 1 if version is None else version
         return self.rm_version
 
     def _rewards(self, labels: pa.Table) -> pa.Array:

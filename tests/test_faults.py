@@ -14,8 +14,11 @@ import ray
 from rlaif_ray.orchestrator import Orchestrator
 from tests.conftest import small_config
 
+# sync, 2 DeepSpeed ranks, and a reward model refit every 2 steps: a resume must restore all of their state
 SYNC = dict(loop={"mode": "sync", "num_steps": 4, "eval_samples": 0}, checkpoint={"every": 2},
-            learner={"num_learners": 2}, critic={"backend": "transformers"})
+            learner={"num_learners": 2}, critic={"backend": "transformers"},
+            reward={"kind": "reward_model", "model": "critic", "warmup_batches": 1, "warmup_steps": 5,
+                    "refresh_every": 2, "train_steps": 3, "cpus": 0.25, "trainer_cpus": 0.25})
 
 
 def read_jsonl(path):
@@ -117,6 +120,8 @@ def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, mon
     got, want = read_jsonl(run / "metrics.jsonl"), read_jsonl(ref_run / "metrics.jsonl")
     assert [m["policy_version"] for m in got] == [m["policy_version"] for m in want] == [1, 2, 3, 4]
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], abs=1e-7)
+    assert [m["rm_version"] for m in got] == [m["rm_version"] for m in want]
+    assert [m["reward_mean"] for m in got] == pytest.approx([m["reward_mean"] for m in want], abs=1e-6)
     mine, theirs = weights(run), weights(ref_run)
     assert all(np.allclose(mine[k], theirs[k], atol=1e-6) for k in theirs)
 
