@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 METHODS = ("pairwise", "cot", "self_reference", "direct")
@@ -31,26 +32,38 @@ LEARNERS = {  # name -> overrides on the base config
 }
 
 
+@contextmanager
+def initial_batch(cfg):
+    """One RolloutWorker and one CriticLabeler (killed on exit), and every prompt sampled once by the initial
+    policy (`rollout.samples_per_prompt` answers each, batch step 0). Yields (rollouts table, critic, resolved)."""
+    import ray
+
+    from rlaif_ray.critic import CriticLabeler
+    from rlaif_ray.engine import engine_env, judge_env
+    from rlaif_ray.loop import resolve_inputs, start_ray
+    from rlaif_ray.rollout import RolloutWorker
+
+    resolved = resolve_inputs(cfg)
+    start_ray(cfg)
+    raw = cfg.model_dump()
+    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(resolved.policy, raw)
+    critic = CriticLabeler.options(num_cpus=1, runtime_env={"env_vars": judge_env(cfg)}).remote(resolved.critic, raw)
+    try:
+        prompts = ray.put(resolved.prompts)
+        rollouts, _ = worker.generate.options(num_returns=2).remote(prompts, list(range(resolved.prompts.num_rows)), 0)
+        yield ray.get(rollouts), critic, resolved
+    finally:
+        ray.kill(worker)
+        ray.kill(critic)
+
+
 def labeler_agreement(base, out: Path) -> dict:
     import pyarrow as pa
     import ray
 
-    from rlaif_ray.critic import CriticLabeler
-    from rlaif_ray.engine import engine_env
     from rlaif_ray.feedback_metrics import judge_bias_counts, judge_report, label_quality
-    from rlaif_ray.loop import resolve_inputs, start_ray
-    from rlaif_ray.rollout import RolloutWorker
 
-    resolved = resolve_inputs(base)
-    start_ray(base)
-    env = {"runtime_env": {"env_vars": engine_env(base.vllm)}}
-    raw = base.model_dump()
-    worker = RolloutWorker.options(num_cpus=1, **env).remote(resolved.policy, raw)
-    critic = CriticLabeler.options(num_cpus=1, **env).remote(resolved.critic, raw)
-    try:
-        prompts = ray.put(resolved.prompts)
-        rollouts, _ = worker.generate.options(num_returns=2).remote(prompts, list(range(resolved.prompts.num_rows)), 0)
-        rollouts = ray.get(rollouts)
+    with initial_batch(base) as (rollouts, critic, resolved):
         result = {}
         for method in METHODS:
             t0 = time.perf_counter()
@@ -66,9 +79,6 @@ def labeler_agreement(base, out: Path) -> dict:
         result["_batch"] = {"prompts": resolved.prompts.num_rows, "samples": rollouts.num_rows,
                             "policy_accuracy": label_quality(pa.Table.from_pydict(
                                 {c: rollouts.column(c) for c in ("sample_id", "reference", "response")})).get("true_accuracy")}
-    finally:
-        ray.kill(worker)
-        ray.kill(critic)
     return result
 
 

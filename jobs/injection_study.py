@@ -15,27 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+from feedback_study import fmt, initial_batch  # jobs/ is on sys.path when a job script runs
+
 METHODS = ("pairwise", "cot", "self_reference")
 
 
 def study(cfg) -> dict:
     import ray
 
-    from rlaif_ray.critic import CriticLabeler
-    from rlaif_ray.engine import engine_env, judge_env
     from rlaif_ray.injection import ATTACKS, attack, flip_rate, victims
-    from rlaif_ray.loop import resolve_inputs, start_ray
 
-    resolved = resolve_inputs(cfg)
-    start_ray(cfg)
-    raw = cfg.model_dump()
-    from rlaif_ray.rollout import RolloutWorker
-    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(resolved.policy, raw)
-    critic = CriticLabeler.options(num_cpus=1, runtime_env={"env_vars": judge_env(cfg)}).remote(resolved.critic, raw)
-    try:
-        prompts = ray.put(resolved.prompts)
-        rollouts = ray.get(worker.generate.options(num_returns=2).remote(
-            prompts, list(range(resolved.prompts.num_rows)), 0)[0])
+    with initial_batch(cfg) as (rollouts, critic, _):
         targets = victims(rollouts)
         result = {"samples": rollouts.num_rows, "attacked_responses": len(targets), "methods": {}}
         for method in METHODS:
@@ -46,14 +36,7 @@ def study(cfg) -> dict:
                 rows[name] = flip_rate(clean, attacked, targets)
                 print(f"[injection] {method} / {name}: flip rate {rows[name]['flip_rate']}", flush=True)
             result["methods"][method] = rows
-    finally:
-        ray.kill(worker)
-        ray.kill(critic)
     return result
-
-
-def fmt(v, digits=3):
-    return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def to_markdown(result: dict) -> str:

@@ -45,16 +45,16 @@ def is_actor_fault(err: BaseException) -> bool:
 def get_all_or_fail(refs: list, what: str) -> list:
     """`ray.get(refs)`, but a failed ref raises at once, even while other refs (ranks blocked in a collective
     with the failed one) never finish. Actor faults become LearnerFailure."""
-    pending = list(refs)
+    pending, results = list(refs), {}
     try:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done)
+            (ref,), pending = ray.wait(pending, num_returns=1)
+            results[ref] = ray.get(ref)
     except Exception as err:
         if is_actor_fault(err):
             raise LearnerFailure(f"{what}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
         raise
-    return ray.get(refs)
+    return [results[ref] for ref in refs]
 
 
 def probe(actor, timeout_s: float):

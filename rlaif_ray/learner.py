@@ -351,7 +351,7 @@ class LearnerRank:
         if self.rank != 0:
             return None, {"rank": self.rank}
         arrays = [(p if p.dtype == torch.float32 else p.float()).numpy() for _, p in params]
-        return (arrays, [n for n, _ in params]), {"rank": 0, "bytes": int(sum(a.nbytes for a in arrays))}
+        return (arrays, [n for n, _ in params]), {"rank": 0}
 
     def save_state(self, folder: str) -> str | None:
         """Every rank: its DeepSpeed model + optimizer state into folder/deepspeed; rank 0 also the Hugging Face

@@ -53,7 +53,7 @@ def run_load(base_url: str, model: str, prompts: list[str], requests: int = 300,
         try:
             resp = client.post(url, content=body, headers=headers)
             status = resp.status_code
-            ok = status == expected and (status != 200 or bool(resp.json()["choices"][0]["text"] is not None))
+            ok = status == expected and (status != 200 or resp.json()["choices"][0]["text"] is not None)
         except (httpx.HTTPError, ValueError, KeyError) as err:
             status, ok = type(err).__name__, False
         seconds = time.perf_counter() - t0

@@ -139,13 +139,13 @@ def _reset_outputs(run_dir: Path) -> None:
         shutil.rmtree(run_dir / folder, ignore_errors=True)
 
 
-def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None) -> dict:
-    """Start the actors, restore `resume_from` if given, run the loop to the end, save the policy."""
+def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None) -> dict:
+    """Start the actors, restore the checkpoint `resume_from` (its loaded `state`) if given, run the loop to the
+    end, save the policy."""
     from rlaif_ray.metrics import MetricsWriter
     from rlaif_ray.orchestrator import Orchestrator
 
     run_dir = Path(cfg.output.run_dir)
-    state = checkpoint.load_state(resume_from, cfg, resolved.prompts) if resume_from else None
     if state is not None:  # lines written after the checkpoint belong to steps that run again
         checkpoint.truncate_lines(run_dir / "metrics.jsonl", state["metrics_lines"])
         checkpoint.truncate_lines(run_dir / "samples.jsonl", state["ledger_lines"])
@@ -192,13 +192,13 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 
     resolved = resolve_inputs(cfg)          # bad input stops here, before Ray or any actor
     run_dir = Path(cfg.output.run_dir)
-    resume_from = None
+    resume_from = state = None
     if resume:
         resume_from = checkpoint.latest(run_dir)
         if resume_from is None:
             raise ConfigError(f"--resume {run_dir}: no checkpoint in {checkpoint.checkpoints_dir(run_dir)} "
                               "(checkpoints are written every checkpoint.every steps)")
-        checkpoint.load_state(resume_from, cfg, resolved.prompts)  # what cannot resume fails here, before Ray
+        state = checkpoint.load_state(resume_from, cfg, resolved.prompts)  # what cannot resume fails before Ray
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         _reset_outputs(run_dir)
@@ -207,25 +207,25 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     from rlaif_ray.placement import check_resources
     check_resources(cfg)
     resumes = []
-    while True:
-        try:
-            summary = _run_once(cfg, resolved, resume_from)
-            break
-        except LearnerFailure as err:
-            resumes.append(str(err))
-            if len(resumes) > cfg.fault.max_resumes:
-                reason = (f"a learner rank failed {len(resumes)} times, over fault.max_resumes="
-                          f"{cfg.fault.max_resumes}; last: {err}")
-                (run_dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": reason}, indent=1))
-                raise RunStopped(reason) from err
-            resume_from = checkpoint.latest(run_dir)
-            print(f"[rlaif] {err}: resuming from {resume_from or 'the start (no checkpoint yet)'} "
-                  f"({len(resumes)}/{cfg.fault.max_resumes})", flush=True)
-            if resume_from is None:
-                _reset_outputs(run_dir)
-        except RunStopped as err:
-            (run_dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(err)}, indent=1))
-            raise
+    try:
+        while True:
+            try:
+                summary = _run_once(cfg, resolved, resume_from, state)
+                break
+            except LearnerFailure as err:
+                resumes.append(str(err))
+                if len(resumes) > cfg.fault.max_resumes:
+                    raise RunStopped(f"a learner rank failed {len(resumes)} times, over fault.max_resumes="
+                                     f"{cfg.fault.max_resumes}; last: {err}") from err
+                resume_from = checkpoint.latest(run_dir)
+                state = checkpoint.load_state(resume_from, cfg, resolved.prompts) if resume_from else None
+                print(f"[rlaif] {err}: resuming from {resume_from or 'the start (no checkpoint yet)'} "
+                      f"({len(resumes)}/{cfg.fault.max_resumes})", flush=True)
+                if resume_from is None:
+                    _reset_outputs(run_dir)
+    except RunStopped as err:
+        (run_dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(err)}, indent=1))
+        raise
     summary["faults"]["resumes"] = resumes
     summary.update(status="finished", policy=resolved.policy, critic=resolved.critic, prompts=resolved.prompts_path,
                    prompts_left_out=resolved.prompts_left_out)

@@ -96,7 +96,7 @@ class Orchestrator:
         self.eval_before = None       # ground-truth accuracy before the run (kept in checkpoints)
         self.faults = {"reissued_batches": 0, "replaced_actors": 0, "resynced_engines": 0, "events": []}
         self.run_dir = Path(cfg.output.run_dir).resolve()
-        self.prompts = resolved.prompts
+        self.prompts_digest = checkpoint.prompts_digest(resolved.prompts)  # written into every checkpoint
         self.prompts_ref = ray.put(resolved.prompts)
         self.sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)
 
@@ -231,7 +231,7 @@ class Orchestrator:
             ray.get(self.rm_trainer.save_state.remote(str(tmp / "reward_model.pt")))
         state = {"step": step, "version": self.version, "sampler": self.sampler.state(),
                  "config_digest": checkpoint.config_digest(self.cfg),
-                 "prompts_digest": checkpoint.prompts_digest(self.prompts), "rm_loads": self.rm_loads, **loop_state}
+                 "prompts_digest": self.prompts_digest, "rm_loads": self.rm_loads, **loop_state}
         return checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
 
     def restore(self, folder: Path, state: dict) -> None:

@@ -4,7 +4,6 @@ invalid requests get their 4xx without taking the replica down, and the same end
 a short training run."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,9 @@ import pytest
 
 from rlaif_ray.config import ConfigError, load_config
 from rlaif_ray.serve import PLAIN_CHAT_TEMPLATE, resolve_chat_template
-from tests.conftest import small_config
+from tests.conftest import free_port, small_config
 
 KEY_ENV, KEY = "RLAIF_SERVE_TEST_KEY", "sk-serve-test-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
