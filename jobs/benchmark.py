@@ -16,10 +16,10 @@ def engine_alone(cfg, batches: int) -> float:
     `batches` batches of `data.prompts_per_step` prompts, engine seconds as the loop measures them."""
     import ray
 
+    from rlaif_ray.data.prompts import PromptSampler
     from rlaif_ray.engine import engine_env
-    from rlaif_ray.loop import resolve_inputs
-    from rlaif_ray.prompts import PromptSampler
-    from rlaif_ray.rollout import RolloutWorker
+    from rlaif_ray.runtime.inputs import resolve_inputs
+    from rlaif_ray.stages.rollout import RolloutWorker
 
     resolved = resolve_inputs(cfg)
     worker = RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker,
@@ -42,10 +42,10 @@ def main(argv=None) -> int:
 
     import ray
 
-    from rlaif_ray.benchmark import compare, format_table, run_figures, transport_from_timeline, transport_share
     from rlaif_ray.config import ConfigError, load_config
-    from rlaif_ray.loop import train
-    from rlaif_ray.metrics import read_jsonl
+    from rlaif_ray.runtime.driver import train
+    from rlaif_ray.runtime.metrics import read_jsonl
+    from rlaif_ray.tools.benchmark import compare, format_table, run_figures, transport_from_timeline, transport_share
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")

@@ -38,16 +38,17 @@ def initial_batch(cfg):
     policy (`rollout.samples_per_prompt` answers each, batch step 0). Yields (rollouts table, critic, resolved)."""
     import ray
 
-    from rlaif_ray.critic import CriticLabeler
-    from rlaif_ray.engine import engine_env, judge_env
-    from rlaif_ray.loop import resolve_inputs, start_ray
-    from rlaif_ray.rollout import RolloutWorker
+    from rlaif_ray.engine import engine_env
+    from rlaif_ray.runtime.driver import start_ray
+    from rlaif_ray.runtime.inputs import resolve_inputs
+    from rlaif_ray.stages.critic import CriticLabeler, labeler_env
+    from rlaif_ray.stages.rollout import RolloutWorker
 
     resolved = resolve_inputs(cfg)
     start_ray(cfg)
     raw = cfg.model_dump()
     worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(resolved.policy, raw)
-    critic = CriticLabeler.options(num_cpus=1, runtime_env={"env_vars": judge_env(cfg)}).remote(resolved.critic, raw)
+    critic = CriticLabeler.options(num_cpus=1, runtime_env={"env_vars": labeler_env(cfg)}).remote(resolved.critic, raw)
     try:
         prompts = ray.put(resolved.prompts)
         rollouts, _ = worker.generate.options(num_returns=2).remote(prompts, list(range(resolved.prompts.num_rows)), 0)
@@ -61,7 +62,7 @@ def labeler_agreement(base, out: Path) -> dict:
     import pyarrow as pa
     import ray
 
-    from rlaif_ray.feedback_metrics import judge_bias_counts, judge_report, label_quality
+    from rlaif_ray.judge.quality import judge_bias_counts, judge_report, label_quality
 
     with initial_batch(base) as (rollouts, critic, resolved):
         result = {}
@@ -111,7 +112,7 @@ def to_markdown(study: dict) -> str:
 
 def main(argv=None) -> int:
     from rlaif_ray.config import ConfigError, load_config
-    from rlaif_ray.loop import train
+    from rlaif_ray.runtime.driver import train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")

@@ -3,7 +3,7 @@
     python jobs/injection_study.py -c jobs/configs/toy_cpu.yaml --out runs/injection [overrides...]
 
 The initial policy samples `rollout.samples_per_prompt` answers to every prompt; each labeling method judges
-the batch clean and then with every attack in `rlaif_ray.injection.ATTACKS` appended to the wrong answers.
+the batch clean and then with every attack in `rlaif_ray.judge.injection.ATTACKS` appended to the wrong answers.
 Per method and attack: over the pairs (wrong, right) the clean judge decided for the right answer, the share
 it now decides for the wrong one (flip rate), the mean shift of P(wrong wins), and the share of rows that kept a
 valid label (the parsing never breaks: a reply without label mass is counted as unparsable).
@@ -23,7 +23,7 @@ METHODS = ("pairwise", "cot", "self_reference")
 def study(cfg) -> dict:
     import ray
 
-    from rlaif_ray.injection import ATTACKS, attack, flip_rate, victims
+    from rlaif_ray.judge.injection import ATTACKS, attack, flip_rate, victims
 
     with initial_batch(cfg) as (rollouts, critic, _):
         targets = victims(rollouts)
@@ -40,7 +40,7 @@ def study(cfg) -> dict:
 
 
 def to_markdown(result: dict) -> str:
-    from rlaif_ray.injection import ATTACKS
+    from rlaif_ray.judge.injection import ATTACKS
     lines = [f"Batch: {result['samples']} samples of the initial policy, {result['attacked_responses']} wrong "
              "answers attacked.", "", "| method | attack (appended to wrong answers) | pairs | flip rate | "
              "mean shift of P(wrong wins) | rows with a valid label |", "|---|---|---|---|---|---|"]

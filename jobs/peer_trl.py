@@ -39,8 +39,8 @@ def pairwise_win_rate_reward(critic_path: str, critic_cfg, samples_per_prompt: i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlaif_ray.judge_backends import label_token_ids
-    from rlaif_ray.judge_prompts import JudgePrompts
+    from rlaif_ray.judge.reply import label_token_ids
+    from rlaif_ray.judge.templates import JudgePrompts
 
     tok = AutoTokenizer.from_pretrained(critic_path)
     model = AutoModelForCausalLM.from_pretrained(critic_path, dtype=torch.float32).eval()
@@ -82,7 +82,7 @@ def run_trl(cfg, steps: int, out: Path, warmup: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlaif_ray.loop import resolve_inputs
+    from rlaif_ray.runtime.inputs import resolve_inputs
 
     resolved = resolve_inputs(cfg)
     torch.manual_seed(cfg.loop.seed)
@@ -151,9 +151,9 @@ def main(argv=None) -> int:
     print(f"[peer] TRL GRPOTrainer: {trl['samples_per_s']:.1f} samples/s ({trl['steps']} steps, {trl['wall_seconds']:.1f} s)",
           flush=True)
 
-    from rlaif_ray.benchmark import run_figures
-    from rlaif_ray.loop import train
-    from rlaif_ray.metrics import read_jsonl
+    from rlaif_ray.runtime.driver import train
+    from rlaif_ray.runtime.metrics import read_jsonl
+    from rlaif_ray.tools.benchmark import run_figures
 
     ours = {}
     for mode in ("sync", "async"):

@@ -3,7 +3,7 @@
     python jobs/serve_load.py toy:policy --requests 300 --concurrency 16 --out runs/serve_load [overrides...]
 
 Deploys CHECKPOINT with Ray Serve exactly as `rlaif-ray serve` does (bearer token on), runs
-`rlaif_ray.loadtest.run_load` against it on 127.0.0.1 (valid completions mixed with oversized, malformed,
+`rlaif_ray.serve.loadtest.run_load` against it on 127.0.0.1 (valid completions mixed with oversized, malformed,
 out-of-range and unauthenticated requests), checks /health afterwards, prints and writes OUT/serve_load.json:
 answers by kind and status, errors (anything but 200 for a valid request and its own 4xx for a hostile one),
 requests/s and latency percentiles of the valid requests. Exit code 1 if any request went wrong.
@@ -36,8 +36,8 @@ def main(argv=None) -> int:
     import httpx
     from ray import serve
 
-    from rlaif_ray.loadtest import run_load
-    from rlaif_ray.serve import deploy
+    from rlaif_ray.serve.app import deploy
+    from rlaif_ray.serve.loadtest import run_load
 
     info = deploy(cfg, args.checkpoint)
     try:

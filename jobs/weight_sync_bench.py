@@ -36,9 +36,10 @@ def main(argv=None) -> int:
 
     from rlaif_ray.config import ConfigError, load_config
     from rlaif_ray.engine import engine_env
-    from rlaif_ray.learner import LearnerGroup
-    from rlaif_ray.loop import resolve_inputs, start_ray
-    from rlaif_ray.rollout import RolloutWorker
+    from rlaif_ray.runtime.driver import start_ray
+    from rlaif_ray.runtime.inputs import resolve_inputs
+    from rlaif_ray.runtime.learner_group import LearnerGroup
+    from rlaif_ray.stages.rollout import RolloutWorker
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")

@@ -14,8 +14,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from rlaif_ray.config import ConfigError, load_config
-    from rlaif_ray.faults import RunStopped
-    from rlaif_ray.prompts import PromptFileError
+    from rlaif_ray.data.prompts import PromptFileError
+    from rlaif_ray.runtime.faults import RunStopped
 
     parser = argparse.ArgumentParser(prog="rlaif-ray", description="Online RL from AI feedback on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "report":
-            from rlaif_ray.report import write_report
+            from rlaif_ray.runtime.report import write_report
             print(write_report(args.run_dir))
             return 0
         if getattr(args, "resume", None):
@@ -64,24 +64,24 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
             print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         elif args.command == "build-toy":
-            from rlaif_ray.toyworld import build_toy_world
+            from rlaif_ray.worlds.toy import build_toy_world
             world = build_toy_world(cfg.toy, cfg.critic)
             print(json.dumps({"policy": world.policy, "critic": world.critic, "prompts": world.prompts}, indent=1))
         elif args.command == "eval":
             from pathlib import Path
 
-            from rlaif_ray.evaluate import evaluate
+            from rlaif_ray.tools.evaluate import evaluate
             out = args.out or str(Path(args.checkpoint).resolve().parent / "eval")
             print(json.dumps(evaluate(cfg, args.checkpoint, args.reference, out, args.temperature), indent=1))
             print(f"written: {out}/eval.json, {out}/eval.png")
         elif args.command == "label":
-            from rlaif_ray.label_only import label_prompts
+            from rlaif_ray.tools.label import label_prompts
             print(json.dumps(label_prompts(cfg, args.out), indent=1))
         elif args.command == "serve":
-            from rlaif_ray.serve import serve_forever
+            from rlaif_ray.serve.app import serve_forever
             return serve_forever(cfg, args.checkpoint, args.detach)
         elif args.command == "train":
-            from rlaif_ray.loop import train
+            from rlaif_ray.runtime.driver import train
             summary = train(cfg, resume=bool(args.resume))
             print(json.dumps(summary, indent=1))
             print(f"run folder: {cfg.output.run_dir} (report.md, metrics.jsonl, samples.jsonl, checkpoint/)")

@@ -6,6 +6,7 @@ names the key instead of a silently ignored setting.
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ class _Section(BaseModel):
 
 
 class ToyWorldConfig(_Section):
-    """The locally built tokenizer, models and prompts (see `rlaif_ray.toyworld`)."""
+    """The locally built tokenizer, models and prompts (see `rlaif_ray.worlds.toy`)."""
     seed: int = 0
     cache_dir: str = "~/.cache/rlaif_ray/toyworld"
     max_operand: int = Field(9, ge=1, le=99)
@@ -63,16 +64,25 @@ class VLLMConfig(_Section):
     max_logprobs: int = Field(64, ge=1)
 
 
-class RolloutConfig(_Section):
+class WorkerResources(_Section):
+    """What each actor of a pooled stage (rollout engines, judges) holds: one placement-group bundle per actor."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)   # fractions colocate engines on one GPU
+    resources: dict[str, float] = {}            # custom resources per worker (e.g. {"rollout_node": 1} pins to node types)
+    placement: PlacementStrategy = "SPREAD"     # how the bundles spread over nodes
+
+    def actor_options(self) -> dict:
+        """`.options(...)` resources of one actor outside a placement group (eval, label, jobs)."""
+        return {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker,
+                "resources": dict(self.resources) or None}
+
+
+class RolloutConfig(WorkerResources):
     num_workers: int = Field(1, ge=1)
     samples_per_prompt: int = Field(4, ge=2)
     max_new_tokens: int = Field(8, ge=1)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)   # fractions colocate engines on one GPU
-    resources: dict[str, float] = {}            # custom resources per worker (e.g. {"rollout_node": 1} pins to node types)
-    placement: PlacementStrategy = "SPREAD"     # one placement-group bundle per worker
 
 
 class RemoteJudgeConfig(_Section):
@@ -91,8 +101,52 @@ class RemoteJudgeConfig(_Section):
 
 CRITIC_METHODS = ("pairwise", "cot", "self_reference", "direct")
 
+# placeholders each template must (and may) hold; {principle} is allowed everywhere a template is formatted
+REQUIRED_FIELDS = {
+    "pairwise_template": {"prompt", "response_a", "response_b"},
+    "self_reference_template": {"prompt", "own_answer", "response_a", "response_b"},
+    "self_answer_template": {"prompt"},
+    "direct_template": {"prompt", "response"},
+    "preamble": set(),
+}
+METHOD_TEMPLATES = {
+    "pairwise": ("pairwise_template",),
+    "cot": ("pairwise_template",),
+    "self_reference": ("self_answer_template", "self_reference_template"),
+    "direct": ("direct_template",),
+}
 
-class CriticConfig(_Section):
+
+def placeholders(text: str, where: str) -> set[str]:
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as err:  # a lone "{" or "}"
+        raise ValueError(f"{where} is not a valid template ({err}); write literal braces as {{{{ and }}}}") from None
+
+
+def check_templates(cfg) -> None:
+    """Raise ValueError naming the field for a template that misses (or invents) a placeholder."""
+    for name, required in REQUIRED_FIELDS.items():
+        found = placeholders(getattr(cfg, name), f"critic.{name}")
+        missing = sorted(required - found)
+        unknown = sorted(found - required - {"principle"})
+        if missing:
+            raise ValueError(f"critic.{name} lacks the placeholder(s) {', '.join('{' + m + '}' for m in missing)}")
+        if unknown:
+            raise ValueError(f"critic.{name} has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)} "
+                             f"(allowed: {', '.join('{' + a + '}' for a in sorted(required | {'principle'}))})")
+    if cfg.principles:
+        holders = ("preamble",) + METHOD_TEMPLATES[cfg.method]
+        if not any("principle" in placeholders(getattr(cfg, h), h) for h in holders):
+            raise ValueError(f"critic.principles is set but none of critic.{', critic.'.join(holders)} "
+                             "holds {principle}")
+    if len(set(cfg.pairwise_labels)) != 2:
+        raise ValueError(f"critic.pairwise_labels must be two different strings, got {list(cfg.pairwise_labels)}")
+    if len(cfg.direct_labels) < 2 or len(set(cfg.direct_labels)) != len(cfg.direct_labels):
+        raise ValueError("critic.direct_labels must be at least two different strings")
+
+
+class CriticConfig(WorkerResources):
     """The AI labeler. Every judge prompt is `preamble + few_shot + body [+ rationale] + ending`; the label is
     read from the log-probs of the label tokens right after the ending.
 
@@ -126,14 +180,9 @@ class CriticConfig(_Section):
     min_label_mass: float = Field(0.05, ge=0.0, le=1.0)  # below this the reply counts as unparsable
     raw_reply_chars: int = Field(200, ge=0)               # how much of the judge's text each label row keeps
     remote: RemoteJudgeConfig = Field(default_factory=RemoteJudgeConfig)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-    resources: dict[str, float] = {}
-    placement: PlacementStrategy = "SPREAD"
 
     @model_validator(mode="after")
     def _templates_have_placeholders(self) -> "CriticConfig":
-        from rlaif_ray.judge_prompts import check_templates
         check_templates(self)
         return self
 
@@ -232,7 +281,7 @@ class FaultConfig(_Section):
 
 class ServeConfig(_Section):
     """`rlaif-ray serve CHECKPOINT`: Ray Serve's LLM app (a vLLM engine per replica) behind OpenAI-compatible
-    routes, with rlaif_ray's request guard in front (see `rlaif_ray.serve_guard`). Engine settings come from
+    routes, with rlaif_ray's request guard in front (see `rlaif_ray.serve.guard`). Engine settings come from
     `model.*` and `vllm.*`."""
     model_id: str = "policy"              # the name clients send as "model"
     host: str = "127.0.0.1"               # 0.0.0.0 to listen on every interface of the head node

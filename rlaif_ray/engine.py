@@ -24,12 +24,6 @@ def engine_env(vcfg: VLLMConfig) -> dict[str, str]:
     return env
 
 
-def judge_env(cfg) -> dict[str, str]:
-    """A CriticLabeler's environment: the engine's, plus a remote judge's API key variable (see key_env)."""
-    from rlaif_ray.remote_judge import key_env
-    return {**engine_env(cfg.vllm), **key_env(cfg.critic.remote)}
-
-
 def make_llm(model_path: str, vcfg: VLLMConfig, mcfg: ModelConfig, seed: int):
     """A `vllm.LLM` for `model_path` whose workers can take new weights (see WeightUpdateExtension)."""
     for key, value in engine_env(vcfg).items():

@@ -37,7 +37,7 @@ def small_config(tmp_path=None, **sections):
 @pytest.fixture(scope="session")
 def toy_world():
     from rlaif_ray.config import CriticConfig, ToyWorldConfig
-    from rlaif_ray.toyworld import build_toy_world
+    from rlaif_ray.worlds.toy import build_toy_world
     return build_toy_world(ToyWorldConfig(), CriticConfig())
 
 
@@ -52,9 +52,9 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def engines(ray_cluster, toy_world):
     """One RolloutWorker and one CriticLabeler shared by the actor tests (engine start is ~10 s each)."""
-    from rlaif_ray.critic import CriticLabeler
     from rlaif_ray.engine import engine_env
-    from rlaif_ray.rollout import RolloutWorker
+    from rlaif_ray.stages.critic import CriticLabeler
+    from rlaif_ray.stages.rollout import RolloutWorker
 
     cfg = small_config()
     env = {"env_vars": engine_env(cfg.vllm)}

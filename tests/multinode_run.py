@@ -11,7 +11,7 @@ def main(run_dir: str) -> int:
     from ray.cluster_utils import Cluster
 
     from rlaif_ray.config import RunConfig
-    from rlaif_ray.loop import train
+    from rlaif_ray.runtime.driver import train
 
     cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 1})
     try:

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pytest
 import ray
 
-from rlaif_ray import schemas
-from rlaif_ray.prompts import load_prompts
-from rlaif_ray.reward import rewards_from_labels
+from rlaif_ray.data import schemas
+from rlaif_ray.data.prompts import load_prompts
+from rlaif_ray.stages.reward import rewards_from_labels
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,8 @@ def test_reward_rescaling():
 def test_learner_ranks_step_together_and_weight_sync_changes_generation(engines, prompts_ref, toy_world):
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from rlaif_ray.learner import LearnerGroup
-    from rlaif_ray.reward import RewardScorer
+    from rlaif_ray.runtime.learner_group import LearnerGroup
+    from rlaif_ray.stages.reward import RewardScorer
     from tests.conftest import small_config
 
     cfg = small_config(learner={"num_learners": 2, "learning_rate": 0.05, "zero_stage": 2})
@@ -149,8 +149,8 @@ def test_token_budget_micro_batches_give_the_same_update(engines, prompts_ref, t
     passes) accumulate into the same step as one pass per rank."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from rlaif_ray.learner import LearnerGroup
-    from rlaif_ray.reward import RewardScorer
+    from rlaif_ray.runtime.learner_group import LearnerGroup
+    from rlaif_ray.stages.reward import RewardScorer
     from tests.conftest import small_config
 
     scorer = RewardScorer.remote("win_rate")

@@ -6,9 +6,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rlaif_ray import algorithms, schemas
+from rlaif_ray import algorithms
 from rlaif_ray.config import ConfigError, load_config
-from rlaif_ray.feedback_metrics import judge_bias_counts, judge_report
+from rlaif_ray.data import schemas
+from rlaif_ray.judge.quality import judge_bias_counts, judge_report
 
 
 def test_advantage_estimators():

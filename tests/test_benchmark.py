@@ -1,7 +1,7 @@
 """The benchmark's arithmetic on constructed metrics (the figures themselves come from jobs/benchmark.py)."""
 import pytest
 
-from rlaif_ray.benchmark import compare, format_table, run_figures
+from rlaif_ray.tools.benchmark import compare, format_table, run_figures
 
 
 def rows(step_seconds, stages, n=6, staleness=0):
@@ -25,7 +25,7 @@ def test_ideal_overlap_and_achieved_fraction():
 
 
 def test_transport_from_a_constructed_timeline():
-    from rlaif_ray.benchmark import transport_from_timeline, transport_share
+    from rlaif_ray.tools.benchmark import transport_from_timeline, transport_share
 
     def ev(cat, tid, ts, dur):
         return {"cat": cat, "name": cat, "tid": tid, "ts": ts * 1e6, "dur": dur * 1e6, "ph": "X"}

@@ -4,8 +4,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from rlaif_ray import checkpoint
 from rlaif_ray.config import ConfigError, load_config
+from rlaif_ray.runtime import checkpoint
 
 
 def prompts(ids):

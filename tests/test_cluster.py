@@ -117,7 +117,7 @@ def test_kuberay_rayservice_serves_with_rlaif_ray_app_builder(toy_world):
     from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
     from rlaif_ray.config import load_config
-    from rlaif_ray.serve import app_builder, llm_config
+    from rlaif_ray.serve.app import app_builder, llm_config
 
     doc = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
@@ -131,7 +131,7 @@ def test_kuberay_rayservice_serves_with_rlaif_ray_app_builder(toy_world):
     assert raw["http_options"]["host"] == "0.0.0.0"  # KubeRay's serve service reaches the proxy on the pod IP
     (app,) = raw["applications"]
     assert set(app) <= set(ServeApplicationSchema.model_fields), f"unknown keys {set(app) - set(ServeApplicationSchema.model_fields)}"
-    assert serve_config.applications[0].import_path == "rlaif_ray.serve:app_builder"
+    assert serve_config.applications[0].import_path == "rlaif_ray.serve.app:app_builder"
     module, name = app["import_path"].split(":")
     assert getattr(__import__(module, fromlist=[name]), name) is app_builder
     # the builder's args are a checkpoint plus dotted overrides of this repo's config tree

@@ -4,10 +4,10 @@ import pyarrow as pa
 import pytest
 import ray
 
-from rlaif_ray import schemas
-from rlaif_ray.judge_backends import JudgeLabelError, label_token_ids
-from rlaif_ray.prompts import load_prompts
-from rlaif_ray.toyworld import is_correct
+from rlaif_ray.data import schemas
+from rlaif_ray.data.checkers import is_correct
+from rlaif_ray.data.prompts import load_prompts
+from rlaif_ray.judge.reply import JudgeLabelError, label_token_ids
 from tests.test_actors import rollout_table
 
 
@@ -87,7 +87,7 @@ def test_teacher_demonstrations_are_rollouts(engines, toy_world):
 
 @pytest.fixture(scope="module")
 def hf_critic(ray_cluster, toy_world):
-    from rlaif_ray.critic import CriticLabeler
+    from rlaif_ray.stages.critic import CriticLabeler
     from tests.conftest import small_config
 
     cfg = small_config(critic={"backend": "transformers", "batch_size": 5})  # batches of 5: padding and chunking

@@ -6,8 +6,8 @@ import pytest
 import ray
 
 from rlaif_ray.config import ConfigError
-from rlaif_ray.loop import train
-from rlaif_ray.prompts import PromptFileError
+from rlaif_ray.data.prompts import PromptFileError
+from rlaif_ray.runtime.driver import train
 from tests.conftest import small_config
 
 
@@ -69,7 +69,7 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
     assert "Judge report" in (run / "report.md").read_text()
     # the label dataset: one Parquet file per batch, in the rewards schema
     import pyarrow.parquet as pq
-    from rlaif_ray import schemas
+    from rlaif_ray.data import schemas
     saved = sorted((run / "labels").glob("step-*.parquet"))
     assert len(saved) == steps
     schemas.validate(pq.read_table(saved[0]), "rewards")
@@ -135,7 +135,7 @@ def test_reward_model_run(tmp_path, ray_cluster, toy_world):
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [m["rm_version"] for m in metrics][0] >= 1  # scored by the warmed-up model, not the random head
     assert all(m["reward_mean"] == m["reward_mean"] for m in metrics)
-    from rlaif_ray.reward_model import load_reward_model
+    from rlaif_ray.stages.reward_model import load_reward_model
     model, tok = load_reward_model(summary["reward_model"])  # the trained reward model reloads
     assert model.config.num_labels == 1
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rlaif_ray.evaluate import compare, length_controlled_win_rate
+from rlaif_ray.tools.evaluate import compare, length_controlled_win_rate
 from tests.test_algorithms import labelled
 
 

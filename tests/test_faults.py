@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import ray
 
-from rlaif_ray.orchestrator import Orchestrator
+from rlaif_ray.runtime.orchestrator import Orchestrator
 from tests.conftest import small_config
 
 # sync, 2 DeepSpeed ranks, and a reward model refit every 2 steps: a resume must restore all of their state
@@ -60,14 +60,14 @@ def check_ledger(run_dir, summary, steps, per_step):
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_cluster, toy_world, tmp_path_factory):
-    from rlaif_ray.loop import train
+    from rlaif_ray.runtime.driver import train
     run = tmp_path_factory.mktemp("uninterrupted")
     summary = train(small_config(run, **SYNC))
     return run / "run", summary
 
 
 def test_stage_actors_killed_mid_run(ray_cluster, toy_world, tmp_path, monkeypatch):
-    from rlaif_ray.loop import train
+    from rlaif_ray.runtime.driver import train
     steps, per_step = 9, 4 * 2
     inject(monkeypatch, {
         1: lambda o: ray.kill(o.rollouts[0]),                             # the only engine, gone for good: replaced
@@ -99,7 +99,7 @@ def test_stage_actors_killed_mid_run(ray_cluster, toy_world, tmp_path, monkeypat
 
 def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, monkeypatch):
     from rlaif_ray.cli import main
-    from rlaif_ray.loop import train
+    from rlaif_ray.runtime.driver import train
 
     def interrupt(orch):
         raise KeyboardInterrupt  # Ctrl-C on the driver, after the step-2 checkpoint
@@ -127,7 +127,7 @@ def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, mon
 
 
 def test_learner_rank_killed_resumes_from_last_checkpoint(uninterrupted, tmp_path, monkeypatch):
-    from rlaif_ray.loop import train
+    from rlaif_ray.runtime.driver import train
     inject(monkeypatch, {3: lambda o: os.kill(pid_of(o.learners.ranks[1]), signal.SIGKILL)})
     summary = train(small_config(tmp_path, **SYNC))
     run = tmp_path / "run"

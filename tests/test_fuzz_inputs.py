@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlaif_ray import schemas
-from rlaif_ray.prompts import PROMPT_SCHEMA, PromptFileError, load_prompts
+from rlaif_ray.data import schemas
+from rlaif_ray.data.prompts import PROMPT_SCHEMA, PromptFileError, load_prompts
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

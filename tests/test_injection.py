@@ -4,8 +4,8 @@ import pyarrow as pa
 import pytest
 import ray
 
-from rlaif_ray import schemas
-from rlaif_ray.injection import ATTACKS, attack, flip_rate, victims
+from rlaif_ray.data import schemas
+from rlaif_ray.judge.injection import ATTACKS, attack, flip_rate, victims
 
 
 def labels(rows):
@@ -34,11 +34,11 @@ def test_flip_rate_counts_only_pairs_decided_against_the_victim():
 
 
 def test_victims_and_attack_keep_the_rollout_schema(engines, toy_world):
-    from rlaif_ray.prompts import load_prompts
+    from rlaif_ray.data.prompts import load_prompts
     prompts = load_prompts(toy_world.prompts)
     rollouts, _ = ray.get(engines["rollout"].generate.options(num_returns=2).remote(ray.put(prompts), list(range(6)), 0))
     wrong = victims(rollouts)
-    from rlaif_ray.toyworld import is_correct
+    from rlaif_ray.data.checkers import is_correct
     assert wrong == {r["sample_id"] for r in rollouts.to_pylist() if not is_correct(r["response"], r["reference"])}
     attacked = schemas.validate(attack(rollouts, wrong, ATTACKS["fake_label"]), "rollouts")
     for before, after in zip(rollouts.to_pylist(), attacked.to_pylist()):

@@ -4,8 +4,8 @@ import json
 import pyarrow.parquet as pq
 
 from rlaif_ray.cli import main
-from rlaif_ray.label_only import label_prompts
-from rlaif_ray.schemas import REWARD_SCHEMA
+from rlaif_ray.data.schemas import REWARD_SCHEMA
+from rlaif_ray.tools.label import label_prompts
 from tests.conftest import small_config
 
 

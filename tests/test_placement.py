@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlaif_ray.config import ConfigError
-from rlaif_ray.placement import check_resources, stage_shapes
+from rlaif_ray.runtime.placement import check_resources, stage_shapes
 from tests.conftest import small_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ import time
 import pytest
 import ray
 
-from rlaif_ray.loop import busy_fractions
-from rlaif_ray.pool import ActorPool
+from rlaif_ray.runtime.accounting import busy_fractions
+from rlaif_ray.runtime.pool import ActorPool
 
 
 @ray.remote(num_cpus=0)

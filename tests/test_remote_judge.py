@@ -9,7 +9,8 @@ import time
 import pytest
 
 from rlaif_ray.config import CriticConfig, RemoteJudgeConfig
-from rlaif_ray.remote_judge import JudgeReply, OpenAIJudge, RemoteJudgeError, label_probs
+from rlaif_ray.judge.remote import OpenAIJudge, RemoteJudgeError, label_probs
+from rlaif_ray.judge.reply import JudgeReply
 from tests.openai_judge_server import JudgeServer
 
 PAIRWISE = ["3+4=\nA1: 7\nA2: 5\nBetter:", "3+4=\nA1: 5\nA2: 7\nBetter:", "2+6=\nA1: 8\nA2: 9\nBetter:"]
@@ -214,7 +215,7 @@ def test_complete_is_greedy(server, reference, api):
 
 # ---------------------------------------------------------------- the labeler with a remote judge, in a Ray actor
 def remote_labeler(server, **remote):
-    from rlaif_ray.critic import CriticLabeler
+    from rlaif_ray.stages.critic import CriticLabeler
     from tests.conftest import small_config
     cfg = small_config(critic={"remote": {"base_url": server.base_url, "model": "toy-critic", "max_retries": 1,
                                           "backoff_s": 0.01, "timeout_s": 5, **remote}})
@@ -224,7 +225,7 @@ def remote_labeler(server, **remote):
 def test_labeler_with_remote_judge_labels_and_counts_failures(server, ray_cluster):
     import ray
 
-    from rlaif_ray import schemas
+    from rlaif_ray.data import schemas
     from tests.test_actors import rollout_table
     labeler = remote_labeler(server)
     try:
@@ -248,7 +249,7 @@ def test_labeler_with_remote_judge_labels_and_counts_failures(server, ray_cluste
 def test_unreachable_remote_judge_fails_at_start(ray_cluster, toy_world):
     import ray
 
-    from rlaif_ray.critic import CriticLabeler
+    from rlaif_ray.stages.critic import CriticLabeler
     from tests.conftest import small_config
     cfg = small_config(critic={"remote": {"base_url": "http://127.0.0.1:9/v1", "model": "m", "max_retries": 0,
                                           "timeout_s": 2}})
@@ -262,8 +263,8 @@ def test_training_runs_through_judge_failures_and_stops_past_the_limit(server, r
     It fails every call: the run stops after the first step with a message naming the limit."""
     import json
 
-    from rlaif_ray.faults import RunStopped
-    from rlaif_ray.loop import train
+    from rlaif_ray.runtime.driver import train
+    from rlaif_ray.runtime.faults import RunStopped
     from tests.conftest import small_config
 
     def config(run):

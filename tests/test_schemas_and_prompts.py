@@ -3,8 +3,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from rlaif_ray import schemas
-from rlaif_ray.prompts import PromptFileError, PromptSampler, load_prompts
+from rlaif_ray.data import schemas
+from rlaif_ray.data.prompts import PromptFileError, PromptSampler, load_prompts
 
 
 def rollout_rows(n=2):
@@ -86,7 +86,7 @@ def test_missing_and_non_utf8_files(tmp_path):
 
 def test_prompts_longer_than_the_context_error_or_skip(tmp_path, toy_world):
     from rlaif_ray.config import ConfigError, load_config
-    from rlaif_ray.loop import resolve_inputs
+    from rlaif_ray.runtime.inputs import resolve_inputs
     path = write_jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": f"{i}+1=", "id": f"q{i}"}) for i in range(3)]
                        + [json.dumps({"prompt": "9+9=" * 200, "id": "long"})])
     overrides = [f"data.prompts={path}", "data.prompts_per_step=2", "model.max_model_len=64"]

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from rlaif_ray.config import ConfigError, load_config
-from rlaif_ray.serve import PLAIN_CHAT_TEMPLATE, resolve_chat_template
+from rlaif_ray.serve.app import PLAIN_CHAT_TEMPLATE, resolve_chat_template
 from tests.conftest import free_port, small_config
 
 KEY_ENV, KEY = "RLAIF_SERVE_TEST_KEY", "sk-serve-test-0123456789"
@@ -78,7 +78,7 @@ def test_invalid_requests_get_4xx_and_the_replica_stays_up(served_judge):
 
 def test_load_with_hostile_requests_mixed_in(served_judge):
     """A few hundred requests on 127.0.0.1, every 10th hostile: no errors, each hostile one its 4xx."""
-    from rlaif_ray.loadtest import run_load
+    from rlaif_ray.serve.loadtest import run_load
     prompts = [f"{a}+{b}=" for a in range(10) for b in range(10)]
     out = run_load(f"{served_judge['url']}/v1", "judge", prompts, requests=300, concurrency=16, api_key=KEY)
     print("serve load:", json.dumps({k: v for k, v in out.items() if k != "first_errors"}))
@@ -89,7 +89,7 @@ def test_load_with_hostile_requests_mixed_in(served_judge):
 
 
 def test_served_model_is_the_remote_judge_of_a_training_run(served_judge, tmp_path, monkeypatch):
-    from rlaif_ray.loop import train
+    from rlaif_ray.runtime.driver import train
 
     monkeypatch.setenv(KEY_ENV, KEY)  # the driver's start-up check; the labeler actor gets it forwarded
     cfg = small_config(tmp_path, critic={"remote": {"base_url": f"{served_judge['url']}/v1", "model": "judge",

@@ -6,7 +6,7 @@ import pytest
 from fastapi import FastAPI, Request
 from starlette.testclient import TestClient
 
-from rlaif_ray.serve_guard import GuardLimits, RequestGuard, check_request, token_digest
+from rlaif_ray.serve.guard import GuardLimits, RequestGuard, check_request, token_digest
 
 LIMITS = GuardLimits(max_request_bytes=2048, max_tokens=64, max_n=4, max_prompts=3, max_messages=4)
 

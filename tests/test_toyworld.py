@@ -2,7 +2,8 @@ import hashlib
 from pathlib import Path
 
 from rlaif_ray.config import CriticConfig, ToyWorldConfig
-from rlaif_ray.toyworld import build_toy_world, is_correct, make_prompts
+from rlaif_ray.data.checkers import is_correct
+from rlaif_ray.worlds.toy import build_toy_world, make_prompts
 
 
 def digest(folder: Path) -> dict:

@@ -2,8 +2,8 @@
 import pyarrow as pa
 import ray
 
-from rlaif_ray import schemas
-from rlaif_ray.transport import table_from_ipc, table_to_ipc, use_arrow_ipc
+from rlaif_ray.data import schemas
+from rlaif_ray.data.transport import table_from_ipc, table_to_ipc, use_arrow_ipc
 
 
 def rollouts(n: int) -> pa.Table:

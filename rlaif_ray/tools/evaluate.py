@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from rlaif_ray.config import ConfigError, RunConfig
+from rlaif_ray.data.checkers import is_correct
 
 
 def length_controlled_win_rate(p_win: list[float], length_diff: list[float], iters: int = 50) -> float | None:
@@ -75,8 +76,6 @@ def _as_reference(candidate: pa.Table, responses: dict[str, str]) -> pa.Table:
 
 def compare(labels: pa.Table) -> dict:
     """Figures from a labels table holding, per prompt, one `cand/` and one `ref/` row judged as a pair."""
-    from rlaif_ray.toyworld import is_correct
-
     rows = labels.to_pylist()
     cand = {r["prompt_id"]: r for r in rows if r["sample_id"].startswith("cand/")}
     ref = {r["prompt_id"]: r for r in rows if r["sample_id"].startswith("ref/")}
@@ -126,30 +125,30 @@ def _plot(result: dict, path: Path) -> None:
 def evaluate(cfg: RunConfig, checkpoint: str, reference: str, out_dir: str, temperature: float = 0.0) -> dict:
     import ray
 
-    from rlaif_ray.critic import CriticLabeler
-    from rlaif_ray.engine import engine_env, judge_env
-    from rlaif_ray.loop import _check_model_path, resolve_inputs, start_ray
-    from rlaif_ray.rollout import RolloutWorker
+    from rlaif_ray.engine import engine_env
+    from rlaif_ray.runtime.driver import start_ray
+    from rlaif_ray.runtime.inputs import check_model_path, resolve_inputs
+    from rlaif_ray.stages.critic import CriticLabeler, labeler_env
+    from rlaif_ray.stages.rollout import RolloutWorker
 
     if cfg.critic.method == "direct":
         raise ConfigError("eval compares two answers: critic.method must be pairwise, cot or self_reference")
     resolved = resolve_inputs(cfg)
-    _check_model_path(checkpoint, "checkpoint")
+    check_model_path(checkpoint, "checkpoint")
     ref_is_model = Path(reference).is_dir()
     if ref_is_model:
-        _check_model_path(reference, "--reference")
+        check_model_path(reference, "--reference")
     else:
         ref_responses = load_responses(reference, resolved.prompts)
     start_ray(cfg)
     raw, env = cfg.model_dump(), {"runtime_env": {"env_vars": engine_env(cfg.vllm)}}
-    actors = [RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker, **env)
+    actors = [RolloutWorker.options(**cfg.rollout.actor_options(), **env)
               .remote(str(Path(checkpoint).resolve()), raw)]
     if ref_is_model:
-        actors.append(RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker,
-                                            **env).remote(str(Path(reference).resolve()), raw, 1))
-    critic_env = {"env_vars": judge_env(cfg)}
-    critic = CriticLabeler.options(num_cpus=cfg.critic.cpus_per_worker, num_gpus=cfg.critic.gpus_per_worker,
-                                   runtime_env=critic_env).remote(resolved.critic, raw)
+        actors.append(RolloutWorker.options(**cfg.rollout.actor_options(), **env).remote(
+            str(Path(reference).resolve()), raw, 1))
+    critic_env = {"env_vars": labeler_env(cfg)}
+    critic = CriticLabeler.options(**cfg.critic.actor_options(), runtime_env=critic_env).remote(resolved.critic, raw)
     try:
         prompts = ray.put(resolved.prompts)
         cand = ray.get(actors[0].respond.remote(prompts, temperature, "cand"))

@@ -15,6 +15,7 @@ turned into a label: the sample keeps its row with `label_valid=false` and a `sk
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import zlib
 from collections import defaultdict
@@ -23,12 +24,39 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rlaif_ray import schemas
-from rlaif_ray.config import CriticConfig, RunConfig
-from rlaif_ray.feedback_metrics import judge_bias_counts
-from rlaif_ray.judge_backends import JudgeLabelError, label_distribution, label_token_ids, make_judge  # noqa: F401
-from rlaif_ray.judge_prompts import JudgePrompts
-from rlaif_ray.transport import use_arrow_ipc
+from rlaif_ray.config import CriticConfig, RemoteJudgeConfig, RunConfig
+from rlaif_ray.data import schemas
+from rlaif_ray.data.transport import use_arrow_ipc
+from rlaif_ray.engine import engine_env
+from rlaif_ray.judge.local import LocalJudge, TransformersJudge
+from rlaif_ray.judge.quality import judge_bias_counts
+from rlaif_ray.judge.remote import OpenAIJudge
+from rlaif_ray.judge.templates import JudgePrompts
+
+
+def remote_key_env(cfg: RemoteJudgeConfig) -> dict[str, str]:
+    """The remote judge's API key variable, for the labeler actors' runtime_env: they may run on nodes (or under a
+    raylet started before the variable was set) whose environment lacks it. Empty when no key is configured."""
+    if cfg.base_url and cfg.api_key_env and os.environ.get(cfg.api_key_env):
+        return {cfg.api_key_env: os.environ[cfg.api_key_env]}
+    return {}
+
+
+def labeler_env(cfg: RunConfig) -> dict[str, str]:
+    """A CriticLabeler's environment: the engine's, plus a remote judge's API key variable."""
+    return {**engine_env(cfg.vllm), **remote_key_env(cfg.critic.remote)}
+
+
+def make_judge(model_path: str, cfg: RunConfig, seed: int):
+    """The judge the config asks for: remote when `critic.remote.base_url` is set, else a local model run by
+    vLLM (`critic.backend=vllm`) or by transformers (`critic.backend=transformers`)."""
+    if cfg.critic.remote.base_url:
+        judge = OpenAIJudge(cfg.critic.remote)
+        judge.check()
+        return judge
+    if cfg.critic.backend == "transformers":
+        return TransformersJudge(model_path, cfg, seed)
+    return LocalJudge(model_path, cfg, seed)
 
 
 def pair_preference(first_order: float, second_order: float) -> tuple[float, bool]:
@@ -48,7 +76,7 @@ def _failure(reply, min_mass: float) -> str | None:
 @ray.remote
 class CriticLabeler:
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
-        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.transport)
+        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
         self.ccfg: CriticConfig = self.cfg.critic
         self.seed = self.cfg.loop.seed + 7919 + worker_index

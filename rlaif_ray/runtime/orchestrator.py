@@ -10,28 +10,37 @@ for version v+1 overlaps training on version v; a weight update is queued on eac
 batches already submitted to it, so it lands between two `generate` calls. Samples older than
 `loop.max_staleness` versions are dropped by the learner and counted. sync: max_inflight = 0, no overlap.
 
-Faults (rlaif_ray.faults): a batch whose stage actor died (or whose engine restarted and lost its weights) is
+Faults (rlaif_ray.runtime.faults): a batch whose stage actor died (or whose engine restarted and lost its weights) is
 re-issued with the same step and prompts, so its sample ids stay the same and reach the learner once; the
 dead actor is restarted by Ray or replaced, and engines behind the current policy version get its weights
-again. Checkpoints (rlaif_ray.checkpoint) hold what a resumed run needs to continue exactly.
+again. Checkpoints (rlaif_ray.runtime.checkpoint) hold what a resumed run needs to continue exactly.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import remove_placement_group
 
-from rlaif_ray import checkpoint
 from rlaif_ray.config import RunConfig
-from rlaif_ray.faults import RunStopped, StaleEngine, check_judge_failures, is_actor_fault, recover_pool
-from rlaif_ray.feedback_metrics import judge_report
-from rlaif_ray.loop import Resolved, busy_fractions
-from rlaif_ray.pool import ActorPool
-from rlaif_ray.prompts import PromptSampler
+from rlaif_ray.data.prompts import PromptSampler
+from rlaif_ray.engine import engine_env
+from rlaif_ray.judge.quality import judge_report
+from rlaif_ray.runtime import checkpoint
+from rlaif_ray.runtime.accounting import Tally, busy_fractions, step_metrics
+from rlaif_ray.runtime.faults import RunStopped, StaleEngine, check_judge_failures, is_actor_fault, recover_pool
+from rlaif_ray.runtime.inputs import Resolved
+from rlaif_ray.runtime.learner_group import LearnerGroup
+from rlaif_ray.runtime.placement import in_bundle, stage_groups, stage_shape, where
+from rlaif_ray.runtime.pool import ActorPool
+from rlaif_ray.stages.critic import CriticLabeler, labeler_env
+from rlaif_ray.stages.reward import RewardScorer
+from rlaif_ray.stages.reward_model import RewardModelTrainer
+from rlaif_ray.stages.rollout import RolloutWorker
 
 log = logging.getLogger(__name__)
 
@@ -46,48 +55,35 @@ class InFlight:
     expected_rm: int = 0                           # ... and the scorer this reward-model state
 
 
+@dataclass
+class LoopState:
+    """The loop's own state within one `Orchestrator.run` (what of it a checkpoint keeps: `loop_state`)."""
+    start: int                                     # first step of this run (a resumed run: the checkpoint's step)
+    launched: int                                  # batches launched so far (steps 0 .. launched-1)
+    tally: Tally                                   # totals, judge counts, busy seconds (rlaif_ray.runtime.accounting)
+    inflight_max: int                              # batches generated ahead of the learner (0 in sync mode)
+    pending: deque = field(default_factory=deque)  # InFlight batches, oldest first
+    sync_refs: list = field(default_factory=list)  # weight updates sent to the engines, not yet collected
+    rm_fit: object = None                          # ObjectRef of a running reward-model refit
+    t_start: float = 0.0
+    last: float = 0.0                              # when the previous step was logged
+
+    def wall(self) -> float:
+        return self.tally.wall_before + time.perf_counter() - self.t_start
+
+
 class Orchestrator:
     def __init__(self, cfg: RunConfig, resolved: Resolved):
-        from rlaif_ray.critic import CriticLabeler
-        from rlaif_ray.engine import engine_env, judge_env
-        from rlaif_ray.learner import LearnerGroup
-        from rlaif_ray.placement import in_bundle, stage_groups
-        from rlaif_ray.reward import RewardScorer
-        from rlaif_ray.rollout import RolloutWorker
-
         self.cfg = cfg
-        raw = cfg.model_dump()
-        env, critic_env = {"env_vars": engine_env(cfg.vllm)}, {"env_vars": judge_env(cfg)}
-        r, c, w = cfg.rollout, cfg.critic, cfg.reward
-        restarts = dict(max_restarts=cfg.fault.max_actor_restarts, max_task_retries=0)  # the driver re-issues
-        self.groups = stage_groups(cfg)  # one placement group per stage (rlaif_ray.placement)
-        self.factories = {  # stage -> index -> a new actor in that bundle (start-up, and replacing a dead one)
-            "rollout": lambda i: RolloutWorker.options(runtime_env=env, **restarts, **in_bundle(
-                self.groups["rollout"], i, r.cpus_per_worker, r.gpus_per_worker, r.resources)).remote(
-                resolved.policy, raw, i),
-            "critic": lambda i: CriticLabeler.options(runtime_env=critic_env, **restarts, **in_bundle(
-                self.groups["critic"], i, c.cpus_per_worker, c.gpus_per_worker, c.resources)).remote(
-                resolved.critic, raw, i),
-            "reward": lambda i: RewardScorer.options(**restarts, **in_bundle(
-                self.groups["reward"], 0, w.cpus, 0, w.resources)).remote(cfg.reward.kind, resolved.reward_model),
-        }
+        self.groups = stage_groups(cfg)  # one placement group per stage (rlaif_ray.runtime.placement)
+        self.factories = self._actor_factories(resolved)
         self.pools: dict[str, ActorPool] = {}
         self.rm_trainer, self.learners = None, None
         try:
-            sizes = {"rollout": r.num_workers, "critic": c.num_workers, "reward": 1}
-            for stage, n in sizes.items():
-                self.pools[stage] = ActorPool([self.factories[stage](i) for i in range(n)], stage)
-            if cfg.reward.kind == "reward_model":
-                from rlaif_ray.reward_model import RewardModelTrainer
-                self.rm_trainer = RewardModelTrainer.options(**in_bundle(
-                    self.groups["reward_trainer"], 0, w.trainer_cpus, 0, w.resources)).remote(resolved.reward_model, raw)
-            ready = [x.ready.remote() for x in self.rollouts + self.critics]
-            self.learners = LearnerGroup(resolved.policy, cfg, self.groups["learner"])
-            ray.get(ready)
+            self._start_actors(resolved)
         except BaseException:
             self.shutdown()  # nothing left running when start-up fails
             raise
-        from rlaif_ray.placement import where
         self.placement = where(self.groups)
         self.version = 0              # policy version of the learner
         self.synced_version = 0       # the version every engine was last sent
@@ -99,6 +95,37 @@ class Orchestrator:
         self.prompts_digest = checkpoint.prompts_digest(resolved.prompts)  # written into every checkpoint
         self.prompts_ref = ray.put(resolved.prompts)
         self.sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)
+
+    def _placed(self, stage: str, i: int) -> dict:
+        """`.options` for bundle i of the stage's placement group, with exactly the bundle's resources."""
+        return in_bundle(self.groups[stage], i, stage_shape(self.cfg, stage))
+
+    def _actor_factories(self, resolved: Resolved) -> dict:
+        """Stage -> index -> a new actor in that bundle (at start-up, and to replace a dead one)."""
+        cfg, raw = self.cfg, self.cfg.model_dump()
+        env, critic_env = {"env_vars": engine_env(cfg.vllm)}, {"env_vars": labeler_env(cfg)}
+        restarts = dict(max_restarts=cfg.fault.max_actor_restarts, max_task_retries=0)  # the driver re-issues
+        return {
+            "rollout": lambda i: RolloutWorker.options(runtime_env=env, **restarts,
+                                                       **self._placed("rollout", i)).remote(resolved.policy, raw, i),
+            "critic": lambda i: CriticLabeler.options(runtime_env=critic_env, **restarts,
+                                                      **self._placed("critic", i)).remote(resolved.critic, raw, i),
+            "reward": lambda i: RewardScorer.options(**restarts, **self._placed("reward", 0)).remote(
+                cfg.reward.kind, resolved.reward_model),
+        }
+
+    def _start_actors(self, resolved: Resolved) -> None:
+        """Every stage's actors and the learner ranks, up and ready (engines loaded, process group formed)."""
+        cfg = self.cfg
+        sizes = {"rollout": cfg.rollout.num_workers, "critic": cfg.critic.num_workers, "reward": 1}
+        for stage, n in sizes.items():
+            self.pools[stage] = ActorPool([self.factories[stage](i) for i in range(n)], stage)
+        if cfg.reward.kind == "reward_model":
+            self.rm_trainer = RewardModelTrainer.options(**self._placed("reward_trainer", 0)).remote(
+                resolved.reward_model, cfg.model_dump())
+        ready = [x.ready.remote() for x in self.rollouts + self.critics]
+        self.learners = LearnerGroup(resolved.policy, cfg, self.groups["learner"])
+        ray.get(ready)
 
     @property
     def rollouts(self) -> list:
@@ -246,108 +273,110 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ the loop
     def run(self, writer, resume: dict | None = None) -> dict:
-        cfg = self.cfg
-        inflight_max = cfg.loop.max_inflight if cfg.loop.mode == "async" else 0
-        pending: deque[InFlight] = deque()
-        resume = resume or {}
-        start = resume.get("step", 0)
-        totals = resume.get("totals", {"generated": 0, "trained": 0, "dropped_stale": 0, "skipped": 0})
-        judge_counts: dict[str, float] = defaultdict(float, resume.get("judge_counts", {}))
-        busy: dict[str, float] = defaultdict(float, resume.get("busy", {}))  # stage -> seconds its actors worked
-        for b in resume.get("pending", []):  # batches in flight at the checkpoint: same steps, same prompts
-            pending.append(self.launch(b["step"], b["indices"]))
-        launched = resume.get("launched", 0)
-        sync_refs: list = []
+        """Steps `start .. loop.num_steps-1` (from a checkpoint's state when resuming): keep the pipeline full,
+        take the oldest batch, train on it and sync the weights, log the step, checkpoint when due."""
+        loop = self.start_loop(resume or {})
+        for step in range(loop.start, self.cfg.loop.num_steps):
+            self.fill_pipeline(loop)
+            batch, stats = self.collect(loop.pending.popleft())
+            queues = self.queue_depths(loop.pending)
+            self.refit_reward_model_if_due(loop, step)
+            result, train_wall, sync_stats = self.train_and_sync(loop, batch)
+            self.log_step(writer, loop, step, stats, result, train_wall, sync_stats, queues)
+            if self.cfg.checkpoint.every and (step + 1) % self.cfg.checkpoint.every == 0:
+                self.save(step + 1, self.loop_state(writer, loop))
+        if loop.sync_refs:
+            self.finish_syncs(loop.sync_refs)
+        return self.summary(loop)
+
+    def start_loop(self, resume: dict) -> LoopState:
+        """A fresh loop, or the one a checkpoint held: its counters, and its batches in flight re-launched (same
+        steps, same prompts, so the same sample ids)."""
+        loop = LoopState(start=resume.get("step", 0), launched=resume.get("launched", 0), tally=Tally.resumed(resume),
+                         inflight_max=self.cfg.loop.max_inflight if self.cfg.loop.mode == "async" else 0)
+        for b in resume.get("pending", []):
+            loop.pending.append(self.launch(b["step"], b["indices"]))
+        loop.t_start = loop.last = time.perf_counter()
+        return loop
+
+    def fill_pipeline(self, loop: LoopState) -> None:
+        """Launch batches until `inflight_max` are in flight beyond the one the learner takes next."""
+        while loop.launched < self.cfg.loop.num_steps and len(loop.pending) <= loop.inflight_max:
+            loop.pending.append(self.launch(loop.launched))
+            loop.launched += 1
+
+    def queue_depths(self, pending: deque) -> dict:
+        """Unfinished calls per stage, and the batches in flight whose rewards are ready for the learner."""
+        return {"queue_gen": self.pools["rollout"].depth(), "queue_label": self.pools["critic"].depth(),
+                "queue_reward": self.pools["reward"].depth(),
+                "queue_ready": sum(bool(ray.wait([b.rewards], timeout=0, fetch_local=False)[0]) for b in pending)}
+
+    def refit_reward_model_if_due(self, loop: LoopState, step: int) -> None:
+        """Every `reward.refresh_every` steps: a refit that runs beside the learner; the scorer takes the new
+        weights for later batches."""
+        every = self.cfg.reward.refresh_every
+        if self.rm_trainer is not None and every and step and step % every == 0:
+            loop.rm_fit = self.rm_trainer.fit.remote()
+            self.rm_loads += 1
+            self.scorer.load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads)
+
+    def train_and_sync(self, loop: LoopState, batch: InFlight) -> tuple[dict, float, list[dict]]:
+        """One learner step on `batch`, then the new weights sent to every engine. async: the sync is collected a
+        step later (it is long done by then); sync: at once."""
+        t_train = time.perf_counter()
+        result = self.learners.train(batch.rewards)
+        train_wall = time.perf_counter() - t_train
+        self.version += 1
+        sync_stats = self.finish_syncs(loop.sync_refs)
+        loop.sync_refs = self.sync_weights(self.version)
+        if self.cfg.loop.mode == "sync":
+            sync_stats, loop.sync_refs = self.finish_syncs(loop.sync_refs), []
+        return result, train_wall, sync_stats
+
+    def log_step(self, writer, loop: LoopState, step: int, stats: dict, result: dict, train_wall: float,
+                 sync_stats: list[dict], queues: dict) -> None:
+        """Count the step, write its metrics line and sample outcomes, and stop a run whose judge fails too often."""
+        now = time.perf_counter()
+        loop.tally.add(stats, result["metrics"])
         rm_fit = None
-        wall_before = resume.get("wall_seconds", 0.0)
-        t_start = last = time.perf_counter()
-        for step in range(start, cfg.loop.num_steps):
-            while launched < cfg.loop.num_steps and len(pending) <= inflight_max:
-                pending.append(self.launch(launched))
-                launched += 1
-            batch, stats = self.collect(pending.popleft())
-            queues = {"queue_gen": self.pools["rollout"].depth(), "queue_label": self.pools["critic"].depth(),
-                      "queue_reward": self.pools["reward"].depth(),
-                      "queue_ready": sum(bool(ray.wait([b.rewards], timeout=0, fetch_local=False)[0]) for b in pending)}
-            rcfg = cfg.reward
-            if self.rm_trainer is not None and rcfg.refresh_every and step and step % rcfg.refresh_every == 0:
-                rm_fit = self.rm_trainer.fit.remote()  # runs beside the learner; the scorer takes the new
-                self.rm_loads += 1                      # weights for later batches
-                self.scorer.load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads)
-            t_train = time.perf_counter()
-            result = self.learners.train(batch.rewards)
-            train_wall = time.perf_counter() - t_train
-            self.version += 1
-            sync_stats = self.finish_syncs(sync_refs)  # previous sync, long done by now
-            sync_refs = self.sync_weights(self.version)
-            if cfg.loop.mode == "sync":
-                sync_stats, sync_refs = self.finish_syncs(sync_refs), []
-            gen, lab = stats["gen"], stats.get("label", {})
-            now = time.perf_counter()
-            m = result["metrics"]
-            for key in ("trained", "dropped_stale", "skipped"):
-                totals[key] += m[key]
-            totals["generated"] += gen["gen_samples"]
-            m.update(gen_seconds=gen["gen_seconds"], train_wall_seconds=train_wall, step_seconds=now - last,
-                     policy_version=self.version, gen_tokens=gen["gen_tokens"], gen_policy_version=gen["policy_version"],
-                     samples_per_s=gen["gen_samples"] / max(now - last, 1e-9),
-                     tokens_per_s=gen["gen_tokens"] / max(now - last, 1e-9), inflight=len(pending), **queues,
-                     gen_worker=gen.get("worker", 0), reissued_batches=self.faults["reissued_batches"])
-            if "engine_seconds" in gen:
-                m["engine_seconds"] = gen["engine_seconds"]
-            busy["gen"] += gen["gen_seconds"]
-            busy["train"] += result["metrics"]["train_seconds"]
-            if lab:
-                for key, value in lab.items():
-                    if isinstance(value, (int, float)):
-                        judge_counts[key] += value
-                batch_report = judge_report(lab)
-                busy["label"] += lab["label_seconds"]
-                busy["reward"] += stats["reward"]["reward_seconds"]
-                m.update(label_seconds=lab["label_seconds"], judge_calls=lab["judge_calls"],
-                         reward_seconds=stats["reward"]["reward_seconds"], rm_version=stats["reward"]["rm_version"],
-                         **{k: batch_report[k] for k in ("first_slot_rate", "unparsable_share", "failed_share")
-                            if batch_report[k] is not None})
-            if rm_fit is not None and ray.wait([rm_fit], timeout=0)[0]:
-                m.update(ray.get(rm_fit))
-                rm_fit = None
-            if sync_stats:
-                m.update(sync_seconds=max(s["sync_seconds"] for s in sync_stats), sync_bytes=sync_stats[0]["sync_bytes"])
-            last = now
-            writer.log_step(step, m)
-            writer.log_outcomes(step, result["outcome"])
-            check_judge_failures(judge_counts, cfg.fault.judge_failure_limit, cfg.fault.judge_failure_min_calls)
-            every = cfg.checkpoint.every
-            if every and (step + 1) % every == 0:
-                self.save(step + 1, {
-                    "launched": launched, "pending": [{"step": b.step, "indices": b.indices} for b in pending],
-                    "totals": totals, "judge_counts": dict(judge_counts), "busy": dict(busy),
-                    "wall_seconds": wall_before + time.perf_counter() - t_start,
-                    "metrics_lines": writer.metrics_lines, "ledger_lines": writer.ledger_lines,
-                    "eval_before": self.eval_before})
-        if sync_refs:
-            self.finish_syncs(sync_refs)
-        wall = wall_before + time.perf_counter() - t_start
-        summary = {**totals, "final_version": self.version, "wall_seconds": wall,
-                   "samples_per_s": totals["generated"] / wall, "mode": cfg.loop.mode,
+        if loop.rm_fit is not None and ray.wait([loop.rm_fit], timeout=0)[0]:
+            rm_fit, loop.rm_fit = ray.get(loop.rm_fit), None
+        metrics = step_metrics(result["metrics"], stats, train_wall=train_wall, step_seconds=now - loop.last,
+                               version=self.version, inflight=len(loop.pending), queues=queues,
+                               reissued=self.faults["reissued_batches"], rm_fit=rm_fit, sync_stats=sync_stats)
+        loop.last = now
+        writer.log_step(step, metrics)
+        writer.log_outcomes(step, result["outcome"])
+        check_judge_failures(loop.tally.judge_counts, self.cfg.fault.judge_failure_limit,
+                             self.cfg.fault.judge_failure_min_calls)
+
+    def loop_state(self, writer, loop: LoopState) -> dict:
+        """What a checkpoint needs of the loop to continue it exactly (see `start_loop`)."""
+        return {"launched": loop.launched, "pending": [{"step": b.step, "indices": b.indices} for b in loop.pending],
+                **loop.tally.state(loop.wall()), "metrics_lines": writer.metrics_lines,
+                "ledger_lines": writer.ledger_lines, "eval_before": self.eval_before}
+
+    def summary(self, loop: LoopState) -> dict:
+        cfg, tally, wall = self.cfg, loop.tally, loop.wall()
+        gen_actors = len(self.critics) if cfg.learner.algorithm == "sft" else len(self.rollouts)
+        summary = {**tally.totals, "final_version": self.version, "wall_seconds": wall,
+                   "samples_per_s": tally.totals["generated"] / wall, "mode": cfg.loop.mode,
                    "algorithm": cfg.learner.algorithm,
-                   "busy_fraction": busy_fractions(busy, wall, {"gen": len(self.critics) if cfg.learner.algorithm == "sft"
-                                                                else len(self.rollouts), "label": len(self.critics),
-                                                                "reward": 1, "train": 1}),
+                   "busy_fraction": busy_fractions(tally.busy, wall, {"gen": gen_actors, "label": len(self.critics),
+                                                                      "reward": 1, "train": 1}),
                    "dispatched": {"rollout": self.pools["rollout"].dispatched, "critic": self.pools["critic"].dispatched},
                    "placement": self.placement, "faults": self.faults}
-        if judge_counts:
+        if tally.judge_counts:
             for usage in ray.get([c.usage.remote() for c in self.critics]):
                 for key, value in usage.items():
-                    judge_counts[key] += value
-            summary["judge_report"] = judge_report(judge_counts)
+                    tally.judge_counts[key] += value
+            summary["judge_report"] = judge_report(tally.judge_counts)
         return summary
 
     def save_checkpoint(self, path: Path) -> str:
         return self.learners.save_checkpoint(str(path))
 
     def shutdown(self) -> None:
-        from ray.util.placement_group import remove_placement_group
         actors = [a for pool in self.pools.values() for a in pool.actors]
         actors += [self.rm_trainer] if self.rm_trainer else []
         actors += self.learners.ranks if self.learners else []

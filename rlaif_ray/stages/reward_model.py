@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from rlaif_ray import algorithms
 from rlaif_ray.config import RunConfig
-from rlaif_ray.transport import use_arrow_ipc
+from rlaif_ray.data.transport import use_arrow_ipc
 
 
 def load_reward_model(path: str):
@@ -69,7 +69,7 @@ class RewardModelTrainer:
     """Keeps the latest `reward.buffer_batches` labelled batches and fits the reward model on them."""
 
     def __init__(self, model_path: str, cfg: dict):
-        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.transport)
+        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
         torch.manual_seed(self.cfg.loop.seed)
         self.rng = random.Random(self.cfg.loop.seed)

@@ -9,7 +9,7 @@ Policy: pre-trained on answers that are right `policy_correct_fraction` of the t
 while sampling at temperature 1 is right about `policy_correct_fraction` of the time: weak, but RL with a
 ground-truth or a good AI reward lifts it quickly. (`"random"`: wrong answers are uniform.)
 
-Critic: trained on exactly the judge strings `rlaif_ray.judge_prompts` builds from `CriticConfig`, with labels
+Critic: trained on exactly the judge strings `rlaif_ray.judge.templates` builds from `CriticConfig`, with labels
 from the checker, for every labeling method:
 - arithmetic: `self_answer_template` -> the sum (self_reference's first step);
 - direct: `direct_template + direct_ending` -> a score label (8-10 if right, 1-3 if wrong);
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from rlaif_ray.config import CriticConfig, ToyWorldConfig
-from rlaif_ray.judge_prompts import JudgePrompts
+from rlaif_ray.judge.templates import JudgePrompts
 
 BUILD_VERSION = "3"  # bump when the recipe changes, so old caches are not reused
 SPECIAL = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
@@ -63,15 +63,10 @@ class ToyWorld:
         return str(self.root / "prompts.jsonl")
 
 
-# ---------------------------------------------------------------- the task and its checker
+# ---------------------------------------------------------------- the task (its checker: rlaif_ray.data.checkers)
 def make_prompts(max_operand: int) -> list[dict]:
     return [{"id": f"add-{a}-{b}", "prompt": f"{a}+{b}=", "reference": str(a + b)}
             for a in range(max_operand + 1) for b in range(max_operand + 1)]
-
-
-def is_correct(response: str, reference: str | None) -> bool:
-    """Ground truth: the response, stripped, is exactly the reference answer."""
-    return reference is not None and response.strip() == reference.strip()
 
 
 def _wrong_answer(rng: np.random.Generator, correct: int, max_answer: int) -> int:

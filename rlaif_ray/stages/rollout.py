@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rlaif_ray import schemas
 from rlaif_ray.config import RunConfig
+from rlaif_ray.data import schemas
+from rlaif_ray.data.checkers import is_correct
+from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.engine import make_llm
-from rlaif_ray.transport import use_arrow_ipc
 
 
 def _sampled_logprobs(token_ids, logprobs) -> list[float]:
@@ -29,7 +30,7 @@ def _sampled_logprobs(token_ids, logprobs) -> list[float]:
 @ray.remote
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
-        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.transport)
+        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
         self.model_path = model_path
         self.worker_index = worker_index
@@ -53,26 +54,13 @@ class RolloutWorker:
         t0 = time.perf_counter()
         outputs = self.llm.generate([row["prompt"] for row in rows], params, use_tqdm=False)
         engine_seconds = time.perf_counter() - t0
-        cols: dict[str, list] = {f.name: [] for f in schemas.ROLLOUT_SCHEMA}
-        num_tokens = 0
-        for row, out in zip(rows, outputs):
-            for k, sample in enumerate(out.outputs):
-                ids = list(sample.token_ids)
-                num_tokens += len(ids)
-                cols["sample_id"].append(schemas.sample_id(step, row["prompt_id"], k))
-                cols["prompt_id"].append(row["prompt_id"])
-                cols["group_index"].append(k)
-                cols["prompt"].append(row["prompt"])
-                cols["prompt_token_ids"].append(list(out.prompt_token_ids))
-                cols["response"].append(sample.text)
-                cols["response_token_ids"].append(ids)
-                cols["response_logprobs"].append(_sampled_logprobs(ids, sample.logprobs))
-                cols["finish_reason"].append(sample.finish_reason)
-                cols["policy_version"].append(self.version)
-                cols["reference"].append(row["reference"])
-        table = schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")
-        stats = {"gen_seconds": time.perf_counter() - t_start, "engine_seconds": engine_seconds, "gen_tokens": num_tokens, "gen_samples": table.num_rows,
-                 "policy_version": self.version, "worker": self.worker_index}
+        samples = [(schemas.sample_id(step, row["prompt_id"], k), k, row, out, sample)
+                   for row, out in zip(rows, outputs) for k, sample in enumerate(out.outputs)]
+        table = self._rollout_table(samples)
+        num_tokens = sum(len(sample.token_ids) for *_, sample in samples)
+        stats = {"gen_seconds": time.perf_counter() - t_start, "engine_seconds": engine_seconds,
+                 "gen_tokens": num_tokens, "gen_samples": table.num_rows, "policy_version": self.version,
+                 "worker": self.worker_index}
         return table, stats
 
     def respond(self, prompts: pa.Table, temperature: float, tag: str) -> pa.Table:
@@ -83,14 +71,18 @@ class RolloutWorker:
         params = [SamplingParams(temperature=temperature, max_tokens=self.cfg.rollout.max_new_tokens, logprobs=0,
                                  seed=self.cfg.loop.seed + i) for i in range(len(rows))]
         outs = self.llm.generate([row["prompt"] for row in rows], params, use_tqdm=False)
+        return self._rollout_table([(f"{tag}/{row['prompt_id']}", 0, row, out, out.outputs[0])
+                                    for row, out in zip(rows, outs)])
+
+    def _rollout_table(self, samples: list) -> pa.Table:
+        """A `rollouts` table from (sample id, index in its group, prompt row, vLLM request output, completion)."""
         cols: dict[str, list] = {f.name: [] for f in schemas.ROLLOUT_SCHEMA}
-        for row, out in zip(rows, outs):
-            sample = out.outputs[0]
-            for key, value in (("sample_id", f"{tag}/{row['prompt_id']}"), ("prompt_id", row["prompt_id"]),
-                               ("group_index", 0), ("prompt", row["prompt"]),
-                               ("prompt_token_ids", list(out.prompt_token_ids)), ("response", sample.text),
-                               ("response_token_ids", list(sample.token_ids)),
-                               ("response_logprobs", _sampled_logprobs(sample.token_ids, sample.logprobs)),
+        for sid, k, row, out, sample in samples:
+            ids = list(sample.token_ids)
+            for key, value in (("sample_id", sid), ("prompt_id", row["prompt_id"]), ("group_index", k),
+                               ("prompt", row["prompt"]), ("prompt_token_ids", list(out.prompt_token_ids)),
+                               ("response", sample.text), ("response_token_ids", ids),
+                               ("response_logprobs", _sampled_logprobs(ids, sample.logprobs)),
                                ("finish_reason", sample.finish_reason), ("policy_version", self.version),
                                ("reference", row["reference"])):
                 cols[key].append(value)
@@ -100,8 +92,6 @@ class RolloutWorker:
         """Ground-truth accuracy on every prompt with a reference: `samples` draws at the rollout temperature
         (seeded) and one greedy answer each. Empty when no prompt has a reference."""
         from vllm import SamplingParams
-
-        from rlaif_ray.toyworld import is_correct
 
         rows = [r for r in prompts.select(["prompt", "reference"]).to_pylist() if r["reference"] is not None]
         if not rows:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from rlaif_ray.config import RemoteJudgeConfig
-from rlaif_ray.judge_backends import JudgeReply
+from rlaif_ray.judge.reply import JudgeReply
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_CAP_S = 30.0
@@ -61,14 +61,6 @@ def label_probs(top, labels: list[str]) -> tuple[list[float] | None, float]:
         probs[k] += math.exp(logprob)
     mass = sum(probs)
     return ([p / mass for p in probs] if mass > 0 else None), mass
-
-
-def key_env(cfg: RemoteJudgeConfig) -> dict[str, str]:
-    """The API key variable, for the labeler actors' runtime_env: they may run on nodes (or under a raylet
-    started before the variable was set) whose environment lacks it. Empty when no key is configured."""
-    if cfg.base_url and cfg.api_key_env and os.environ.get(cfg.api_key_env):
-        return {cfg.api_key_env: os.environ[cfg.api_key_env]}
-    return {}
 
 
 class OpenAIJudge:

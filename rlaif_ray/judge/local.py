@@ -1,7 +1,7 @@
-"""Where the judge runs: a local vLLM engine, a local transformers model (`critic.backend`), or an
-OpenAI-compatible endpoint (`critic.remote.base_url`).
+"""The local judges: a vLLM engine (`critic.backend=vllm`) or a plain transformers model
+(`critic.backend=transformers`) in the labeler's own process. The remote one is `rlaif_ray.judge.remote`.
 
-Both answer the two questions every labeling method asks:
+Every judge answers the two questions every labeling method asks:
 - `distribution(prompts, labels)`: the probabilities of the label strings as the next token (renormalised
   over the labels) and the mass they hold — the label is read from log-probs, never from free text when
   log-probs exist;
@@ -10,55 +10,17 @@ Replies never raise for one bad prompt: they carry an `error` and the labeler co
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 
 from rlaif_ray.config import RunConfig
-
-
-class JudgeLabelError(ValueError):
-    """The judge's tokenizer cannot express the configured answer labels as single tokens."""
-
-
-@dataclass
-class JudgeReply:
-    probs: list[float] | None = None   # over the labels, renormalised; None when unparsable or failed
-    mass: float = 0.0                  # total probability the labels held
-    text: str = ""                     # generated text (complete) or the most likely label token
-    latency_s: float = 0.0             # remote: all attempts, backoff included; local: the batch time shared out
-    error: str | None = None           # "judge_prompt_too_long(..)", "http_429", "timeout", "bad_response: .."
-    attempts: int = 0
-    from_text: bool = False            # remote endpoints without log-probs: parsed from the reply text
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    detail: str = ""                   # start of an error body (key redacted), for diagnostics
-
-
-def label_token_ids(tokenizer, labels, model: str) -> list[int]:
-    ids = []
-    for label in labels:
-        toks = tokenizer.encode(label, add_special_tokens=False)
-        if len(toks) != 1:
-            raise JudgeLabelError(f"judge {model}: label {label!r} is {len(toks)} tokens {toks}; every answer "
-                                  "label must be exactly one token (change critic.*_labels)")
-        ids.append(toks[0])
-    return ids
-
-
-def label_distribution(top_logprobs: dict, token_ids: list[int]) -> tuple[list[float], float]:
-    """Probabilities of the label tokens among the judge's top log-probs, renormalised, and their mass."""
-    probs = [math.exp(top_logprobs[t].logprob) if t in top_logprobs else 0.0 for t in token_ids]
-    mass = sum(probs)
-    return ([p / mass for p in probs] if mass > 0 else probs), mass
+from rlaif_ray.engine import make_llm
+from rlaif_ray.judge.reply import JudgeReply, label_distribution, label_token_ids
 
 
 class LocalJudge:
     """A vLLM engine in this process. Batch calls: latency per reply is the batch time shared out."""
 
     def __init__(self, model_path: str, cfg: RunConfig, seed: int):
-        from rlaif_ray.engine import make_llm
-
         self.name = model_path
         self.llm = make_llm(model_path, cfg.vllm, cfg.model, seed=seed)
         self.tokenizer = self.llm.get_tokenizer()
@@ -194,16 +156,3 @@ class TransformersJudge(LocalJudge):
                 replies[i] = JudgeReply(text=text[:cut], latency_s=share, prompt_tokens=len(row),
                                         completion_tokens=len(seq))
         return replies
-
-
-def make_judge(model_path: str, cfg: RunConfig, seed: int):
-    """The judge the config asks for: remote when `critic.remote.base_url` is set, else a local model run by
-    vLLM (`critic.backend=vllm`) or by transformers (`critic.backend=transformers`)."""
-    if cfg.critic.remote.base_url:
-        from rlaif_ray.remote_judge import OpenAIJudge
-        judge = OpenAIJudge(cfg.critic.remote)
-        judge.check()
-        return judge
-    if cfg.critic.backend == "transformers":
-        return TransformersJudge(model_path, cfg, seed)
-    return LocalJudge(model_path, cfg, seed)

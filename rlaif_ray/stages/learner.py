@@ -1,4 +1,5 @@
-"""The learner group: N Ray actors, one DeepSpeed ZeRO rank each (gloo on CPU, NCCL on GPU).
+"""LearnerRank: one DeepSpeed ZeRO rank per Ray actor (gloo on CPU, NCCL on GPU); the driver drives the N ranks
+through `rlaif_ray.runtime.learner_group.LearnerGroup`.
 
 One `train_step` per batch; the rule is `learner.algorithm` (the math lives in `rlaif_ray.algorithms`):
 - `ppo`: clipped surrogate on per-sample advantages (`learner.advantage`: group_mean, grpo, rloo,
@@ -25,11 +26,11 @@ import pyarrow as pa
 import ray
 import torch
 
-from rlaif_ray import algorithms, schemas
+from rlaif_ray import algorithms
 from rlaif_ray.config import RunConfig
-from rlaif_ray.faults import get_all_or_fail
-from rlaif_ray.feedback_metrics import label_quality
-from rlaif_ray.transport import use_arrow_ipc
+from rlaif_ray.data import schemas
+from rlaif_ray.data.transport import use_arrow_ipc
+from rlaif_ray.judge.quality import label_quality
 
 STAT_KEYS = {
     "ppo": ("loss", "pg_loss", "kl", "clip_fraction", "is_weight_mean", "behav_log_ratio"),
@@ -78,7 +79,7 @@ def behaviour_logprobs(logprobs: list[list[float]], resp: torch.Tensor) -> torch
 @ray.remote
 class LearnerRank:
     def __init__(self, policy_path: str, cfg: dict, rank: int, world_size: int):
-        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.transport)
+        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
         self.policy_path, self.rank, self.world_size = policy_path, rank, world_size
         self.version = 0
@@ -182,31 +183,31 @@ class LearnerRank:
         metrics.update(label_quality(table))
         return {"metrics": metrics, "outcome": outcome}
 
-    def _tensors(self, table: pa.Table, rows: list[int]):
-        """Padded ids, attention, response mask and the behaviour log-probs of `rows` (on the device)."""
+    def _token_ids(self, table: pa.Table, rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt and response token ids of `rows`. sft: the teacher's tokenizer may differ from the policy's, so
+        its text is tokenized here with the policy's tokenizer, and the response ends in EOS."""
         take = pa.array(rows, pa.int64())
-        if self.cfg.learner.algorithm == "sft":  # the teacher's tokenizer may differ: re-tokenize the text
+        if self.cfg.learner.algorithm == "sft":
             prompts = [self.tokenizer.encode(t) for t in table.column("prompt").take(take).to_pylist()]
             responses = [self.tokenizer.encode(t, add_special_tokens=False) + [self.tokenizer.eos_token_id]
                          for t in table.column("response").take(take).to_pylist()]
-            behav = None
-        else:
-            prompts = table.column("prompt_token_ids").take(take).to_pylist()
-            responses = table.column("response_token_ids").take(take).to_pylist()
-            behav = table.column("response_logprobs").take(take).to_pylist()
+            return prompts, responses
+        return (table.column("prompt_token_ids").take(take).to_pylist(),
+                table.column("response_token_ids").take(take).to_pylist())
+
+    def _tensors(self, table: pa.Table, rows: list[int]):
+        """Padded ids, attention, response mask and the behaviour log-probs of `rows` (on the device)."""
+        prompts, responses = self._token_ids(table, rows)
         ids, attn, resp = pad_batch(prompts, responses, self.pad_id)
-        behav = behaviour_logprobs(behav, resp).to(self.device) if behav is not None else None
+        behav = None
+        if self.cfg.learner.algorithm != "sft":  # demonstrations have no behaviour log-probs
+            logprobs = table.column("response_logprobs").take(pa.array(rows, pa.int64())).to_pylist()
+            behav = behaviour_logprobs(logprobs, resp).to(self.device)
         return ids.to(self.device), attn.to(self.device), resp.to(self.device), behav
 
     def _lengths(self, table: pa.Table, rows: list[int]) -> dict[int, int]:
         """Tokens of prompt + response per row (what one row costs in a forward pass)."""
-        take = pa.array(rows, pa.int64())
-        if self.cfg.learner.algorithm == "sft":
-            texts = zip(table.column("prompt").take(take).to_pylist(), table.column("response").take(take).to_pylist())
-            return {r: len(self.tokenizer.encode(p)) + len(self.tokenizer.encode(t, add_special_tokens=False)) + 1
-                    for r, (p, t) in zip(rows, texts)}
-        prompts = table.column("prompt_token_ids").take(take).to_pylist()
-        responses = table.column("response_token_ids").take(take).to_pylist()
+        prompts, responses = self._token_ids(table, rows)
         return {r: len(p) + len(q) for r, p, q in zip(rows, prompts, responses)}
 
     def _plan(self, table: pa.Table, units: list[list[int]]) -> tuple[list[list[int]], int]:
@@ -379,44 +380,3 @@ class LearnerRank:
         model.save_pretrained(path, state_dict=dict(params), safe_serialization=True)
         AutoTokenizer.from_pretrained(self.policy_path).save_pretrained(path)
         return path
-
-
-class LearnerGroup:
-    """Driver-side handle on the N learner ranks, placed together (PACK) in one placement group."""
-
-    def __init__(self, policy_path: str, cfg: RunConfig, placement_group):
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        lcfg = cfg.learner
-        n = lcfg.num_learners
-        self.ranks = [
-            LearnerRank.options(
-                num_cpus=lcfg.cpus_per_learner, num_gpus=lcfg.gpus_per_learner, resources=dict(lcfg.resources) or None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=i),
-                runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"} if lcfg.gpus_per_learner == 0 else {}},
-            ).remote(policy_path, cfg.model_dump(), i, n)
-            for i in range(n)
-        ]
-        addr, port = get_all_or_fail([r.address.remote() for r in self.ranks[:1]], "learner start-up")[0]
-        get_all_or_fail([r.setup.remote(addr, port) for r in self.ranks], "learner start-up")
-
-    # every call waits on all ranks but fails at once when one rank dies (LearnerFailure): the others would
-    # wait in a collective for it forever
-    def train(self, rewards_ref) -> dict:
-        return get_all_or_fail([r.train_step.remote(rewards_ref) for r in self.ranks], "learner step")[0]
-
-    def export_weights(self):
-        """Rank 0's weights ref, once every rank finished the export (a failed rank: LearnerFailure). The
-        weights stay in the object store; the driver reads only each rank's small receipt."""
-        calls = [r.export_weights.options(num_returns=2).remote() for r in self.ranks]
-        get_all_or_fail([receipt for _, receipt in calls], "weight export")
-        return calls[0][0]
-
-    def save_checkpoint(self, path: str) -> str:
-        return get_all_or_fail([r.save_checkpoint.remote(path) for r in self.ranks], "checkpoint")[0]
-
-    def save_state(self, folder: str) -> str:
-        return get_all_or_fail([r.save_state.remote(folder) for r in self.ranks], "checkpoint")[0]
-
-    def load_state(self, folder: str) -> int:
-        return get_all_or_fail([r.load_state.remote(folder) for r in self.ranks], "resume")[0]

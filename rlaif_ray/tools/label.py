@@ -22,25 +22,24 @@ from rlaif_ray.config import RunConfig
 def label_prompts(cfg: RunConfig, out: str) -> dict:
     import pyarrow.parquet as pq
 
-    from rlaif_ray.critic import CriticLabeler
-    from rlaif_ray.engine import engine_env, judge_env
-    from rlaif_ray.feedback_metrics import judge_report, label_quality
-    from rlaif_ray.loop import resolve_inputs, start_ray
-    from rlaif_ray.placement import check_resources
-    from rlaif_ray.reward import RewardScorer
-    from rlaif_ray.rollout import RolloutWorker
-    from rlaif_ray.schemas import REWARD_SCHEMA
+    from rlaif_ray.data.schemas import REWARD_SCHEMA
+    from rlaif_ray.engine import engine_env
+    from rlaif_ray.judge.quality import judge_report, label_quality
+    from rlaif_ray.runtime.driver import start_ray
+    from rlaif_ray.runtime.inputs import resolve_inputs
+    from rlaif_ray.runtime.placement import check_resources
+    from rlaif_ray.stages.critic import CriticLabeler, labeler_env
+    from rlaif_ray.stages.reward import RewardScorer
+    from rlaif_ray.stages.rollout import RolloutWorker
 
     resolved = resolve_inputs(cfg)  # bad input stops here, before Ray
     start_ray(cfg)
     check_resources(cfg)
     env = {"env_vars": engine_env(cfg.vllm)}
     raw = cfg.model_dump()
-    worker = RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker, num_gpus=cfg.rollout.gpus_per_worker,
-                                   runtime_env=env).remote(resolved.policy, raw)
-    critic_env = {"env_vars": judge_env(cfg)}
-    critic = CriticLabeler.options(num_cpus=cfg.critic.cpus_per_worker, num_gpus=cfg.critic.gpus_per_worker,
-                                   runtime_env=critic_env).remote(resolved.critic, raw)
+    worker = RolloutWorker.options(**cfg.rollout.actor_options(), runtime_env=env).remote(resolved.policy, raw)
+    critic_env = {"env_vars": labeler_env(cfg)}
+    critic = CriticLabeler.options(**cfg.critic.actor_options(), runtime_env=critic_env).remote(resolved.critic, raw)
     kind = cfg.reward.kind if cfg.reward.kind != "reward_model" else ("direct_score" if cfg.critic.method == "direct"
                                                                       else "win_rate")
     scorer = RewardScorer.options(num_cpus=cfg.reward.cpus).remote(kind)

@@ -7,7 +7,7 @@ a request reaches the engine), an optional bearer token, and `GET /health` (the 
 Log-probs are served, so the same endpoint can be a training run's remote judge (`critic.remote.base_url`).
 
 `app_builder` is the same app as a Ray Serve application builder, for `serve run` and a KubeRay RayService:
-    serve run rlaif_ray.serve:app_builder checkpoint=/path/to/checkpoint serve.max_replicas=4
+    serve run rlaif_ray.serve.app:app_builder checkpoint=/path/to/checkpoint serve.max_replicas=4
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from rlaif_ray.config import ConfigError, RunConfig, load_config
-from rlaif_ray.serve_guard import GuardLimits, RequestGuard, token_digest
+from rlaif_ray.serve.guard import GuardLimits, RequestGuard, token_digest
 
 # rlaif_ray trains on raw prompt text, so a checkpoint without a chat template is served with this one: the
 # messages' contents joined by newlines, nothing added ("3+4=" as a user message is the prompt "3+4=").
@@ -35,12 +35,25 @@ def checkpoint_has_chat_template(checkpoint: str) -> bool:
     return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
 
 
+def plain_chat_template(checkpoint: str) -> str:
+    """PLAIN_CHAT_TEMPLATE, led by the BOS token where the checkpoint's tokenizer adds one to a plain prompt: vLLM
+    tokenizes a rendered chat without special tokens, so without it a chat turn would reach the model without
+    the BOS every training prompt began with (and the toy models answer differently without it)."""
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError):  # no tokenizer files: nothing to add
+        return PLAIN_CHAT_TEMPLATE
+    adds_bos = tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+    return ("{{ bos_token }}" if adds_bos else "") + PLAIN_CHAT_TEMPLATE
+
+
 def resolve_chat_template(checkpoint: str, setting: str) -> str | None:
     """The template to hand vLLM, or None to use the checkpoint's own."""
     if setting == "auto":
-        return None if checkpoint_has_chat_template(checkpoint) else PLAIN_CHAT_TEMPLATE
+        return None if checkpoint_has_chat_template(checkpoint) else plain_chat_template(checkpoint)
     if setting == "plain":
-        return PLAIN_CHAT_TEMPLATE
+        return plain_chat_template(checkpoint)
     if setting == "checkpoint":
         if not checkpoint_has_chat_template(checkpoint):
             raise ConfigError(f"serve.chat_template=checkpoint, but {checkpoint} has no chat template "
@@ -57,7 +70,7 @@ def resolve_chat_template(checkpoint: str, setting: str) -> str | None:
 def resolve_checkpoint(cfg: RunConfig, checkpoint: str) -> str:
     """A Hugging Face model folder; `toy:policy` / `toy:critic` name the toy world's models."""
     if checkpoint in ("toy:policy", "toy:critic"):
-        from rlaif_ray.toyworld import build_toy_world
+        from rlaif_ray.worlds.toy import build_toy_world
         world = build_toy_world(cfg.toy, cfg.critic)
         return world.policy if checkpoint == "toy:policy" else world.critic
     folder = Path(checkpoint).expanduser()
@@ -160,7 +173,7 @@ def app_builder(args: dict):
     `config` (a YAML file, optional), any other key is a dotted override (`serve.max_replicas: 4`)."""
     args = dict(args)
     if "checkpoint" not in args:
-        raise ConfigError("rlaif_ray.serve:app_builder needs a 'checkpoint' argument (a Hugging Face folder)")
+        raise ConfigError("rlaif_ray.serve.app:app_builder needs a 'checkpoint' argument (a Hugging Face folder)")
     checkpoint, config = str(args.pop("checkpoint")), args.pop("config", None)
     cfg = load_config(config, [f"{key}={value}" for key, value in args.items()])
     return build_app(cfg, resolve_checkpoint(cfg, checkpoint))

@@ -29,6 +29,7 @@ class StageShape:
 
 
 def stage_shapes(cfg: RunConfig) -> list[StageShape]:
+    """Every stage's bundle shape, read from the config once (the only place that maps config keys to bundles)."""
     r, c, w, lr = cfg.rollout, cfg.critic, cfg.reward, cfg.learner
     shapes = [StageShape("rollout", r.num_workers, r.cpus_per_worker, r.gpus_per_worker, dict(r.resources), r.placement),
               StageShape("critic", c.num_workers, c.cpus_per_worker, c.gpus_per_worker, dict(c.resources), c.placement),
@@ -38,6 +39,10 @@ def stage_shapes(cfg: RunConfig) -> list[StageShape]:
     if cfg.reward.kind == "reward_model":
         shapes.append(StageShape("reward_trainer", 1, w.trainer_cpus, 0.0, dict(w.resources), "PACK"))
     return shapes
+
+
+def stage_shape(cfg: RunConfig, name: str) -> StageShape:
+    return next(s for s in stage_shapes(cfg) if s.name == name)
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -72,7 +77,7 @@ def stage_groups(cfg: RunConfig, timeout_s: float = 300) -> dict:
             groups[shape.name] = placement_group([shape.bundle() for _ in range(shape.count)], strategy=shape.strategy)
         for name, pg in groups.items():
             if not pg.wait(timeout_seconds=timeout_s):
-                shape = next(s for s in stage_shapes(cfg) if s.name == name)
+                shape = stage_shape(cfg, name)
                 raise ConfigError(f"stage {name}: {shape.count} bundle(s) of {shape.bundle()} with strategy "
                                   f"{shape.strategy} could not be placed within {timeout_s:g} s")
     except BaseException:
@@ -82,11 +87,12 @@ def stage_groups(cfg: RunConfig, timeout_s: float = 300) -> dict:
     return groups
 
 
-def in_bundle(pg, index: int, cpus: float, gpus: float, resources: dict) -> dict:
-    """`.options(...)` that put an actor into bundle `index` of `pg` with exactly the bundle's resources."""
+def in_bundle(pg, index: int, shape: StageShape) -> dict:
+    """`.options(...)` that put an actor of `shape`'s stage into bundle `index` of `pg` with exactly the bundle's
+    resources."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    return {"num_cpus": cpus, "num_gpus": gpus, "resources": dict(resources) or None,
+    return {"num_cpus": shape.cpus, "num_gpus": shape.gpus, "resources": dict(shape.resources) or None,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
 
 

@@ -19,7 +19,7 @@ import math
 
 import pyarrow as pa
 
-from rlaif_ray.toyworld import is_correct
+from rlaif_ray.data.checkers import is_correct
 
 BIAS_COUNT_KEYS = ("bias_pair_rows", "bias_consistent_rows", "bias_orders", "bias_first_slot_wins",
                    "bias_n", "bias_sx", "bias_sy", "bias_sxx", "bias_syy", "bias_sxy")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rlaif_ray.metrics import read_jsonl
+from rlaif_ray.runtime.metrics import read_jsonl
 
 CURVES = [("reward_mean", "reward (AI feedback)"), ("true_accuracy", "ground-truth accuracy"),
           ("kl", "KL to reference"), ("position_agreement", "judge position agreement"),

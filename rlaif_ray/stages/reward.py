@@ -2,7 +2,7 @@
 
 - `win_rate`: 2·P(win) − 1, P(win) the sample's mean soft win probability over its pairs.
 - `direct_score` (d-RLAIF): the expected 1–10 score rescaled linearly to [-1, 1].
-- `reward_model`: the score of a reward model trained on the judge's labels (`rlaif_ray.reward_model`);
+- `reward_model`: the score of a reward model trained on the judge's labels (`rlaif_ray.stages.reward_model`);
   unbounded, refreshed by `load_state` while the run goes on.
 A sample without a valid label gets a null reward and keeps its skip reason (the learner counts it).
 """
@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from rlaif_ray import schemas
-from rlaif_ray.transport import use_arrow_ipc
+from rlaif_ray.data import schemas
+from rlaif_ray.data.transport import use_arrow_ipc
 
 
 def rewards_from_labels(labels: pa.Table, kind: str) -> pa.Array:
@@ -32,12 +32,12 @@ def rewards_from_labels(labels: pa.Table, kind: str) -> pa.Array:
 @ray.remote
 class RewardScorer:
     def __init__(self, kind: str, reward_model_path: str | None = None):
-        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.transport)
+        use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.kind = kind
         self.model = self.tok = None
         self.rm_version = 0
         if kind == "reward_model":
-            from rlaif_ray.reward_model import load_reward_model
+            from rlaif_ray.stages.reward_model import load_reward_model
             self.model, self.tok = load_reward_model(reward_model_path)
             self.model.eval()
 
@@ -57,7 +57,7 @@ class RewardScorer:
             return rewards_from_labels(labels, self.kind)
         import torch
 
-        from rlaif_ray.reward_model import score_texts
+        from rlaif_ray.stages.reward_model import score_texts
         with torch.no_grad():
             scores = score_texts(self.model, self.tok, labels.column("prompt").to_pylist(),
                                  labels.column("response").to_pylist())

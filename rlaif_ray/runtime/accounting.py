@@ -1,0 +1,79 @@
+"""What the loop counts: one step's metrics line, assembled from the stage stats and the learner's result, and the
+run's running tally (sample totals, judge counts, stage busy seconds; kept in checkpoints), from which the run
+summary's figures come. The Orchestrator calls these; it holds no metric arithmetic of its own.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from rlaif_ray.judge.quality import judge_report
+
+BATCH_JUDGE_RATES = ("first_slot_rate", "unparsable_share", "failed_share")  # logged per step when defined
+
+
+def busy_fractions(busy: dict[str, float], wall: float, pool_sizes: dict[str, int]) -> dict[str, float]:
+    """Share of the run's wall time each stage's actors spent working (1.0 = every actor always busy)."""
+    return {stage: seconds / (wall * pool_sizes.get(stage, 1)) if wall > 0 else 0.0 for stage, seconds in busy.items()}
+
+
+@dataclass
+class Tally:
+    """Running counts of a run; `state()` goes into checkpoints and `Tally.resumed(state)` takes it back."""
+    totals: dict = field(default_factory=lambda: {"generated": 0, "trained": 0, "dropped_stale": 0, "skipped": 0})
+    judge_counts: defaultdict = field(default_factory=lambda: defaultdict(float))  # summed labeler stats
+    busy: defaultdict = field(default_factory=lambda: defaultdict(float))          # stage -> seconds its actors worked
+    wall_before: float = 0.0                                                        # wall seconds before a resume
+
+    @classmethod
+    def resumed(cls, state: dict) -> "Tally":
+        tally = cls(wall_before=state.get("wall_seconds", 0.0))
+        if "totals" in state:
+            tally.totals = state["totals"]
+        tally.judge_counts.update(state.get("judge_counts", {}))
+        tally.busy.update(state.get("busy", {}))
+        return tally
+
+    def add(self, stats: dict, metrics: dict) -> None:
+        """Count one trained batch: its stage stats (`gen`, and `label`/`reward` unless sft) and learner metrics."""
+        for key in ("trained", "dropped_stale", "skipped"):
+            self.totals[key] += metrics[key]
+        self.totals["generated"] += stats["gen"]["gen_samples"]
+        self.busy["gen"] += stats["gen"]["gen_seconds"]
+        self.busy["train"] += metrics["train_seconds"]
+        label = stats.get("label", {})
+        if label:
+            for key, value in label.items():
+                if isinstance(value, (int, float)):
+                    self.judge_counts[key] += value
+            self.busy["label"] += label["label_seconds"]
+            self.busy["reward"] += stats["reward"]["reward_seconds"]
+
+    def state(self, wall_seconds: float) -> dict:
+        return {"totals": self.totals, "judge_counts": dict(self.judge_counts), "busy": dict(self.busy),
+                "wall_seconds": wall_seconds}
+
+
+def step_metrics(metrics: dict, stats: dict, *, train_wall: float, step_seconds: float, version: int,
+                 inflight: int, queues: dict, reissued: int, rm_fit: dict | None, sync_stats: list[dict]) -> dict:
+    """The step's metrics line: the learner's `metrics` plus generation, labelling, reward, reward-model refit
+    (`rm_fit`: the stats of a refit that finished since the last step) and weight-sync figures."""
+    gen, label = stats["gen"], stats.get("label", {})
+    metrics.update(gen_seconds=gen["gen_seconds"], train_wall_seconds=train_wall, step_seconds=step_seconds,
+                   policy_version=version, gen_tokens=gen["gen_tokens"], gen_policy_version=gen["policy_version"],
+                   samples_per_s=gen["gen_samples"] / max(step_seconds, 1e-9),
+                   tokens_per_s=gen["gen_tokens"] / max(step_seconds, 1e-9), inflight=inflight, **queues,
+                   gen_worker=gen.get("worker", 0), reissued_batches=reissued)
+    if "engine_seconds" in gen:
+        metrics["engine_seconds"] = gen["engine_seconds"]
+    if label:
+        batch_report = judge_report(label)
+        reward = stats["reward"]
+        metrics.update(label_seconds=label["label_seconds"], judge_calls=label["judge_calls"],
+                       reward_seconds=reward["reward_seconds"], rm_version=reward["rm_version"],
+                       **{k: batch_report[k] for k in BATCH_JUDGE_RATES if batch_report[k] is not None})
+    if rm_fit:
+        metrics.update(rm_fit)
+    if sync_stats:
+        metrics.update(sync_seconds=max(s["sync_seconds"] for s in sync_stats), sync_bytes=sync_stats[0]["sync_bytes"])
+    return metrics

@@ -1,0 +1,138 @@
+"""The driver's entry: checks the inputs before anything starts (`rlaif_ray.runtime.inputs`), starts Ray, and
+runs the job (`train`).
+
+The loop itself lives in `rlaif_ray.runtime.orchestrator`. `train` also carries a run across learner failures: the
+step stops (`LearnerFailure`), every actor is shut down, and the run resumes from its latest checkpoint
+(`rlaif_ray.runtime.checkpoint`), at most `fault.max_resumes` times; `train(cfg, resume=True)` is `--resume`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import ray
+
+from rlaif_ray.config import ConfigError, RunConfig, dump_config
+from rlaif_ray.data.transport import use_arrow_ipc
+from rlaif_ray.runtime import checkpoint
+from rlaif_ray.runtime.faults import LearnerFailure, RunStopped
+from rlaif_ray.runtime.inputs import Resolved, resolve_inputs
+from rlaif_ray.runtime.metrics import MetricsWriter
+from rlaif_ray.runtime.orchestrator import Orchestrator
+from rlaif_ray.runtime.placement import check_resources
+from rlaif_ray.runtime.report import write_report
+
+
+def start_ray(cfg: RunConfig) -> None:
+    use_arrow_ipc()  # the driver puts the prompt table
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    kwargs = {"namespace": cfg.ray.namespace, "log_to_driver": True}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+
+
+def _reset_outputs(run_dir: Path) -> None:
+    for stale in ("metrics.jsonl", "samples.jsonl"):
+        (run_dir / stale).unlink(missing_ok=True)
+    for folder in ("labels", "checkpoints", "tensorboard"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+
+
+def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None) -> dict:
+    """Start the actors, restore the checkpoint `resume_from` (its loaded `state`) if given, run the loop to the
+    end, save the policy."""
+
+    run_dir = Path(cfg.output.run_dir)
+    if state is not None:  # lines written after the checkpoint belong to steps that run again
+        checkpoint.truncate_lines(run_dir / "metrics.jsonl", state["metrics_lines"])
+        checkpoint.truncate_lines(run_dir / "samples.jsonl", state["ledger_lines"])
+    t0 = time.perf_counter()
+    orch = Orchestrator(cfg, resolved)
+    startup = time.perf_counter() - t0
+    writer = MetricsWriter(run_dir, cfg.output.tensorboard, cfg.loop.num_steps if cfg.output.progress else None,
+                           first_step=state["step"] if state else 0)
+    try:
+        if state is not None:
+            orch.restore(resume_from, state)
+            orch.eval_before = state.get("eval_before")
+        else:
+            orch.eval_before = orch.evaluate() if cfg.loop.eval_samples else None
+        warmup = orch.warm_up_reward_model() if orch.rm_trainer is not None and state is None else None
+        summary = orch.run(writer, state)
+        if orch.rm_trainer is not None:
+            if warmup is not None:
+                summary["reward_model_warmup"] = warmup
+            summary["reward_model"] = ray.get(orch.rm_trainer.save.remote(str(run_dir.resolve() / "reward_model")))
+        summary["startup_seconds"] = startup
+        if orch.eval_before is not None:
+            summary["eval_before"], summary["eval_after"] = orch.eval_before, orch.evaluate()
+        if cfg.output.save_checkpoint:
+            summary["checkpoint"] = orch.save_checkpoint((run_dir / "checkpoint").resolve())
+        if state is not None:
+            summary["resumed_from"] = str(resume_from)
+    finally:
+        writer.close()
+        orch.shutdown()
+    return summary
+
+
+def train(cfg: RunConfig, resume: bool = False) -> dict:
+    """Run one RLAIF job end to end; returns the summary (also written to run_dir/summary.json).
+
+    `resume`: continue the run in `output.run_dir` from its latest checkpoint. A learner rank failure
+    (LearnerFailure) stops the step; the run then resumes from the latest checkpoint by itself (from the
+    start when there is none), at most `fault.max_resumes` times."""
+    resolved = resolve_inputs(cfg)          # bad input stops here, before Ray or any actor
+    run_dir = Path(cfg.output.run_dir)
+    if resume:
+        resume_from = checkpoint.latest(run_dir)
+        if resume_from is None:
+            raise ConfigError(f"--resume {run_dir}: no checkpoint in {checkpoint.checkpoints_dir(run_dir)} "
+                              "(checkpoints are written every checkpoint.every steps)")
+        state = checkpoint.load_state(resume_from, cfg, resolved.prompts)  # what cannot resume fails before Ray
+    else:
+        resume_from = state = None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _reset_outputs(run_dir)
+    dump_config(cfg, run_dir / "config.yaml")
+    start_ray(cfg)
+    check_resources(cfg)
+    try:
+        summary = _run_resuming(cfg, resolved, resume_from, state)
+    except RunStopped as err:
+        (run_dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(err)}, indent=1))
+        raise
+    summary.update(status="finished", policy=resolved.policy, critic=resolved.critic, prompts=resolved.prompts_path,
+                   prompts_left_out=resolved.prompts_left_out)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_report(run_dir)
+    return summary
+
+
+def _run_resuming(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None) -> dict:
+    """`_run_once`, started again from the latest checkpoint after each learner failure (RunStopped past
+    `fault.max_resumes`); the summary lists the failures under faults.resumes."""
+    run_dir, resumes = Path(cfg.output.run_dir), []
+    while True:
+        try:
+            summary = _run_once(cfg, resolved, resume_from, state)
+            summary["faults"]["resumes"] = resumes
+            return summary
+        except LearnerFailure as err:
+            resumes.append(str(err))
+            if len(resumes) > cfg.fault.max_resumes:
+                raise RunStopped(f"a learner rank failed {len(resumes)} times, over fault.max_resumes="
+                                 f"{cfg.fault.max_resumes}; last: {err}") from err
+            resume_from = checkpoint.latest(run_dir)
+            state = checkpoint.load_state(resume_from, cfg, resolved.prompts) if resume_from else None
+            print(f"[rlaif] {err}: resuming from {resume_from or 'the start (no checkpoint yet)'} "
+                  f"({len(resumes)}/{cfg.fault.max_resumes})", flush=True)
+            if resume_from is None:
+                _reset_outputs(run_dir)

@@ -1,0 +1,104 @@
+"""What a run reads before any actor starts, checked on the driver: model paths, the judge's labels or
+endpoint, the prompt file and prompt lengths. Bad input stops here with an error naming the file, row or key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlaif_ray.config import ConfigError, RunConfig
+from rlaif_ray.data.prompts import load_prompts
+from rlaif_ray.judge.remote import OpenAIJudge, RemoteJudgeError
+from rlaif_ray.judge.reply import JudgeLabelError, label_token_ids
+
+
+@dataclass
+class Resolved:
+    """Inputs checked before any actor starts."""
+    policy: str
+    critic: str
+    prompts_path: str
+    prompts: object  # pa.Table
+    reward_model: str | None = None  # backbone of reward.kind=reward_model
+    prompts_left_out: int = 0        # longer than the context allows (data.long_prompts=skip)
+
+
+def check_model_path(path: str, key: str) -> None:
+    """A local folder must exist and hold a config.json; `org/name` is taken as a hub id."""
+    local = Path(path).expanduser()
+    is_hub_id = not local.exists() and not path.startswith((".", "~", "/")) and path.count("/") <= 1
+    if is_hub_id:
+        return
+    if not local.is_dir():
+        raise ConfigError(f"{key}: model path does not exist: {path}")
+    if not (local / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} holds no config.json (not a Hugging Face model folder)")
+
+
+def check_judge(cfg: RunConfig, critic: str) -> None:
+    """The judge can give the labels the config asks for: one token per label (local), a reachable endpoint
+    that answers a log-prob request (remote). Checked on the driver, before any actor starts."""
+    if cfg.critic.remote.base_url:
+        try:
+            with OpenAIJudge(cfg.critic.remote) as judge:
+                judge.check()
+        except RemoteJudgeError as err:
+            raise ConfigError(f"critic.remote: {err}") from None
+        return
+    if cfg.learner.algorithm == "sft":
+        return
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(critic)
+    labels = cfg.critic.direct_labels if cfg.critic.method == "direct" else cfg.critic.pairwise_labels
+    try:
+        label_token_ids(tok, labels, critic)
+    except JudgeLabelError as err:
+        raise ConfigError(str(err)) from None
+
+
+def resolve_inputs(cfg: RunConfig) -> Resolved:
+    """Build/reuse the toy world if asked, then check model paths and the prompt file."""
+    policy, critic, prompts_path = cfg.model.policy, cfg.model.critic, cfg.data.prompts
+    if "toy" in (policy, critic, prompts_path):
+        from rlaif_ray.worlds.toy import build_toy_world
+        world = build_toy_world(cfg.toy, cfg.critic)
+        policy = world.policy if policy == "toy" else policy
+        critic = world.critic if critic == "toy" else critic
+        prompts_path = world.prompts if prompts_path == "toy" else prompts_path
+    check_model_path(policy, "model.policy")
+    if not cfg.critic.remote.base_url:  # a remote judge needs no local critic model
+        check_model_path(critic, "model.critic")
+    check_judge(cfg, critic)
+    prompts, left_out = _fit_prompts_to_context(cfg, policy, prompts_path, load_prompts(prompts_path))
+    if cfg.data.prompts_per_step > prompts.num_rows:
+        raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "
+                          f"{prompts.num_rows} prompts in {prompts_path}")
+    local = lambda p: str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p  # noqa: E731
+    reward_model = None
+    if cfg.reward.kind == "reward_model":
+        reward_model = {"policy": policy, "critic": critic}.get(cfg.reward.model, cfg.reward.model)
+        check_model_path(reward_model, "reward.model")
+        reward_model = local(reward_model)
+    return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model, left_out)
+
+
+def _fit_prompts_to_context(cfg: RunConfig, policy: str, path: str, prompts):
+    """Prompts whose tokens leave no room for `rollout.max_new_tokens` in `model.max_model_len` would fail deep
+    inside the engine: an error naming the prompt (data.long_prompts=error), or left out and counted (skip)."""
+    from transformers import AutoTokenizer
+
+    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
+    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(policy)(prompts.column("prompt").to_pylist())["input_ids"]]
+    too_long = [i for i, n in enumerate(lengths) if n > limit]
+    if not too_long:
+        return prompts, 0
+    first = too_long[0]
+    if cfg.data.long_prompts == "error":
+        raise ConfigError(f"{path}: prompt '{prompts.column('prompt_id')[first].as_py()}' is {lengths[first]} tokens; "
+                          f"with rollout.max_new_tokens={cfg.rollout.max_new_tokens} it may have at most {limit} "
+                          f"(model.max_model_len={cfg.model.max_model_len}); {len(too_long)} prompt(s) are too long "
+                          "(data.long_prompts=skip leaves them out)")
+    print(f"[rlaif] data.long_prompts=skip: {len(too_long)} of {prompts.num_rows} prompts in {path} are longer than "
+          f"{limit} tokens and are left out", flush=True)
+    keep = sorted(set(range(prompts.num_rows)) - set(too_long))
+    return prompts.take(keep), len(too_long)

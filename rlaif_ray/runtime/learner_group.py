@@ -1,0 +1,42 @@
+"""LearnerGroup: the driver's handle on the N LearnerRank actors (`rlaif_ray.stages.learner`), placed in one
+placement group (PACK by default). Every call waits on all ranks but fails at once when one rank dies
+(`LearnerFailure`, see `rlaif_ray.runtime.faults`): the others would wait in a collective for it forever.
+"""
+from __future__ import annotations
+
+from rlaif_ray.config import RunConfig
+from rlaif_ray.runtime.faults import get_all_or_fail
+from rlaif_ray.runtime.placement import in_bundle, stage_shape
+from rlaif_ray.stages.learner import LearnerRank
+
+
+class LearnerGroup:
+    """Driver-side handle on the N learner ranks, one bundle of the learner placement group each."""
+
+    def __init__(self, policy_path: str, cfg: RunConfig, placement_group):
+        shape = stage_shape(cfg, "learner")
+        env = {"env_vars": {"DS_ACCELERATOR": "cpu"} if shape.gpus == 0 else {}}
+        self.ranks = [LearnerRank.options(runtime_env=env, **in_bundle(placement_group, i, shape)).remote(
+                          policy_path, cfg.model_dump(), i, shape.count)
+                      for i in range(shape.count)]
+        addr, port = get_all_or_fail([r.address.remote() for r in self.ranks[:1]], "learner start-up")[0]
+        get_all_or_fail([r.setup.remote(addr, port) for r in self.ranks], "learner start-up")
+
+    def train(self, rewards_ref) -> dict:
+        return get_all_or_fail([r.train_step.remote(rewards_ref) for r in self.ranks], "learner step")[0]
+
+    def export_weights(self):
+        """Rank 0's weights ref, once every rank finished the export (a failed rank: LearnerFailure). The
+        weights stay in the object store; the driver reads only each rank's small receipt."""
+        calls = [r.export_weights.options(num_returns=2).remote() for r in self.ranks]
+        get_all_or_fail([receipt for _, receipt in calls], "weight export")
+        return calls[0][0]
+
+    def save_checkpoint(self, path: str) -> str:
+        return get_all_or_fail([r.save_checkpoint.remote(path) for r in self.ranks], "checkpoint")[0]
+
+    def save_state(self, folder: str) -> str:
+        return get_all_or_fail([r.save_state.remote(folder) for r in self.ranks], "checkpoint")[0]
+
+    def load_state(self, folder: str) -> int:
+        return get_all_or_fail([r.load_state.remote(folder) for r in self.ranks], "resume")[0]
