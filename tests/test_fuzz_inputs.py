@@ -19,7 +19,9 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                                                                                        max_size=3), max_leaves=6)
 prompt_rows = st.fixed_dictionaries({}, optional={
     "prompt": texts | json_values, "id": texts | st.integers(0, 5) | json_values,
-    "reference": st.text(max_size=4) | st.none() | json_values, "extra": json_values})
+    "reference": st.text(max_size=4) | st.none() | json_values, "extra": json_values,
+    "messages": json_values | st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "x"]),
+                                                              "content": texts | json_values}), max_size=3)})
 
 
 def check_loaded(table: pa.Table, rows: int | None = None) -> None:

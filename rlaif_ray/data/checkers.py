@@ -1,12 +1,66 @@
-"""Ground-truth checkers: is a response right for a prompt's reference answer?
+"""Ground-truth checkers: is a response right for a prompt's reference answer? (`data.checker`)
 
-A prompt row may carry a `reference`; every stage that reports true accuracy (the rollout worker's evaluation,
-label quality, eval, the prompt-injection study) asks the checker here, so a world with another task changes
-one function, not five call sites.
+- `exact`: the response, stripped, is the reference (the toy world's " 7" for "3+4=");
+- `last_number` / `first_number`: the last (first) number in the response equals the reference as a number
+  (chat models answer "3 + 4 = 7");
+- `choice`: the first standalone capital letter A-J in the response is the reference letter (multiple choice);
+- `package.module:function`: the user's own `function(response, reference) -> bool`.
+A prompt row may carry a `reference`; every place that reports true accuracy (the rollout worker's evaluation,
+label quality, eval, the prompt-injection study) asks the checker made here from the config.
 """
 from __future__ import annotations
 
+import importlib
+import re
+from typing import Callable
+
+Checker = Callable[[str, "str | None"], bool]
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+CHOICE = re.compile(r"\b([A-J])\b")
+
+
+class CheckerError(ValueError):
+    """`data.checker` names no built-in checker and no importable `module:function`."""
+
 
 def is_correct(response: str, reference: str | None) -> bool:
-    """Exact match: the response, stripped, is the reference answer (the toy world's addition task)."""
+    """Exact match: the response, stripped, is the reference answer."""
     return reference is not None and response.strip() == reference.strip()
+
+
+def _number(text: str | None, which: int) -> float | None:
+    found = NUMBER.findall(text or "")
+    return float(found[which]) if found else None
+
+
+def last_number(response: str, reference: str | None) -> bool:
+    ref = _number(reference, -1)
+    return ref is not None and _number(response, -1) == ref
+
+
+def first_number(response: str, reference: str | None) -> bool:
+    ref = _number(reference, -1)
+    return ref is not None and _number(response, 0) == ref
+
+
+def choice(response: str, reference: str | None) -> bool:
+    found = CHOICE.search(response)
+    return reference is not None and found is not None and found.group(1) == reference.strip().upper()
+
+
+BUILT_IN = {"exact": is_correct, "last_number": last_number, "first_number": first_number, "choice": choice}
+
+
+def make_checker(spec: str) -> Checker:
+    if spec in BUILT_IN:
+        return BUILT_IN[spec]
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise CheckerError(f"data.checker: {spec!r} is neither one of {', '.join(BUILT_IN)} nor 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise CheckerError(f"data.checker: cannot load {spec!r} ({type(err).__name__}: {err})") from None
+    if not callable(fn):
+        raise CheckerError(f"data.checker: {spec!r} is not a function")
+    return fn

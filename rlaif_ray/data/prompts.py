@@ -1,23 +1,41 @@
 """Prompt files (JSONL or Parquet) -> a validated Arrow table, and the batches the loop draws from it.
 
-A row needs a non-empty string `prompt`; `id` (unique) and `reference` (ground truth for the toy
-checker) are optional. Errors name the file and the 1-based row.
+A row needs a non-empty string `prompt`, or `messages` (an OpenAI-style list of {role, content} turns, the
+conversation so far); `id` (unique) and `reference` (ground truth for the checker) are optional. Which field
+holds each is set by `data.prompt_key`, `messages_key`, `id_key` and `reference_key`. A row with messages and no
+prompt gets a readable prompt from its turns (what the judge reads; the engine gets the messages through the
+policy's chat template). Fields the loader does not use are counted and reported once by the driver, so a
+dataset whose answers sit in `answer` is not silently stripped of them. Errors name the file and the 1-based row.
 """
 from __future__ import annotations
 
 import codecs
 import json
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+MESSAGE_TYPE = pa.struct([pa.field("role", pa.string(), nullable=False), pa.field("content", pa.string(), nullable=False)])
 PROMPT_SCHEMA = pa.schema([
     pa.field("prompt_id", pa.string(), nullable=False),
     pa.field("prompt", pa.string(), nullable=False),
     pa.field("reference", pa.string(), nullable=True),
+    pa.field("messages", pa.list_(MESSAGE_TYPE), nullable=True),  # None: the prompt is plain text
 ])
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class PromptKeys:
+    """Which field of a row holds what (`data.*_key`)."""
+    prompt: str = "prompt"
+    messages: str = "messages"
+    id: str = "id"
+    reference: str = "reference"
 
 
 class PromptFileError(ValueError):
@@ -73,41 +91,81 @@ def _text(path: Path, lineno: int, field: str, value) -> str:
     return value
 
 
-def load_prompts(path: str | Path) -> pa.Table:
+def _messages(path: Path, lineno: int, field: str, value) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise PromptFileError(f"{path}: row {lineno}: field '{field}' must be a non-empty list of "
+                              "{{role, content}} messages")
+    out = []
+    for k, turn in enumerate(value):
+        where = f"{path}: row {lineno}: {field}[{k}]"
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise PromptFileError(f"{where} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": text}}")
+        out.append({"role": turn["role"], "content": _text(path, lineno, f"{field}[{k}].content", turn["content"])})
+    if out[-1]["role"] == "assistant":
+        raise PromptFileError(f"{path}: row {lineno}: {field} ends with an assistant turn; the policy answers the "
+                              "last user turn")
+    return out
+
+
+def readable_prompt(messages: list[dict]) -> str:
+    """The conversation as text a judge can read: a single user turn is its content; longer ones are labelled."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+
+
+def load_prompts(path: str | Path, keys: PromptKeys = PromptKeys()) -> pa.Table:
+    return read_prompt_file(path, keys)[0]
+
+
+def read_prompt_file(path: str | Path, keys: PromptKeys = PromptKeys()) -> tuple[pa.Table, dict[str, int]]:
+    """The prompt table, and how many rows carry each field the loader did not use."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise PromptFileError(f"prompts file not found: {path}")
     rows = _rows_from_parquet(path) if path.suffix == ".parquet" else _rows_from_jsonl(path)
     if not rows:
         raise PromptFileError(f"{path}: no prompts in file")
-    ids, prompts, refs = [], [], []
+    ids, prompts, refs, conversations = [], [], [], []
     seen: dict[str, int] = {}
+    unused: Counter = Counter()
+    used = {keys.prompt, keys.messages, keys.id, keys.reference}
     for lineno, row in rows:
-        prompt = row.get("prompt")
+        unused.update(k for k, v in row.items() if k not in used and v is not None)
+        messages = row.get(keys.messages)
+        messages = None if messages is None else _messages(path, lineno, keys.messages, messages)
+        prompt = row.get(keys.prompt)
+        if prompt is None and messages is not None:
+            prompt = readable_prompt(messages)
         if not isinstance(prompt, str):
-            raise PromptFileError(f"{path}: row {lineno}: field 'prompt' is missing or not a string")
+            raise PromptFileError(f"{path}: row {lineno}: field '{keys.prompt}' is missing or not a string "
+                                  f"(nor is there a '{keys.messages}' list)")
         if not prompt.strip():
-            raise PromptFileError(f"{path}: row {lineno}: field 'prompt' is empty")
-        prompt = _text(path, lineno, "prompt", prompt)
-        raw_id = row.get("id")
+            raise PromptFileError(f"{path}: row {lineno}: field '{keys.prompt}' is empty")
+        prompt = _text(path, lineno, keys.prompt, prompt)
+        raw_id = row.get(keys.id)
         if raw_id is None:
             pid = f"row{lineno}"
         elif isinstance(raw_id, str) or (isinstance(raw_id, int) and not isinstance(raw_id, bool)):
-            pid = _text(path, lineno, "id", str(raw_id))
+            pid = _text(path, lineno, keys.id, str(raw_id))
         else:
-            raise PromptFileError(f"{path}: row {lineno}: field 'id' must be a string or an integer, "
+            raise PromptFileError(f"{path}: row {lineno}: field '{keys.id}' must be a string or an integer, "
                                   f"got {type(raw_id).__name__}")
         if pid in seen:
             raise PromptFileError(f"{path}: row {lineno}: id '{pid}' already used at row {seen[pid]}")
         seen[pid] = lineno
-        ref = row.get("reference")
+        ref = row.get(keys.reference)
         if ref is not None and (isinstance(ref, (bool, dict, list)) or not isinstance(ref, (str, int, float))):
-            raise PromptFileError(f"{path}: row {lineno}: field 'reference' must be text or a number, "
+            raise PromptFileError(f"{path}: row {lineno}: field '{keys.reference}' must be text or a number, "
                                   f"got {type(ref).__name__}")
         ids.append(pid)
         prompts.append(prompt)
-        refs.append(None if ref is None else _text(path, lineno, "reference", str(ref)))
-    return pa.Table.from_pydict({"prompt_id": ids, "prompt": prompts, "reference": refs}, schema=PROMPT_SCHEMA)
+        refs.append(None if ref is None else _text(path, lineno, keys.reference, str(ref)))
+        conversations.append(messages)
+    table = pa.Table.from_pydict({"prompt_id": ids, "prompt": prompts, "reference": refs, "messages": conversations},
+                                 schema=PROMPT_SCHEMA)
+    return table, dict(unused)
 
 
 class PromptSampler:

@@ -26,10 +26,13 @@ class LocalJudge:
         self.tokenizer = self.llm.get_tokenizer()
         self.top_k = min(cfg.vllm.max_logprobs, len(self.tokenizer))
         self.max_prompt_len = cfg.model.max_model_len - 1
-        self.label_ids = {}
-        for labels in (cfg.critic.pairwise_labels, cfg.critic.direct_labels):
-            self.label_ids[tuple(labels)] = label_token_ids(self.tokenizer, labels, model_path)
-        self.calls = 0
+        self.label_ids: dict[tuple, list[int]] = {}  # per label set, on first use (only the method's labels
+        self.calls = 0                                # need to be single tokens; the driver checked those)
+
+    def _label_ids(self, labels) -> list[int]:
+        if tuple(labels) not in self.label_ids:
+            self.label_ids[tuple(labels)] = label_token_ids(self.tokenizer, labels, self.name)
+        return self.label_ids[tuple(labels)]
 
     def _encode(self, prompts: list[str], room: int):
         """Token ids of each prompt, or an error reply when prompt + `room` new tokens do not fit."""
@@ -56,7 +59,7 @@ class LocalJudge:
     def distribution(self, prompts: list[str], labels) -> list[JudgeReply]:
         from vllm import SamplingParams
 
-        ids = self.label_ids[tuple(labels)]
+        ids = self._label_ids(labels)
         encoded, todo, outs, share = self._run(prompts, 1, SamplingParams(max_tokens=1, temperature=0.0,
                                                                           logprobs=self.top_k))
         replies: list = list(encoded)
@@ -97,8 +100,7 @@ class TransformersJudge(LocalJudge):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batch = cfg.critic.batch_size
         self.max_prompt_len = cfg.model.max_model_len - 1
-        self.label_ids = {tuple(labels): label_token_ids(self.tokenizer, labels, model_path)
-                          for labels in (cfg.critic.pairwise_labels, cfg.critic.direct_labels)}
+        self.label_ids = {}
         self.calls = 0
 
     def _left_padded(self, rows: list[list[int]]):
@@ -118,7 +120,7 @@ class TransformersJudge(LocalJudge):
 
     def distribution(self, prompts: list[str], labels) -> list[JudgeReply]:
         import torch
-        label_ids = self.label_ids[tuple(labels)]
+        label_ids = self._label_ids(labels)
         encoded, batches = self._batches(prompts, 1)
         replies: list = list(encoded)
         for chunk in batches:

@@ -19,13 +19,13 @@ import math
 
 import pyarrow as pa
 
-from rlaif_ray.data.checkers import is_correct
+from rlaif_ray.data.checkers import Checker, is_correct
 
 BIAS_COUNT_KEYS = ("bias_pair_rows", "bias_consistent_rows", "bias_orders", "bias_first_slot_wins",
                    "bias_n", "bias_sx", "bias_sy", "bias_sxx", "bias_syy", "bias_sxy")
 
 
-def label_quality(table: pa.Table) -> dict:
+def label_quality(table: pa.Table, is_correct: Checker = is_correct) -> dict:
     out: dict[str, float] = {}
     ids = table.column("sample_id").to_pylist()
     refs = table.column("reference").to_pylist()

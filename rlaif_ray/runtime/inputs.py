@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlaif_ray.config import ConfigError, RunConfig
-from rlaif_ray.data.prompts import load_prompts
+from rlaif_ray.data.chat import ChatTemplateError, prompt_length, resolve_template
+from rlaif_ray.data.checkers import CheckerError, make_checker
+from rlaif_ray.data.prompts import PromptKeys, read_prompt_file
 from rlaif_ray.judge.remote import OpenAIJudge, RemoteJudgeError
 from rlaif_ray.judge.reply import JudgeLabelError, label_token_ids
 
@@ -57,19 +59,18 @@ def check_judge(cfg: RunConfig, critic: str) -> None:
 
 
 def resolve_inputs(cfg: RunConfig) -> Resolved:
-    """Build/reuse the toy world if asked, then check model paths and the prompt file."""
-    policy, critic, prompts_path = cfg.model.policy, cfg.model.critic, cfg.data.prompts
-    if "toy" in (policy, critic, prompts_path):
-        from rlaif_ray.worlds.toy import build_toy_world
-        world = build_toy_world(cfg.toy, cfg.critic)
-        policy = world.policy if policy == "toy" else policy
-        critic = world.critic if critic == "toy" else critic
-        prompts_path = world.prompts if prompts_path == "toy" else prompts_path
+    """Build/reuse a built-in world (`toy`, `smol`) where the config names one, then check model paths, the judge
+    and the prompt file."""
+    policy, critic, prompts_path = _built_in_worlds(cfg)
     check_model_path(policy, "model.policy")
     if not cfg.critic.remote.base_url:  # a remote judge needs no local critic model
         check_model_path(critic, "model.critic")
     check_judge(cfg, critic)
-    prompts, left_out = _fit_prompts_to_context(cfg, policy, prompts_path, load_prompts(prompts_path))
+    try:
+        make_checker(cfg.data.checker)
+    except CheckerError as err:
+        raise ConfigError(str(err)) from None
+    prompts, left_out = _fit_prompts_to_context(cfg, policy, prompts_path, _read_prompts(cfg, prompts_path))
     if cfg.data.prompts_per_step > prompts.num_rows:
         raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "
                           f"{prompts.num_rows} prompts in {prompts_path}")
@@ -82,13 +83,46 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
     return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model, left_out)
 
 
+def _built_in_worlds(cfg: RunConfig) -> tuple[str, str, str]:
+    """model.policy, model.critic and data.prompts, with the names of built-in worlds replaced by their paths."""
+    names = (cfg.model.policy, cfg.model.critic, cfg.data.prompts)
+    paths = list(names)
+    if "toy" in names:
+        from rlaif_ray.worlds.toy import build_toy_world
+        toy = build_toy_world(cfg.toy, cfg.critic)
+        paths = [{"toy": p}.get(n, q) for n, q, p in zip(names, paths, (toy.policy, toy.critic, toy.prompts))]
+    if "smol" in names:
+        from rlaif_ray.worlds.smol import build_smol_world
+        smol = build_smol_world(cfg.smol)
+        paths = [{"smol": p}.get(n, q) for n, q, p in zip(names, paths, (smol.model, smol.model, smol.prompts))]
+    return paths[0], paths[1], paths[2]
+
+
+def _read_prompts(cfg: RunConfig, path: str):
+    """The prompt table, with fields the loader did not use reported once (never dropped in silence)."""
+    d = cfg.data
+    keys = PromptKeys(prompt=d.prompt_key, messages=d.messages_key, id=d.id_key, reference=d.reference_key)
+    prompts, unused = read_prompt_file(path, keys)
+    if unused:
+        fields = ", ".join(f"'{name}' ({n} rows)" for name, n in sorted(unused.items()))
+        print(f"[rlaif] {path}: field(s) {fields} are not used; the loader reads '{d.prompt_key}'/'{d.messages_key}', "
+              f"'{d.id_key}' and '{d.reference_key}' (data.prompt_key, messages_key, id_key, reference_key; "
+              "e.g. data.reference_key=answer)", flush=True)
+    return prompts
+
+
 def _fit_prompts_to_context(cfg: RunConfig, policy: str, path: str, prompts):
     """Prompts whose tokens leave no room for `rollout.max_new_tokens` in `model.max_model_len` would fail deep
     inside the engine: an error naming the prompt (data.long_prompts=error), or left out and counted (skip)."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    try:
+        template = resolve_template(cfg.rollout.chat_template, tokenizer)
+    except ChatTemplateError as err:
+        raise ConfigError(str(err)) from None
     limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
-    lengths = [len(ids) for ids in AutoTokenizer.from_pretrained(policy)(prompts.column("prompt").to_pylist())["input_ids"]]
+    lengths = [prompt_length(tokenizer, row, template) for row in prompts.select(["prompt", "messages"]).to_pylist()]
     too_long = [i for i, n in enumerate(lengths) if n > limit]
     if not too_long:
         return prompts, 0

@@ -29,6 +29,7 @@ import torch
 from rlaif_ray import algorithms
 from rlaif_ray.config import RunConfig
 from rlaif_ray.data import schemas
+from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.quality import label_quality
 
@@ -82,6 +83,7 @@ class LearnerRank:
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
         self.policy_path, self.rank, self.world_size = policy_path, rank, world_size
+        self.checker = make_checker(self.cfg.data.checker)  # true accuracy in the step metrics
         self.version = 0
 
     def address(self) -> tuple[str, int]:
@@ -180,7 +182,7 @@ class LearnerRank:
         }
         if algo != "sft":
             metrics["reward_mean"] = float(np.mean([rewards[i] for i in trainable])) if trainable else float("nan")
-        metrics.update(label_quality(table))
+        metrics.update(label_quality(table, self.checker))
         return {"metrics": metrics, "outcome": outcome}
 
     def _token_ids(self, table: pa.Table, rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:

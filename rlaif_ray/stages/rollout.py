@@ -16,7 +16,8 @@ import ray
 
 from rlaif_ray.config import RunConfig
 from rlaif_ray.data import schemas
-from rlaif_ray.data.checkers import is_correct
+from rlaif_ray.data.chat import engine_input, resolve_template
+from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.engine import make_llm
 
@@ -35,7 +36,13 @@ class RolloutWorker:
         self.model_path = model_path
         self.worker_index = worker_index
         self.llm = make_llm(model_path, self.cfg.vllm, self.cfg.model, seed=self.cfg.loop.seed + worker_index)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # None: plain prompt text
         self.version = 0
+
+    def _engine_inputs(self, rows: list[dict]) -> list:
+        """What the engine gets for each prompt row (rlaif_ray.data.chat): text, or the chat template's token ids."""
+        return [engine_input(self.tokenizer, row, self.template) for row in rows]
 
     def ready(self) -> int:
         return self.version
@@ -52,7 +59,7 @@ class RolloutWorker:
                                  seed=self.cfg.loop.seed * 1_000_003 + step * 10_007 + i)
                   for i in range(len(rows))]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([row["prompt"] for row in rows], params, use_tqdm=False)
+        outputs = self.llm.generate(self._engine_inputs(rows), params, use_tqdm=False)
         engine_seconds = time.perf_counter() - t0
         samples = [(schemas.sample_id(step, row["prompt_id"], k), k, row, out, sample)
                    for row, out in zip(rows, outputs) for k, sample in enumerate(out.outputs)]
@@ -70,7 +77,7 @@ class RolloutWorker:
         rows = prompts.to_pylist()
         params = [SamplingParams(temperature=temperature, max_tokens=self.cfg.rollout.max_new_tokens, logprobs=0,
                                  seed=self.cfg.loop.seed + i) for i in range(len(rows))]
-        outs = self.llm.generate([row["prompt"] for row in rows], params, use_tqdm=False)
+        outs = self.llm.generate(self._engine_inputs(rows), params, use_tqdm=False)
         return self._rollout_table([(f"{tag}/{row['prompt_id']}", 0, row, out, out.outputs[0])
                                     for row, out in zip(rows, outs)])
 
@@ -93,15 +100,16 @@ class RolloutWorker:
         (seeded) and one greedy answer each. Empty when no prompt has a reference."""
         from vllm import SamplingParams
 
-        rows = [r for r in prompts.select(["prompt", "reference"]).to_pylist() if r["reference"] is not None]
+        rows = [r for r in prompts.select(["prompt", "reference", "messages"]).to_pylist() if r["reference"] is not None]
         if not rows:
             return {}
         r = self.cfg.rollout
-        texts = [row["prompt"] for row in rows]
+        texts = self._engine_inputs(rows)
         sampled = self.llm.generate(texts, [SamplingParams(n=samples, temperature=r.temperature, top_p=r.top_p,
                                                            max_tokens=r.max_new_tokens, seed=self.cfg.loop.seed + i)
                                             for i in range(len(rows))], use_tqdm=False)
         greedy = self.llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens), use_tqdm=False)
+        is_correct = make_checker(self.cfg.data.checker)
         hits = [sum(is_correct(o.text, row["reference"]) for o in out.outputs) for row, out in zip(rows, sampled)]
         return {"accuracy_sampled": sum(hits) / (samples * len(rows)),
                 "accuracy_greedy": sum(is_correct(out.outputs[0].text, row["reference"])

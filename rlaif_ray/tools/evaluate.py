@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from rlaif_ray.config import ConfigError, RunConfig
-from rlaif_ray.data.checkers import is_correct
+from rlaif_ray.data.checkers import Checker, is_correct, make_checker
 
 
 def length_controlled_win_rate(p_win: list[float], length_diff: list[float], iters: int = 50) -> float | None:
@@ -74,7 +74,7 @@ def _as_reference(candidate: pa.Table, responses: dict[str, str]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=candidate.schema)
 
 
-def compare(labels: pa.Table) -> dict:
+def compare(labels: pa.Table, is_correct: Checker = is_correct) -> dict:
     """Figures from a labels table holding, per prompt, one `cand/` and one `ref/` row judged as a pair."""
     rows = labels.to_pylist()
     cand = {r["prompt_id"]: r for r in rows if r["sample_id"].startswith("cand/")}
@@ -160,7 +160,7 @@ def evaluate(cfg: RunConfig, checkpoint: str, reference: str, out_dir: str, temp
         for a in [*actors, critic]:
             ray.kill(a)
     result = {"candidate": checkpoint, "reference": reference, "judge": judge, "method": cfg.critic.method,
-              "temperature": temperature, **compare(labels), "judge_calls": stats["judge_calls"]}
+              "temperature": temperature, **compare(labels, make_checker(cfg.data.checker)), "judge_calls": stats["judge_calls"]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))

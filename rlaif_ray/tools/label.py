@@ -22,6 +22,7 @@ from rlaif_ray.config import RunConfig
 def label_prompts(cfg: RunConfig, out: str) -> dict:
     import pyarrow.parquet as pq
 
+    from rlaif_ray.data.checkers import make_checker
     from rlaif_ray.data.schemas import REWARD_SCHEMA
     from rlaif_ray.engine import engine_env
     from rlaif_ray.judge.quality import judge_report, label_quality
@@ -67,7 +68,7 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
                     writer.write_table(table)
                     rows += table.num_rows
                     valid += int(sum(table.column("label_valid").to_pylist()))
-                    quality.append(label_quality(table))
+                    quality.append(label_quality(table, make_checker(cfg.data.checker)))
                     for key, value in st.items():
                         if isinstance(value, (int, float)):
                             counts[key] += value

