@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(VENV)/bin/rlaif-ray train -c jobs/configs/toy_cpu.yaml
+	$(VENV)/bin/rlaif-ray train -c jobs/configs/toy_cpu.yaml output.existing=overwrite
 
 test: install
 	$(VENV)/bin/pytest tests

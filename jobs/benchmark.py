@@ -70,6 +70,7 @@ def main(argv=None) -> int:
             cfg.loop.max_inflight = 0 if mode == "sync" else max(1, base.loop.max_inflight)
             cfg.output.run_dir = str(out / (mode if args.rounds == 1 else f"round{k}_{mode}"))
             cfg.output.progress = False
+            cfg.output.existing = "overwrite"  # this job's own subfolder
             cfg.output.save_checkpoint = False
             t0 = time.time()
             summary = train(cfg)

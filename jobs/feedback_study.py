@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     try:
         base = load_config(args.config, args.overrides)
         runs = {name: load_config(args.config, [*args.overrides, *(f"{k}={v}" for k, v in LEARNERS[name].items()),
-                                                f"output.run_dir={out / name}", "output.progress=false"])
+                                                f"output.run_dir={out / name}", "output.progress=false",
+                                                "output.existing=overwrite"])
                 for name in args.learners.split(",")}
     except ConfigError as err:
         print(f"feedback_study: error: {err}", file=sys.stderr)

@@ -161,6 +161,7 @@ def main(argv=None) -> int:
         run.loop.mode, run.loop.num_steps = mode, args.steps
         run.loop.max_inflight = 0 if mode == "sync" else max(1, cfg.loop.max_inflight)
         run.output.run_dir, run.output.progress, run.output.save_checkpoint = str(out / f"peer_{mode}"), False, False
+        run.output.existing = "overwrite"  # this job's own subfolder
         run.loop.eval_samples = 0
         summary = train(run)
         figures = run_figures(read_jsonl(out / f"peer_{mode}" / "metrics.jsonl"), warmup=args.warmup)

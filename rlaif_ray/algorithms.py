@@ -26,19 +26,31 @@ import torch
 import torch.nn.functional as F
 
 ADVANTAGES = ("group_mean", "grpo", "rloo", "reinforce_pp")
+ZERO_SIGNAL = 1e-6  # a group whose rewards span less than this carries no learning signal (its advantages are 0)
 KL_LOG_RATIO_CLAMP = 10.0
 KL_TOKEN_CLAMP = 10.0
 
 
-def advantages(rewards: list[float], groups: list[str], kind: str) -> np.ndarray:
-    """One advantage per sample; a group of one sample gets 0 (no baseline to compare with)."""
-    r = np.asarray(rewards, dtype=np.float64)
-    adv = np.zeros_like(r)
+def _members(groups: list[str]) -> dict[str, list[int]]:
     members: dict[str, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         members[g].append(i)
-    for rows in members.values():
-        if len(rows) < 2:
+    return members
+
+
+def signal_groups(rewards: list[float], groups: list[str]) -> set[str]:
+    """The groups whose rewards differ (by at least ZERO_SIGNAL): only they can tell better from worse."""
+    r = np.asarray(rewards, dtype=np.float64)
+    return {g for g, rows in _members(groups).items() if len(rows) > 1 and np.ptp(r[rows]) >= ZERO_SIGNAL}
+
+
+def advantages(rewards: list[float], groups: list[str], kind: str) -> np.ndarray:
+    """One advantage per sample; a group of one sample, or whose rewards are all equal (within ZERO_SIGNAL), gets
+    0: no baseline to compare with, and no signal for GRPO's std normalisation to blow up from rounding noise."""
+    r = np.asarray(rewards, dtype=np.float64)
+    adv = np.zeros_like(r)
+    for rows in _members(groups).values():
+        if len(rows) < 2 or np.ptp(r[rows]) < ZERO_SIGNAL:
             continue
         centred = r[rows] - r[rows].mean()
         if kind == "grpo":

@@ -268,6 +268,9 @@ class RayConfig(_Section):
 
 class OutputConfig(_Section):
     run_dir: str = "runs/latest"
+    # a fresh `train` into a folder that already holds a run: "refuse" (and say how to go on), "new" (write to
+    # run_dir-2, -3, ... instead), "overwrite" (delete the earlier run's metrics, ledger, labels and checkpoints)
+    existing: Literal["refuse", "new", "overwrite"] = "refuse"
     tensorboard: bool = True
     progress: bool = True
     save_checkpoint: bool = True

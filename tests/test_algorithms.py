@@ -162,3 +162,12 @@ def test_micro_batches_pack_units_within_the_token_budget():
         assert len(mb) * max(lengths[r] for r in mb) <= 24 or len(mb) == 1 or mb == [0, 1]
     assert micro_batches(units, lengths, max_tokens=0) == [[0, 1, 2, 3, 4, 5]]
     assert micro_batches([], lengths, max_tokens=24) == [] and micro_batches([], {}, 0) == []
+
+
+def test_groups_without_reward_signal_get_no_advantage():
+    rewards, groups = [0.0, 1e-9, 2e-9, 0.5, 0.5, 1.0], ["a", "a", "a", "b", "b", "b"]
+    assert algorithms.signal_groups(rewards, groups) == {"b"}
+    for kind in ("group_mean", "grpo", "rloo"):
+        adv = algorithms.advantages(rewards, groups, kind)
+        assert np.all(adv[:3] == 0.0) and adv[5] > 0 > adv[3]
+    assert algorithms.signal_groups([0.2, 0.2], ["a", "a"]) == set() and algorithms.signal_groups([1.0], ["a"]) == set()

@@ -148,3 +148,19 @@ def test_judge_that_cannot_give_the_labels_stops_before_any_actor(tmp_path, ray_
     with pytest.raises(ConfigError, match="critic.remote: .*127.0.0.1:9"):
         train(small_config(tmp_path, critic={"remote": {"base_url": "http://127.0.0.1:9/v1", "max_retries": 0}}))
     assert alive_actors() == alive_before
+
+
+def test_a_fresh_run_never_deletes_an_earlier_one(tmp_path, ray_cluster, toy_world):
+    from rlaif_ray.runtime.driver import _fresh_run_dir
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")  # a folder with no run in it is used as it is
+    assert _fresh_run_dir(small_config(tmp_path)) == run
+    (run / "summary.json").write_text("{}")
+    (tmp_path / "run-2" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds a run; continue it with --resume"):
+        train(small_config(tmp_path))
+    assert (run / "summary.json").is_file()
+    cfg = small_config(tmp_path, output={"existing": "new"})
+    assert _fresh_run_dir(cfg) == tmp_path / "run-3" and cfg.output.run_dir == str(tmp_path / "run-3")
+    assert _fresh_run_dir(small_config(tmp_path, output={"existing": "overwrite"})) == run

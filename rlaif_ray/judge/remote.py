@@ -1,7 +1,7 @@
 """OpenAIJudge: any OpenAI-compatible endpoint (vLLM serve, OpenAI, a gateway) as the AI judge.
 
 `next_token_distribution` asks for one greedy token with its top log-probs and reads the label strings'
-probabilities from them (renormalised over the labels, plus their total mass, like `critic.label_distribution`);
+probabilities from them (renormalised over the labels, plus their total mass, like `rlaif_ray.judge.reply.label_distribution`);
 an endpoint that returns no log-probs has its reply text parsed instead (`from_text=True`). `complete` gives
 greedy text (rationales, self-answers, critiques).
 

@@ -39,6 +39,8 @@ class Tally:
         for key in ("trained", "dropped_stale", "skipped"):
             self.totals[key] += metrics[key]
         self.totals["generated"] += stats["gen"]["gen_samples"]
+        if not metrics.get("optimizer_step", 1):  # ppo: no prompt group's rewards differed, no update was made
+            self.totals["no_signal_steps"] = self.totals.get("no_signal_steps", 0) + 1
         self.busy["gen"] += stats["gen"]["gen_seconds"]
         self.busy["train"] += metrics["train_seconds"]
         label = stats.get("label", {})

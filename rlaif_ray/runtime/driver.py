@@ -38,6 +38,26 @@ def start_ray(cfg: RunConfig) -> None:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
 
 
+RUN_FILES = ("summary.json", "metrics.jsonl", "samples.jsonl", "checkpoints")  # a folder holding any holds a run
+
+
+def _fresh_run_dir(cfg: RunConfig) -> Path:
+    """`output.run_dir`, unless it already holds a run: then refused, replaced by the next free `-N` folder, or
+    overwritten, as `output.existing` says."""
+    run_dir = Path(cfg.output.run_dir)
+    if not any((run_dir / name).exists() for name in RUN_FILES) or cfg.output.existing == "overwrite":
+        return run_dir
+    if cfg.output.existing == "refuse":
+        raise ConfigError(f"output.run_dir={run_dir} already holds a run; continue it with --resume {run_dir}, "
+                          "replace it with output.existing=overwrite, or write beside it with output.existing=new")
+    n = 2
+    while any((run_dir.with_name(f"{run_dir.name}-{n}") / name).exists() for name in RUN_FILES):
+        n += 1
+    cfg.output.run_dir = str(run_dir.with_name(f"{run_dir.name}-{n}"))
+    print(f"[rlaif] {run_dir} already holds a run: writing this one to {cfg.output.run_dir}", flush=True)
+    return Path(cfg.output.run_dir)
+
+
 def _reset_outputs(run_dir: Path) -> None:
     for stale in ("metrics.jsonl", "samples.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
@@ -99,6 +119,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         state = checkpoint.load_state(resume_from, cfg, resolved.prompts)  # what cannot resume fails before Ray
     else:
         resume_from = state = None
+        run_dir = _fresh_run_dir(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         _reset_outputs(run_dir)
     dump_config(cfg, run_dir / "config.yaml")

@@ -19,7 +19,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     curves = list(CURVES)
     rewards = [r["reward_mean"] for r in rows if r.get("reward_mean") is not None]
     if rewards and max(abs(v) for v in rewards) < 1e-6:  # pairwise win rates sum to zero within a group
-        curves[0] = ("judge_truth_agreement", "judge agrees with ground truth")
+        curves[0] = ("reward_std", "reward spread (std over samples)")
     fig, axes = plt.subplots(2, 3, figsize=(12, 6))
     for ax, (key, title) in zip(axes.flat, curves):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -45,49 +45,87 @@ def _mean(rows, key, sl):
     return sum(vals) / len(vals) if vals else None
 
 
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _headline(summary: dict, steps: int) -> list[str]:
+    busy = summary.get("busy_fraction")
+    no_signal = summary.get("no_signal_steps", 0)
+    return [
+        f"- algorithm: **{summary.get('algorithm', 'ppo')}**, mode: **{summary['mode']}**, steps: {steps}, "
+        f"final policy version: {summary['final_version']}",
+        f"- wall time: {summary['wall_seconds']:.1f} s (+ {summary.get('startup_seconds', 0):.1f} s actor start-up); "
+        f"samples/s: {summary['samples_per_s']:.2f}",
+        f"- samples: {summary['generated']} generated = {summary['trained']} trained + "
+        f"{summary['dropped_stale']} dropped as stale + {summary['skipped']} skipped (see samples.jsonl)",
+        *([f"- steps without any reward signal (every prompt group's rewards equal, so no update): {no_signal}"]
+          if no_signal else []),
+        *(["- busy fraction per stage (share of wall time its actors worked): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in busy.items())] if busy else []),
+        f"- policy: `{summary['policy']}`; critic: `{summary['critic']}`",
+        f"- checkpoint: `{summary.get('checkpoint', 'not saved')}`",
+    ]
+
+
+def _metric_rows(rows: list[dict]) -> list[str]:
+    """First third vs last third of the run. A batch-mean reward that is 0 by construction (pairwise win rates
+    sum to zero within a group) says nothing: the reward spread and the share of groups with signal do."""
+    for row in rows:
+        groups = row.get("signal_groups", 0) + row.get("zero_signal_groups", 0)
+        if groups:
+            row["signal_share"] = row["signal_groups"] / groups
+    rewards = [r["reward_mean"] for r in rows if r.get("reward_mean") is not None]
+    curves = list(CURVES)
+    if rewards and max(abs(v) for v in rewards) < 1e-6:
+        curves[0] = ("reward_std", "reward spread (std over samples)")
+    k = max(1, len(rows) // 3)
+    lines = ["| metric | first third | last third |", "|---|---|---|"]
+    for key, title in curves + [("signal_share", "prompt groups with a reward signal"),
+                                ("judge_truth_agreement", "judge agrees with ground truth"),
+                                ("first_slot_rate", "judge picks slot 1")]:
+        lines.append(f"| {title} | {_fmt(_mean(rows, key, slice(0, k)))} | {_fmt(_mean(rows, key, slice(-k, None)))} |")
+    return lines
+
+
+def _eval_lines(summary: dict) -> list[str]:
+    if not summary.get("eval_before"):
+        return []
+    b, a = summary["eval_before"], summary["eval_after"]
+    return ["", f"## Policy on the whole prompt set (ground truth, {b['prompts']} prompts)", "",
+            "| | before | after |", "|---|---|---|",
+            f"| accuracy, {b['samples_per_prompt']} samples per prompt | {_fmt(b['accuracy_sampled'])} | "
+            f"{_fmt(a['accuracy_sampled'])} |",
+            f"| accuracy, greedy | {_fmt(b['accuracy_greedy'])} | {_fmt(a['accuracy_greedy'])} |"]
+
+
+def _judge_lines(summary: dict) -> list[str]:
+    if not summary.get("judge_report"):
+        return []
+    return ["", "## Judge report (whole run)", "", "| | |", "|---|---|"] + [
+        f"| {k.replace('_', ' ')} | {_fmt(v) if isinstance(v, float) or v is None else v} |"
+        for k, v in summary["judge_report"].items()]
+
+
+def _fault_lines(summary: dict) -> list[str]:
+    faults = summary.get("faults") or {}
+    if not (faults.get("events") or faults.get("resumes") or summary.get("resumed_from")):
+        return []
+    lines = ["", "## Faults survived", "",
+             f"- batches re-issued after a stage actor fault: {faults.get('reissued_batches', 0)}; actors replaced: "
+             f"{faults.get('replaced_actors', 0)}; engines given the weights again: {faults.get('resynced_engines', 0)}",
+             f"- resumes from a checkpoint after a learner failure: {len(faults.get('resumes', []))}"
+             + (f"; this run resumed from `{summary['resumed_from']}`" if summary.get("resumed_from") else "")]
+    return lines + [f"- {event}" for event in [*faults.get("events", []), *faults.get("resumes", [])][:20]]
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
     _plot(rows, run_dir / "report.png")
-    k = max(1, len(rows) // 3)
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [
-        f"# RLAIF run report — {run_dir.name}", "",
-        f"- algorithm: **{summary.get('algorithm', 'ppo')}**, mode: **{summary['mode']}**, steps: {len(rows)}, final policy version: {summary['final_version']}",
-        f"- wall time: {summary['wall_seconds']:.1f} s (+ {summary.get('startup_seconds', 0):.1f} s actor start-up); "
-        f"samples/s: {summary['samples_per_s']:.2f}",
-        f"- samples: {summary['generated']} generated = {summary['trained']} trained + "
-        f"{summary['dropped_stale']} dropped as stale + {summary['skipped']} skipped (see samples.jsonl)",
-        *([f"- busy fraction per stage (share of wall time its actors worked): " + ", ".join(
-            f"{k} {v:.2f}" for k, v in summary["busy_fraction"].items())] if summary.get("busy_fraction") else []),
-        f"- policy: `{summary['policy']}`; critic: `{summary['critic']}`",
-        f"- checkpoint: `{summary.get('checkpoint', 'not saved')}`", "",
-        "| metric | first third | last third |", "|---|---|---|",
-    ]
-    for key, title in CURVES + [("judge_truth_agreement", "judge agrees with ground truth"),
-                                ("first_slot_rate", "judge picks slot 1")]:
-        lines.append(f"| {title} | {fmt(_mean(rows, key, slice(0, k)))} | {fmt(_mean(rows, key, slice(-k, None)))} |")
-    if summary.get("eval_before"):
-        b, a = summary["eval_before"], summary["eval_after"]
-        lines += ["", f"## Policy on the whole prompt set (ground truth, {b['prompts']} prompts)", "",
-                  "| | before | after |", "|---|---|---|",
-                  f"| accuracy, {b['samples_per_prompt']} samples per prompt | {fmt(b['accuracy_sampled'])} | "
-                  f"{fmt(a['accuracy_sampled'])} |",
-                  f"| accuracy, greedy | {fmt(b['accuracy_greedy'])} | {fmt(a['accuracy_greedy'])} |"]
-    if summary.get("judge_report"):
-        lines += ["", "## Judge report (whole run)", "", "| | |", "|---|---|"]
-        lines += [f"| {k.replace('_', ' ')} | {fmt(v) if isinstance(v, float) or v is None else v} |"
-                  for k, v in summary["judge_report"].items()]
-    faults = summary.get("faults") or {}
-    if faults.get("events") or faults.get("resumes") or summary.get("resumed_from"):
-        lines += ["", "## Faults survived", "",
-                  f"- batches re-issued after a stage actor fault: {faults.get('reissued_batches', 0)}; actors replaced: "
-                  f"{faults.get('replaced_actors', 0)}; engines given the weights again: {faults.get('resynced_engines', 0)}",
-                  f"- resumes from a checkpoint after a learner failure: {len(faults.get('resumes', []))}"
-                  + (f"; this run resumed from `{summary['resumed_from']}`" if summary.get("resumed_from") else "")]
-        lines += [f"- {event}" for event in [*faults.get("events", []), *faults.get("resumes", [])][:20]]
-    lines += ["", "![curves](report.png)", ""]
+    lines = [f"# RLAIF run report — {run_dir.name}", "", *_headline(summary, len(rows)), "", *_metric_rows(rows),
+             *_eval_lines(summary), *_judge_lines(summary), *_fault_lines(summary), "", "![curves](report.png)", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out

@@ -144,6 +144,7 @@ class LearnerRank:
                 else:
                     trainable.append(i)
         group_of = table.column("prompt_id").to_pylist()
+        signal_counts: dict[str, int] = {}
         groups = sorted({group_of[i] for i in trainable})
         my_groups = {g for k, g in enumerate(groups) if k % self.world_size == self.rank}
 
@@ -160,14 +161,20 @@ class LearnerRank:
         else:
             mine = [i for i in trainable if group_of[i] in my_groups]
             if algo == "ppo":
-                adv = algorithms.advantages([rewards[i] for i in trainable], [group_of[i] for i in trainable],
-                                            self.cfg.learner.advantage)
-                adv_of = dict(zip(trainable, adv))
-                sums = self._update_ppo(table, mine, adv_of, total=len(trainable))
+                signal = self._signal(rewards, group_of, trainable, signal_counts)
+                if signal:
+                    adv = algorithms.advantages([rewards[i] for i in trainable], [group_of[i] for i in trainable],
+                                                self.cfg.learner.advantage)
+                    sums = self._update_ppo(table, mine, dict(zip(trainable, adv)), total=len(trainable))
+                else:  # every group's rewards are equal: nothing to learn, and the KL term alone would move the
+                    # policy; every rank decides this from the same table, so all of them skip the step
+                    outcome["skipped"] += [(ids[i], "no_reward_signal") for i in trainable]
+                    trainable, sums = [], dict.fromkeys(STAT_KEYS["ppo"], 0.0)
             else:
                 sums = self._update_sft(table, mine, total=len(trainable))
         outcome["trained"] = [ids[i] for i in trainable]
-        grad_norm = self.engine.get_global_grad_norm()  # of the last update, before clipping
+        stepped = signal_counts.get("optimizer_step", 1)
+        grad_norm = self.engine.get_global_grad_norm() if stepped else None  # of this update, before clipping
         self.version += 1
         if self.rank != 0:
             return {}
@@ -178,12 +185,23 @@ class LearnerRank:
             "samples_in": len(ids), "trained": len(outcome["trained"]), "dropped_stale": len(outcome["stale"]),
             "skipped": len(outcome["skipped"]),
             "staleness_mean": float(fresh.mean()) if len(fresh) else 0.0,
-            "staleness_max": int(fresh.max()) if len(fresh) else 0,
+            "staleness_max": int(fresh.max()) if len(fresh) else 0, **signal_counts,
         }
         if algo != "sft":
-            metrics["reward_mean"] = float(np.mean([rewards[i] for i in trainable])) if trainable else float("nan")
+            trained_rewards = [rewards[i] for i in trainable]
+            metrics["reward_mean"] = float(np.mean(trained_rewards)) if trainable else float("nan")
+            metrics["reward_std"] = float(np.std(trained_rewards)) if trainable else float("nan")
         metrics.update(label_quality(table, self.checker))
         return {"metrics": metrics, "outcome": outcome}
+
+    @staticmethod
+    def _signal(rewards: list, group_of: list, trainable: list[int], counts: dict) -> bool:
+        """Whether any prompt group's rewards differ; counts groups with and without signal, and the step."""
+        groups = [group_of[i] for i in trainable]
+        with_signal = algorithms.signal_groups([rewards[i] for i in trainable], groups)
+        counts.update(signal_groups=len(with_signal), zero_signal_groups=len(set(groups)) - len(with_signal),
+                      optimizer_step=int(bool(with_signal)))
+        return bool(with_signal)
 
     def _token_ids(self, table: pa.Table, rows: list[int]) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt and response token ids of `rows`. sft: the teacher's tokenizer may differ from the policy's, so
