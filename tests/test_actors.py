@@ -118,17 +118,14 @@ def test_learner_ranks_step_together_and_weight_sync_changes_generation(engines,
         assert digests[0] == digests[1] != before  # the step changed the weights, identically on both ranks
         assert m["optimizer_step"] == 1 and 0 < m["signal_groups"] + m["zero_signal_groups"] <= 4
 
-        # rewards that differ only by rounding noise carry no signal: no optimizer step on any rank, the samples
-        # are skipped with their reason (before, GRPO's std blew the noise up to full-size advantages and Adam
-        # moved every weight)
+        # rewards that differ only by rounding noise carry no signal: no optimizer step on any rank (before, GRPO's
+        # std blew the noise up to full-size advantages and Adam moved every weight)
         table = ray.get(rewards)
         noise = pa.array(np.arange(table.num_rows) * 1e-9, pa.float32())
         flat = table.set_column(table.schema.get_field_index("reward"), table.schema.field("reward"), noise)
         result = group.train(ray.put(flat))
         m = result["metrics"]
-        assert (m["optimizer_step"], m["signal_groups"], m["trained"]) == (0, 0, 0) and m["learner_version"] == 2
-        assert {reason for _, reason in result["outcome"]["skipped"]} <= {"no_reward_signal"} | set(
-            r for r in table.column("skip_reason").to_pylist() if r)
+        assert (m["optimizer_step"], m["signal_groups"], m["grad_norm"]) == (0, 0, None) and m["learner_version"] == 2
         assert [ray.get(r.weights_digest.remote()) for r in group.ranks] == digests
 
         # weight sync: a zeroed output head makes sampling uniform over the vocabulary, so responses change;

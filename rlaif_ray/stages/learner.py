@@ -167,9 +167,9 @@ class LearnerRank:
                                                 self.cfg.learner.advantage)
                     sums = self._update_ppo(table, mine, dict(zip(trainable, adv)), total=len(trainable))
                 else:  # every group's rewards are equal: nothing to learn, and the KL term alone would move the
-                    # policy; every rank decides this from the same table, so all of them skip the step
-                    outcome["skipped"] += [(ids[i], "no_reward_signal") for i in trainable]
-                    trainable, sums = [], dict.fromkeys(STAT_KEYS["ppo"], 0.0)
+                    # policy; every rank decides this from the same table, so all of them skip the step (the
+                    # samples count as trained: the learner took them, and the step is counted as one without signal)
+                    sums = dict.fromkeys(STAT_KEYS["ppo"], 0.0)
             else:
                 sums = self._update_sft(table, mine, total=len(trainable))
         outcome["trained"] = [ids[i] for i in trainable]
