@@ -18,7 +18,7 @@ PLAIN = None  # no template: the prompt text as it is
 
 
 class ChatTemplateError(ValueError):
-    """`rollout.chat_template` names a file that does not exist."""
+    """A chat-template setting names a file that does not exist."""
 
 
 def resolve_template(setting: str, tokenizer) -> str | None:
@@ -27,12 +27,16 @@ def resolve_template(setting: str, tokenizer) -> str | None:
         return PLAIN
     if setting == "auto":
         return tokenizer.chat_template or PLAIN
+    return template_text(setting, "rollout.chat_template")
+
+
+def template_text(setting: str, key: str) -> str:
+    """An inline Jinja template as it is, or the text of the template file it names (`key` names the setting)."""
     if "{{" in setting or "{%" in setting:
         return setting
     path = Path(setting).expanduser()
     if not path.is_file():
-        raise ChatTemplateError(f"rollout.chat_template: no such template file {setting!r} (nor 'auto', 'none' or "
-                                "an inline Jinja template)")
+        raise ChatTemplateError(f"{key}: no such template file {setting!r} (nor an inline Jinja template)")
     return path.read_text()
 
 

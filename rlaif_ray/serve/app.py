@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rlaif_ray.config import ConfigError, RunConfig, load_config
+from rlaif_ray.data.chat import ChatTemplateError, template_text
 from rlaif_ray.serve.guard import GuardLimits, RequestGuard, token_digest
 
 # rlaif_ray trains on raw prompt text, so a checkpoint without a chat template is served with this one: the
@@ -59,12 +60,10 @@ def resolve_chat_template(checkpoint: str, setting: str) -> str | None:
             raise ConfigError(f"serve.chat_template=checkpoint, but {checkpoint} has no chat template "
                               "(use 'auto', 'plain', a Jinja file or an inline template)")
         return None
-    if "{{" in setting or "{%" in setting:
-        return setting
-    path = Path(setting).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"serve.chat_template: no such template file {setting!r} (nor an inline Jinja template)")
-    return path.read_text()
+    try:
+        return template_text(setting, "serve.chat_template")
+    except ChatTemplateError as err:
+        raise ConfigError(str(err)) from None
 
 
 def resolve_checkpoint(cfg: RunConfig, checkpoint: str) -> str:
