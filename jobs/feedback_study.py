@@ -117,13 +117,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")
     parser.add_argument("--out", default="runs/study")
-    parser.add_argument("--learners", default=",".join(LEARNERS), help=f"subset of {','.join(LEARNERS)}")
+    parser.add_argument("--learners", default=",".join(LEARNERS),
+                        help=f"subset of {','.join(LEARNERS)}; empty: the labeler study only")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    unknown = [name for name in args.learners.split(",") if name not in LEARNERS]
+    names = [name for name in args.learners.split(",") if name]
+    unknown = [name for name in names if name not in LEARNERS]
     if unknown:
         print(f"feedback_study: error: unknown learner(s) {', '.join(unknown)} (known: {', '.join(LEARNERS)})",
               file=sys.stderr)
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
         runs = {name: load_config(args.config, [*args.overrides, *(f"{k}={v}" for k, v in LEARNERS[name].items()),
                                                 f"output.run_dir={out / name}", "output.progress=false",
                                                 "output.existing=overwrite"])
-                for name in args.learners.split(",")}
+                for name in names}
     except ConfigError as err:
         print(f"feedback_study: error: {err}", file=sys.stderr)
         return 2

@@ -39,10 +39,11 @@ def pairwise_win_rate_reward(critic_path: str, critic_cfg, samples_per_prompt: i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlaif_ray.judge.reply import label_token_ids
+    from rlaif_ray.judge.reply import concrete_labels, label_token_ids
     from rlaif_ray.judge.templates import JudgePrompts
 
     tok = AutoTokenizer.from_pretrained(critic_path)
+    critic_cfg = concrete_labels(critic_cfg, tok)
     model = AutoModelForCausalLM.from_pretrained(critic_path, dtype=torch.float32).eval()
     labels = label_token_ids(tok, critic_cfg.pairwise_labels, critic_path)
     judge = JudgePrompts(critic_cfg)

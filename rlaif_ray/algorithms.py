@@ -1,7 +1,8 @@
 """The learning rules, as plain functions of tensors: advantages, the PPO surrogate with an importance
 correction for stale samples, the KL penalty, DPO/IPO on AI-labelled pairs, and SFT.
 
-Notation per response token t of sample i: log π (learner, with gradient), log π_prox (learner before
+Notation per response token t of sample i: log π (learner, with gradient; for PPO at the rollout temperature and
+top-p, the distribution vLLM sampled from, see `sampling_logprobs`), log π_prox (learner before
 this update, no gradient), log π_behav (the vLLM engine that sampled it, possibly some versions older),
 log π_ref (the frozen initial policy).
 
@@ -63,6 +64,25 @@ def advantages(rewards: list[float], groups: list[str], kind: str) -> np.ndarray
     if kind == "reinforce_pp" and len(adv) > 1:
         adv = (adv - adv.mean()) / (adv.std() + 1e-6)
     return adv
+
+
+def sampling_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """log-probs of `targets` [B, T] under the distribution the engine samples from: softmax(logits / temperature)
+    restricted to the top-p nucleus and renormalised, by vLLM's rule (sorted by probability, the least likely
+    tokens whose total mass is at most 1 − top_p are dropped; the most likely always stays). A target the
+    learner's nucleus misses (rounding at the edge of the nucleus) is kept in it, so its log-prob stays finite."""
+    scaled = logits.float() / temperature
+    if top_p < 1.0:
+        with torch.no_grad():
+            ascending, order = scaled.sort(dim=-1)
+            drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+            drop_sorted[..., -1] = False
+            drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+            drop.scatter_(-1, targets[..., None], False)
+            del ascending, order, drop_sorted
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
 def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--temperature", type=float, default=0.0)
     _config_args(ev)
     srv = sub.add_parser("serve", help="serve a checkpoint with Ray Serve behind OpenAI-compatible routes")
-    srv.add_argument("checkpoint", help="Hugging Face folder (a run's checkpoint/), or toy:policy / toy:critic")
+    srv.add_argument("checkpoint", help="Hugging Face folder (a run's checkpoint/), or toy:policy / toy:critic / smol")
     srv.add_argument("--detach", action="store_true", help="return once healthy (needs ray.address: a running cluster)")
     _config_args(srv)
     rep = sub.add_parser("report", help="re-write report.md/report.png of a run folder")

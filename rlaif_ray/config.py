@@ -55,8 +55,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    # a JSONL/Parquet file of rows with a prompt or messages, or "toy" / "smol" for a built-in world's file
+    # a JSONL/Parquet file of rows with a prompt or messages, a Hugging Face dataset folder (save_to_disk), or
+    # "toy" / "smol" for a built-in world's file
     prompts: str = "toy"
+    split: str = "train"              # the split to read from a saved DatasetDict
     prompt_key: str = "prompt"        # which field of a row holds the prompt text ...
     messages_key: str = "messages"    # ... or the conversation ({role, content} turns; the policy's chat template)
     id_key: str = "id"
@@ -97,11 +99,18 @@ class RolloutConfig(WorkerResources):
     num_workers: int = Field(1, ge=1)
     samples_per_prompt: int = Field(4, ge=2)
     max_new_tokens: int = Field(8, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
+    # the sampling distribution; the PPO learner's log π is taken at the same temperature and top-p (a group of
+    # greedy samples would be identical, so temperature must be > 0)
+    temperature: float = Field(1.0, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     # what the engine sees (rlaif_ray.data.chat): "auto" = the policy tokenizer's chat template where it has one,
     # else the plain prompt; "none" = the plain prompt; or a Jinja template file / inline template
     chat_template: str = "auto"
+    # a response cut off at max_new_tokens (finish_reason "length"; EOS is trained only where the model stopped by
+    # itself): "keep" trains on it as it is, "mask" keeps it in its group's baseline but takes no gradient from it,
+    # "penalty" gives it `truncated_reward` in place of the judge's (ppo only)
+    truncated: Literal["keep", "mask", "penalty"] = "keep"
+    truncated_reward: float = -1.0
 
 
 class RemoteJudgeConfig(_Section):
@@ -159,9 +168,9 @@ def check_templates(cfg) -> None:
         if not any("principle" in placeholders(getattr(cfg, h), h) for h in holders):
             raise ValueError(f"critic.principles is set but none of critic.{', critic.'.join(holders)} "
                              "holds {principle}")
-    if len(set(cfg.pairwise_labels)) != 2:
+    if cfg.pairwise_labels != "auto" and len(set(cfg.pairwise_labels)) != 2:
         raise ValueError(f"critic.pairwise_labels must be two different strings, got {list(cfg.pairwise_labels)}")
-    if len(cfg.direct_labels) < 2 or len(set(cfg.direct_labels)) != len(cfg.direct_labels):
+    if cfg.direct_labels != "auto" and (len(cfg.direct_labels) < 2 or len(set(cfg.direct_labels)) != len(cfg.direct_labels)):
         raise ValueError("critic.direct_labels must be at least two different strings")
 
 
@@ -173,7 +182,7 @@ class CriticConfig(WorkerResources):
     - `cot`: two steps; a greedy rationale after `cot_prompt`, then the preference.
     - `self_reference`: the judge answers the prompt itself (`self_answer_template`), critiques the two
       responses against its own answer after `critique_prompt`, then judges; both orders; margin kept.
-    - `direct`: d-RLAIF, the 1-10 score's expectation under the score-token distribution.
+    - `direct`: d-RLAIF, the score's expectation under the score-token distribution (a 1..K scale, K labels).
     `principles`: one is sampled per label and fills `{principle}` (in the preamble or a template)."""
     method: Literal["pairwise", "cot", "self_reference", "direct"] = "pairwise"
     # who runs a local judge: a vLLM engine, or plain transformers forward passes (small judges: reading a label
@@ -186,7 +195,8 @@ class CriticConfig(WorkerResources):
     principles: list[str] = Field(default_factory=list)
     pairwise_template: str = "{prompt}\nA1:{response_a}\nA2:{response_b}"
     pairwise_ending: str = "\nBetter:"
-    pairwise_labels: tuple[str, str] = (" 1", " 2")
+    # "auto": " 1"/" 2" where each is one token of the judge's tokenizer, else "1"/"2" (rlaif_ray.judge.reply)
+    pairwise_labels: tuple[str, str] | Literal["auto"] = "auto"
     cot_prompt: str = "\nThink:"
     self_answer_template: str = "{prompt}"
     self_reference_template: str = "{prompt}\nMine:{own_answer}\nA1:{response_a}\nA2:{response_b}"
@@ -195,7 +205,13 @@ class CriticConfig(WorkerResources):
     rationale_stop: list[str] = Field(default_factory=lambda: ["\n"])
     direct_template: str = "{prompt}\nA:{response}"
     direct_ending: str = "\nScore:"
-    direct_labels: list[str] = Field(default_factory=lambda: [f" {i}" for i in range(1, 11)])
+    # the score scale, lowest first (rescaled by its own length); "auto": " 1".." 10", "1".."10" or "1".."9",
+    # the first whose labels are each one token of the judge's tokenizer
+    direct_labels: list[str] | Literal["auto"] = "auto"
+    # a local judge's prompt as one user turn of a chat template, the label read from the assistant's first token:
+    # "auto" = the judge tokenizer's own template where it has one (instruct models), plain text where it has none
+    # (the toy critic, base models); "none"; or a Jinja file / inline template. A remote judge: `remote.api`.
+    chat_template: str = "auto"
     min_label_mass: float = Field(0.05, ge=0.0, le=1.0)  # below this the reply counts as unparsable
     raw_reply_chars: int = Field(200, ge=0)               # how much of the judge's text each label row keeps
     remote: RemoteJudgeConfig = Field(default_factory=RemoteJudgeConfig)
@@ -273,6 +289,9 @@ class OutputConfig(_Section):
     existing: Literal["refuse", "new", "overwrite"] = "refuse"
     tensorboard: bool = True
     progress: bool = True
+    # "quiet": the stage actors' own output (vLLM, DeepSpeed, transformers) goes to run_dir/logs/, the console keeps
+    # the progress bar and rlaif_ray's lines; "all": everything on the console (rlaif_ray.console)
+    console: Literal["quiet", "all"] = "quiet"
     save_checkpoint: bool = True
     save_labels: bool = True    # every labelled batch as run_dir/labels/step-NNNNNN.parquet
 
@@ -355,6 +374,9 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         pairwise_methods = ("pairwise", "cot", "self_reference")
+        if self.rollout.truncated == "penalty" and self.learner.algorithm != "ppo":
+            raise ValueError(f"rollout.truncated=penalty replaces a reward, and learner.algorithm="
+                             f"{self.learner.algorithm} trains on none: use rollout.truncated=mask or keep")
         if self.learner.algorithm == "sft":
             return self  # demonstrations need no labels or rewards
         if self.reward.kind in ("win_rate", "reward_model") and self.critic.method not in pairwise_methods:

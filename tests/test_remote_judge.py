@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from rlaif_ray.config import CriticConfig, RemoteJudgeConfig
+from rlaif_ray.config import RemoteJudgeConfig
 from rlaif_ray.judge.remote import OpenAIJudge, RemoteJudgeError, label_probs
-from rlaif_ray.judge.reply import JudgeReply
+from rlaif_ray.judge.reply import JudgeReply, label_choices
 from tests.openai_judge_server import JudgeServer
 
 PAIRWISE = ["3+4=\nA1: 7\nA2: 5\nBetter:", "3+4=\nA1: 5\nA2: 7\nBetter:", "2+6=\nA1: 8\nA2: 9\nBetter:"]
@@ -76,7 +76,7 @@ def judge(server, **kw) -> OpenAIJudge:
 @pytest.mark.parametrize("api", ["completions", "chat"])
 def test_label_distribution_matches_transformers(server, reference, api):
     j = judge(server, api=api)
-    for prompts, labels in ((PAIRWISE, LABELS), (DIRECT, CriticConfig().direct_labels)):
+    for prompts, labels in ((PAIRWISE, LABELS), (DIRECT, label_choices("direct")[0])):
         for prompt, reply in zip(prompts, j.next_token_distribution(prompts, labels)):
             want, want_mass = reference["label_dist"](prompt, labels)
             assert reply.error is None and not reply.from_text and reply.attempts == 1

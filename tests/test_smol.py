@@ -14,19 +14,6 @@ from rlaif_ray.data.prompts import PromptFileError, PromptKeys, read_prompt_file
 from rlaif_ray.judge.reply import JudgeLabelError, label_token_ids
 
 
-@pytest.fixture(scope="session")
-def smol_world():
-    from rlaif_ray.config import SmolWorldConfig
-    from rlaif_ray.worlds.smol import build_smol_world
-    return build_smol_world(SmolWorldConfig())
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer(smol_world):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(smol_world.model)
-
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -43,11 +30,49 @@ def test_smol_world_is_the_pretrained_chat_model(smol_world, smol_tokenizer):
     assert row["messages"][0]["role"] == "user" and row["prompt"] == row["messages"][0]["content"]
 
 
-def test_label_tokens_of_a_real_tokenizer(smol_tokenizer):
+def test_label_tokens_of_a_real_tokenizer(smol_tokenizer, toy_world):
+    from transformers import AutoTokenizer
+
+    from rlaif_ray.config import CriticConfig
+    from rlaif_ray.judge.reply import concrete_labels
     # byte-level BPE: " 1" is a space and a digit, so the toy world's labels cannot be read from one token
     with pytest.raises(JudgeLabelError, match="label ' 1' is 2 tokens"):
         label_token_ids(smol_tokenizer, [" 1", " 2"], "smol")
     assert len(set(label_token_ids(smol_tokenizer, ["1", "2"], "smol"))) == 2
+    # the default labels ("auto") are single tokens for each tokenizer: bare digits for SmolLM2, whose "10" is two
+    # digits, so its direct scale is 1-9; the space-prefixed digits the toy critic learnt for the toy tokenizer
+    smol = concrete_labels(CriticConfig(), smol_tokenizer)
+    assert tuple(smol.pairwise_labels) == ("1", "2") and smol.direct_labels == [str(i) for i in range(1, 10)]
+    for labels in (smol.pairwise_labels, smol.direct_labels):
+        assert len(set(label_token_ids(smol_tokenizer, labels, "smol"))) == len(labels)
+    toy = concrete_labels(CriticConfig(), AutoTokenizer.from_pretrained(toy_world.critic))
+    assert tuple(toy.pairwise_labels) == (" 1", " 2") and toy.direct_labels == [f" {i}" for i in range(1, 11)]
+    assert tuple(concrete_labels(CriticConfig()).pairwise_labels) == ("1", "2")  # remote: matched after strip()
+    explicit = CriticConfig(pairwise_labels=["A", "B"])
+    assert concrete_labels(explicit, smol_tokenizer).pairwise_labels == explicit.pairwise_labels
+
+
+def test_direct_scale_of_any_length_rescales_by_its_own_count():
+    import pyarrow as pa
+
+    from rlaif_ray.stages.reward import rewards_from_labels
+    labels = pa.table({"judge_score": pa.array([1.0, 5.0, 9.0], pa.float32()), "label_valid": [True] * 3})
+    assert rewards_from_labels(labels, "direct_score", 9).to_pylist() == pytest.approx([-1.0, 0.0, 1.0])
+    assert rewards_from_labels(labels, "direct_score", 10).to_pylist()[2] == pytest.approx(7 / 9)
+
+
+def test_judge_reads_its_prompt_as_a_user_turn(smol_tokenizer, toy_world):
+    from transformers import AutoTokenizer
+
+    from rlaif_ray.data.chat import user_turn_ids
+    text = "Question: What is 2 + 3?\nAnswer 1: 5\nAnswer 2: 6\nWhich answer is correct, 1 or 2?"
+    ids = user_turn_ids(smol_tokenizer, text, resolve_template("auto", smol_tokenizer, "critic.chat_template"))
+    shown = smol_tokenizer.decode(ids)
+    assert shown.count(f"<|im_start|>user\n{text}<|im_end|>") == 1 and shown.endswith("<|im_start|>assistant\n")
+    toy = AutoTokenizer.from_pretrained(toy_world.critic)  # no chat template: the prompt as it is
+    assert user_turn_ids(toy, "3+4=", resolve_template("auto", toy, "critic.chat_template")) == toy.encode("3+4=")
+    with pytest.raises(ChatTemplateError, match="critic.chat_template"):
+        resolve_template("no/such/template.jinja", toy, "critic.chat_template")
 
 
 def test_chat_template_renders_token_ids_once(smol_tokenizer, toy_world):
@@ -91,6 +116,33 @@ def test_field_mapping_messages_and_unused_fields(tmp_path):
         assert "bad.jsonl: row 2: " in str(err.value) and fragment in str(err.value)
 
 
+def test_a_saved_hugging_face_dataset_as_prompts(tmp_path):
+    import datasets
+    rows = {"question": ["What is 2 + 2?", "What is 3 + 3?"], "answer": ["4", "6"], "id": [7, 8],
+            "messages": [[{"role": "user", "content": "What is 2 + 2?"}], [{"role": "user", "content": "What is 3 + 3?"}]]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "plain"))
+    keys = PromptKeys(prompt="question", reference="answer")
+    table, unused = read_prompt_file(tmp_path / "plain", keys)
+    assert table.column("prompt").to_pylist() == rows["question"] and not unused
+    assert table.column("reference").to_pylist() == ["4", "6"] and table.column("prompt_id").to_pylist() == ["7", "8"]
+    assert table.column("messages").to_pylist()[1] == rows["messages"][1]
+    # a DatasetDict is read at data.split; a missing split and a bad row are named
+    bad = dict(rows, question=["What is 2 + 2?", ""])
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(bad)}).save_to_disk(
+        str(tmp_path / "splits"))
+    assert read_prompt_file(tmp_path / "splits", keys)[0].num_rows == 2
+    with pytest.raises(PromptFileError, match="no split 'validation'.*train, test.*data.split"):
+        read_prompt_file(tmp_path / "splits", PromptKeys(prompt="question", split="validation"))
+    with pytest.raises(PromptFileError, match="row 2: field 'question' is empty"):
+        read_prompt_file(tmp_path / "splits", PromptKeys(prompt="question", split="test"))
+    (tmp_path / "not_a_dataset").mkdir()
+    with pytest.raises(PromptFileError, match="not a dataset saved with save_to_disk"):
+        read_prompt_file(tmp_path / "not_a_dataset")
+    # and through the config, as a user gives it
+    cfg = load_config(None, [f"data.prompts={tmp_path / 'splits'}", "data.split=train", "data.prompt_key=question"])
+    assert cfg.data.split == "train"
+
+
 def test_the_driver_reports_unused_fields(tmp_path, toy_world, capsys):
     from rlaif_ray.runtime.inputs import resolve_inputs
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)])
@@ -121,21 +173,33 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     trained on them, and the judge report shows what a small real judge does."""
     import pyarrow.parquet as pq
 
+    from transformers import AutoTokenizer
+
     from rlaif_ray.runtime.driver import train
+    from rlaif_ray.serve.app import resolve_chat_template
+    tok = AutoTokenizer.from_pretrained(smol_world.model)
+    # the policy side through a template file: SmolLM2's own, with another default system prompt
+    template = tok.chat_template.replace("You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+                                         "You add numbers.")
+    assert template != tok.chat_template
+    (tmp_path / "adder.jinja").write_text(template)
     cfg = load_config("jobs/configs/smol_cpu.yaml", [
         f"output.run_dir={tmp_path / 'run'}", "output.progress=false", "output.tensorboard=false",
         "loop.num_steps=2", "loop.eval_samples=0", "data.prompts_per_step=2", "rollout.samples_per_prompt=2",
-        "rollout.max_new_tokens=8"])
+        "rollout.max_new_tokens=8", f"rollout.chat_template={tmp_path / 'adder.jinja'}"])
     summary = train(cfg)
     assert summary["status"] == "finished" and summary["final_version"] == 2
     assert summary["trained"] + summary["skipped"] + summary["dropped_stale"] == 8
     report = summary["judge_report"]
     assert report["judge_calls"] == 8 and report["position_consistency"] is not None
     labels = pq.read_table(tmp_path / "run" / "labels" / "step-000000.parquet").to_pylist()
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(smol_world.model)
     for row in labels:
         shown = tok.decode(row["prompt_token_ids"])
-        assert shown.startswith("<|im_start|>system") and shown.endswith(f"{row['prompt']}<|im_end|>\n<|im_start|>assistant\n")
+        assert shown.startswith("<|im_start|>system\nYou add numbers.<|im_end|>")
+        assert shown.endswith(f"{row['prompt']}<|im_end|>\n<|im_start|>assistant\n")
+    # the checkpoint carries the template it was trained with, and serving it renders chats the same way
+    checkpoint = summary["checkpoint"]
+    assert AutoTokenizer.from_pretrained(checkpoint).chat_template == template
+    assert resolve_chat_template(checkpoint, "auto") is None  # None: vLLM uses the checkpoint's own
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(metrics) == 2 and all("true_accuracy" in m for m in metrics)  # the last_number checker graded them

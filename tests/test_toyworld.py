@@ -3,6 +3,7 @@ from pathlib import Path
 
 from rlaif_ray.config import CriticConfig, ToyWorldConfig
 from rlaif_ray.data.checkers import is_correct
+from rlaif_ray.judge.reply import label_choices
 from rlaif_ray.worlds.toy import build_toy_world, make_prompts
 
 
@@ -35,5 +36,5 @@ def test_toy_models_load_in_transformers(toy_world):
     conf = AutoConfig.from_pretrained(toy_world.policy)
     assert conf.hidden_size // conf.num_attention_heads >= 32  # vLLM's CPU attention rejects 16
     tok = AutoTokenizer.from_pretrained(toy_world.critic)
-    for label in CriticConfig().direct_labels:
+    for label in label_choices("direct")[0]:  # critic.direct_labels=auto on the toy tokenizer
         assert len(tok.encode(label, add_special_tokens=False)) == 1

@@ -9,6 +9,9 @@ Templated prompts are rendered to token ids here and handed to vLLM as ids, so t
 one, and the learner trains on exactly the ids the engine saw (they come back in the `rollouts` table). A row
 without messages is sent as one user turn. Plain text goes to the engine as text (vLLM adds the tokenizer's
 special tokens, as training on raw prompts always did).
+
+A local judge (`critic.chat_template`, same settings) reads its whole prompt as one user turn of its own template,
+and its label is the first token of the assistant's reply (`user_turn_ids`).
 """
 from __future__ import annotations
 
@@ -21,13 +24,13 @@ class ChatTemplateError(ValueError):
     """A chat-template setting names a file that does not exist."""
 
 
-def resolve_template(setting: str, tokenizer) -> str | None:
-    """The template to render prompts with (PLAIN for none)."""
+def resolve_template(setting: str, tokenizer, key: str = "rollout.chat_template") -> str | None:
+    """The template to render prompts with (PLAIN for none); `key` names the setting in errors."""
     if setting == "none":
         return PLAIN
     if setting == "auto":
         return tokenizer.chat_template or PLAIN
-    return template_text(setting, "rollout.chat_template")
+    return template_text(setting, key)
 
 
 def template_text(setting: str, key: str) -> str:
@@ -57,3 +60,13 @@ def prompt_length(tokenizer, row: dict, template: str | None) -> int:
     """Tokens the engine will see for `row` (what must fit in the context with the response)."""
     prompt = engine_input(tokenizer, row, template)
     return len(prompt["prompt_token_ids"]) if isinstance(prompt, dict) else len(tokenizer.encode(prompt))
+
+
+def user_turn_ids(tokenizer, text: str, template: str | None) -> list[int]:
+    """Token ids of `text` as what a judge reads: plain (PLAIN, with the tokenizer's special tokens), or one user
+    turn rendered with the chat template and the generation prompt, so the label is the assistant's first token."""
+    if template is PLAIN:
+        return tokenizer.encode(text)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], chat_template=template,
+                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    return [int(i) for i in ids]

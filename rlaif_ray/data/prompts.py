@@ -1,4 +1,5 @@
-"""Prompt files (JSONL or Parquet) -> a validated Arrow table, and the batches the loop draws from it.
+"""Prompt files (JSONL, Parquet, or a Hugging Face dataset folder written by `save_to_disk`) -> a validated Arrow
+table, and the batches the loop draws from it. A saved `DatasetDict` is read at its `data.split` (train).
 
 A row needs a non-empty string `prompt`, or `messages` (an OpenAI-style list of {role, content} turns, the
 conversation so far); `id` (unique) and `reference` (ground truth for the checker) are optional. Which field
@@ -36,6 +37,7 @@ class PromptKeys:
     messages: str = "messages"
     id: str = "id"
     reference: str = "reference"
+    split: str = "train"  # the split of a saved DatasetDict
 
 
 class PromptFileError(ValueError):
@@ -81,6 +83,25 @@ def _rows_from_parquet(path: Path) -> list[tuple[int, dict]]:
     return list(enumerate(table.to_pylist(), start=1))
 
 
+def _rows_from_saved_dataset(path: Path, split: str) -> list[tuple[int, dict]]:
+    """The rows of a folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`: `split`)."""
+    try:
+        import datasets
+    except ImportError:
+        raise PromptFileError(f"{path}: a folder is read as a Hugging Face dataset, and `datasets` is not "
+                              "installed (pip install datasets)") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError, pa.ArrowException) as err:
+        raise PromptFileError(f"{path}: a folder, but not a dataset saved with save_to_disk ({err})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise PromptFileError(f"{path}: the saved DatasetDict has no split '{split}' (it has "
+                                  f"{', '.join(ds)}); choose one with data.split")
+        ds = ds[split]
+    return list(enumerate(ds.to_list(), start=1))
+
+
 def _text(path: Path, lineno: int, field: str, value) -> str:
     """A field that must hold text Arrow can store (JSON escapes can spell unpaired surrogates)."""
     try:
@@ -122,9 +143,12 @@ def load_prompts(path: str | Path, keys: PromptKeys = PromptKeys()) -> pa.Table:
 def read_prompt_file(path: str | Path, keys: PromptKeys = PromptKeys()) -> tuple[pa.Table, dict[str, int]]:
     """The prompt table, and how many rows carry each field the loader did not use."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if path.is_dir():
+        rows = _rows_from_saved_dataset(path, keys.split)
+    elif not path.is_file():
         raise PromptFileError(f"prompts file not found: {path}")
-    rows = _rows_from_parquet(path) if path.suffix == ".parquet" else _rows_from_jsonl(path)
+    else:
+        rows = _rows_from_parquet(path) if path.suffix == ".parquet" else _rows_from_jsonl(path)
     if not rows:
         raise PromptFileError(f"{path}: no prompts in file")
     ids, prompts, refs, conversations = [], [], [], []

@@ -41,7 +41,7 @@ LABEL_FIELDS = [
     # P(slot 1 wins) in the order that put this response in slot 1: each judged order appears once in the table
     pa.field("pair_slot1_probs", pa.list_(pa.float32()), nullable=False),
     pa.field("win_prob", pa.float32(), nullable=True),       # mean over valid pairs; |2p-1| is the margin
-    pa.field("judge_score", pa.float32(), nullable=True),    # direct: E[score] in [1, 10]
+    pa.field("judge_score", pa.float32(), nullable=True),    # direct: E[score] on the judge's 1..K scale
     pa.field("principle", pa.string(), nullable=True),       # the principle sampled for this label, if any
     pa.field("judge_reply", pa.string(), nullable=True),     # rationale/critique and label token, truncated
     pa.field("label_latency_s", pa.float32(), nullable=False),  # judge time spent on this row's calls

@@ -6,13 +6,15 @@ Every judge answers the two questions every labeling method asks:
   over the labels) and the mass they hold — the label is read from log-probs, never from free text when
   log-probs exist;
 - `complete(prompts, max_tokens, stop)`: a greedy continuation (rationales, own answers, critiques).
-Replies never raise for one bad prompt: they carry an `error` and the labeler counts it.
+Replies never raise for one bad prompt: they carry an `error` and the labeler counts it. With a chat template
+(`critic.chat_template`) every prompt is one user turn and the label is the assistant's first token.
 """
 from __future__ import annotations
 
 import time
 
 from rlaif_ray.config import RunConfig
+from rlaif_ray.data.chat import resolve_template, user_turn_ids
 from rlaif_ray.engine import make_llm
 from rlaif_ray.judge.reply import JudgeReply, label_distribution, label_token_ids
 
@@ -24,6 +26,7 @@ class LocalJudge:
         self.name = model_path
         self.llm = make_llm(model_path, cfg.vllm, cfg.model, seed=seed)
         self.tokenizer = self.llm.get_tokenizer()
+        self.template = resolve_template(cfg.critic.chat_template, self.tokenizer, "critic.chat_template")
         self.top_k = min(cfg.vllm.max_logprobs, len(self.tokenizer))
         self.max_prompt_len = cfg.model.max_model_len - 1
         self.label_ids: dict[tuple, list[int]] = {}  # per label set, on first use (only the method's labels
@@ -38,7 +41,7 @@ class LocalJudge:
         """Token ids of each prompt, or an error reply when prompt + `room` new tokens do not fit."""
         out = []
         for text in prompts:
-            ids = self.tokenizer.encode(text)
+            ids = user_turn_ids(self.tokenizer, text, self.template)
             if len(ids) + room - 1 > self.max_prompt_len:
                 out.append(JudgeReply(error=f"judge_prompt_too_long({len(ids)}>{self.max_prompt_len + 1 - room})"))
             else:
@@ -77,7 +80,8 @@ class LocalJudge:
         replies: list = list(encoded)
         for (i, _), out in zip(todo, outs):
             replies[i] = JudgeReply(text=out.outputs[0].text, latency_s=share, prompt_tokens=len(out.prompt_token_ids),
-                                    completion_tokens=len(out.outputs[0].token_ids))
+                                    completion_tokens=len(out.outputs[0].token_ids),
+                                    finish_reason=out.outputs[0].finish_reason)
         return replies
 
     def usage(self) -> dict:
@@ -96,6 +100,7 @@ class TransformersJudge(LocalJudge):
         torch.manual_seed(seed)
         self.name = model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.template = resolve_template(cfg.critic.chat_template, self.tokenizer, "critic.chat_template")
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype)).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batch = cfg.critic.batch_size
@@ -152,9 +157,11 @@ class TransformersJudge(LocalJudge):
                                           do_sample=False, pad_token_id=self.pad_id, eos_token_id=eos)
             share = (time.perf_counter() - t0) / len(chunk)
             for (i, row), seq in zip(chunk, out[:, ids.shape[1]:].tolist()):
-                seq = seq[:seq.index(eos)] if eos in seq else seq
+                stopped = eos in seq
+                seq = seq[:seq.index(eos)] if stopped else seq
                 text = self.tokenizer.decode(seq, skip_special_tokens=True)
                 cut = min([text.index(s) for s in stop or [] if s and s in text], default=len(text))
                 replies[i] = JudgeReply(text=text[:cut], latency_s=share, prompt_tokens=len(row),
-                                        completion_tokens=len(seq))
+                                        completion_tokens=len(seq),
+                                        finish_reason="stop" if stopped or cut < len(text) else "length")
         return replies

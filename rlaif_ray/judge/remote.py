@@ -199,6 +199,7 @@ class OpenAIJudge:
                 reply.text = choice["message"].get("content") or ""
             else:
                 reply.text = choice["text"] or ""
+            reply.finish_reason = choice.get("finish_reason")
             usage = data.get("usage") or {}
             reply.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             reply.completion_tokens = int(usage.get("completion_tokens") or 0)

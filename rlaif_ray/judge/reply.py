@@ -25,6 +25,36 @@ class JudgeReply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     detail: str = ""                   # start of an error body (key redacted), for diagnostics
+    finish_reason: str | None = None   # complete: "stop" (EOS or a stop string) or "length" (cut off at max_tokens)
+
+
+AUTO_LABELS = "auto"
+
+
+def label_choices(kind: str) -> list:
+    """The label sets `critic.*_labels=auto` tries, in order: the digits after a space (one token each in
+    tokenizers that merge them, like the toy world's), the bare digits (byte-level BPE tokenizers such as
+    SmolLM2's, Llama-3's or Qwen2.5's split a space from a digit), and for a direct scale, 1-9 where "10" is two
+    tokens (Qwen2.5 splits every digit)."""
+    if kind == "pairwise":
+        return [(" 1", " 2"), ("1", "2")]
+    return [[f" {i}" for i in range(1, 11)], [str(i) for i in range(1, 11)], [str(i) for i in range(1, 10)]]
+
+
+def concrete_labels(critic, tokenizer=None):
+    """`critic` (a CriticConfig) with `auto` label settings made concrete: the first of `label_choices` whose labels
+    are each one token of `tokenizer`. Without a tokenizer (a remote judge, whose reply tokens are matched after
+    stripping whitespace) the bare digits. A set that fits nothing falls to the last choice, which the start-up
+    check then rejects naming the label and the tokenizer."""
+    def fits(labels):
+        return all(len(tokenizer.encode(label, add_special_tokens=False)) == 1 for label in labels)
+
+    update = {}
+    for field, kind in (("pairwise_labels", "pairwise"), ("direct_labels", "direct")):
+        if getattr(critic, field) == AUTO_LABELS:
+            choices = label_choices(kind)
+            update[field] = choices[1] if tokenizer is None else next((c for c in choices if fits(c)), choices[-1])
+    return critic.model_copy(update=update) if update else critic
 
 
 def label_token_ids(tokenizer, labels, model: str) -> list[int]:

@@ -11,7 +11,7 @@ from rlaif_ray.data.chat import ChatTemplateError, prompt_length, resolve_templa
 from rlaif_ray.data.checkers import CheckerError, make_checker
 from rlaif_ray.data.prompts import PromptKeys, read_prompt_file
 from rlaif_ray.judge.remote import OpenAIJudge, RemoteJudgeError
-from rlaif_ray.judge.reply import JudgeLabelError, label_token_ids
+from rlaif_ray.judge.reply import JudgeLabelError, concrete_labels, label_token_ids
 
 
 @dataclass
@@ -39,8 +39,10 @@ def check_model_path(path: str, key: str) -> None:
 
 def check_judge(cfg: RunConfig, critic: str) -> None:
     """The judge can give the labels the config asks for: one token per label (local), a reachable endpoint
-    that answers a log-prob request (remote). Checked on the driver, before any actor starts."""
+    that answers a log-prob request (remote). Checked on the driver, before any actor starts. `auto` labels are
+    made concrete in `cfg.critic` here, for the judge's tokenizer, so every actor and the report see the same."""
     if cfg.critic.remote.base_url:
+        cfg.critic = concrete_labels(cfg.critic)
         try:
             with OpenAIJudge(cfg.critic.remote) as judge:
                 judge.check()
@@ -48,9 +50,15 @@ def check_judge(cfg: RunConfig, critic: str) -> None:
             raise ConfigError(f"critic.remote: {err}") from None
         return
     if cfg.learner.algorithm == "sft":
+        cfg.critic = concrete_labels(cfg.critic)
         return
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(critic)
+    try:
+        resolve_template(cfg.critic.chat_template, tok, "critic.chat_template")
+    except ChatTemplateError as err:
+        raise ConfigError(str(err)) from None
+    cfg.critic = concrete_labels(cfg.critic, tok)
     labels = cfg.critic.direct_labels if cfg.critic.method == "direct" else cfg.critic.pairwise_labels
     try:
         label_token_ids(tok, labels, critic)
@@ -101,7 +109,8 @@ def _built_in_worlds(cfg: RunConfig) -> tuple[str, str, str]:
 def _read_prompts(cfg: RunConfig, path: str):
     """The prompt table, with fields the loader did not use reported once (never dropped in silence)."""
     d = cfg.data
-    keys = PromptKeys(prompt=d.prompt_key, messages=d.messages_key, id=d.id_key, reference=d.reference_key)
+    keys = PromptKeys(prompt=d.prompt_key, messages=d.messages_key, id=d.id_key, reference=d.reference_key,
+                      split=d.split)
     prompts, unused = read_prompt_file(path, keys)
     if unused:
         fields = ", ".join(f"'{name}' ({n} rows)" for name, n in sorted(unused.items()))

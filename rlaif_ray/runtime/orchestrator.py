@@ -111,7 +111,7 @@ class Orchestrator:
             "critic": lambda i: CriticLabeler.options(runtime_env=critic_env, **restarts,
                                                       **self._placed("critic", i)).remote(resolved.critic, raw, i),
             "reward": lambda i: RewardScorer.options(**restarts, **self._placed("reward", 0)).remote(
-                cfg.reward.kind, resolved.reward_model),
+                cfg.reward.kind, resolved.reward_model, len(cfg.critic.direct_labels)),
         }
 
     def _start_actors(self, resolved: Resolved) -> None:

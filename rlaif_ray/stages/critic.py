@@ -25,11 +25,13 @@ import pyarrow as pa
 import ray
 
 from rlaif_ray.config import CriticConfig, RemoteJudgeConfig, RunConfig
+from rlaif_ray.console import stage_output_to_run_folder
 from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.engine import engine_env
 from rlaif_ray.judge.local import LocalJudge, TransformersJudge
 from rlaif_ray.judge.quality import judge_bias_counts
+from rlaif_ray.judge.reply import concrete_labels
 from rlaif_ray.judge.remote import OpenAIJudge
 from rlaif_ray.judge.templates import JudgePrompts
 
@@ -78,9 +80,11 @@ class CriticLabeler:
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
-        self.ccfg: CriticConfig = self.cfg.critic
+        stage_output_to_run_folder(self.cfg, f"critic-{worker_index}")  # output.console=quiet: logs to run_dir/logs
         self.seed = self.cfg.loop.seed + 7919 + worker_index
         self.judge = make_judge(model_path, self.cfg, self.seed)
+        # `auto` labels for this judge's tokenizer (the driver resolved them the same way already)
+        self.ccfg: CriticConfig = concrete_labels(self.cfg.critic, getattr(self.judge, "tokenizer", None))
         self.judge_name = self.ccfg.remote.model if self.ccfg.remote.base_url else model_path
         self.prompts = JudgePrompts(self.ccfg)
 
@@ -248,7 +252,7 @@ class CriticLabeler:
             cols["response"].append(reply.text)
             cols["response_token_ids"].append([])
             cols["response_logprobs"].append([])
-            cols["finish_reason"].append("stop")
+            cols["finish_reason"].append(reply.finish_reason)  # "length": cut off, the learner adds no EOS
             cols["policy_version"].append(version)
             cols["reference"].append(row["reference"])
         table = schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")

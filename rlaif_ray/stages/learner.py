@@ -4,10 +4,16 @@ through `rlaif_ray.runtime.learner_group.LearnerGroup`.
 One `train_step` per batch; the rule is `learner.algorithm` (the math lives in `rlaif_ray.algorithms`):
 - `ppo`: clipped surrogate on per-sample advantages (`learner.advantage`: group_mean, grpo, rloo,
   reinforce_pp), importance-corrected for samples an older policy version generated, KL penalty to the
-  frozen initial policy; `ppo_epochs` updates per batch.
+  frozen initial policy; `ppo_epochs` updates per batch. Its log π (policy, before-update and reference) is
+  taken at the rollout temperature and top-p, the distribution vLLM sampled from and returned log-probs of
+  (`logprobs_mode=processed_logprobs`); `logprob_mismatch` reports how far the two are apart on fresh samples.
 - `dpo` / `ipo`: online preference optimisation on the judge's soft pairwise labels (OAIF), no reward.
 - `sft`: supervised fine-tuning on demonstrations (the critic-as-teacher baseline); the learner
-  tokenizes prompt and response text with the policy's own tokenizer and appends EOS.
+  tokenizes prompt and response text with the policy's own tokenizer and appends EOS where the teacher stopped
+  by itself (not to a demonstration cut off at the token limit).
+
+Truncated samples (finish_reason "length") follow `rollout.truncated`: keep, mask (no gradient; in the PPO group
+baseline still), or penalty (the reward `rollout.truncated_reward`).
 
 Every rank reads the whole (zero-copy) table and trains on the prompt groups `g % world == rank`; each loss is
 scaled so DeepSpeed's gradient averaging gives the mean over all training units (samples or pairs). Samples
@@ -28,13 +34,15 @@ import torch
 
 from rlaif_ray import algorithms
 from rlaif_ray.config import RunConfig
+from rlaif_ray.console import stage_output_to_run_folder
 from rlaif_ray.data import schemas
+from rlaif_ray.data.chat import template_text
 from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.quality import label_quality
 
 STAT_KEYS = {
-    "ppo": ("loss", "pg_loss", "kl", "clip_fraction", "is_weight_mean", "behav_log_ratio"),
+    "ppo": ("loss", "pg_loss", "kl", "clip_fraction", "is_weight_mean", "behav_log_ratio", "logprob_mismatch"),
     "dpo": ("loss", "kl", "pair_accuracy", "logratio_margin"),
     "ipo": ("loss", "kl", "pair_accuracy", "logratio_margin"),
     "sft": ("loss",),
@@ -47,10 +55,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """log π(x_t | x_<t) for t >= 1, shape [B, T-1]."""
-    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+def sequence_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor, temperature: float = 1.0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """log π(x_t | x_<t) for t >= 1, shape [B, T-1], at `temperature` and `top_p` (see algorithms.sampling_logprobs)."""
+    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
+    return algorithms.sampling_logprobs(logits, input_ids[:, 1:], temperature, top_p)
 
 
 def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
@@ -77,11 +86,21 @@ def behaviour_logprobs(logprobs: list[list[float]], resp: torch.Tensor) -> torch
     return out
 
 
+def demonstration_ids(tokenizer, prompts: list[str], responses: list[str], finish_reasons: list[str | None]):
+    """Prompt and response token ids of SFT demonstrations in the policy's tokenizer; EOS ends a response only
+    where the teacher stopped by itself (a demonstration cut off at the token limit must not teach stopping)."""
+    prompt_ids = [tokenizer.encode(t) for t in prompts]
+    response_ids = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] * (f == "stop")
+                    for t, f in zip(responses, finish_reasons)]
+    return prompt_ids, response_ids
+
+
 @ray.remote
 class LearnerRank:
     def __init__(self, policy_path: str, cfg: dict, rank: int, world_size: int):
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
+        stage_output_to_run_folder(self.cfg, f"learner-{rank}")  # output.console=quiet: logs to run_dir/logs
         self.policy_path, self.rank, self.world_size = policy_path, rank, world_size
         self.checker = make_checker(self.cfg.data.checker)  # true accuracy in the step metrics
         self.version = 0
@@ -143,9 +162,16 @@ class LearnerRank:
                     outcome["skipped"].append((sid, reasons[i] or "no_reward"))
                 else:
                     trainable.append(i)
-        group_of = table.column("prompt_id").to_pylist()
+        truncated = {i for i, f in enumerate(table.column("finish_reason").to_pylist()) if f == "length"}
+        if self.cfg.rollout.truncated == "penalty":  # a cut-off answer gets the set reward, whatever the judge said
+            rewards = [self.cfg.rollout.truncated_reward if i in truncated and r is not None else r
+                       for i, r in enumerate(rewards)]
+        masked = {i for i in trainable if i in truncated} if self.cfg.rollout.truncated == "mask" else set()
+        outcome["skipped"] += [(ids[i], "truncated") for i in sorted(masked)]
+        in_baseline, trainable = trainable, [i for i in trainable if i not in masked]  # ppo: masked samples still
+        group_of = table.column("prompt_id").to_pylist()                               # inform their group's mean
         signal_counts: dict[str, int] = {}
-        groups = sorted({group_of[i] for i in trainable})
+        groups = sorted({group_of[i] for i in in_baseline})
         my_groups = {g for k, g in enumerate(groups) if k % self.world_size == self.rank}
 
         if algo in ("dpo", "ipo"):
@@ -161,15 +187,16 @@ class LearnerRank:
         else:
             mine = [i for i in trainable if group_of[i] in my_groups]
             if algo == "ppo":
-                signal = self._signal(rewards, group_of, trainable, signal_counts)
+                signal = self._signal(rewards, group_of, in_baseline, signal_counts)
                 if signal:
-                    adv = algorithms.advantages([rewards[i] for i in trainable], [group_of[i] for i in trainable],
-                                                self.cfg.learner.advantage)
-                    sums = self._update_ppo(table, mine, dict(zip(trainable, adv)), total=len(trainable))
+                    adv = algorithms.advantages([rewards[i] for i in in_baseline],
+                                                [group_of[i] for i in in_baseline], self.cfg.learner.advantage)
+                    sums = self._update_ppo(table, mine, dict(zip(in_baseline, adv)), total=len(trainable),
+                                            fresh={i for i in mine if staleness[i] == 0})
                 else:  # every group's rewards are equal: nothing to learn, and the KL term alone would move the
                     # policy; every rank decides this from the same table, so all of them skip the step (the
                     # samples count as trained: the learner took them, and the step is counted as one without signal)
-                    sums = dict.fromkeys(STAT_KEYS["ppo"], 0.0)
+                    sums = {**dict.fromkeys(STAT_KEYS["ppo"], 0.0), "logprob_mismatch": None}
             else:
                 sums = self._update_sft(table, mine, total=len(trainable))
         outcome["trained"] = [ids[i] for i in trainable]
@@ -183,7 +210,7 @@ class LearnerRank:
             "learner_version": self.version, "train_seconds": time.perf_counter() - t0, **sums,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_in": len(ids), "trained": len(outcome["trained"]), "dropped_stale": len(outcome["stale"]),
-            "skipped": len(outcome["skipped"]),
+            "skipped": len(outcome["skipped"]), "truncated": len(truncated),
             "staleness_mean": float(fresh.mean()) if len(fresh) else 0.0,
             "staleness_max": int(fresh.max()) if len(fresh) else 0, **signal_counts,
         }
@@ -208,10 +235,8 @@ class LearnerRank:
         its text is tokenized here with the policy's tokenizer, and the response ends in EOS."""
         take = pa.array(rows, pa.int64())
         if self.cfg.learner.algorithm == "sft":
-            prompts = [self.tokenizer.encode(t) for t in table.column("prompt").take(take).to_pylist()]
-            responses = [self.tokenizer.encode(t, add_special_tokens=False) + [self.tokenizer.eos_token_id]
-                         for t in table.column("response").take(take).to_pylist()]
-            return prompts, responses
+            return demonstration_ids(self.tokenizer, *(table.column(c).take(take).to_pylist()
+                                                       for c in ("prompt", "response", "finish_reason")))
         return (table.column("prompt_token_ids").take(take).to_pylist(),
                 table.column("response_token_ids").take(take).to_pylist())
 
@@ -263,22 +288,32 @@ class LearnerRank:
         n = max(local[-1].item(), 1.0)
         return {k: local[i].item() / n for i, k in enumerate(keys)}
 
-    def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int) -> dict:
+    def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int, fresh: set[int]) -> dict:
+        """`fresh`: the rows the current policy version generated, where log π_prox must equal the engine's
+        log-probs (their mean |difference| per token is `logprob_mismatch`, over fresh samples)."""
         lcfg = self.cfg.learner
+        sampling = {"temperature": self.cfg.rollout.temperature, "top_p": self.cfg.rollout.top_p}
         scale = self.world_size / max(total, 1)
         mbs, passes = self._plan(table, [[r] for r in rows])
         prepared = []
+        mismatch = {"sum": 0.0, "rows": 0.0}
         for mb in mbs:
             ids, attn, resp, behav = self._tensors(table, mb)
             adv = torch.tensor([adv_of[i] for i in mb], dtype=torch.float32, device=self.device)
             with torch.no_grad():
-                prepared.append((ids, attn, resp, behav, adv, sequence_logprobs(self.ref, ids, attn),
-                                 sequence_logprobs(self.engine, ids, attn)))
+                prox_logp = sequence_logprobs(self.engine, ids, attn, **sampling)
+                prepared.append((ids, attn, resp, behav, adv, sequence_logprobs(self.ref, ids, attn, **sampling),
+                                 prox_logp))
+                known = resp * torch.isfinite(behav)
+                gap = algorithms.token_mean(torch.nan_to_num((prox_logp - behav).abs()), known)
+                is_fresh = torch.tensor([r in fresh for r in mb], device=self.device) & (known.sum(-1) > 0)
+                mismatch["sum"] += float(gap[is_fresh].sum())
+                mismatch["rows"] += float(is_fresh.sum())
         sums: dict[str, float] = defaultdict(float)
         for epoch in range(lcfg.ppo_epochs):
             def loss_of(k: int) -> torch.Tensor:
                 ids, attn, resp, behav, adv, ref_logp, prox_logp = prepared[k]
-                logp = sequence_logprobs(self.engine, ids, attn)
+                logp = sequence_logprobs(self.engine, ids, attn, **sampling)
                 pg, stats = algorithms.ppo_loss(logp, prox_logp, behav, resp, adv, lcfg.clip_eps,
                                                 lcfg.is_cap if lcfg.importance_correction else None)
                 kl = algorithms.kl_k3(logp, ref_logp, resp)
@@ -290,7 +325,11 @@ class LearnerRank:
                         sums[key] += value
                 return per_sample.sum() * scale
             self._train_passes(len(prepared), passes, loss_of)
-        return self._reduce(STAT_KEYS["ppo"], sums, len(rows))
+        sums.update(mismatch_sum=mismatch["sum"], fresh_rows=mismatch["rows"])
+        out = self._reduce(STAT_KEYS["ppo"][:-1] + ("mismatch_sum", "fresh_rows"), sums, len(rows))
+        fresh_rows = out.pop("fresh_rows")
+        out["logprob_mismatch"] = out.pop("mismatch_sum") / fresh_rows if fresh_rows > 0 else None
+        return out
 
     def _update_preference(self, table, pairs: list[tuple[int, int, float]], total: int) -> dict:
         lcfg = self.cfg.learner
@@ -391,12 +430,20 @@ class LearnerRank:
         return self.version
 
     def save_checkpoint(self, path: str) -> str | None:
-        """Hugging Face format (model + tokenizer) written by rank 0."""
+        """Hugging Face format (model + tokenizer) written by rank 0. The tokenizer carries the chat template the
+        policy was trained with (`rollout.chat_template`: its own, a file's, or none for plain prompts), so serving
+        the checkpoint renders chats as the rollouts did."""
         params = self._full_params()
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer
         model = self.engine.module
         model.save_pretrained(path, state_dict=dict(params), safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.policy_path).save_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
+        setting = self.cfg.rollout.chat_template
+        if setting == "none":
+            tokenizer.chat_template = None
+        elif setting != "auto":
+            tokenizer.chat_template = template_text(setting, "rollout.chat_template")
+        tokenizer.save_pretrained(path)
         return path

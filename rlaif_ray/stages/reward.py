@@ -1,7 +1,8 @@
 """RewardScorer: turns critic labels into one reward per sample, in [-1, 1].
 
 - `win_rate`: 2·P(win) − 1, P(win) the sample's mean soft win probability over its pairs.
-- `direct_score` (d-RLAIF): the expected 1–10 score rescaled linearly to [-1, 1].
+- `direct_score` (d-RLAIF): the expected score on the judge's 1..K scale (K = `len(critic.direct_labels)`, 10 by
+  default) rescaled linearly to [-1, 1].
 - `reward_model`: the score of a reward model trained on the judge's labels (`rlaif_ray.stages.reward_model`);
   unbounded, refreshed by `load_state` while the run goes on.
 A sample without a valid label gets a null reward and keeps its skip reason (the learner counts it).
@@ -18,11 +19,14 @@ from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc
 
 
-def rewards_from_labels(labels: pa.Table, kind: str) -> pa.Array:
+def rewards_from_labels(labels: pa.Table, kind: str, score_points: int = 10) -> pa.Array:
+    """One reward per row; `score_points`: how many labels the direct scale has (its scores run 1..score_points)."""
     if kind == "win_rate":
         reward = pc.subtract(pc.multiply(labels.column("win_prob"), 2.0), 1.0)
     elif kind == "direct_score":
-        reward = pc.subtract(pc.multiply(pc.subtract(labels.column("judge_score"), 1.0), 2.0 / 9.0), 1.0)
+        if score_points < 2:
+            raise ValueError(f"a direct score scale needs at least 2 points, got {score_points}")
+        reward = pc.subtract(pc.multiply(pc.subtract(labels.column("judge_score"), 1.0), 2.0 / (score_points - 1)), 1.0)
     else:
         raise ValueError(f"unknown reward kind '{kind}'")
     reward = pc.if_else(labels.column("label_valid"), reward, pa.scalar(None, pa.float32()))
@@ -31,9 +35,9 @@ def rewards_from_labels(labels: pa.Table, kind: str) -> pa.Array:
 
 @ray.remote
 class RewardScorer:
-    def __init__(self, kind: str, reward_model_path: str | None = None):
+    def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10):
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
-        self.kind = kind
+        self.kind, self.score_points = kind, score_points
         self.model = self.tok = None
         self.rm_version = 0
         if kind == "reward_model":
@@ -54,7 +58,7 @@ class RewardScorer:
 
     def _rewards(self, labels: pa.Table) -> pa.Array:
         if self.kind != "reward_model":
-            return rewards_from_labels(labels, self.kind)
+            return rewards_from_labels(labels, self.kind, self.score_points)
         import torch
 
         from rlaif_ray.stages.reward_model import score_texts

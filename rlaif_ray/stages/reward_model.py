@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from rlaif_ray import algorithms
 from rlaif_ray.config import RunConfig
+from rlaif_ray.console import stage_output_to_run_folder
 from rlaif_ray.data.transport import use_arrow_ipc
 
 
@@ -71,6 +72,7 @@ class RewardModelTrainer:
     def __init__(self, model_path: str, cfg: dict):
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
+        stage_output_to_run_folder(self.cfg, "reward-model-trainer")  # output.console=quiet: logs to run_dir/logs
         torch.manual_seed(self.cfg.loop.seed)
         self.rng = random.Random(self.cfg.loop.seed)
         self.model, self.tok = load_reward_model(model_path)

@@ -15,6 +15,7 @@ import pyarrow as pa
 import ray
 
 from rlaif_ray.config import RunConfig
+from rlaif_ray.console import stage_output_to_run_folder
 from rlaif_ray.data import schemas
 from rlaif_ray.data.chat import engine_input, resolve_template
 from rlaif_ray.data.checkers import make_checker
@@ -33,9 +34,13 @@ class RolloutWorker:
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
+        stage_output_to_run_folder(self.cfg, f"rollout-{worker_index}")  # output.console=quiet: logs to run_dir/logs
         self.model_path = model_path
         self.worker_index = worker_index
-        self.llm = make_llm(model_path, self.cfg.vllm, self.cfg.model, seed=self.cfg.loop.seed + worker_index)
+        # the log-probs returned are those of the distribution sampled from (temperature, top-p applied): the learner's
+        # importance ratios compare against exactly that
+        self.llm = make_llm(model_path, self.cfg.vllm, self.cfg.model, seed=self.cfg.loop.seed + worker_index,
+                            logprobs_mode="processed_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
         self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # None: plain prompt text
         self.version = 0
