@@ -66,21 +66,41 @@ def advantages(rewards: list[float], groups: list[str], kind: str) -> np.ndarray
     return adv
 
 
+def _nucleus_threshold(probs: torch.Tensor, top_p: float, k: int = 1024) -> torch.Tensor:
+    """Per row, the smallest probability inside the top-p nucleus. vLLM drops, in ascending order, the tokens whose
+    cumulative mass is at most 1 − top_p; in descending order that keeps every token whose exclusive cumulative
+    mass is below top_p. Looked for among the top `k` first (a sort of the whole vocabulary for every position is
+    the slow part); rows whose nucleus is wider are sorted whole."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    threshold = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
+
+    def fill(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Thresholds of `rows` from their largest probabilities `values` (descending); which rows it closed."""
+        kept = ((values.cumsum(-1) - values) < top_p).sum(-1, keepdim=True)  # >= 1: the top token stays
+        threshold[rows] = values.gather(-1, kept - 1).squeeze(-1)
+        return kept.squeeze(-1) < values.shape[-1]
+
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    k = min(k, flat.shape[-1])
+    closed = fill(rows, flat.topk(k, dim=-1).values)
+    if k < flat.shape[-1] and not closed.all():
+        wide = rows[~closed]
+        fill(wide, flat[wide].sort(dim=-1, descending=True).values)
+    return threshold.reshape(probs.shape[:-1])
+
+
 def sampling_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                       top_p: float = 1.0) -> torch.Tensor:
     """log-probs of `targets` [B, T] under the distribution the engine samples from: softmax(logits / temperature)
-    restricted to the top-p nucleus and renormalised, by vLLM's rule (sorted by probability, the least likely
-    tokens whose total mass is at most 1 − top_p are dropped; the most likely always stays). A target the
+    restricted to the top-p nucleus and renormalised, by vLLM's rule (see `_nucleus_threshold`). A target the
     learner's nucleus misses (rounding at the edge of the nucleus) is kept in it, so its log-prob stays finite."""
     scaled = logits.float() / temperature
     if top_p < 1.0:
         with torch.no_grad():
-            ascending, order = scaled.sort(dim=-1)
-            drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
-            drop_sorted[..., -1] = False
-            drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+            probs = scaled.softmax(dim=-1)
+            drop = probs < _nucleus_threshold(probs, top_p)[..., None]
             drop.scatter_(-1, targets[..., None], False)
-            del ascending, order, drop_sorted
+            del probs
         scaled = scaled.masked_fill(drop, float("-inf"))
     return torch.log_softmax(scaled, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 

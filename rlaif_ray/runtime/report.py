@@ -94,7 +94,8 @@ def _eval_lines(summary: dict) -> list[str]:
     b, a = summary["eval_before"], summary["eval_after"]
     return ["", f"## Policy on the whole prompt set (ground truth, {b['prompts']} prompts)", "",
             "| | before | after |", "|---|---|---|",
-            f"| accuracy, {b['samples_per_prompt']} samples per prompt | {_fmt(b['accuracy_sampled'])} | "
+            f"| accuracy, {b['samples_per_prompt']} sample{'s' * (b['samples_per_prompt'] != 1)} per prompt at the "
+            f"rollout temperature | {_fmt(b['accuracy_sampled'])} | "
             f"{_fmt(a['accuracy_sampled'])} |",
             f"| accuracy, greedy | {_fmt(b['accuracy_greedy'])} | {_fmt(a['accuracy_greedy'])} |"]
 

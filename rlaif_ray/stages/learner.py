@@ -327,8 +327,8 @@ class LearnerRank:
             self._train_passes(len(prepared), passes, loss_of)
         sums.update(mismatch_sum=mismatch["sum"], fresh_rows=mismatch["rows"])
         out = self._reduce(STAT_KEYS["ppo"][:-1] + ("mismatch_sum", "fresh_rows"), sums, len(rows))
-        fresh_rows = out.pop("fresh_rows")
-        out["logprob_mismatch"] = out.pop("mismatch_sum") / fresh_rows if fresh_rows > 0 else None
+        fresh_rows, mismatch_sum = out.pop("fresh_rows"), out.pop("mismatch_sum")
+        out["logprob_mismatch"] = mismatch_sum / fresh_rows if fresh_rows > 0 else None
         return out
 
     def _update_preference(self, table, pairs: list[tuple[int, int, float]], total: int) -> dict:
