@@ -1,4 +1,4 @@
-"""The AI-feedback study on the toy world, from one command: how well each labeling method agrees with the
+"""The AI-feedback study (the toy world by default, any config with a checker), from one command: how well each labeling method agrees with the
 ground truth, and how much the policy's ground-truth accuracy moves under each learner.
 
     python jobs/feedback_study.py -c jobs/configs/toy_cpu.yaml --out runs/study [overrides...]
@@ -62,15 +62,18 @@ def labeler_agreement(base, out: Path) -> dict:
     import pyarrow as pa
     import ray
 
+    from rlaif_ray.data.checkers import make_checker
     from rlaif_ray.judge.quality import judge_bias_counts, judge_report, label_quality
 
+    checker = make_checker(base.data.checker)
     with initial_batch(base) as (rollouts, critic, resolved):
+        points = base.critic.score_points()  # concrete after resolve_inputs (the judge's tokenizer)
         result = {}
         for method in METHODS:
             t0 = time.perf_counter()
             labels, stats = ray.get(critic.label.options(num_returns=2).remote(rollouts, method))
             report = judge_report({**judge_bias_counts(labels), **stats})
-            quality = label_quality(labels)
+            quality = label_quality(labels, checker, points)
             result[method] = {"judge_truth_agreement": quality.get("judge_truth_agreement"),
                               "valid_labels": stats["label_valid"] / labels.num_rows,
                               "seconds": time.perf_counter() - t0,
@@ -79,7 +82,8 @@ def labeler_agreement(base, out: Path) -> dict:
             print(f"[study] {method}: agreement with ground truth {result[method]['judge_truth_agreement']}", flush=True)
         result["_batch"] = {"prompts": resolved.prompts.num_rows, "samples": rollouts.num_rows,
                             "policy_accuracy": label_quality(pa.Table.from_pydict(
-                                {c: rollouts.column(c) for c in ("sample_id", "reference", "response")})).get("true_accuracy")}
+                                {c: rollouts.column(c) for c in ("sample_id", "reference", "response")}), checker).get(
+                                "true_accuracy")}
     return result
 
 
@@ -88,7 +92,8 @@ def fmt(v, digits=3):
 
 
 def to_markdown(study: dict) -> str:
-    lines = ["## Labeler agreement with ground truth (toy world)", "",
+    lines = [f"## Labeler agreement with ground truth ({study['config']}{' ' if study['overrides'] else ''}"
+             f"{' '.join(study['overrides'])})", "",
              f"Batch: {study['labelers']['_batch']['samples']} samples of the initial policy "
              f"({study['labelers']['_batch']['prompts']} prompts, sampled accuracy "
              f"{fmt(study['labelers']['_batch']['policy_accuracy'])}).", "",
@@ -98,6 +103,8 @@ def to_markdown(study: dict) -> str:
         r = study["labelers"][m]
         lines.append(f"| {m} | {fmt(r['judge_truth_agreement'])} | {fmt(r['position_consistency'])} | "
                      f"{fmt(r['first_slot_rate'])} | {fmt(r['unparsable_share'])} | {fmt(r['labels_per_s'], 1)} |")
+    if not study["learners"]:
+        return "\n".join(lines + ["", f"Seed {study['seed']}; whole study {study['wall_seconds']:.0f} s on this machine."])
     lines += ["", "## Policy ground-truth accuracy, before → after", "",
               "| learner | sampled before | sampled after | greedy before | greedy after | steps | run wall s |",
               "|---|---|---|---|---|---|---|"]

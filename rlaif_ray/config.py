@@ -216,6 +216,11 @@ class CriticConfig(WorkerResources):
     raw_reply_chars: int = Field(200, ge=0)               # how much of the judge's text each label row keeps
     remote: RemoteJudgeConfig = Field(default_factory=RemoteJudgeConfig)
 
+    def score_points(self) -> int:
+        """How many labels the direct scale has (10 while `direct_labels` is still `auto`, before the judge's
+        tokenizer made it concrete)."""
+        return 10 if self.direct_labels == "auto" else len(self.direct_labels)
+
     @model_validator(mode="after")
     def _templates_have_placeholders(self) -> "CriticConfig":
         check_templates(self)

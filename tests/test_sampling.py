@@ -163,3 +163,7 @@ def test_demonstrations_end_in_eos_only_where_the_teacher_stopped(smol_tokenizer
                                            ["stop", "length"])
     eos = smol_tokenizer.eos_token_id
     assert responses[0][-1] == eos and eos not in responses[1] and prompts[0] == prompts[1]
+    assert prompts[0] == smol_tokenizer.encode("What is 1 + 1?")  # no template: the plain prompt
+    # a chat policy learns the answer where its assistant turn begins: the prompt in the rollout's template
+    chat, _ = demonstration_ids(smol_tokenizer, ["What is 1 + 1?"], ["2"], ["stop"], smol_tokenizer.chat_template)
+    assert smol_tokenizer.decode(chat[0]).endswith("<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n")

@@ -3,7 +3,8 @@
 - `position_agreement`: share of judged pairs where both orders picked the same response.
 - `true_accuracy`: share of responses the task's checker accepts (toy world: ground truth exists).
 - `judge_truth_agreement`: over pairs where exactly one response is correct, share where the judge
-  preferred it (pairwise); over scored samples, share where score > 5.5 iff correct (direct).
+  preferred it (pairwise); over scored samples, share where the score is above the scale's middle (5.5 on 1-10)
+  iff correct (direct).
 
 Judge bias (`judge_bias_counts` per batch, summed over a run, then `judge_report`):
 - position consistency: share of judged pairs whose two orders picked the same response (a judge that
@@ -25,7 +26,9 @@ BIAS_COUNT_KEYS = ("bias_pair_rows", "bias_consistent_rows", "bias_orders", "bia
                    "bias_n", "bias_sx", "bias_sy", "bias_sxx", "bias_syy", "bias_sxy")
 
 
-def label_quality(table: pa.Table, is_correct: Checker = is_correct) -> dict:
+def label_quality(table: pa.Table, is_correct: Checker = is_correct, score_points: int = 10) -> dict:
+    """True accuracy and the judge's agreement with it; a direct score counts as "right" above the middle of its
+    1..`score_points` scale."""
     out: dict[str, float] = {}
     ids = table.column("sample_id").to_pylist()
     refs = table.column("reference").to_pylist()
@@ -52,7 +55,7 @@ def label_quality(table: pa.Table, is_correct: Checker = is_correct) -> dict:
     for sid, score in zip(ids, scores):
         if score is not None and sid in correct:
             total += 1
-            hits += (score > 5.5) == correct[sid]
+            hits += (score > (1 + score_points) / 2) == correct[sid]
     if total:
         out["judge_truth_agreement"] = hits / total
     return out

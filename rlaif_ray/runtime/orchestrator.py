@@ -111,7 +111,7 @@ class Orchestrator:
             "critic": lambda i: CriticLabeler.options(runtime_env=critic_env, **restarts,
                                                       **self._placed("critic", i)).remote(resolved.critic, raw, i),
             "reward": lambda i: RewardScorer.options(**restarts, **self._placed("reward", 0)).remote(
-                cfg.reward.kind, resolved.reward_model, len(cfg.critic.direct_labels)),
+                cfg.reward.kind, resolved.reward_model, cfg.critic.score_points()),
         }
 
     def _start_actors(self, resolved: Resolved) -> None:

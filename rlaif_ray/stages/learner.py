@@ -9,8 +9,8 @@ One `train_step` per batch; the rule is `learner.algorithm` (the math lives in `
   (`logprobs_mode=processed_logprobs`); `logprob_mismatch` reports how far the two are apart on fresh samples.
 - `dpo` / `ipo`: online preference optimisation on the judge's soft pairwise labels (OAIF), no reward.
 - `sft`: supervised fine-tuning on demonstrations (the critic-as-teacher baseline); the learner
-  tokenizes prompt and response text with the policy's own tokenizer and appends EOS where the teacher stopped
-  by itself (not to a demonstration cut off at the token limit).
+  tokenizes prompt and response text with the policy's own tokenizer (the prompt in the rollout's chat template)
+  and appends EOS where the teacher stopped by itself (not to a demonstration cut off at the token limit).
 
 Truncated samples (finish_reason "length") follow `rollout.truncated`: keep, mask (no gradient; in the PPO group
 baseline still), or penalty (the reward `rollout.truncated_reward`).
@@ -36,7 +36,7 @@ from rlaif_ray import algorithms
 from rlaif_ray.config import RunConfig
 from rlaif_ray.console import stage_output_to_run_folder
 from rlaif_ray.data import schemas
-from rlaif_ray.data.chat import template_text
+from rlaif_ray.data.chat import engine_input, resolve_template, template_text
 from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.quality import label_quality
@@ -86,10 +86,14 @@ def behaviour_logprobs(logprobs: list[list[float]], resp: torch.Tensor) -> torch
     return out
 
 
-def demonstration_ids(tokenizer, prompts: list[str], responses: list[str], finish_reasons: list[str | None]):
-    """Prompt and response token ids of SFT demonstrations in the policy's tokenizer; EOS ends a response only
-    where the teacher stopped by itself (a demonstration cut off at the token limit must not teach stopping)."""
-    prompt_ids = [tokenizer.encode(t) for t in prompts]
+def demonstration_ids(tokenizer, prompts: list[str], responses: list[str], finish_reasons: list[str | None],
+                      template: str | None = None):
+    """Prompt and response token ids of SFT demonstrations in the policy's tokenizer. The prompt is rendered as the
+    rollout renders it (`template`: the policy's chat template, one user turn; None: the plain text), so a chat
+    policy learns the answer where its assistant turn begins. EOS ends a response only where the teacher stopped
+    by itself (a demonstration cut off at the token limit must not teach stopping)."""
+    rendered = [engine_input(tokenizer, {"prompt": t}, template) for t in prompts]
+    prompt_ids = [r["prompt_token_ids"] if isinstance(r, dict) else tokenizer.encode(r) for r in rendered]
     response_ids = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] * (f == "stop")
                     for t, f in zip(responses, finish_reasons)]
     return prompt_ids, response_ids
@@ -126,6 +130,7 @@ class LearnerRank:
         self.ref = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=dtype).to(self.device).eval()
         self.ref.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
+        self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # sft prompts, as rolled out
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         ds_config = {
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -218,7 +223,7 @@ class LearnerRank:
             trained_rewards = [rewards[i] for i in trainable]
             metrics["reward_mean"] = float(np.mean(trained_rewards)) if trainable else float("nan")
             metrics["reward_std"] = float(np.std(trained_rewards)) if trainable else float("nan")
-        metrics.update(label_quality(table, self.checker))
+        metrics.update(label_quality(table, self.checker, self.cfg.critic.score_points()))
         return {"metrics": metrics, "outcome": outcome}
 
     @staticmethod
@@ -236,7 +241,8 @@ class LearnerRank:
         take = pa.array(rows, pa.int64())
         if self.cfg.learner.algorithm == "sft":
             return demonstration_ids(self.tokenizer, *(table.column(c).take(take).to_pylist()
-                                                       for c in ("prompt", "response", "finish_reason")))
+                                                       for c in ("prompt", "response", "finish_reason")),
+                                     template=self.template)
         return (table.column("prompt_token_ids").take(take).to_pylist(),
                 table.column("response_token_ids").take(take).to_pylist())
 

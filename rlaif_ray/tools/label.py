@@ -43,7 +43,7 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
     critic = CriticLabeler.options(**cfg.critic.actor_options(), runtime_env=critic_env).remote(resolved.critic, raw)
     kind = cfg.reward.kind if cfg.reward.kind != "reward_model" else ("direct_score" if cfg.critic.method == "direct"
                                                                       else "win_rate")
-    scorer = RewardScorer.options(num_cpus=cfg.reward.cpus).remote(kind, None, len(cfg.critic.direct_labels))
+    scorer = RewardScorer.options(num_cpus=cfg.reward.cpus).remote(kind, None, cfg.critic.score_points())
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
@@ -68,7 +68,7 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
                     writer.write_table(table)
                     rows += table.num_rows
                     valid += int(sum(table.column("label_valid").to_pylist()))
-                    quality.append(label_quality(table, make_checker(cfg.data.checker)))
+                    quality.append(label_quality(table, make_checker(cfg.data.checker), cfg.critic.score_points()))
                     for key, value in st.items():
                         if isinstance(value, (int, float)):
                             counts[key] += value
