@@ -41,11 +41,12 @@ def label_choices(kind: str) -> list:
     return [[f" {i}" for i in range(1, 11)], [str(i) for i in range(1, 11)], [str(i) for i in range(1, 10)]]
 
 
-def concrete_labels(critic, tokenizer=None):
+def concrete_labels(critic, tokenizer=None, choice_without_tokenizer: int = 1):
     """`critic` (a CriticConfig) with `auto` label settings made concrete: the first of `label_choices` whose labels
-    are each one token of `tokenizer`. Without a tokenizer (a remote judge, whose reply tokens are matched after
-    stripping whitespace) the bare digits. A set that fits nothing falls to the last choice, which the start-up
-    check then rejects naming the label and the tokenizer."""
+    are each one token of `tokenizer`. Without a tokenizer, choice `choice_without_tokenizer`: 1, the bare digits,
+    for a remote judge (its reply tokens are matched after stripping whitespace); 0, the space-prefixed digits, for
+    the toy world, whose tokenizer is trained to keep them whole. A set that fits nothing falls to the last choice,
+    which the start-up check then rejects naming the label and the tokenizer."""
     def fits(labels):
         return all(len(tokenizer.encode(label, add_special_tokens=False)) == 1 for label in labels)
 
@@ -53,7 +54,8 @@ def concrete_labels(critic, tokenizer=None):
     for field, kind in (("pairwise_labels", "pairwise"), ("direct_labels", "direct")):
         if getattr(critic, field) == AUTO_LABELS:
             choices = label_choices(kind)
-            update[field] = choices[1] if tokenizer is None else next((c for c in choices if fits(c)), choices[-1])
+            update[field] = (choices[choice_without_tokenizer] if tokenizer is None
+                             else next((c for c in choices if fits(c)), choices[-1]))
     return critic.model_copy(update=update) if update else critic
 
 

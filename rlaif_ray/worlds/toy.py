@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from rlaif_ray.config import CriticConfig, ToyWorldConfig
-from rlaif_ray.judge.reply import AUTO_LABELS, label_choices
+from rlaif_ray.judge.reply import concrete_labels
 from rlaif_ray.judge.templates import JudgePrompts
 
 BUILD_VERSION = "3"  # bump when the recipe changes, so old caches are not reused
@@ -311,13 +311,6 @@ def _train_model(tokenizer, examples_fn, steps: int, seed: int, out_dir: Path, l
     (out_dir / "generation_config.json").unlink(missing_ok=True)  # vLLM would read sampling defaults from it
 
 
-def toy_labels(critic: CriticConfig) -> CriticConfig:
-    """`auto` labels as the toy critic learns them: the digits after a space, which its tokenizer keeps whole."""
-    update = {field: label_choices(kind)[0] for field, kind in (("pairwise_labels", "pairwise"), ("direct_labels", "direct"))
-              if getattr(critic, field) == AUTO_LABELS}
-    return critic.model_copy(update=update) if update else critic
-
-
 def config_hash(cfg: ToyWorldConfig, critic: CriticConfig) -> str:
     """Cache key: the recipe version, the toy config and every judge string the critic is trained on."""
     judge = critic.model_dump(include={"preamble", "few_shot", "pairwise_template", "pairwise_ending",
@@ -333,7 +326,7 @@ def build_toy_world(cfg: ToyWorldConfig, critic: CriticConfig | None = None, for
     """Build (or reuse from cache) the toy tokenizer, policy, critic and prompts file."""
     from filelock import FileLock
 
-    critic = toy_labels(critic or CriticConfig())
+    critic = concrete_labels(critic or CriticConfig(), choice_without_tokenizer=0)  # " 1": what the toy critic learns
     cache = Path(os.path.expanduser(cfg.cache_dir))
     cache.mkdir(parents=True, exist_ok=True)
     root = cache / config_hash(cfg, critic)
