@@ -272,6 +272,25 @@ class LearnerConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
+class SyncConfig(_Section):
+    """How new weights reach the rollout engines after every learner step (rlaif_ray.runtime.weight_sync).
+    `collective`: learner rank 0 broadcasts them over a process group of its own with every engine worker (gloo
+    on CPU, NCCL on GPU), bucket by bucket in the training dtype; `object_store`: rank 0 puts one array per
+    parameter in Ray's object store and every engine reads them; `auto`: collective, and the object store for
+    the rest of the run after `max_failures` collective syncs in a row failed. A failed collective sync always
+    falls back to the object store for that version (listed in the run's faults), and the group is rebuilt."""
+    method: Literal["auto", "collective", "object_store"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL where learners and engines hold GPUs
+    bucket_mb: float = Field(256.0, gt=0)               # the most bytes one broadcast carries (a larger tensor goes alone)
+    # a member that has not joined or answered within this many seconds fails the sync (every member raises); it
+    # must cover an engine finishing the batch it is generating before it takes the weights
+    timeout_s: float = Field(600.0, gt=0)
+    max_failures: int = Field(2, ge=1)
+
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * 2 ** 20)
+
+
 class LoopConfig(_Section):
     mode: Literal["async", "sync"] = "async"
     num_steps: int = Field(6, ge=1)
@@ -323,6 +342,10 @@ class FaultConfig(_Section):
     judge_failure_limit: float = Field(0.5, ge=0.0, le=1.0)  # stop when failed judge calls exceed this share ...
     judge_failure_min_calls: int = Field(64, ge=1)           # ... counted once this many calls were made
     recovery_timeout_s: float = Field(300.0, gt=0)           # wait for a restarted or replaced actor to be ready
+    # a stage call (generate, label, score; a learner step, export or checkpoint) not finished this many seconds
+    # after the driver began waiting for it: the actor is alive but stuck, so it is killed and handled like a
+    # dead one (a stage actor: replaced, its batch re-issued; a learner rank: the run resumes from a checkpoint)
+    stage_timeout_s: float = Field(1800.0, gt=0)
 
 
 class ServeConfig(_Section):
@@ -370,6 +393,7 @@ class RunConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -60,3 +60,24 @@ class WeightUpdateExtension:
         reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights  # worker wraps the config context
         reload(weights_iterator=weights)
         return len(names)
+
+    def rlaif_join_sync_group(self, spec: dict, first_rank: int) -> int:
+        """Join the collective sync group (rlaif_ray.weight_transfer) as `first_rank` + this worker's rank in its
+        engine (its tensor-parallel shard); a previous group is closed first."""
+        from rlaif_ray.weight_transfer import GroupSpec, open_group
+
+        old = getattr(self, "rlaif_sync_group", None)
+        if old is not None:
+            old.close()
+            self.rlaif_sync_group = None
+        rank = first_rank + int(getattr(self, "rank", 0))
+        self.rlaif_sync_group = open_group(GroupSpec(**spec), rank)
+        return rank
+
+    def rlaif_receive_weights(self) -> int:
+        """Receive one whole version over the sync group, loading each bucket into the engine as it arrives."""
+        group = self.rlaif_sync_group
+        device = self.model_runner.device if hasattr(self.model_runner, "device") else "cpu"
+        reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
+        reload(weights_iterator=group.receive(device))
+        return len(group.spec.layout)

@@ -83,7 +83,10 @@ def test_stage_actors_killed_mid_run(ray_cluster, toy_world, tmp_path, monkeypat
     # ray.kill (step 1) and a kill with no restart left (step 7) fail a batch for sure and force a replacement;
     # a call sent to an actor Ray is restarting may wait for it instead of failing, so the rest may re-issue or not
     assert faults["reissued_batches"] >= 2 and faults["replaced_actors"] >= 2
-    assert len(faults["events"]) == faults["reissued_batches"]
+    assert len([e for e in faults["events"] if e.startswith("step ")]) == faults["reissued_batches"]
+    # the collective sync group was formed anew after the engine was replaced (and again after its restart), and the
+    # new engine rejoined it: the run ends on the collective path
+    assert summary["weight_sync"]["method"] == "collective" and summary["weight_sync"]["groups_formed"] >= 2
     # the restarted engine was given the learner's weights again: it ends on the final version
     assert summary["eval_after"]["policy_version"] == summary["final_version"] == steps
     check_ledger(tmp_path / "run", summary, steps, per_step)
@@ -95,6 +98,23 @@ def test_stage_actors_killed_mid_run(ray_cluster, toy_world, tmp_path, monkeypat
     assert summary["trained"] > steps * per_step // 2
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Faults survived" in report and f"re-issued after a stage actor fault: {faults['reissued_batches']}" in report
+
+
+def test_hung_engine_is_killed_replaced_and_its_batch_reissued(ray_cluster, toy_world, tmp_path, monkeypatch):
+    """An engine alive but stuck inside `generate` (it sleeps an hour) is treated like a dead one once its call is
+    fault.stage_timeout_s overdue: killed, replaced, the batch re-issued under the same sample ids."""
+    from rlaif_ray.runtime.driver import train
+    steps, per_step = 5, 4 * 2
+    inject(monkeypatch, {2: lambda o: ray.get(o.rollouts[0].inject_fault.remote("hang_generate", 3600))})
+    cfg = small_config(tmp_path, loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "eval_samples": 0},
+                       fault={"stage_timeout_s": 20}, sync={"timeout_s": 30})
+    summary = train(cfg)
+    faults = summary["faults"]
+    # the stuck batch, and the next one when it was queued on the same engine
+    assert 1 <= faults["reissued_batches"] <= 2 and faults["replaced_actors"] == 1
+    assert "did not finish the gen call of step 2 within 20 s (fault.stage_timeout_s): killed" in faults["events"][0]
+    assert summary["final_version"] == steps and summary["weight_sync"]["groups_formed"] >= 2
+    check_ledger(tmp_path / "run", summary, steps, per_step)
 
 
 def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, monkeypatch):

@@ -34,21 +34,32 @@ class StaleEngine(RuntimeError):
     """A batch came from an engine that lost its weights (restarted after the batch was submitted)."""
 
 
+class StageTimeout(RuntimeError):
+    """A stage actor alive but not answering within `fault.stage_timeout_s`: killed, handled like a dead one."""
+
+
 def is_actor_fault(err: BaseException) -> bool:
     """An actor, its process or its node went away (also when that surfaces through a downstream task)."""
-    if isinstance(err, (StaleEngine, *ACTOR_FAULTS)):
+    if isinstance(err, (StaleEngine, StageTimeout, *ACTOR_FAULTS)):
         return True
     cause = getattr(err, "cause", None)
     return isinstance(err, rex.RayTaskError) and cause is not None and is_actor_fault(cause)
 
 
-def get_all_or_fail(refs: list, what: str) -> list:
+def get_all_or_fail(refs: list, what: str, timeout_s: float | None = None) -> list:
     """`ray.get(refs)`, but a failed ref raises at once, even while other refs (ranks blocked in a collective
-    with the failed one) never finish. Actor faults become LearnerFailure."""
+    with the failed one) never finish. Actor faults, and refs not all done within `timeout_s`, become
+    LearnerFailure."""
     pending, results = list(refs), {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while pending:
-            (ref,), pending = ray.wait(pending, num_returns=1)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not done:
+                raise LearnerFailure(f"{what}: {len(pending)} of {len(refs)} learner ranks did not answer within "
+                                     f"{timeout_s:.0f} s (fault.stage_timeout_s)")
+            (ref,) = done
             results[ref] = ray.get(ref)
     except Exception as err:
         if is_actor_fault(err):

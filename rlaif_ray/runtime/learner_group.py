@@ -15,28 +15,32 @@ class LearnerGroup:
 
     def __init__(self, policy_path: str, cfg: RunConfig, placement_group):
         shape = stage_shape(cfg, "learner")
+        self.timeout_s = cfg.fault.stage_timeout_s  # a rank that does not answer a call by then: LearnerFailure
         env = {"env_vars": {"DS_ACCELERATOR": "cpu"} if shape.gpus == 0 else {}}
         self.ranks = [LearnerRank.options(runtime_env=env, **in_bundle(placement_group, i, shape)).remote(
                           policy_path, cfg.model_dump(), i, shape.count)
                       for i in range(shape.count)]
-        addr, port = get_all_or_fail([r.address.remote() for r in self.ranks[:1]], "learner start-up")[0]
-        get_all_or_fail([r.setup.remote(addr, port) for r in self.ranks], "learner start-up")
+        addr, port = get_all_or_fail([r.address.remote() for r in self.ranks[:1]], "learner start-up", self.timeout_s)[0]
+        get_all_or_fail([r.setup.remote(addr, port) for r in self.ranks], "learner start-up", self.timeout_s)
 
     def train(self, rewards_ref) -> dict:
-        return get_all_or_fail([r.train_step.remote(rewards_ref) for r in self.ranks], "learner step")[0]
+        return get_all_or_fail([r.train_step.remote(rewards_ref) for r in self.ranks], "learner step", self.timeout_s)[0]
 
     def export_weights(self):
         """Rank 0's weights ref, once every rank finished the export (a failed rank: LearnerFailure). The
         weights stay in the object store; the driver reads only each rank's small receipt."""
         calls = [r.export_weights.options(num_returns=2).remote() for r in self.ranks]
-        get_all_or_fail([receipt for _, receipt in calls], "weight export")
+        get_all_or_fail([receipt for _, receipt in calls], "weight export", self.timeout_s)
         return calls[0][0]
 
+    def score(self, token_ids: list[list[int]]) -> list[list[float]]:
+        return get_all_or_fail([r.score.remote(token_ids) for r in self.ranks], "score", self.timeout_s)[0]
+
     def save_checkpoint(self, path: str) -> str:
-        return get_all_or_fail([r.save_checkpoint.remote(path) for r in self.ranks], "checkpoint")[0]
+        return get_all_or_fail([r.save_checkpoint.remote(path) for r in self.ranks], "checkpoint", self.timeout_s)[0]
 
     def save_state(self, folder: str) -> str:
-        return get_all_or_fail([r.save_state.remote(folder) for r in self.ranks], "checkpoint")[0]
+        return get_all_or_fail([r.save_state.remote(folder) for r in self.ranks], "checkpoint", self.timeout_s)[0]
 
     def load_state(self, folder: str) -> int:
-        return get_all_or_fail([r.load_state.remote(folder) for r in self.ranks], "resume")[0]
+        return get_all_or_fail([r.load_state.remote(folder) for r in self.ranks], "resume", self.timeout_s)[0]

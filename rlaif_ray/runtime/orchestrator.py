@@ -2,7 +2,8 @@
 
 The driver only moves object refs: prompts are put in the object store once; each batch flows
 RolloutWorker -> CriticLabeler -> RewardScorer -> learner ranks as refs to Arrow tables, and new weights
-flow from learner rank 0 to every RolloutWorker as one ref. What the driver reads back is small: stage
+flow from learner rank 0 to every RolloutWorker over a sync group of their own, or as one object-store ref
+(rlaif_ray.runtime.weight_sync). What the driver reads back is small: stage
 timings, metrics, and the sample-id ledger.
 
 async: up to `loop.max_inflight` batches are generated (and labelled) ahead of the learner, so generation
@@ -32,11 +33,13 @@ from rlaif_ray.engine import engine_env
 from rlaif_ray.judge.quality import judge_report
 from rlaif_ray.runtime import checkpoint
 from rlaif_ray.runtime.accounting import Tally, busy_fractions, step_metrics
-from rlaif_ray.runtime.faults import RunStopped, StaleEngine, check_judge_failures, is_actor_fault, recover_pool
+from rlaif_ray.runtime.faults import (RunStopped, StageTimeout, StaleEngine, check_judge_failures, is_actor_fault,
+                                     recover_pool)
 from rlaif_ray.runtime.inputs import Resolved
 from rlaif_ray.runtime.learner_group import LearnerGroup
 from rlaif_ray.runtime.placement import in_bundle, stage_groups, stage_shape, where
 from rlaif_ray.runtime.pool import ActorPool
+from rlaif_ray.runtime.weight_sync import WeightSync
 from rlaif_ray.stages.critic import CriticLabeler, labeler_env
 from rlaif_ray.stages.reward import RewardScorer
 from rlaif_ray.stages.reward_model import RewardModelTrainer
@@ -51,6 +54,7 @@ class InFlight:
     indices: list[int]                             # the batch's prompts: a re-issued batch takes the same ones
     rewards: object                                # ObjectRef[pa.Table]: rewards (or demonstrations for sft)
     stat_refs: dict = field(default_factory=dict)  # stage -> ObjectRef of its small stats dict
+    callees: dict = field(default_factory=dict)    # stage -> (pool name, actor index) that runs its call
     expected_version: int = 0                      # the engine must hold at least this version of the weights
     expected_rm: int = 0                           # ... and the scorer this reward-model state
 
@@ -63,7 +67,7 @@ class LoopState:
     tally: Tally                                   # totals, judge counts, busy seconds (rlaif_ray.runtime.accounting)
     inflight_max: int                              # batches generated ahead of the learner (0 in sync mode)
     pending: deque = field(default_factory=deque)  # InFlight batches, oldest first
-    sync_refs: list = field(default_factory=list)  # weight updates sent to the engines, not yet collected
+    sync: object = None                            # the weight sync sent to the engines, not yet collected
     rm_fit: object = None                          # ObjectRef of a running reward-model refit
     t_start: float = 0.0
     last: float = 0.0                              # when the previous step was logged
@@ -87,10 +91,11 @@ class Orchestrator:
         self.placement = where(self.groups)
         self.version = 0              # policy version of the learner
         self.synced_version = 0       # the version every engine was last sent
-        self.latest_weights = None    # ref to the weights of `synced_version` (None: the initial policy on disk)
         self.rm_loads = 0             # reward-model states pushed to the scorer
         self.eval_before = None       # ground-truth accuracy before the run (kept in checkpoints)
-        self.faults = {"reissued_batches": 0, "replaced_actors": 0, "resynced_engines": 0, "events": []}
+        self.faults = {"reissued_batches": 0, "replaced_actors": 0, "resynced_engines": 0, "failed_syncs": 0,
+                       "events": []}
+        self.weights = WeightSync(cfg, self.learners, self.pools["rollout"], self.faults)
         self.run_dir = Path(cfg.output.run_dir).resolve()
         self.prompts_digest = checkpoint.prompts_digest(resolved.prompts)  # written into every checkpoint
         self.prompts_ref = ray.put(resolved.prompts)
@@ -152,7 +157,7 @@ class Orchestrator:
             demos, demo_stats = critic.demonstrate.options(num_returns=2).remote(self.prompts_ref, indices, step,
                                                                                 self.version)
             critic_pool.track(c, demo_stats)
-            return InFlight(step, indices, demos, {"gen": demo_stats})
+            return InFlight(step, indices, demos, {"gen": demo_stats}, {"gen": ("critic", c)})
         rollout_pool = self.pools["rollout"]
         w = rollout_pool.pick()
         rollouts, gen_stats = rollout_pool.actors[w].generate.options(num_returns=2).remote(
@@ -166,6 +171,7 @@ class Orchestrator:
         if self.rm_trainer is not None:  # fresh on-policy labels for the next reward-model refit
             self.rm_trainer.add.remote(labels)
         return InFlight(step, indices, rewards, {"gen": gen_stats, "label": label_stats, "reward": reward_stats},
+                        {"gen": ("rollout", w), "label": ("critic", c), "reward": ("reward", 0)},
                         self.synced_version, self.rm_loads)
 
     def collect(self, batch: InFlight) -> tuple[InFlight, dict]:
@@ -173,7 +179,7 @@ class Orchestrator:
         stage is repaired) until it comes through, at most `fault.max_reissues` times in a run."""
         while True:
             try:
-                stats = dict(zip(batch.stat_refs, ray.get(list(batch.stat_refs.values()))))
+                stats = self._stage_stats(batch)
                 gen_version = stats["gen"]["policy_version"]
                 if self.cfg.learner.algorithm != "sft" and gen_version < batch.expected_version:
                     raise StaleEngine(f"engine {stats['gen'].get('worker')} generated step {batch.step} with "
@@ -195,6 +201,23 @@ class Orchestrator:
                 self.recover()
                 batch = self.launch(batch.step, batch.indices)
 
+    def _stage_stats(self, batch: InFlight) -> dict:
+        """The batch's stage stats, waiting at most `fault.stage_timeout_s`. A stage that has not answered by then is
+        alive but stuck (an engine hung inside `generate`): the first such stage's actor is killed and the batch
+        counts as lost to a fault (StageTimeout), so the actor is replaced and the batch re-issued."""
+        timeout = self.cfg.fault.stage_timeout_s
+        refs = list(batch.stat_refs.values())
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
+        if len(done) < len(refs):
+            stage = next(s for s, ref in batch.stat_refs.items() if ref not in set(done))
+            pool_name, index = batch.callees[stage]
+            pool = self.pools[pool_name]
+            if pool.actors[index] is not None:
+                ray.kill(pool.actors[index], no_restart=True)
+            raise StageTimeout(f"{pool_name} actor {index} did not finish the {stage} call of step {batch.step} "
+                               f"within {timeout:.0f} s (fault.stage_timeout_s): killed")
+        return dict(zip(batch.stat_refs, ray.get(refs)))
+
     def recover(self) -> None:
         """Every stage actor up (restarted by Ray or replaced), engines on the current weights, the scorer on
         the current reward model."""
@@ -202,29 +225,24 @@ class Orchestrator:
         for stage, pool in self.pools.items():
             for i, answer, replaced in recover_pool(pool, self.factories[stage], timeout):
                 self.faults["replaced_actors"] += int(replaced)
+                if stage == "rollout" and (replaced or answer < self.synced_version):
+                    self.weights.regroup(f"engine {i} {'replaced' if replaced else 'restarted'}")
                 if stage == "rollout" and answer < self.synced_version:
-                    ray.get(pool.actors[i].update_weights.remote(self.latest_weights, self.synced_version))
+                    self.weights.repair([i], self.version)
                     self.faults["resynced_engines"] += 1
                 if stage == "reward" and self.rm_trainer is not None and answer < self.rm_loads:
                     ray.get(pool.actors[i].load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads))
 
-    def sync_weights(self, version: int) -> list:
-        self.latest_weights, self.synced_version = self.learners.export_weights(), version
-        return [w.update_weights.remote(self.latest_weights, version) for w in self.rollouts]
+    def sync_weights(self, version: int):
+        self.synced_version = version
+        return self.weights.send(version)
 
-    def finish_syncs(self, refs: list) -> list[dict]:
-        """Results of weight updates; an engine that died meanwhile is repaired (and resynced) instead."""
-        out, broken = [], False
-        for ref in refs:
-            try:
-                out.append(ray.get(ref))
-            except Exception as err:
-                if not is_actor_fault(err):
-                    raise
-                broken = True
-        if broken:
+    def finish_syncs(self, pending) -> list[dict]:
+        """Results of a weight sync; an engine that died (or hung) meanwhile is repaired (and resynced) instead."""
+        receipts, gone = self.weights.finish(pending, self.version)
+        if gone:
             self.recover()
-        return out
+        return receipts
 
     def warm_up_reward_model(self) -> dict:
         """Canonical RLAIF: fit the reward model on labels of the initial policy's samples before RL starts.
@@ -285,8 +303,7 @@ class Orchestrator:
             self.log_step(writer, loop, step, stats, result, train_wall, sync_stats, queues)
             if self.cfg.checkpoint.every and (step + 1) % self.cfg.checkpoint.every == 0:
                 self.save(step + 1, self.loop_state(writer, loop))
-        if loop.sync_refs:
-            self.finish_syncs(loop.sync_refs)
+        self.finish_syncs(loop.sync)
         return self.summary(loop)
 
     def start_loop(self, resume: dict) -> LoopState:
@@ -327,10 +344,10 @@ class Orchestrator:
         result = self.learners.train(batch.rewards)
         train_wall = time.perf_counter() - t_train
         self.version += 1
-        sync_stats = self.finish_syncs(loop.sync_refs)
-        loop.sync_refs = self.sync_weights(self.version)
+        sync_stats = self.finish_syncs(loop.sync)
+        loop.sync = self.sync_weights(self.version)
         if self.cfg.loop.mode == "sync":
-            sync_stats, loop.sync_refs = self.finish_syncs(loop.sync_refs), []
+            sync_stats, loop.sync = self.finish_syncs(loop.sync), None
         return result, train_wall, sync_stats
 
     def log_step(self, writer, loop: LoopState, step: int, stats: dict, result: dict, train_wall: float,
@@ -365,7 +382,9 @@ class Orchestrator:
                    "busy_fraction": busy_fractions(tally.busy, wall, {"gen": gen_actors, "label": len(self.critics),
                                                                       "reward": 1, "train": 1}),
                    "dispatched": {"rollout": self.pools["rollout"].dispatched, "critic": self.pools["critic"].dispatched},
-                   "placement": self.placement, "faults": self.faults}
+                   "placement": self.placement, "faults": self.faults,
+                   "weight_sync": {"configured": cfg.sync.method, "method": self.weights.method,
+                                   "groups_formed": self.weights.generation}}
         if tally.judge_counts:
             for usage in ray.get([c.usage.remote() for c in self.critics]):
                 for key, value in usage.items():

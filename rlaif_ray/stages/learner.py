@@ -40,6 +40,7 @@ from rlaif_ray.data.chat import engine_input, resolve_template, template_text
 from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.quality import label_quality
+from rlaif_ray.weight_transfer import layout_of, plan_buckets
 
 STAT_KEYS = {
     "ppo": ("loss", "pg_loss", "kl", "clip_fraction", "is_weight_mean", "behav_log_ratio", "logprob_mismatch"),
@@ -389,35 +390,102 @@ class LearnerRank:
         self._train_passes(len(mbs), passes, loss_of)
         return self._reduce(STAT_KEYS["sft"], sums, len(rows))
 
+    def score(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """log π(x_t | x_<t) for t >= 1 of each sequence under the current weights (temperature 1); collective
+        under ZeRO-3 (every rank must call it). The engines' `score` after a sync must give the same."""
+        out = []
+        with torch.no_grad():
+            for ids in token_ids:
+                x = torch.tensor([ids], dtype=torch.long, device=self.device)
+                lp = sequence_logprobs(self.engine, x, torch.ones_like(x))
+                out.append(lp[0].float().cpu().tolist())
+        return out
+
     # ------------------------------------------------------------------ weights out
-    def _full_params(self) -> list[tuple[str, torch.Tensor]]:
-        """Full (gathered under ZeRO-3) parameters, CPU, in `named_parameters` order. Collective for ZeRO-3."""
+    def _full_buckets(self, bucket_bytes: int):
+        """The full parameters, one bucket (rlaif_ray.weight_transfer.plan_buckets) at a time, as (name, tensor)
+        lists valid until the next bucket is asked for. Under ZeRO-3 only that bucket is gathered, on every rank
+        (collective: every rank must walk all buckets); otherwise every rank already holds them."""
         params = list(self.engine.module.named_parameters())
-        if self.cfg.learner.zero_stage == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-                return [(n, p.detach().cpu().clone()) for n, p in params]
-        return [(n, p.detach().cpu()) for n, p in params]
+        for bucket in plan_buckets(layout_of(params), bucket_bytes):
+            chosen = [params[i] for i in bucket]
+            if self.cfg.learner.zero_stage == 3:
+                import deepspeed
+                with deepspeed.zero.GatheredParameters([p for _, p in chosen], modifier_rank=None):
+                    yield [(n, p.data) for n, p in chosen]
+            else:
+                yield [(n, p.data) for n, p in chosen]
+
+    def _rank0_copy(self) -> list[tuple[str, torch.Tensor]] | None:
+        """Rank 0: every full parameter on the CPU (views where they already are full CPU tensors, copies of the
+        gathered ones under ZeRO-3); other ranks take part in the gathers and copy nothing (None)."""
+        if self.rank != 0 and self.cfg.learner.zero_stage != 3:
+            return None
+        out = []
+        for bucket in self._full_buckets(self.cfg.sync.bucket_bytes()):
+            if self.rank == 0:
+                out += [(n, t.detach().cpu().clone() if self.cfg.learner.zero_stage == 3 else t.detach().cpu())
+                        for n, t in bucket]
+        return out if self.rank == 0 else None
 
     def weights_digest(self) -> str:
         """A hash of this rank's full parameters (ranks must agree after every step); collective under ZeRO-3."""
         import hashlib
         h = hashlib.sha256()
-        for name, p in self._full_params():
-            h.update(name.encode())
-            h.update(p.float().contiguous().numpy().tobytes())
+        for bucket in self._full_buckets(self.cfg.sync.bucket_bytes()):
+            for name, p in bucket:
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def weights_layout(self) -> list:
+        """(name, full shape, dtype) per parameter: what a sync group's receivers expect (rlaif_ray.weight_transfer)."""
+        return layout_of(list(self.engine.module.named_parameters()))
+
     def export_weights(self):
-        """Rank 0: (one numpy array per parameter, names) and a receipt, as two objects; other ranks: None and
-        a receipt.
-        The arrays are views of the live fp32 parameters (no flattening copy): Ray copies each once, straight
-        into the store, while this actor runs nothing else."""
-        params = self._full_params()
+        """The object-store path. Rank 0: (one numpy array per parameter, names) and a receipt, as two objects;
+        other ranks: None and a receipt (under ZeRO-3 they take part in the bucket gathers, copying nothing).
+        The arrays are views of the live fp32 parameters where ZeRO keeps them whole (no copy): Ray copies each
+        once, straight into the store, while this actor runs nothing else. bf16/fp16 weights travel as fp32."""
+        params = self._rank0_copy()
         if self.rank != 0:
             return None, {"rank": self.rank}
         arrays = [(p if p.dtype == torch.float32 else p.float()).numpy() for _, p in params]
         return (arrays, [n for n, _ in params]), {"rank": 0}
+
+    def broadcast_weights(self, spec: dict) -> dict:
+        """The collective path: rank 0 sends the current weights over the sync group `spec` (joined first when
+        it is a new generation), one bucket at a time; under ZeRO-3 every rank gathers each bucket with it. A
+        failure (a receiver missing or too slow: the group's timeout) is returned, not raised, after the gathers
+        are walked to the end, so the other ranks are never left waiting in a collective."""
+        from rlaif_ray.weight_transfer import GroupSpec, open_group
+
+        zero3 = self.cfg.learner.zero_stage == 3
+        if self.rank != 0 and not zero3:
+            return {"rank": self.rank, "ok": True}
+        t0, error, sent = time.perf_counter(), None, 0
+        if self.rank == 0 and getattr(self, "sync_group", None) is not None and \
+                (self.sync_group.spec.host, self.sync_group.spec.port, self.sync_group.spec.generation) != \
+                (spec["host"], spec["port"], spec["generation"]):
+            self.sync_group.close()
+            self.sync_group = None
+        if self.rank == 0 and getattr(self, "sync_group", None) is None:
+            try:
+                self.sync_group = open_group(GroupSpec(**spec), 0)
+            except Exception as err:
+                error = f"sync group {spec['generation']} not formed: {type(err).__name__}: {str(err)[:300]}"
+        t_joined = time.perf_counter()
+        for bucket in self._full_buckets(spec["bucket_bytes"]):
+            if self.rank == 0 and error is None:
+                try:
+                    sent += self.sync_group.send_bucket([t for _, t in bucket], self.device)
+                except Exception as err:
+                    error = f"weight broadcast failed: {type(err).__name__}: {str(err)[:300]}"
+        if error is not None and self.rank == 0 and getattr(self, "sync_group", None) is not None:
+            self.sync_group.close()
+            self.sync_group = None
+        return {"rank": self.rank, "ok": error is None, "error": error, "bytes": sent,
+                "join_seconds": t_joined - t0, "send_seconds": time.perf_counter() - t_joined}
 
     def save_state(self, folder: str) -> str | None:
         """Every rank: its DeepSpeed model + optimizer state into folder/deepspeed; rank 0 also the Hugging Face
@@ -439,7 +507,7 @@ class LearnerRank:
         """Hugging Face format (model + tokenizer) written by rank 0. The tokenizer carries the chat template the
         policy was trained with (`rollout.chat_template`: its own, a file's, or none for plain prompts), so serving
         the checkpoint renders chats as the rollouts did."""
-        params = self._full_params()
+        params = self._rank0_copy()
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer

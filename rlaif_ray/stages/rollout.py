@@ -43,7 +43,8 @@ class RolloutWorker:
                             logprobs_mode="processed_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
         self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # None: plain prompt text
-        self.version = 0
+        self.version = 0           # -1: a collective sync broke off midway, the weights are incomplete
+        self.sync_generation = None  # the sync group this engine's workers belong to (rlaif_ray.weight_transfer)
 
     def _engine_inputs(self, rows: list[dict]) -> list:
         """What the engine gets for each prompt row (rlaif_ray.data.chat): text, or the chat template's token ids."""
@@ -52,10 +53,34 @@ class RolloutWorker:
     def ready(self) -> int:
         return self.version
 
+    def inject_fault(self, kind: str, seconds: float) -> None:
+        """Chaos hook (tests, drills): the next `generate` ("hang_generate") or the next collective weight sync
+        ("hang_sync") first sleeps `seconds`, as an engine that is alive but does not answer."""
+        if kind not in ("hang_generate", "hang_sync"):
+            raise ValueError(f"unknown fault {kind!r}: hang_generate or hang_sync")
+        self._injected = {kind: seconds}
+
+    def _injected_pause(self, kind: str) -> None:
+        seconds = getattr(self, "_injected", {}).pop(kind, 0)
+        if seconds:
+            time.sleep(seconds)
+
+    def score(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """log π(x_t | x_<t) for t >= 1 of each sequence under the engine's current weights (its own distribution):
+        what a sync is checked with, against the learner's `score`."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids],
+                                 SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0), use_tqdm=False)
+        return [[float(step[tok].logprob) for tok, step in zip(ids[1:], out.prompt_logprobs[1:])]
+                for ids, out in zip(token_ids, outs)]
+
     def generate(self, prompts: pa.Table, indices: list[int], step: int) -> tuple[pa.Table, dict]:
         """Sample `rollout.samples_per_prompt` responses for prompts[indices]; `step` names the batch."""
         from vllm import SamplingParams
 
+        self._injected_pause("hang_generate")
         t_start = time.perf_counter()
         r = self.cfg.rollout
         rows = prompts.take(pa.array(indices, pa.int64())).to_pylist()
@@ -134,5 +159,43 @@ class RolloutWorker:
         self.llm.collective_rpc("rlaif_load_weights", args=(tensors, names))
         self.llm.reset_prefix_cache()
         self.version = version
-        return {"sync_seconds": time.perf_counter() - t0, "sync_bytes": int(sum(a.nbytes for a in arrays)),
-                "version": version}
+        return {"ok": True, "method": "object_store", "sync_seconds": time.perf_counter() - t0,
+                "sync_bytes": int(sum(a.nbytes for a in arrays)), "version": version, "worker": self.worker_index}
+
+    def receive_weights(self, version: int, spec: dict, first_rank: int) -> dict:
+        """Take version `version` over the collective sync group `spec` (joined first when it is a new
+        generation; this engine's workers are ranks first_rank, first_rank+1, ...). The version is taken only
+        once every bucket arrived; a transfer that breaks off midway leaves version -1 (incomplete weights: the
+        driver gives this engine the whole version through the object store before it is used). Failures are
+        returned, not raised."""
+        from rlaif_ray.weight_transfer import layout_bytes
+
+        self._injected_pause("hang_sync")
+        t0 = time.perf_counter()
+        try:
+            group = (spec["host"], spec["port"], spec["generation"])  # a new driver's generation 1 is another group
+            if self.sync_generation != group:
+                self.sync_generation = None
+                self.llm.collective_rpc("rlaif_join_sync_group", args=(spec, first_rank))
+                self.sync_generation = group
+        except Exception as err:
+            return {"ok": False, "error": f"engine {self.worker_index} did not join sync group {spec['generation']}: "
+                                          f"{type(err).__name__}: {str(err)[:300]}", "worker": self.worker_index}
+        t_joined = time.perf_counter()
+        previous, self.version = self.version, -1
+        try:
+            self.llm.collective_rpc("rlaif_receive_weights")
+        except Exception as err:
+            self.sync_generation = None
+            return {"ok": False, "error": f"engine {self.worker_index} lost version {version} midway (it held "
+                                          f"{previous}): {type(err).__name__}: {str(err)[:300]}",
+                    "worker": self.worker_index}
+        self.llm.reset_prefix_cache()
+        self.version = version
+        return {"ok": True, "method": "collective", "sync_seconds": time.perf_counter() - t0,
+                "join_seconds": t_joined - t0, "sync_bytes": layout_bytes(spec["layout"]), "version": version,
+                "worker": self.worker_index}
+
+    def engine_ranks(self) -> int:
+        """How many sync-group ranks this engine's workers take (its tensor-parallel size)."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)

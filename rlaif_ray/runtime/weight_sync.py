@@ -1,0 +1,168 @@
+"""WeightSync: the driver's side of getting each new policy version into every rollout engine.
+
+`sync.method` picks the path (rlaif_ray.config.SyncConfig):
+- collective: learner rank 0 broadcasts the weights bucket by bucket over a sync group with every engine worker
+  (rlaif_ray.weight_transfer); the driver sends one small call to each member and nothing else. The group is
+  formed lazily at the first sync and formed anew (a new generation, a new port) after any engine was replaced
+  or restarted, and after a failed sync.
+- object_store: learner rank 0 puts one array per parameter in Ray's object store, every engine reads them.
+
+Calls are queued on the actors like any other (an engine takes a version between two `generate` calls), so in
+async mode the driver collects a sync a step later. Nothing waits forever: every member has the group's
+timeout, and the driver gives up on a member that has not answered `sync.timeout_s` + a margin later (an
+engine that is alive but stuck is killed, so the fault handling replaces it). A failed collective sync is
+listed in the run's faults and the engines it missed get the learner's weights through the object store.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import ray
+
+from rlaif_ray.config import RunConfig
+from rlaif_ray.runtime.faults import LearnerFailure, is_actor_fault
+
+log = logging.getLogger(__name__)
+
+DRIVER_MARGIN_S = 60.0  # beyond the members' own timeout, before the driver stops waiting for one
+
+
+@dataclass
+class PendingSync:
+    version: int
+    method: str
+    engine_refs: list                                  # one per engine, in pool order
+    learner_refs: list = field(default_factory=list)   # collective: every learner rank's broadcast receipt
+
+
+class WeightSync:
+    def __init__(self, cfg: RunConfig, learners, rollout_pool, faults: dict):
+        self.cfg, self.learners, self.pool, self.faults = cfg, learners, rollout_pool, faults
+        self.method = "collective" if cfg.sync.method in ("auto", "collective") else "object_store"
+        self.generation = 0
+        self.spec: dict | None = None   # the sync group's spec (None: form a new one at the next sync)
+        self.failures = 0               # collective syncs failed in a row
+        self.snapshot = None            # (ref, version): object-store weights of the last version exported
+        self._layout = None
+
+    @property
+    def engines(self) -> list:
+        return self.pool.actors
+
+    def backend(self) -> str:
+        if self.cfg.sync.backend != "auto":
+            return self.cfg.sync.backend
+        on_gpus = self.cfg.learner.gpus_per_learner > 0 and self.cfg.rollout.gpus_per_worker > 0
+        return "nccl" if on_gpus else "gloo"
+
+    def ranks_per_engine(self) -> int:
+        return 1
+
+    def regroup(self, reason: str) -> None:
+        """Form a new sync group at the next sync (an engine was replaced or restarted, or a sync failed)."""
+        if self.spec is not None:
+            log.info("weight sync: a new sync group at the next sync (%s)", reason)
+        self.spec = None
+
+    def _new_spec(self) -> dict:
+        rank0 = self.learners.ranks[0]
+        if self._layout is None:
+            self._layout = [list(x) for x in ray.get(rank0.weights_layout.remote(), timeout=self.cfg.sync.timeout_s)]
+        host, port = ray.get(rank0.address.remote(), timeout=self.cfg.sync.timeout_s)
+        self.generation += 1
+        return {"generation": self.generation, "host": host, "port": port,
+                "world_size": 1 + self.ranks_per_engine() * len(self.engines), "backend": self.backend(),
+                "timeout_s": self.cfg.sync.timeout_s, "bucket_bytes": self.cfg.sync.bucket_bytes(),
+                "layout": self._layout}
+
+    def send(self, version: int) -> PendingSync:
+        """Start sending `version` (the learner's current weights) to every engine; refs only."""
+        if self.method == "object_store":
+            ref = self.learners.export_weights()
+            self.snapshot = (ref, version)
+            return PendingSync(version, "object_store", [w.update_weights.remote(ref, version) for w in self.engines])
+        self.snapshot = None  # the weights moved on
+        if self.spec is None:
+            self.spec = self._new_spec()
+        per = self.ranks_per_engine()
+        engine_refs = [w.receive_weights.remote(version, self.spec, 1 + per * i) for i, w in enumerate(self.engines)]
+        learner_refs = [r.broadcast_weights.remote(self.spec) for r in self.learners.ranks]
+        return PendingSync(version, "collective", engine_refs, learner_refs)
+
+    def finish(self, pending: PendingSync | None, learner_version: int) -> tuple[list[dict], list[int]]:
+        """Wait for a sync to end. Returns the engines' receipts and the indices of engines that are gone (for
+        the fault handling to replace). Engines a collective sync missed get `learner_version`'s weights from
+        the object store here (the learner holds that version now)."""
+        if pending is None:
+            return [], []
+        refs = pending.engine_refs + pending.learner_refs
+        wait_s = self.cfg.sync.timeout_s + DRIVER_MARGIN_S
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s, fetch_local=False)
+        done = set(done)
+        receipts, gone, failed, errors = [], [], [], []
+        for i, ref in enumerate(pending.engine_refs):
+            if ref not in done:
+                errors.append(f"engine {i} did not answer within {wait_s:.0f} s: killed")
+                ray.kill(self.engines[i], no_restart=True)
+                gone.append(i)
+                continue
+            try:
+                receipt = ray.get(ref)
+            except Exception as err:
+                if not is_actor_fault(err):
+                    raise
+                gone.append(i)
+                continue
+            if receipt.get("ok", True):
+                receipts.append(receipt)
+            else:
+                failed.append(i)
+                errors.append(receipt["error"])
+        for rank, ref in enumerate(pending.learner_refs):
+            if ref not in done:
+                raise LearnerFailure(f"learner rank {rank} did not finish the weight broadcast of version "
+                                     f"{pending.version} within {wait_s:.0f} s")
+            try:
+                receipt = ray.get(ref)
+            except Exception as err:
+                if is_actor_fault(err):
+                    raise LearnerFailure(f"weight broadcast: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+                raise
+            if not receipt.get("ok", True):
+                errors.insert(0, receipt["error"])
+        if pending.method == "collective":
+            self._after_collective(pending, errors, failed, gone, learner_version, receipts)
+        return receipts, gone
+
+    def _after_collective(self, pending, errors, failed, gone, learner_version, receipts) -> None:
+        if not errors and not gone:
+            self.failures = 0
+            return
+        self.regroup("the last sync failed")
+        if not errors:  # only engines that died: the fault handling replaces them and hands them the weights
+            return
+        self.failures += 1
+        event = f"weight sync of version {pending.version}: collective sync failed ({'; '.join(errors)[:400]})"
+        if failed:
+            event += f"; engines {failed} given version {learner_version} through the object store"
+        if gone:
+            event += f"; engines {gone} gone (replaced, and given the weights, by the fault handling)"
+        if self.cfg.sync.method == "auto" and self.failures >= self.cfg.sync.max_failures:
+            self.method = "object_store"
+            event += f"; {self.failures} failures in a row: object store for the rest of the run (sync.method=auto)"
+        log.warning(event)
+        self.faults["events"].append(event)
+        self.faults["failed_syncs"] = self.faults.get("failed_syncs", 0) + 1
+        if failed:
+            receipts += self.repair(failed, learner_version)
+
+    def repair(self, indices: list[int], learner_version: int) -> list[dict]:
+        """Give engines `indices` the whole current policy through the object store, and wait."""
+        if self.snapshot is not None and self.snapshot[1] == learner_version:
+            ref = self.snapshot[0]
+        else:
+            ref = self.learners.export_weights()
+            self.snapshot = (ref, learner_version)
+        return ray.get([self.engines[i].update_weights.remote(ref, learner_version) for i in indices],
+                       timeout=self.cfg.sync.timeout_s + DRIVER_MARGIN_S)

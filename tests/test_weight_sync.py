@@ -1,0 +1,114 @@
+"""Collective weight sync (gloo on CPU) between real DeepSpeed learner ranks and a real vLLM engine: after a sync
+the engine's log-probs equal the learner's on a fixed batch, under ZeRO-2 and ZeRO-3 with 2 ranks, in small buckets;
+a receiver that never joins fails the sync on every member within the timeout, the engine gets the version through
+the object store instead, and the next sync forms a new group."""
+import pytest
+import ray
+
+from tests.test_sampling import with_rewards
+
+
+@pytest.fixture(scope="module")
+def prompts_ref(ray_cluster, toy_world):
+    from rlaif_ray.data.prompts import load_prompts
+    return ray.put(load_prompts(toy_world.prompts))
+
+
+@pytest.fixture(scope="module")
+def engine(ray_cluster, toy_world):
+    from rlaif_ray.engine import engine_env
+    from rlaif_ray.stages.rollout import RolloutWorker
+    from tests.conftest import small_config
+
+    cfg = small_config()
+    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(
+        toy_world.policy, cfg.model_dump())
+    ray.get(worker.ready.remote())
+    yield worker
+    ray.kill(worker)
+
+
+def learners_for(toy_world, zero_stage: int, **sync):
+    from ray.util.placement_group import placement_group
+
+    from rlaif_ray.runtime.learner_group import LearnerGroup
+    from tests.conftest import small_config
+
+    cfg = small_config(learner={"num_learners": 2, "learning_rate": 0.05, "zero_stage": zero_stage},
+                       rollout={"samples_per_prompt": 2, "max_new_tokens": 6},
+                       sync={"method": "collective", "bucket_mb": 0.25, "timeout_s": 60, **sync})  # 0.4M fp32 params: ~7 buckets
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    ray.get(pg.ready())
+    return cfg, pg, LearnerGroup(toy_world.policy, cfg, pg)
+
+
+def gap(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_collective_sync_gives_the_engine_the_learners_weights(engine, prompts_ref, toy_world, zero_stage):
+    from ray.util.placement_group import remove_placement_group
+
+    from rlaif_ray.runtime.pool import ActorPool
+    from rlaif_ray.runtime.weight_sync import WeightSync
+
+    cfg, pg, learners = learners_for(toy_world, zero_stage)
+    faults = {"events": []}
+    sync = WeightSync(cfg, learners, ActorPool([engine], "rollout"), faults)
+    try:
+        rollouts, _ = engine.generate.options(num_returns=2).remote(prompts_ref, [0, 1, 2, 3], 5)
+        batch = [p + r for p, r in zip(*(ray.get(rollouts).column(c).to_pylist()
+                                         for c in ("prompt_token_ids", "response_token_ids")))]
+        ray.get(engine.update_weights.remote(learners.export_weights(), 0))  # both sides start equal
+        assert gap(ray.get(engine.score.remote(batch)), learners.score(batch)) < 1e-5
+        for version in (1, 2):
+            assert learners.train(ray.put(with_rewards(ray.get(rollouts))))["metrics"]["optimizer_step"] == 1
+            learner_lp = learners.score(batch)
+            assert gap(ray.get(engine.score.remote(batch)), learner_lp) > 1e-3  # the step moved the weights
+            receipts, gone = sync.finish(sync.send(version), version)
+            assert gone == [] and faults["events"] == []
+            (receipt,) = receipts
+            assert receipt["ok"] and receipt["method"] == "collective" and receipt["version"] == version
+            assert receipt["sync_bytes"] == sum(4 * p.numel() for p in toy_params(toy_world))
+            assert ray.get(engine.ready.remote()) == version
+            assert gap(ray.get(engine.score.remote(batch)), learner_lp) < 1e-5  # fp32: the same weights
+        assert sync.generation == 1  # one group, formed at the first sync, reused by the second
+    finally:
+        for r in learners.ranks:
+            ray.kill(r)
+        remove_placement_group(pg)
+
+
+def toy_params(toy_world):
+    from transformers import AutoModelForCausalLM
+    return list(AutoModelForCausalLM.from_pretrained(toy_world.policy).parameters())
+
+
+def test_a_receiver_that_never_joins_fails_the_sync_and_the_object_store_takes_over(engine, prompts_ref, toy_world):
+    from ray.util.placement_group import remove_placement_group
+
+    from rlaif_ray.runtime.pool import ActorPool
+    from rlaif_ray.runtime.weight_sync import WeightSync
+
+    cfg, pg, learners = learners_for(toy_world, 2, timeout_s=4)
+    faults = {"events": []}
+    sync = WeightSync(cfg, learners, ActorPool([engine], "rollout"), faults)
+    try:
+        rollouts, _ = engine.generate.options(num_returns=2).remote(prompts_ref, [0, 1], 6)
+        batch = ray.get(rollouts).column("prompt_token_ids").to_pylist()
+        learners.train(ray.put(with_rewards(ray.get(rollouts))))
+        ray.get(engine.inject_fault.remote("hang_sync", 8))  # alive, but reaches the sync after the group gave up
+        receipts, gone = sync.finish(sync.send(1), 1)
+        assert gone == [] and len(faults["events"]) == 1 and "collective sync failed" in faults["events"][0]
+        assert "not formed" in faults["events"][0]  # the learner's side: its store waited for the engine in vain
+        (receipt,) = receipts
+        assert receipt["method"] == "object_store" and receipt["version"] == 1  # the fallback
+        assert gap(ray.get(engine.score.remote(batch)), learners.score(batch)) < 1e-5
+        assert sync.spec is None  # the next sync forms a new group, which works
+        receipts, _ = sync.finish(sync.send(2), 2)
+        assert receipts[0]["method"] == "collective" and sync.generation == 2 and len(faults["events"]) == 1
+    finally:
+        for r in learners.ranks:
+            ray.kill(r)
+        remove_placement_group(pg)
