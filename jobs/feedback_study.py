@@ -41,14 +41,14 @@ def initial_batch(cfg):
     from rlaif_ray.engine import engine_env
     from rlaif_ray.runtime.driver import start_ray
     from rlaif_ray.runtime.inputs import resolve_inputs
-    from rlaif_ray.stages.critic import CriticLabeler, labeler_env
+    from rlaif_ray.stages.critic import new_labeler
     from rlaif_ray.stages.rollout import RolloutWorker
 
     resolved = resolve_inputs(cfg)
     start_ray(cfg)
     raw = cfg.model_dump()
     worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(resolved.policy, raw)
-    critic = CriticLabeler.options(num_cpus=1, runtime_env={"env_vars": labeler_env(cfg)}).remote(resolved.critic, raw)
+    critic = new_labeler(resolved.critic, cfg, num_cpus=1)
     try:
         prompts = ray.put(resolved.prompts)
         rollouts, _ = worker.generate.options(num_returns=2).remote(prompts, list(range(resolved.prompts.num_rows)), 0)

@@ -246,6 +246,36 @@ def test_labeler_with_remote_judge_labels_and_counts_failures(server, ray_cluste
         ray.kill(labeler)
 
 
+def test_api_key_reaches_the_labeler_but_not_the_clusters_actor_records(server, ray_cluster, monkeypatch):
+    """The dashboard and `ray list actors --detail` show each actor's GCS record, runtime_env and its env_vars
+    included: the key must travel another way (a `Secret` constructor argument, which the record does not hold)."""
+    import ray
+    from ray._private.state import state
+
+    from rlaif_ray.stages.critic import new_labeler
+    from tests.conftest import small_config
+    from tests.test_actors import rollout_table
+
+    monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
+    server.api_key = KEY
+    cfg = small_config(critic={"remote": {"base_url": server.base_url, "model": "toy-critic", "max_retries": 0,
+                                          "timeout_s": 5, "api_key_env": "JUDGE_TEST_KEY"}})
+    labeler = new_labeler("unused-local-path", cfg, num_cpus=0.5)
+    try:
+        table, stats = ray.get(labeler.label.options(num_returns=2).remote(rollout_table([" 5", " 7"])))
+        assert stats["failed_calls"] == 0 and server.headers_seen[-1]["Authorization"] == f"Bearer {KEY}"
+        accessor = state._connect_and_get_accessor()
+        assert KEY.encode() not in accessor.get_actor_info(labeler._actor_id)
+        # the control: what runtime_env carries is in the record (the way the key went before)
+        holder = ray.remote(num_cpus=0)(type("Holder", (), {"ping": lambda self: 1})).options(
+            runtime_env={"env_vars": {"JUDGE_TEST_KEY": KEY}}).remote()
+        ray.get(holder.ping.remote())
+        assert KEY.encode() in accessor.get_actor_info(holder._actor_id)
+        ray.kill(holder)
+    finally:
+        ray.kill(labeler)
+
+
 def test_unreachable_remote_judge_fails_at_start(ray_cluster, toy_world):
     import ray
 

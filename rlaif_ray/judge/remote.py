@@ -63,8 +63,33 @@ def label_probs(top, labels: list[str]) -> tuple[list[float] | None, float]:
     return ([p / mass for p in probs] if mass > 0 else None), mass
 
 
+class Secret:
+    """An API key on its way to the actors that use it, as a constructor argument: Ray shows an actor's
+    runtime_env (its env_vars included) to anyone who can read the dashboard or `ray list actors --detail`, but not
+    its arguments; and this wrapper never prints its value."""
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # pickled into the actor's creation task only
+        return (Secret, (self.value,))
+
+
+def read_secret(cfg: RemoteJudgeConfig) -> Secret | None:
+    """The remote judge's key from the variable `api_key_env` names, where the driver runs; None without one."""
+    if cfg.base_url and cfg.api_key_env and os.environ.get(cfg.api_key_env):
+        return Secret(os.environ[cfg.api_key_env])
+    return None
+
+
 class OpenAIJudge:
-    def __init__(self, cfg: RemoteJudgeConfig):
+    def __init__(self, cfg: RemoteJudgeConfig, secret: Secret | None = None):
         if not cfg.base_url:
             raise RemoteJudgeError("remote judge: critic.remote.base_url is not set")
         self.cfg = cfg
@@ -73,7 +98,7 @@ class OpenAIJudge:
         headers = {"Content-Type": "application/json"}
         self._secret: str | None = None
         if cfg.api_key_env:
-            self._secret = os.environ.get(cfg.api_key_env) or None
+            self._secret = secret.value if secret is not None else (os.environ.get(cfg.api_key_env) or None)
             if self._secret is None:
                 raise RemoteJudgeError(f"remote judge: environment variable {cfg.api_key_env} "
                                        "(critic.remote.api_key_env) is not set or empty")

@@ -40,7 +40,7 @@ from rlaif_ray.runtime.learner_group import LearnerGroup
 from rlaif_ray.runtime.placement import in_bundle, stage_groups, stage_shape, where
 from rlaif_ray.runtime.pool import ActorPool
 from rlaif_ray.runtime.weight_sync import WeightSync
-from rlaif_ray.stages.critic import CriticLabeler, labeler_env
+from rlaif_ray.stages.critic import new_labeler
 from rlaif_ray.stages.reward import RewardScorer
 from rlaif_ray.stages.reward_model import RewardModelTrainer
 from rlaif_ray.stages.rollout import RolloutWorker
@@ -108,13 +108,12 @@ class Orchestrator:
     def _actor_factories(self, resolved: Resolved) -> dict:
         """Stage -> index -> a new actor in that bundle (at start-up, and to replace a dead one)."""
         cfg, raw = self.cfg, self.cfg.model_dump()
-        env, critic_env = {"env_vars": engine_env(cfg.vllm)}, {"env_vars": labeler_env(cfg)}
+        env = {"env_vars": engine_env(cfg.vllm)}
         restarts = dict(max_restarts=cfg.fault.max_actor_restarts, max_task_retries=0)  # the driver re-issues
         return {
             "rollout": lambda i: RolloutWorker.options(runtime_env=env, **restarts,
                                                        **self._placed("rollout", i)).remote(resolved.policy, raw, i),
-            "critic": lambda i: CriticLabeler.options(runtime_env=critic_env, **restarts,
-                                                      **self._placed("critic", i)).remote(resolved.critic, raw, i),
+            "critic": lambda i: new_labeler(resolved.critic, cfg, i, **restarts, **self._placed("critic", i)),
             "reward": lambda i: RewardScorer.options(**restarts, **self._placed("reward", 0)).remote(
                 cfg.reward.kind, resolved.reward_model, cfg.critic.score_points()),
         }

@@ -15,7 +15,6 @@ turned into a label: the sample keeps its row with `label_valid=false` and a `sk
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import zlib
 from collections import defaultdict
@@ -24,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from rlaif_ray.config import CriticConfig, RemoteJudgeConfig, RunConfig
+from rlaif_ray.config import CriticConfig, RunConfig
 from rlaif_ray.console import stage_output_to_run_folder
 from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc
@@ -32,28 +31,21 @@ from rlaif_ray.engine import engine_env
 from rlaif_ray.judge.local import LocalJudge, TransformersJudge
 from rlaif_ray.judge.quality import judge_bias_counts
 from rlaif_ray.judge.reply import concrete_labels
-from rlaif_ray.judge.remote import OpenAIJudge
+from rlaif_ray.judge.remote import OpenAIJudge, Secret, read_secret
 from rlaif_ray.judge.templates import JudgePrompts
 
 
-def remote_key_env(cfg: RemoteJudgeConfig) -> dict[str, str]:
-    """The remote judge's API key variable, for the labeler actors' runtime_env: they may run on nodes (or under a
-    raylet started before the variable was set) whose environment lacks it. Empty when no key is configured."""
-    if cfg.base_url and cfg.api_key_env and os.environ.get(cfg.api_key_env):
-        return {cfg.api_key_env: os.environ[cfg.api_key_env]}
-    return {}
-
-
 def labeler_env(cfg: RunConfig) -> dict[str, str]:
-    """A CriticLabeler's environment: the engine's, plus a remote judge's API key variable."""
-    return {**engine_env(cfg.vllm), **remote_key_env(cfg.critic.remote)}
+    """A CriticLabeler's environment: the engine's. (A remote judge's API key is not in it: runtime_env is shown
+    on the dashboard; it goes to the actor as a `Secret` argument, see `rlaif_ray.judge.remote.read_secret`.)"""
+    return engine_env(cfg.vllm)
 
 
-def make_judge(model_path: str, cfg: RunConfig, seed: int):
+def make_judge(model_path: str, cfg: RunConfig, seed: int, secret: Secret | None = None):
     """The judge the config asks for: remote when `critic.remote.base_url` is set, else a local model run by
     vLLM (`critic.backend=vllm`) or by transformers (`critic.backend=transformers`)."""
     if cfg.critic.remote.base_url:
-        judge = OpenAIJudge(cfg.critic.remote)
+        judge = OpenAIJudge(cfg.critic.remote, secret)
         judge.check()
         return judge
     if cfg.critic.backend == "transformers":
@@ -77,12 +69,13 @@ def _failure(reply, min_mass: float) -> str | None:
 
 @ray.remote
 class CriticLabeler:
-    def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
+    def __init__(self, model_path: str, cfg: dict, worker_index: int = 0, secret: Secret | None = None):
+        """`secret`: a remote judge's API key (`read_secret(cfg.critic.remote)` on the driver)."""
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.cfg = RunConfig.model_validate(cfg)
         stage_output_to_run_folder(self.cfg, f"critic-{worker_index}")  # output.console=quiet: logs to run_dir/logs
         self.seed = self.cfg.loop.seed + 7919 + worker_index
-        self.judge = make_judge(model_path, self.cfg, self.seed)
+        self.judge = make_judge(model_path, self.cfg, self.seed, secret)
         # `auto` labels for this judge's tokenizer (the driver resolved them the same way already)
         self.ccfg: CriticConfig = concrete_labels(self.cfg.critic, getattr(self.judge, "tokenizer", None))
         self.judge_name = self.ccfg.remote.model if self.ccfg.remote.base_url else model_path
@@ -262,3 +255,10 @@ class CriticLabeler:
 
     def usage(self) -> dict:
         return self.judge.usage()
+
+
+def new_labeler(model_path: str, cfg: RunConfig, worker_index: int = 0, **options):
+    """A CriticLabeler actor (`options`: Ray's, e.g. resources or a placement bundle) with the engine's environment;
+    a remote judge's API key goes in as a `Secret` argument, read here on the driver."""
+    return CriticLabeler.options(runtime_env={"env_vars": labeler_env(cfg)}, **options).remote(
+        model_path, cfg.model_dump(), worker_index, read_secret(cfg.critic.remote))

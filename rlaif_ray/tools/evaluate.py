@@ -128,7 +128,7 @@ def evaluate(cfg: RunConfig, checkpoint: str, reference: str, out_dir: str, temp
     from rlaif_ray.engine import engine_env
     from rlaif_ray.runtime.driver import start_ray
     from rlaif_ray.runtime.inputs import check_model_path, resolve_inputs
-    from rlaif_ray.stages.critic import CriticLabeler, labeler_env
+    from rlaif_ray.stages.critic import new_labeler
     from rlaif_ray.stages.rollout import RolloutWorker
 
     if cfg.critic.method == "direct":
@@ -147,8 +147,7 @@ def evaluate(cfg: RunConfig, checkpoint: str, reference: str, out_dir: str, temp
     if ref_is_model:
         actors.append(RolloutWorker.options(**cfg.rollout.actor_options(), **env).remote(
             str(Path(reference).resolve()), raw, 1))
-    critic_env = {"env_vars": labeler_env(cfg)}
-    critic = CriticLabeler.options(**cfg.critic.actor_options(), runtime_env=critic_env).remote(resolved.critic, raw)
+    critic = new_labeler(resolved.critic, cfg, **cfg.critic.actor_options())
     try:
         prompts = ray.put(resolved.prompts)
         cand = ray.get(actors[0].respond.remote(prompts, temperature, "cand"))

@@ -29,7 +29,7 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
     from rlaif_ray.runtime.driver import start_ray
     from rlaif_ray.runtime.inputs import resolve_inputs
     from rlaif_ray.runtime.placement import check_resources
-    from rlaif_ray.stages.critic import CriticLabeler, labeler_env
+    from rlaif_ray.stages.critic import new_labeler
     from rlaif_ray.stages.reward import RewardScorer
     from rlaif_ray.stages.rollout import RolloutWorker
 
@@ -39,8 +39,7 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
     env = {"env_vars": engine_env(cfg.vllm)}
     raw = cfg.model_dump()
     worker = RolloutWorker.options(**cfg.rollout.actor_options(), runtime_env=env).remote(resolved.policy, raw)
-    critic_env = {"env_vars": labeler_env(cfg)}
-    critic = CriticLabeler.options(**cfg.critic.actor_options(), runtime_env=critic_env).remote(resolved.critic, raw)
+    critic = new_labeler(resolved.critic, cfg, **cfg.critic.actor_options())
     kind = cfg.reward.kind if cfg.reward.kind != "reward_model" else ("direct_score" if cfg.critic.method == "direct"
                                                                       else "win_rate")
     scorer = RewardScorer.options(num_cpus=cfg.reward.cpus).remote(kind, None, cfg.critic.score_points())
