@@ -23,7 +23,7 @@ def engine_alone(cfg, batches: int) -> float:
 
     resolved = resolve_inputs(cfg)
     worker = RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker,
-                                   runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(resolved.policy, cfg.model_dump())
+                                   runtime_env={"env_vars": engine_env(cfg.engine_for("rollout"))}).remote(resolved.policy, cfg.model_dump())
     try:
         prompts = ray.put(resolved.prompts)
         sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)

@@ -47,7 +47,7 @@ def initial_batch(cfg):
     resolved = resolve_inputs(cfg)
     start_ray(cfg)
     raw = cfg.model_dump()
-    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(resolved.policy, raw)
+    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.engine_for("rollout"))}).remote(resolved.policy, raw)
     critic = new_labeler(resolved.critic, cfg, num_cpus=1)
     try:
         prompts = ray.put(resolved.prompts)

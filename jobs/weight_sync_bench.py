@@ -1,10 +1,13 @@
 """Weight-sync benchmark: a ~100M-parameter policy (Llama architecture, random weights, built from a config
-here) synced from a real DeepSpeed learner rank to a real vLLM RolloutWorker through the object store, the
-path every training step takes. Prints seconds and GB/s per sync, split into export (rank 0 returns its
-parameters, one array each, which Ray copies into the object store) and transfer + load (the worker maps
-them zero-copy and vLLM loads them into the engine), and writes OUT/weight_sync.json.
+here) synced from real DeepSpeed learner ranks to a real vLLM RolloutWorker by both paths, side by side in one
+run: `object_store` (rank 0 puts one array per parameter in Ray's object store, the engine maps them and loads)
+and `collective` (rank 0 broadcasts buckets over a gloo sync group, the engine loads each bucket as it arrives).
+Per sync: seconds end to end (the sync sent -> the engine holds the version), GB/s, the share spent in vLLM's own
+weight loading, and the peak host memory the learner ranks add during the sync (RSS sampled every 5 ms).
+Writes OUT/weight_sync.json.
 
-    python jobs/weight_sync_bench.py --out runs/bench [--hidden 1024 --layers 8 --repeats 5] [overrides...]
+    python jobs/weight_sync_bench.py --out runs/bench [--hidden 1024 --layers 8 --repeats 6 --learners 2
+                                                       --zero 3] [overrides...]
 """
 import argparse
 import json
@@ -31,6 +34,39 @@ def build_model(folder: Path, tokenizer_from: str, hidden: int, layers: int, dty
     return sum(p.numel() for p in model.parameters())
 
 
+class PeakRss:
+    """Peak resident memory above the starting level of some processes (this machine's /proc), sampled in a thread."""
+
+    def __init__(self, pids: list[int]):
+        import threading
+        self.pids, self.base = pids, [self._rss(p) for p in pids]
+        self.peak = list(self.base)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = [max(p, self._rss(pid)) for p, pid in zip(self.peak, self.pids)]
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def added(self) -> list[int]:
+        return [p - b for p, b in zip(self.peak, self.base)]
+
+
 def main(argv=None) -> int:
     import ray
 
@@ -39,6 +75,8 @@ def main(argv=None) -> int:
     from rlaif_ray.runtime.driver import start_ray
     from rlaif_ray.runtime.inputs import resolve_inputs
     from rlaif_ray.runtime.learner_group import LearnerGroup
+    from rlaif_ray.runtime.pool import ActorPool
+    from rlaif_ray.runtime.weight_sync import WeightSync
     from rlaif_ray.stages.rollout import RolloutWorker
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,63 +85,81 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--learners", type=int, default=2)
+    parser.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3])
+    parser.add_argument("--bucket-mb", type=float, default=64)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between syncs (a training step)")
     parser.add_argument("--warmup", type=int, default=2, help="syncs left out (they touch fresh store pages)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # overrides anywhere on the line
     try:
-        base = load_config(args.config, args.overrides)
+        base = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"weight_sync_bench: error: {err}", file=sys.stderr)
         return 2
     toy = resolve_inputs(base)  # the toy tokenizer (built if needed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results = {}
     with tempfile.TemporaryDirectory(prefix="rlaif-sync-") as tmp:
         folder = Path(tmp) / "policy"
         params = build_model(folder, toy.policy, args.hidden, args.layers, base.model.dtype)
-        print(f"[sync] model: {params / 1e6:.1f}M parameters, {params * 4 / 1e9:.2f} GB in fp32", flush=True)
-        cfg = load_config(args.config, [*args.overrides, f"model.policy={folder}", "learner.num_learners=1",
-                                        "learner.zero_stage=0"])
+        print(f"[sync] model: {params / 1e6:.1f}M parameters, {params * 4 / 1e9:.2f} GB in fp32; "
+              f"{args.learners} learner rank(s), ZeRO-{args.zero}", flush=True)
+        cfg = load_config(args.config, [*overrides, f"model.policy={folder}", f"learner.num_learners={args.learners}",
+                                        f"learner.zero_stage={args.zero}", f"sync.bucket_mb={args.bucket_mb}"])
         start_ray(cfg)
         from ray.util.placement_group import placement_group, remove_placement_group
-        pg = placement_group([{"CPU": cfg.learner.cpus_per_learner}], strategy="PACK")
+        pg = placement_group([{"CPU": cfg.learner.cpus_per_learner}] * args.learners, strategy="PACK")
         ray.get(pg.ready())
         worker = RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker,
-                                       runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(str(folder), cfg.model_dump())
+                                       runtime_env={"env_vars": engine_env(cfg.engine_for("rollout"))}).remote(str(folder), cfg.model_dump())
         learners = LearnerGroup(str(folder), cfg, pg)
         ray.get(worker.ready.remote())
-        rows = []
+        pids = ray.get([r.__ray_call__.remote(lambda self: __import__("os").getpid()) for r in learners.ranks])
+        version = 0
         try:
-            for version in range(1, args.repeats + 1):
-                t0 = time.perf_counter()
-                ref = learners.export_weights()       # rank 0's arrays are in the object store when this returns
-                t1 = time.perf_counter()
-                stats = ray.get(worker.update_weights.remote(ref, version))
-                t2 = time.perf_counter()
-                del ref  # as in the loop: the previous version's object is released before the next export,
-                time.sleep(args.interval)  # which comes a training step later and reuses its warm store pages
-                rows.append({"export_seconds": t1 - t0, "transfer_load_seconds": t2 - t1,
-                             "engine_load_seconds": stats["sync_seconds"], "total_seconds": t2 - t0,
-                             "bytes": stats["sync_bytes"]})
-                print(f"[sync] {version}: export {t1 - t0:.3f} s, transfer+load {t2 - t1:.3f} s "
-                      f"({stats['sync_bytes'] / (t2 - t0) / 1e9:.2f} GB/s end to end)", flush=True)
+            for method in ("object_store", "collective"):
+                sync = WeightSync(cfg.model_copy(update={"sync": cfg.sync.model_copy(update={"method": method})}),
+                                  learners, ActorPool([worker], "rollout"), {"events": []})
+                rows = []
+                for _ in range(args.repeats):
+                    version += 1
+                    with PeakRss(pids) as rss:
+                        t0 = time.perf_counter()
+                        (receipt,), _ = sync.finish(sync.send(version), version)
+                        total = time.perf_counter() - t0
+                    load = receipt["load_seconds"] if method == "collective" else receipt["sync_seconds"]
+                    rows.append({"total_seconds": total, "engine_seconds": receipt["sync_seconds"],
+                                 "load_seconds": load, "bytes": receipt["sync_bytes"],
+                                 "learner_rss_added": rss.added()})
+                    print(f"[sync] {method} v{version}: {total:.3f} s = {receipt['sync_bytes'] / total / 1e9:.2f} GB/s "
+                          f"end to end; engine {receipt['sync_seconds']:.3f} s, of which vLLM loading {load:.3f} s; "
+                          f"learner RSS +{', +'.join(f'{b / 1e6:.0f}' for b in rss.added())} MB", flush=True)
+                    time.sleep(args.interval)  # a training step between syncs (store pages released and reused)
+                measured = rows[args.warmup:] if len(rows) > args.warmup else rows
+                mean = {k: sum(r[k] for r in measured) / len(measured) for k in
+                        ("total_seconds", "engine_seconds", "load_seconds", "bytes")}
+                results[method] = {"repeats": rows, "mean_seconds": mean["total_seconds"],
+                                   "gb_per_s_end_to_end": mean["bytes"] / mean["total_seconds"] / 1e9,
+                                   "vllm_load_share": mean["load_seconds"] / mean["total_seconds"],
+                                   "learner_rss_added_mb_max": [max(r["learner_rss_added"][k] for r in measured) / 1e6
+                                                                for k in range(args.learners)]}
         finally:
             for actor in [worker, *learners.ranks]:
                 ray.kill(actor)
             remove_placement_group(pg)
-    measured = rows[args.warmup:] if len(rows) > args.warmup else rows
-    mean = {k: sum(r[k] for r in measured) / len(measured) for k in rows[0]}
-    result = {"parameters": params, "dtype": "float32", "bytes": mean["bytes"], "repeats": rows,
-              "mean_seconds": {k: v for k, v in mean.items() if k != "bytes"},
-              "gb_per_s_end_to_end": mean["bytes"] / mean["total_seconds"] / 1e9,
-              "gb_per_s_export": mean["bytes"] / mean["export_seconds"] / 1e9,
-              "gb_per_s_transfer_load": mean["bytes"] / mean["transfer_load_seconds"] / 1e9}
-    print(f"weight sync of {params / 1e6:.0f}M fp32 parameters ({mean['bytes'] / 1e9:.2f} GB), mean of "
-          f"{len(measured)} syncs after {args.warmup} warm-up syncs: {mean['total_seconds']:.3f} s = "
-          f"{result['gb_per_s_end_to_end']:.2f} GB/s end to end (export {result['gb_per_s_export']:.2f} GB/s, "
-          f"transfer + engine load {result['gb_per_s_transfer_load']:.2f} GB/s)")
-    (out / "weight_sync.json").write_text(json.dumps(result, indent=1))
+    nbytes = results["collective"]["repeats"][0]["bytes"]
+    print(f"\nweight sync of {params / 1e6:.0f}M fp32 parameters ({nbytes / 1e9:.2f} GB), {args.learners} rank(s) "
+          f"ZeRO-{args.zero}, mean of {max(1, args.repeats - args.warmup)} syncs after {args.warmup} warm-up:")
+    print(f"{'path':<14}{'s/sync':>8}{'GB/s':>7}{'vLLM load':>11}  learner RSS added (MB, per rank)")
+    for method, r in results.items():
+        print(f"{method:<14}{r['mean_seconds']:>8.3f}{r['gb_per_s_end_to_end']:>7.2f}{r['vllm_load_share']:>10.0%}  "
+              + ", ".join(f"{m:.0f}" for m in r["learner_rss_added_mb_max"]))
+    speedup = results["object_store"]["mean_seconds"] / results["collective"]["mean_seconds"]
+    print(f"collective / object store: {speedup:.2f}x faster")
+    (out / "weight_sync.json").write_text(json.dumps({"parameters": params, "bytes": nbytes, "learners": args.learners,
+                                                     "zero_stage": args.zero, "bucket_mb": args.bucket_mb,
+                                                     "methods": results, "speedup": speedup}, indent=1))
     print(f"written: {out / 'weight_sync.json'}")
     return 0
 

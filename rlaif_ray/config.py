@@ -73,21 +73,61 @@ class DataConfig(_Section):
     long_prompts: Literal["error", "skip"] = "error"
 
 
+Executor = Literal["auto", "uni", "mp", "ray"]
+EngineRole = Literal["rollout", "critic", "serve"]
+
+
 class VLLMConfig(_Section):
-    """Engine settings shared by the rollout and the critic engines."""
+    """Engine settings every vLLM engine starts from: the rollout engines, the judge engines and serving; each role
+    may override any of them, and `model.dtype` / `model.max_model_len`, in its own `engine` section
+    (`rollout.engine`, `critic.engine`, `serve.engine`)."""
     gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0)
     cpu_kvcache_space_gib: int = Field(1, ge=1)
     enforce_eager: bool = True
     max_num_seqs: int = Field(64, ge=1)
     max_logprobs: int = Field(64, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    # where the engine's workers run: "uni" in the actor's own process (TP 1: starts fastest), "mp" one process per
+    # tensor-parallel shard, "ray" Ray workers; "auto": uni at TP 1, mp above
+    executor: Executor = "auto"
+
+
+class EngineOverrides(_Section):
+    """One engine role's departures from `vllm.*` and `model.dtype` / `model.max_model_len` (unset: inherited).
+    A judge typically needs a longer context (two responses in one prompt) and a larger memory share."""
+    max_model_len: int | None = Field(None, ge=16)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
+    cpu_kvcache_space_gib: int | None = Field(None, ge=1)
+    enforce_eager: bool | None = None
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_logprobs: int | None = Field(None, ge=1)
+    tensor_parallel_size: int | None = Field(None, ge=1)
+    executor: Executor | None = None
+
+
+class EngineSettings(_Section):
+    """The settings one engine starts with (`RunConfig.engine_for(role)`: `vllm.*` and `model.*` with the role's
+    overrides applied)."""
+    role: EngineRole
+    dtype: Literal["float32", "bfloat16", "float16"]
+    max_model_len: int
+    gpu_memory_utilization: float
+    cpu_kvcache_space_gib: int
+    enforce_eager: bool
+    max_num_seqs: int
+    max_logprobs: int
+    tensor_parallel_size: int
+    executor: Literal["uni", "mp", "ray"]
 
 
 class WorkerResources(_Section):
     """What each actor of a pooled stage (rollout engines, judges) holds: one placement-group bundle per actor."""
     cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0)   # fractions colocate engines on one GPU
+    gpus_per_worker: float = Field(0.0, ge=0)   # fractions colocate engines on one GPU; TP > 1 needs TP GPUs
     resources: dict[str, float] = {}            # custom resources per worker (e.g. {"rollout_node": 1} pins to node types)
     placement: PlacementStrategy = "SPREAD"     # how the bundles spread over nodes
+    engine: EngineOverrides = Field(default_factory=EngineOverrides)  # this role's engine settings (over vllm.*)
 
     def actor_options(self) -> dict:
         """`.options(...)` resources of one actor outside a placement group (eval, label, jobs)."""
@@ -281,7 +321,7 @@ class SyncConfig(_Section):
     falls back to the object store for that version (listed in the run's faults), and the group is rebuilt."""
     method: Literal["auto", "collective", "object_store"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL where learners and engines hold GPUs
-    bucket_mb: float = Field(256.0, gt=0)               # the most bytes one broadcast carries (a larger tensor goes alone)
+    bucket_mb: float = Field(64.0, gt=0)                # the most bytes one broadcast carries (a larger tensor goes alone)
     # a member that has not joined or answered within this many seconds fails the sync (every member raises); it
     # must cover an engine finishing the batch it is generating before it takes the weights
     timeout_s: float = Field(600.0, gt=0)
@@ -363,6 +403,7 @@ class ServeConfig(_Section):
     cpus_per_replica: float = Field(1.0, gt=0)
     gpus_per_replica: float = Field(0.0, ge=0)
     ingress_cpus: float = Field(0.5, ge=0)
+    engine: EngineOverrides = Field(default_factory=EngineOverrides)  # the replicas' engine settings (over vllm.*)
     api_key_env: str | None = None        # env var holding the bearer token clients must send (never logged)
     max_request_bytes: int = Field(65536, ge=256)
     max_tokens: int = Field(256, ge=1)    # the most new tokens one request may ask for
@@ -400,8 +441,26 @@ class RunConfig(_Section):
     fault: FaultConfig = Field(default_factory=FaultConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    def engine_for(self, role: EngineRole) -> EngineSettings:
+        """The engine settings of `role` ("rollout", "critic" or "serve"): `vllm.*` and `model.dtype` /
+        `model.max_model_len`, overridden by the role's `engine` section."""
+        overrides = {"rollout": self.rollout, "critic": self.critic, "serve": self.serve}[role].engine
+        merged = {**self.vllm.model_dump(), "dtype": self.model.dtype, "max_model_len": self.model.max_model_len,
+                  **{k: v for k, v in overrides.model_dump().items() if v is not None}}
+        if merged["executor"] == "auto":
+            merged["executor"] = "uni" if merged["tensor_parallel_size"] == 1 else "mp"
+        return EngineSettings(role=role, **merged)
+
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
+        for role, section in (("rollout", self.rollout), ("critic", self.critic)):
+            engine = self.engine_for(role)
+            if engine.executor == "uni" and engine.tensor_parallel_size > 1:
+                raise ValueError(f"{role}.engine: executor uni runs one process, so tensor_parallel_size must be 1 "
+                                 f"(got {engine.tensor_parallel_size}); use executor mp or ray")
+            if 0 < section.gpus_per_worker < engine.tensor_parallel_size:
+                raise ValueError(f"{role}: tensor_parallel_size {engine.tensor_parallel_size} needs "
+                                 f"{role}.gpus_per_worker >= {engine.tensor_parallel_size} (got {section.gpus_per_worker})")
         pairwise_methods = ("pairwise", "cot", "self_reference")
         if self.rollout.truncated == "penalty" and self.learner.algorithm != "ppo":
             raise ValueError(f"rollout.truncated=penalty replaces a reward, and learner.algorithm="

@@ -1,7 +1,9 @@
 """Starting a vLLM engine inside a Ray actor, and loading new weights into it in place.
 
 On CPU the engine runs in the actor's own process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor "uni"):
-start-up is ~11 s instead of ~29 s, and tensors reach the worker as tensors, not msgpack lists.
+start-up is ~11 s instead of ~29 s, and tensors reach the worker as tensors, not msgpack lists. A tensor-parallel
+engine (TP > 1) keeps its engine core in the actor and runs one worker process per shard (executor "mp", spawned)
+or Ray workers ("ray"). Settings per engine role: `RunConfig.engine_for` (rlaif_ray.config.EngineSettings).
 """
 from __future__ import annotations
 
@@ -9,40 +11,45 @@ import os
 
 import torch
 
-from rlaif_ray.config import ModelConfig, VLLMConfig
+from rlaif_ray.config import EngineSettings
 
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def engine_env(vcfg: VLLMConfig) -> dict[str, str]:
+def engine_env(settings: EngineSettings) -> dict[str, str]:
     """Environment a process needs before `import vllm` (also used as a Ray runtime_env)."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    if settings.executor == "mp":
+        env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # never fork a Ray worker
     if not on_gpu():
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(vcfg.cpu_kvcache_space_gib)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space_gib)
+        if settings.tensor_parallel_size > 1:  # vLLM's auto binding wants one NUMA node per shard; leave it to the OS
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
     return env
 
 
-def make_llm(model_path: str, vcfg: VLLMConfig, mcfg: ModelConfig, seed: int, logprobs_mode: str = "raw_logprobs"):
+def make_llm(model_path: str, settings: EngineSettings, seed: int, logprobs_mode: str = "raw_logprobs"):
     """A `vllm.LLM` for `model_path` whose workers can take new weights (see WeightUpdateExtension).
     `logprobs_mode`: "raw_logprobs" (the model's own distribution: what a judge reads) or "processed_logprobs"
     (after temperature and top-p: the distribution a rollout sampled from, which the learner's ratios need)."""
-    for key, value in engine_env(vcfg).items():
+    for key, value in engine_env(settings).items():
         os.environ.setdefault(key, value)
     from vllm import LLM
 
     return LLM(
         model=model_path,
         tokenizer=model_path,
-        dtype=mcfg.dtype,
+        dtype=settings.dtype,
         seed=seed,
-        max_model_len=mcfg.max_model_len,
-        gpu_memory_utilization=vcfg.gpu_memory_utilization,
-        enforce_eager=vcfg.enforce_eager,
-        max_num_seqs=vcfg.max_num_seqs,
-        max_logprobs=vcfg.max_logprobs,
-        distributed_executor_backend="uni",
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager,
+        max_num_seqs=settings.max_num_seqs,
+        max_logprobs=settings.max_logprobs,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        distributed_executor_backend=settings.executor,
         worker_extension_cls="rlaif_ray.engine.WeightUpdateExtension",
         enable_prefix_caching=True,
         logprobs_mode=logprobs_mode,
@@ -74,10 +81,11 @@ class WeightUpdateExtension:
         self.rlaif_sync_group = open_group(GroupSpec(**spec), rank)
         return rank
 
-    def rlaif_receive_weights(self) -> int:
-        """Receive one whole version over the sync group, loading each bucket into the engine as it arrives."""
+    def rlaif_receive_weights(self) -> float:
+        """Receive one whole version over the sync group, loading each bucket into the engine as it arrives.
+        Returns the seconds spent waiting in the broadcasts (the rest of the call is vLLM loading the weights)."""
         group = self.rlaif_sync_group
         device = self.model_runner.device if hasattr(self.model_runner, "device") else "cpu"
         reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
         reload(weights_iterator=group.receive(device))
-        return len(group.spec.layout)
+        return group.wait_seconds

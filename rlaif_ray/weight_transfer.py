@@ -8,12 +8,14 @@ so a peer that never joins or stops answering makes every member raise instead o
 Both sides derive the same buckets from one layout (name, shape, dtype per parameter, in `named_parameters`
 order) and a bucket size: a bucket is one flat byte buffer of consecutive parameters of one dtype, sent in the
 training dtype (a bf16 policy travels as bf16). The sender packs one bucket at a time (under ZeRO-3 it gathers
-just that bucket's parameters); a receiver yields (name, tensor) views of each bucket as it arrives, which vLLM's
-`reload_weights` consumes as its weights iterator, so neither side ever holds a second copy of the whole model.
+just that bucket's parameters) and sends it while it gathers the next; a receiver pulls buckets in a thread, a
+couple ahead, and yields (name, tensor) views of each, which vLLM's `reload_weights` consumes as its weights
+iterator: the transfer overlaps the loading, and neither side ever holds a second copy of the whole model.
 """
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -87,33 +89,68 @@ class SyncGroup:
 
     def __init__(self, group, store, spec: GroupSpec, rank: int):
         self.group, self.store, self.spec, self.rank = group, store, spec, rank
+        self.wait_seconds = 0.0  # of the last `receive`: time spent in the broadcasts (the rest is the consumer's)
 
-    def _broadcast(self, buffer: torch.Tensor) -> None:
+    def _broadcast(self, buffer: torch.Tensor):
         import torch.distributed as dist
 
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.group.broadcast([buffer], opts).wait()
+        return self.group.broadcast([buffer], opts)
 
-    def send_bucket(self, tensors: list[torch.Tensor], device) -> int:
-        """Rank 0: pack `tensors` (one bucket, full parameters) into one byte buffer and broadcast it."""
-        flat = [t.detach().reshape(-1).view(torch.uint8) for t in tensors]
-        buffer = torch.cat(flat).to(device) if len(flat) > 1 else flat[0].to(device)
-        self._broadcast(buffer)
-        return buffer.numel()
+    def send(self, buckets: Iterator[list[torch.Tensor]], device) -> int:
+        """Rank 0: broadcast every bucket (full parameters, one bucket at a time from `buckets`). Each bucket is
+        packed into one byte buffer, which is sent while the next bucket is gathered and packed (at most two
+        buffers alive). Returns the bytes sent."""
+        sent, in_flight = 0, None
+        for tensors in buckets:
+            flat = [t.detach().reshape(-1).view(torch.uint8) for t in tensors]
+            buffer = torch.cat(flat).to(device) if len(flat) > 1 else flat[0].to(device).clone()
+            if in_flight is not None:
+                in_flight.wait()
+            in_flight = self._broadcast(buffer)
+            sent += buffer.numel()
+        if in_flight is not None:
+            in_flight.wait()
+        return sent
 
-    def receive(self, device) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every other rank: (name, tensor) for each parameter of the layout, one bucket received at a time."""
+    def receive(self, device, prefetch: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every other rank: (name, tensor) for each parameter of the layout. A thread receives the buckets in
+        order, up to `prefetch` ahead of the consumer, so the transfer overlaps the engine's loading; an error in
+        the transfer (a timeout, a peer gone) is raised here."""
+        import queue
+        import threading
+
         layout = [(n, tuple(s), d) for n, s, d in self.spec.layout]
-        for bucket in plan_buckets(layout, self.spec.bucket_bytes):
-            sizes = [_nbytes(layout[i][1], layout[i][2]) for i in bucket]
-            buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-            self._broadcast(buffer)
+        plan = plan_buckets(layout, self.spec.bucket_bytes)
+        ready: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.wait_seconds = 0.0
+
+        def pull():
+            try:
+                for bucket in plan:
+                    sizes = [_nbytes(layout[i][1], layout[i][2]) for i in bucket]
+                    buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+                    self._broadcast(buffer).wait()
+                    ready.put((bucket, sizes, buffer))
+            except BaseException as err:  # handed to the consumer
+                ready.put(err)
+
+        thread = threading.Thread(target=pull, name="rlaif-sync-receive", daemon=True)
+        thread.start()
+        for _ in plan:
+            t0 = time.perf_counter()
+            item = ready.get()
+            self.wait_seconds += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                raise item
+            bucket, sizes, buffer = item
             offset = 0
             for i, n in zip(bucket, sizes):
                 name, shape, dtype = layout[i]
                 yield name, buffer[offset:offset + n].view(getattr(torch, dtype)).view(shape)
                 offset += n
+        thread.join()
 
     def close(self) -> None:
         try:

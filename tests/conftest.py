@@ -71,7 +71,7 @@ def engines(ray_cluster, toy_world):
     from rlaif_ray.stages.rollout import RolloutWorker
 
     cfg = small_config()
-    env = {"env_vars": engine_env(cfg.vllm)}
+    env = {"env_vars": engine_env(cfg.engine_for("rollout"))}
     rollout = RolloutWorker.options(num_cpus=1, runtime_env=env).remote(toy_world.policy, cfg.model_dump())
     critic = CriticLabeler.options(num_cpus=1, runtime_env=env).remote(toy_world.critic, cfg.model_dump())
     ray_cluster.get([rollout.ready.remote(), critic.ready.remote()])

@@ -53,3 +53,21 @@ def test_template_missing_placeholder_and_inconsistent_reward():
         load_config(None, ["critic.pairwise_template='{prompt} {response_a} Better:'"])
     with pytest.raises(ConfigError, match="direct_score needs critic.method=direct"):
         load_config(None, ["reward.kind=direct_score"])
+
+
+def test_each_engine_role_inherits_vllm_and_model_and_overrides_its_own():
+    cfg = load_config(None, ["vllm.max_num_seqs=16", "model.max_model_len=512", "critic.engine.max_model_len=2048",
+                             "critic.engine.gpu_memory_utilization=0.5", "rollout.engine.tensor_parallel_size=2",
+                             "serve.engine.dtype=bfloat16"])
+    rollout, critic, serve = (cfg.engine_for(r) for r in ("rollout", "critic", "serve"))
+    assert (rollout.max_model_len, critic.max_model_len, serve.max_model_len) == (512, 2048, 512)
+    assert (rollout.gpu_memory_utilization, critic.gpu_memory_utilization) == (0.2, 0.5)
+    assert {e.max_num_seqs for e in (rollout, critic, serve)} == {16}
+    assert (rollout.tensor_parallel_size, rollout.executor, critic.executor) == (2, "mp", "uni")
+    assert (serve.dtype, rollout.dtype) == ("bfloat16", "float32")
+    with pytest.raises(ConfigError, match="executor uni runs one process"):
+        load_config(None, ["rollout.engine.tensor_parallel_size=2", "rollout.engine.executor=uni"])
+    with pytest.raises(ConfigError, match="gpus_per_worker >= 4"):
+        load_config(None, ["critic.engine.tensor_parallel_size=4", "critic.gpus_per_worker=1"])
+    with pytest.raises(ConfigError, match="unknown key 'rollout.engine.max_len'"):
+        load_config(None, ["rollout.engine.max_len=4"])

@@ -61,7 +61,7 @@ def smol_rollouts(ray_cluster, smol_world, tmp_path_factory):
 def rollouts_of(policy: str, prompts_path: str, cfg) -> pa.Table:
     from rlaif_ray.engine import engine_env
     from rlaif_ray.stages.rollout import RolloutWorker
-    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(
+    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.engine_for("rollout"))}).remote(
         policy, cfg.model_dump())
     try:
         table, _ = ray.get(worker.generate.options(num_returns=2).remote(load_prompts(prompts_path), [0, 1, 2, 3], 0))

@@ -21,7 +21,7 @@ def engine(ray_cluster, toy_world):
     from tests.conftest import small_config
 
     cfg = small_config()
-    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.vllm)}).remote(
+    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.engine_for("rollout"))}).remote(
         toy_world.policy, cfg.model_dump())
     ray.get(worker.ready.remote())
     yield worker
@@ -111,4 +111,56 @@ def test_a_receiver_that_never_joins_fails_the_sync_and_the_object_store_takes_o
     finally:
         for r in learners.ranks:
             ray.kill(r)
+        remove_placement_group(pg)
+
+
+def test_tensor_parallel_engine_matches_tp1_and_a_sync_reaches_both_shards(engine, prompts_ref, toy_world):
+    """A TP = 2 engine (two worker processes, vLLM's CPU backend) answers greedily as the TP = 1 engine does; after a
+    training step, a collective sync into both of its shards and an object-store sync into the TP = 1 engine change
+    their answers identically."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from rlaif_ray.engine import engine_env
+    from rlaif_ray.runtime.learner_group import LearnerGroup
+    from rlaif_ray.runtime.pool import ActorPool
+    from rlaif_ray.runtime.weight_sync import WeightSync
+    from rlaif_ray.stages.rollout import RolloutWorker
+    from tests.conftest import small_config
+
+    cfg = small_config(learner={"num_learners": 1, "learning_rate": 0.01},
+                       rollout={"samples_per_prompt": 2, "max_new_tokens": 6, "engine": {"tensor_parallel_size": 2}},
+                       sync={"method": "collective", "bucket_mb": 0.25, "timeout_s": 60})
+    assert cfg.engine_for("rollout").executor == "mp"
+    tp2 = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.engine_for("rollout"))}).remote(
+        toy_world.policy, cfg.model_dump())
+    pg = placement_group([{"CPU": 1}])
+    ray.get(pg.ready())
+    learners = LearnerGroup(toy_world.policy, cfg, pg)
+    sync = WeightSync(cfg, learners, ActorPool([tp2], "rollout"), {"events": []})
+    try:
+        assert ray.get(tp2.engine_ranks.remote()) == 2
+        prompts = ray.get(prompts_ref).slice(0, 16)
+
+        def answers(worker):
+            return ray.get(worker.respond.remote(prompts, 0.0, "g")).column("response").to_pylist()
+
+        ray.get(engine.update_weights.remote(learners.export_weights(), 0))  # the TP = 1 engine back on the initial policy
+        before = answers(engine)
+        assert answers(tp2) == before
+        rollouts, _ = engine.generate.options(num_returns=2).remote(prompts_ref, [0, 1, 2, 3], 7)
+        learners.train(ray.put(with_rewards(ray.get(rollouts))))
+        (receipt,), _ = sync.finish(sync.send(1), 1)
+        assert receipt["method"] == "collective" and sync.spec["world_size"] == 3  # learner + two shards
+        ray.get(engine.update_weights.remote(learners.export_weights(), 1))
+        batch = [p + r for p, r in zip(*(ray.get(rollouts).column(c).to_pylist()
+                                         for c in ("prompt_token_ids", "response_token_ids")))]
+        learner_lp = learners.score(batch)
+        print(f"TP 2 vs learner: {gap(ray.get(tp2.score.remote(batch)), learner_lp):.2e}, "
+              f"TP 1 vs learner: {gap(ray.get(engine.score.remote(batch)), learner_lp):.2e}")
+        assert gap(ray.get(tp2.score.remote(batch)), learner_lp) < 1e-4  # both shards hold the new weights
+        after = answers(engine)
+        assert after != before and answers(tp2) == after
+    finally:
+        for actor in [tp2, *learners.ranks]:
+            ray.kill(actor)
         remove_placement_group(pg)

@@ -24,11 +24,11 @@ class LocalJudge:
 
     def __init__(self, model_path: str, cfg: RunConfig, seed: int):
         self.name = model_path
-        self.llm = make_llm(model_path, cfg.vllm, cfg.model, seed=seed)
+        self.llm = make_llm(model_path, cfg.engine_for("critic"), seed=seed)
         self.tokenizer = self.llm.get_tokenizer()
         self.template = resolve_template(cfg.critic.chat_template, self.tokenizer, "critic.chat_template")
-        self.top_k = min(cfg.vllm.max_logprobs, len(self.tokenizer))
-        self.max_prompt_len = cfg.model.max_model_len - 1
+        self.top_k = min(cfg.engine_for("critic").max_logprobs, len(self.tokenizer))
+        self.max_prompt_len = cfg.engine_for("critic").max_model_len - 1
         self.label_ids: dict[tuple, list[int]] = {}  # per label set, on first use (only the method's labels
         self.calls = 0                                # need to be single tokens; the driver checked those)
 
@@ -101,10 +101,10 @@ class TransformersJudge(LocalJudge):
         self.name = model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.template = resolve_template(cfg.critic.chat_template, self.tokenizer, "critic.chat_template")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype)).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.engine_for("critic").dtype)).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batch = cfg.critic.batch_size
-        self.max_prompt_len = cfg.model.max_model_len - 1
+        self.max_prompt_len = cfg.engine_for("critic").max_model_len - 1
         self.label_ids = {}
         self.calls = 0
 

@@ -121,7 +121,8 @@ def _read_prompts(cfg: RunConfig, path: str):
 
 
 def _fit_prompts_to_context(cfg: RunConfig, policy: str, path: str, prompts):
-    """Prompts whose tokens leave no room for `rollout.max_new_tokens` in `model.max_model_len` would fail deep
+    """Prompts whose tokens leave no room for `rollout.max_new_tokens` in the rollout engine's context
+    (`rollout.engine.max_model_len`, else `model.max_model_len`) would fail deep
     inside the engine: an error naming the prompt (data.long_prompts=error), or left out and counted (skip)."""
     from transformers import AutoTokenizer
 
@@ -130,7 +131,8 @@ def _fit_prompts_to_context(cfg: RunConfig, policy: str, path: str, prompts):
         template = resolve_template(cfg.rollout.chat_template, tokenizer)
     except ChatTemplateError as err:
         raise ConfigError(str(err)) from None
-    limit = cfg.model.max_model_len - cfg.rollout.max_new_tokens
+    context = cfg.engine_for("rollout").max_model_len  # rollout.engine.max_model_len, else model.max_model_len
+    limit = context - cfg.rollout.max_new_tokens
     lengths = [prompt_length(tokenizer, row, template) for row in prompts.select(["prompt", "messages"]).to_pylist()]
     too_long = [i for i, n in enumerate(lengths) if n > limit]
     if not too_long:
@@ -139,7 +141,7 @@ def _fit_prompts_to_context(cfg: RunConfig, policy: str, path: str, prompts):
     if cfg.data.long_prompts == "error":
         raise ConfigError(f"{path}: prompt '{prompts.column('prompt_id')[first].as_py()}' is {lengths[first]} tokens; "
                           f"with rollout.max_new_tokens={cfg.rollout.max_new_tokens} it may have at most {limit} "
-                          f"(model.max_model_len={cfg.model.max_model_len}); {len(too_long)} prompt(s) are too long "
+                          f"(the rollout engine's max_model_len={context}); {len(too_long)} prompt(s) are too long "
                           "(data.long_prompts=skip leaves them out)")
     print(f"[rlaif] data.long_prompts=skip: {len(too_long)} of {prompts.num_rows} prompts in {path} are longer than "
           f"{limit} tokens and are left out", flush=True)

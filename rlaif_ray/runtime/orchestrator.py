@@ -108,7 +108,7 @@ class Orchestrator:
     def _actor_factories(self, resolved: Resolved) -> dict:
         """Stage -> index -> a new actor in that bundle (at start-up, and to replace a dead one)."""
         cfg, raw = self.cfg, self.cfg.model_dump()
-        env = {"env_vars": engine_env(cfg.vllm)}
+        env = {"env_vars": engine_env(cfg.engine_for("rollout"))}
         restarts = dict(max_restarts=cfg.fault.max_actor_restarts, max_task_retries=0)  # the driver re-issues
         return {
             "rollout": lambda i: RolloutWorker.options(runtime_env=env, **restarts,

@@ -57,7 +57,8 @@ class WeightSync:
         return "nccl" if on_gpus else "gloo"
 
     def ranks_per_engine(self) -> int:
-        return 1
+        """Sync-group ranks per engine: one per tensor-parallel shard (each loads its own slice)."""
+        return self.cfg.engine_for("rollout").tensor_parallel_size
 
     def regroup(self, reason: str) -> None:
         """Form a new sync group at the next sync (an engine was replaced or restarted, or a sync failed)."""

@@ -94,13 +94,14 @@ def api_key_digest(cfg: RunConfig) -> str | None:
 
 
 def llm_config(cfg: RunConfig, checkpoint: str):
-    """Ray Serve's LLMConfig for one checkpoint: engine from `model.*`/`vllm.*`, replicas from `serve.*`."""
+    """Ray Serve's LLMConfig for one checkpoint: engine from `serve.engine` over `model.*`/`vllm.*`, replicas from
+    `serve.*`."""
     from ray.serve.llm import LLMConfig
 
-    s, v = cfg.serve, cfg.vllm
-    engine = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len,
-                  gpu_memory_utilization=v.gpu_memory_utilization, enforce_eager=v.enforce_eager,
-                  max_num_seqs=v.max_num_seqs, max_logprobs=v.max_logprobs, seed=cfg.loop.seed)
+    s, v = cfg.serve, cfg.engine_for("serve")
+    engine = dict(dtype=v.dtype, max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
+                  enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs, max_logprobs=v.max_logprobs,
+                  tensor_parallel_size=v.tensor_parallel_size, seed=cfg.loop.seed)
     template = resolve_chat_template(checkpoint, s.chat_template)
     if template is not None:
         engine["chat_template"] = template

@@ -38,7 +38,7 @@ from rlaif_ray.judge.templates import JudgePrompts
 def labeler_env(cfg: RunConfig) -> dict[str, str]:
     """A CriticLabeler's environment: the engine's. (A remote judge's API key is not in it: runtime_env is shown
     on the dashboard; it goes to the actor as a `Secret` argument, see `rlaif_ray.judge.remote.read_secret`.)"""
-    return engine_env(cfg.vllm)
+    return engine_env(cfg.engine_for("critic"))
 
 
 def make_judge(model_path: str, cfg: RunConfig, seed: int, secret: Secret | None = None):

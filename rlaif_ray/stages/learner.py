@@ -475,12 +475,14 @@ class LearnerRank:
             except Exception as err:
                 error = f"sync group {spec['generation']} not formed: {type(err).__name__}: {str(err)[:300]}"
         t_joined = time.perf_counter()
-        for bucket in self._full_buckets(spec["bucket_bytes"]):
-            if self.rank == 0 and error is None:
-                try:
-                    sent += self.sync_group.send_bucket([t for _, t in bucket], self.device)
-                except Exception as err:
-                    error = f"weight broadcast failed: {type(err).__name__}: {str(err)[:300]}"
+        buckets = ([t for _, t in bucket] for bucket in self._full_buckets(spec["bucket_bytes"]))
+        if self.rank == 0 and error is None:
+            try:
+                sent = self.sync_group.send(buckets, self.device)
+            except Exception as err:
+                error = f"weight broadcast failed: {type(err).__name__}: {str(err)[:300]}"
+        for _ in buckets:  # the gathers not walked yet (rank 0 after a failure; other ranks under ZeRO-3: all)
+            pass
         if error is not None and self.rank == 0 and getattr(self, "sync_group", None) is not None:
             self.sync_group.close()
             self.sync_group = None

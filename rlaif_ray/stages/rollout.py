@@ -39,7 +39,7 @@ class RolloutWorker:
         self.worker_index = worker_index
         # the log-probs returned are those of the distribution sampled from (temperature, top-p applied): the learner's
         # importance ratios compare against exactly that
-        self.llm = make_llm(model_path, self.cfg.vllm, self.cfg.model, seed=self.cfg.loop.seed + worker_index,
+        self.llm = make_llm(model_path, self.cfg.engine_for("rollout"), seed=self.cfg.loop.seed + worker_index,
                             logprobs_mode="processed_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
         self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # None: plain prompt text
@@ -184,7 +184,7 @@ class RolloutWorker:
         t_joined = time.perf_counter()
         previous, self.version = self.version, -1
         try:
-            self.llm.collective_rpc("rlaif_receive_weights")
+            waits = self.llm.collective_rpc("rlaif_receive_weights")
         except Exception as err:
             self.sync_generation = None
             return {"ok": False, "error": f"engine {self.worker_index} lost version {version} midway (it held "
@@ -192,9 +192,10 @@ class RolloutWorker:
                     "worker": self.worker_index}
         self.llm.reset_prefix_cache()
         self.version = version
-        return {"ok": True, "method": "collective", "sync_seconds": time.perf_counter() - t0,
-                "join_seconds": t_joined - t0, "sync_bytes": layout_bytes(spec["layout"]), "version": version,
-                "worker": self.worker_index}
+        total = time.perf_counter() - t0
+        return {"ok": True, "method": "collective", "sync_seconds": total, "join_seconds": t_joined - t0,
+                "transfer_seconds": max(waits), "load_seconds": total - (t_joined - t0) - max(waits),
+                "sync_bytes": layout_bytes(spec["layout"]), "version": version, "worker": self.worker_index}
 
     def engine_ranks(self) -> int:
         """How many sync-group ranks this engine's workers take (its tensor-parallel size)."""

@@ -141,7 +141,7 @@ def evaluate(cfg: RunConfig, checkpoint: str, reference: str, out_dir: str, temp
     else:
         ref_responses = load_responses(reference, resolved.prompts)
     start_ray(cfg)
-    raw, env = cfg.model_dump(), {"runtime_env": {"env_vars": engine_env(cfg.vllm)}}
+    raw, env = cfg.model_dump(), {"runtime_env": {"env_vars": engine_env(cfg.engine_for("rollout"))}}
     actors = [RolloutWorker.options(**cfg.rollout.actor_options(), **env)
               .remote(str(Path(checkpoint).resolve()), raw)]
     if ref_is_model:

@@ -36,7 +36,7 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
     resolved = resolve_inputs(cfg)  # bad input stops here, before Ray
     start_ray(cfg)
     check_resources(cfg)
-    env = {"env_vars": engine_env(cfg.vllm)}
+    env = {"env_vars": engine_env(cfg.engine_for("rollout"))}
     raw = cfg.model_dump()
     worker = RolloutWorker.options(**cfg.rollout.actor_options(), runtime_env=env).remote(resolved.policy, raw)
     critic = new_labeler(resolved.critic, cfg, **cfg.critic.actor_options())
