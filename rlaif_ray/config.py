@@ -316,9 +316,11 @@ class SyncConfig(_Section):
     """How new weights reach the rollout engines after every learner step (rlaif_ray.runtime.weight_sync).
     `collective`: learner rank 0 broadcasts them over a process group of its own with every engine worker (gloo
     on CPU, NCCL on GPU), bucket by bucket in the training dtype; `object_store`: rank 0 puts one array per
-    parameter in Ray's object store and every engine reads them; `auto`: collective, and the object store for
-    the rest of the run after `max_failures` collective syncs in a row failed. A failed collective sync always
-    falls back to the object store for that version (listed in the run's faults), and the group is rebuilt."""
+    parameter in Ray's object store and every engine reads them; `auto`: collective where learners and engines
+    hold GPUs (NCCL), the object store on CPU (on one node it is shared memory: faster than a gloo broadcast, see
+    README), and the object store for the rest of the run after `max_failures` collective syncs in a row failed.
+    A failed collective sync falls back to the object store for that version (listed in the run's faults), and
+    the group is rebuilt at the next sync."""
     method: Literal["auto", "collective", "object_store"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL where learners and engines hold GPUs
     bucket_mb: float = Field(64.0, gt=0)                # the most bytes one broadcast carries (a larger tensor goes alone)

@@ -66,7 +66,27 @@ class WeightUpdateExtension:
         weights = [(name, t.to(device, non_blocking=True)) for name, t in zip(names, tensors)]
         reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights  # worker wraps the config context
         reload(weights_iterator=weights)
+        self._rlaif_retie_embeddings()
         return len(names)
+
+    def _rlaif_retie_embeddings(self) -> None:
+        """A model with tied input and output embeddings (SmolLM2, Qwen2.5 up to 3B, Llama-3.2 1B/3B) has no
+        lm_head weight in its checkpoint; vLLM's layerwise reload loads the input embedding and puts the output
+        head's old kernel tensors back (on CPU its packed GEMM), so the head would keep computing logits with the
+        initial weights for the rest of the run. Tie it again to the newly loaded embedding and rebuild its kernel,
+        as vLLM does when it builds the model."""
+        hf_config = self.model_runner.model_config.hf_config
+        if not getattr(hf_config, "tie_word_embeddings", False):
+            return
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+        model = self.model_runner.get_model()
+        heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+        embeds = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
+        if len(heads) == 1 and len(embeds) == 1 and heads[0].weight.shape == embeds[0].weight.shape:
+            head = heads[0]
+            head.weight = embeds[0].weight
+            head.quant_method.process_weights_after_loading(head)  # CPU: the head's packed GEMM from the new weight
 
     def rlaif_join_sync_group(self, spec: dict, first_rank: int) -> int:
         """Join the collective sync group (rlaif_ray.weight_transfer) as `first_rank` + this worker's rank in its
@@ -88,4 +108,5 @@ class WeightUpdateExtension:
         device = self.model_runner.device if hasattr(self.model_runner, "device") else "cpu"
         reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
         reload(weights_iterator=group.receive(device))
+        self._rlaif_retie_embeddings()
         return group.wait_seconds

@@ -77,7 +77,8 @@ def test_stage_actors_killed_mid_run(ray_cluster, toy_world, tmp_path, monkeypat
         7: lambda o: os.kill(pid_of(o.critics[0]), signal.SIGKILL),       # restarts used up: replaced
     })
     cfg = small_config(tmp_path, loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "max_staleness": 1,
-                                       "eval_samples": 1}, fault={"max_actor_restarts": 1})  # Ray restarts, and replacement
+                                       "eval_samples": 1}, fault={"max_actor_restarts": 1},  # Ray restarts, and replacement
+                       sync={"method": "collective"})
     summary = train(cfg)
     faults = summary["faults"]
     # ray.kill (step 1) and a kill with no restart left (step 7) fail a batch for sure and force a replacement;
@@ -107,7 +108,7 @@ def test_hung_engine_is_killed_replaced_and_its_batch_reissued(ray_cluster, toy_
     steps, per_step = 5, 4 * 2
     inject(monkeypatch, {2: lambda o: ray.get(o.rollouts[0].inject_fault.remote("hang_generate", 3600))})
     cfg = small_config(tmp_path, loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "eval_samples": 0},
-                       fault={"stage_timeout_s": 20}, sync={"timeout_s": 30})
+                       fault={"stage_timeout_s": 20}, sync={"method": "collective", "timeout_s": 30})
     summary = train(cfg)
     faults = summary["faults"]
     # the stuck batch, and the next one when it was queued on the same engine

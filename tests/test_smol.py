@@ -170,7 +170,10 @@ def test_checkers(tmp_path, monkeypatch):
 
 def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     """SmolLM2 as policy and judge through the real actors: the engine saw the chat template's ids, the learner
-    trained on them, and the judge report shows what a small real judge does."""
+    trained on them, and the judge report shows what a small real judge does. Sync mode and the collective weight
+    sync: the second batch comes from the engine after it took version 1, so the learner's log-probs on it must equal
+    the engine's (SmolLM2 ties its input and output embeddings: an engine whose output head kept the initial weights
+    after a reload was off by ~1e-3 per token)."""
     import pyarrow.parquet as pq
 
     from transformers import AutoTokenizer
@@ -186,7 +189,8 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     cfg = load_config("jobs/configs/smol_cpu.yaml", [
         f"output.run_dir={tmp_path / 'run'}", "output.progress=false", "output.tensorboard=false",
         "loop.num_steps=2", "loop.eval_samples=0", "data.prompts_per_step=2", "rollout.samples_per_prompt=2",
-        "rollout.max_new_tokens=8", f"rollout.chat_template={tmp_path / 'adder.jinja'}"])
+        "rollout.max_new_tokens=8", f"rollout.chat_template={tmp_path / 'adder.jinja'}", "loop.mode=sync",
+        "sync.method=collective"])
     summary = train(cfg)
     assert summary["status"] == "finished" and summary["final_version"] == 2
     assert summary["trained"] + summary["skipped"] + summary["dropped_stale"] == 8
@@ -203,3 +207,6 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     assert resolve_chat_template(checkpoint, "auto") is None  # None: vLLM uses the checkpoint's own
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(metrics) == 2 and all("true_accuracy" in m for m in metrics)  # the last_number checker graded them
+    assert summary["weight_sync"]["method"] == "collective" and not summary["faults"]["events"]
+    print(f"smol, batch generated after the first sync: log-prob mismatch {metrics[1]['logprob_mismatch']:.2e}")
+    assert metrics[1]["logprob_mismatch"] < 1e-4

@@ -26,7 +26,7 @@ from rlaif_ray.config import ConfigError, RunConfig
 
 STATE_FILE = "state.json"
 # keys that may change between a run and its resume: how long it runs, where it writes, what it survives
-RESUMABLE_CHANGES = ("loop.num_steps", "loop.eval_samples", "output", "ray", "fault", "checkpoint", "serve")
+RESUMABLE_CHANGES = ("loop.num_steps", "loop.eval_samples", "output", "ray", "fault", "checkpoint", "serve", "sync")
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:

@@ -39,7 +39,10 @@ class PendingSync:
 class WeightSync:
     def __init__(self, cfg: RunConfig, learners, rollout_pool, faults: dict):
         self.cfg, self.learners, self.pool, self.faults = cfg, learners, rollout_pool, faults
-        self.method = "collective" if cfg.sync.method in ("auto", "collective") else "object_store"
+        # auto: NCCL's GPU-to-GPU broadcast where learners and engines hold GPUs; on CPU the object store, which on
+        # one node is shared memory the engine maps, measured faster than a gloo broadcast (jobs/weight_sync_bench.py)
+        auto = "collective" if self.backend() == "nccl" else "object_store"
+        self.method = {"auto": auto}.get(cfg.sync.method, cfg.sync.method)
         self.generation = 0
         self.spec: dict | None = None   # the sync group's spec (None: form a new one at the next sync)
         self.failures = 0               # collective syncs failed in a row
