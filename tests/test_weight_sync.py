@@ -42,42 +42,52 @@ def learners_for(toy_world, zero_stage: int, **sync):
     return cfg, pg, LearnerGroup(toy_world.policy, cfg, pg)
 
 
+@pytest.fixture(scope="module")
+def groups(ray_cluster, toy_world):
+    """Two-rank learner groups by ZeRO stage, started once for the module (a start costs ~15 s)."""
+    from ray.util.placement_group import remove_placement_group
+    made = {}
+
+    def get(zero_stage: int):
+        if zero_stage not in made:
+            made[zero_stage] = learners_for(toy_world, zero_stage)
+        return made[zero_stage]
+    yield get
+    for _, pg, learners in made.values():
+        for r in learners.ranks:
+            ray.kill(r)
+        remove_placement_group(pg)
+
+
 def gap(a: list[list[float]], b: list[list[float]]) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_collective_sync_gives_the_engine_the_learners_weights(engine, prompts_ref, toy_world, zero_stage):
-    from ray.util.placement_group import remove_placement_group
-
+def test_collective_sync_gives_the_engine_the_learners_weights(engine, prompts_ref, toy_world, groups, zero_stage):
     from rlaif_ray.runtime.pool import ActorPool
     from rlaif_ray.runtime.weight_sync import WeightSync
 
-    cfg, pg, learners = learners_for(toy_world, zero_stage)
+    cfg, _, learners = groups(zero_stage)
     faults = {"events": []}
     sync = WeightSync(cfg, learners, ActorPool([engine], "rollout"), faults)
-    try:
-        rollouts, _ = engine.generate.options(num_returns=2).remote(prompts_ref, [0, 1, 2, 3], 5)
-        batch = [p + r for p, r in zip(*(ray.get(rollouts).column(c).to_pylist()
-                                         for c in ("prompt_token_ids", "response_token_ids")))]
-        ray.get(engine.update_weights.remote(learners.export_weights(), 0))  # both sides start equal
-        assert gap(ray.get(engine.score.remote(batch)), learners.score(batch)) < 1e-5
-        for version in (1, 2):
-            assert learners.train(ray.put(with_rewards(ray.get(rollouts))))["metrics"]["optimizer_step"] == 1
-            learner_lp = learners.score(batch)
-            assert gap(ray.get(engine.score.remote(batch)), learner_lp) > 1e-3  # the step moved the weights
-            receipts, gone = sync.finish(sync.send(version), version)
-            assert gone == [] and faults["events"] == []
-            (receipt,) = receipts
-            assert receipt["ok"] and receipt["method"] == "collective" and receipt["version"] == version
-            assert receipt["sync_bytes"] == sum(4 * p.numel() for p in toy_params(toy_world))
-            assert ray.get(engine.ready.remote()) == version
-            assert gap(ray.get(engine.score.remote(batch)), learner_lp) < 1e-5  # fp32: the same weights
-        assert sync.generation == 1  # one group, formed at the first sync, reused by the second
-    finally:
-        for r in learners.ranks:
-            ray.kill(r)
-        remove_placement_group(pg)
+    rollouts, _ = engine.generate.options(num_returns=2).remote(prompts_ref, [0, 1, 2, 3], 5)
+    batch = [p + r for p, r in zip(*(ray.get(rollouts).column(c).to_pylist()
+                                     for c in ("prompt_token_ids", "response_token_ids")))]
+    ray.get(engine.update_weights.remote(learners.export_weights(), 0))  # both sides start equal
+    assert gap(ray.get(engine.score.remote(batch)), learners.score(batch)) < 1e-5
+    for version in (1, 2):
+        assert learners.train(ray.put(with_rewards(ray.get(rollouts))))["metrics"]["optimizer_step"] == 1
+        learner_lp = learners.score(batch)
+        assert gap(ray.get(engine.score.remote(batch)), learner_lp) > 1e-3  # the step moved the weights
+        receipts, gone = sync.finish(sync.send(version), version)
+        assert gone == [] and faults["events"] == []
+        (receipt,) = receipts
+        assert receipt["ok"] and receipt["method"] == "collective" and receipt["version"] == version
+        assert receipt["sync_bytes"] == sum(4 * p.numel() for p in toy_params(toy_world))
+        assert ray.get(engine.ready.remote()) == version
+        assert gap(ray.get(engine.score.remote(batch)), learner_lp) < 1e-5  # fp32: the same weights
+    assert sync.generation == 1  # one group, formed at the first sync, reused by the second
 
 
 def toy_params(toy_world):
@@ -85,33 +95,27 @@ def toy_params(toy_world):
     return list(AutoModelForCausalLM.from_pretrained(toy_world.policy).parameters())
 
 
-def test_a_receiver_that_never_joins_fails_the_sync_and_the_object_store_takes_over(engine, prompts_ref, toy_world):
-    from ray.util.placement_group import remove_placement_group
-
+def test_a_receiver_that_never_joins_fails_the_sync_and_the_object_store_takes_over(engine, prompts_ref, groups):
     from rlaif_ray.runtime.pool import ActorPool
     from rlaif_ray.runtime.weight_sync import WeightSync
 
-    cfg, pg, learners = learners_for(toy_world, 2, timeout_s=4)
+    cfg, _, learners = groups(2)
+    cfg = cfg.model_copy(update={"sync": cfg.sync.model_copy(update={"timeout_s": 4})})  # the group's timeout
     faults = {"events": []}
     sync = WeightSync(cfg, learners, ActorPool([engine], "rollout"), faults)
-    try:
-        rollouts, _ = engine.generate.options(num_returns=2).remote(prompts_ref, [0, 1], 6)
-        batch = ray.get(rollouts).column("prompt_token_ids").to_pylist()
-        learners.train(ray.put(with_rewards(ray.get(rollouts))))
-        ray.get(engine.inject_fault.remote("hang_sync", 8))  # alive, but reaches the sync after the group gave up
-        receipts, gone = sync.finish(sync.send(1), 1)
-        assert gone == [] and len(faults["events"]) == 1 and "collective sync failed" in faults["events"][0]
-        assert "not formed" in faults["events"][0]  # the learner's side: its store waited for the engine in vain
-        (receipt,) = receipts
-        assert receipt["method"] == "object_store" and receipt["version"] == 1  # the fallback
-        assert gap(ray.get(engine.score.remote(batch)), learners.score(batch)) < 1e-5
-        assert sync.spec is None  # the next sync forms a new group, which works
-        receipts, _ = sync.finish(sync.send(2), 2)
-        assert receipts[0]["method"] == "collective" and sync.generation == 2 and len(faults["events"]) == 1
-    finally:
-        for r in learners.ranks:
-            ray.kill(r)
-        remove_placement_group(pg)
+    rollouts, _ = engine.generate.options(num_returns=2).remote(prompts_ref, [0, 1], 6)
+    batch = ray.get(rollouts).column("prompt_token_ids").to_pylist()
+    learners.train(ray.put(with_rewards(ray.get(rollouts))))
+    ray.get(engine.inject_fault.remote("hang_sync", 8))  # alive, but reaches the sync after the group gave up
+    receipts, gone = sync.finish(sync.send(1), 1)
+    assert gone == [] and len(faults["events"]) == 1 and "collective sync failed" in faults["events"][0]
+    assert "not formed" in faults["events"][0]  # the learner's side: its store waited for the engine in vain
+    (receipt,) = receipts
+    assert receipt["method"] == "object_store" and receipt["version"] == 1  # the fallback
+    assert gap(ray.get(engine.score.remote(batch)), learners.score(batch)) < 1e-5
+    assert sync.spec is None  # the next sync forms a new group, which works
+    receipts, _ = sync.finish(sync.send(2), 2)
+    assert receipts[0]["method"] == "collective" and sync.generation == 2 and len(faults["events"]) == 1
 
 
 def test_tensor_parallel_engine_matches_tp1_and_a_sync_reaches_both_shards(engine, prompts_ref, toy_world):

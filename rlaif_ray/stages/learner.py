@@ -109,6 +109,7 @@ class LearnerRank:
         self.policy_path, self.rank, self.world_size = policy_path, rank, world_size
         self.checker = make_checker(self.cfg.data.checker)  # true accuracy in the step metrics
         self.version = 0
+        self.sync_group = None  # rank 0: the collective weight-sync group it hosts (rlaif_ray.weight_transfer)
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -464,12 +465,12 @@ class LearnerRank:
         if self.rank != 0 and not zero3:
             return {"rank": self.rank, "ok": True}
         t0, error, sent = time.perf_counter(), None, 0
-        if self.rank == 0 and getattr(self, "sync_group", None) is not None and \
+        if self.rank == 0 and self.sync_group is not None and \
                 (self.sync_group.spec.host, self.sync_group.spec.port, self.sync_group.spec.generation) != \
                 (spec["host"], spec["port"], spec["generation"]):
             self.sync_group.close()
             self.sync_group = None
-        if self.rank == 0 and getattr(self, "sync_group", None) is None:
+        if self.rank == 0 and self.sync_group is None:
             try:
                 self.sync_group = open_group(GroupSpec(**spec), 0)
             except Exception as err:
@@ -483,7 +484,7 @@ class LearnerRank:
                 error = f"weight broadcast failed: {type(err).__name__}: {str(err)[:300]}"
         for _ in buckets:  # the gathers not walked yet (rank 0 after a failure; other ranks under ZeRO-3: all)
             pass
-        if error is not None and self.rank == 0 and getattr(self, "sync_group", None) is not None:
+        if error is not None and self.rank == 0 and self.sync_group is not None:
             self.sync_group.close()
             self.sync_group = None
         return {"rank": self.rank, "ok": error is None, "error": error, "bytes": sent,
