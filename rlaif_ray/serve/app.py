@@ -111,10 +111,13 @@ def llm_config(cfg: RunConfig, checkpoint: str):
         bundle["GPU"] = s.gpus_per_replica
     else:  # CPU engines size their KV cache from this variable, not from gpu_memory_utilization
         env["VLLM_CPU_KVCACHE_SPACE"] = str(v.cpu_kvcache_space_gib)
+    bundles = [bundle]
+    if s.gpus_per_replica > 0:  # a tensor-parallel replica: one more GPU bundle per further shard (not run here)
+        bundles += [{"GPU": 1}] * (v.tensor_parallel_size - 1)
     return LLMConfig(
         model_loading_config={"model_id": s.model_id, "model_source": checkpoint},
         engine_kwargs=engine,
-        placement_group_config={"bundles": [bundle]},
+        placement_group_config={"bundles": bundles},
         runtime_env={"env_vars": env},
         deployment_config={"autoscaling_config": {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                                                   "initial_replicas": max(1, s.min_replicas),
