@@ -115,6 +115,7 @@ def _fault_lines(summary: dict) -> list[str]:
     lines = ["", "## Faults survived", "",
              f"- batches re-issued after a stage actor fault: {faults.get('reissued_batches', 0)}; actors replaced: "
              f"{faults.get('replaced_actors', 0)}; engines given the weights again: {faults.get('resynced_engines', 0)}",
+             f"- collective weight syncs that failed (the object store took over): {faults.get('failed_syncs', 0)}",
              f"- resumes from a checkpoint after a learner failure: {len(faults.get('resumes', []))}"
              + (f"; this run resumed from `{summary['resumed_from']}`" if summary.get("resumed_from") else "")]
     return lines + [f"- {event}" for event in [*faults.get("events", []), *faults.get("resumes", [])][:20]]
