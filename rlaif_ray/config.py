@@ -460,7 +460,7 @@ class RunConfig(_Section):
             if engine.executor == "uni" and engine.tensor_parallel_size > 1:
                 raise ValueError(f"{role}.engine: executor uni runs one process, so tensor_parallel_size must be 1 "
                                  f"(got {engine.tensor_parallel_size}); use executor mp or ray")
-            if 0 < section.gpus_per_worker < engine.tensor_parallel_size:
+            if engine.tensor_parallel_size > 1 and 0 < section.gpus_per_worker < engine.tensor_parallel_size:
                 raise ValueError(f"{role}: tensor_parallel_size {engine.tensor_parallel_size} needs "
                                  f"{role}.gpus_per_worker >= {engine.tensor_parallel_size} (got {section.gpus_per_worker})")
         pairwise_methods = ("pairwise", "cot", "self_reference")

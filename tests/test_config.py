@@ -69,5 +69,6 @@ def test_each_engine_role_inherits_vllm_and_model_and_overrides_its_own():
         load_config(None, ["rollout.engine.tensor_parallel_size=2", "rollout.engine.executor=uni"])
     with pytest.raises(ConfigError, match="gpus_per_worker >= 4"):
         load_config(None, ["critic.engine.tensor_parallel_size=4", "critic.gpus_per_worker=1"])
+    load_config(None, ["rollout.gpus_per_worker=0.5"])  # a fraction of a GPU per engine (colocated): TP 1 is fine
     with pytest.raises(ConfigError, match="unknown key 'rollout.engine.max_len'"):
         load_config(None, ["rollout.engine.max_len=4"])
