@@ -52,11 +52,16 @@ def groups(ray_cluster, toy_world):
         if zero_stage not in made:
             made[zero_stage] = learners_for(toy_world, zero_stage)
         return made[zero_stage]
+
+    def close():  # frees their CPUs (a test that starts more actors must not wait for a bundle forever)
+        for _, pg, learners in made.values():
+            for r in learners.ranks:
+                ray.kill(r)
+            remove_placement_group(pg)
+        made.clear()
+    get.close = close
     yield get
-    for _, pg, learners in made.values():
-        for r in learners.ranks:
-            ray.kill(r)
-        remove_placement_group(pg)
+    close()
 
 
 def gap(a: list[list[float]], b: list[list[float]]) -> float:
@@ -118,7 +123,7 @@ def test_a_receiver_that_never_joins_fails_the_sync_and_the_object_store_takes_o
     assert receipts[0]["method"] == "collective" and sync.generation == 2 and len(faults["events"]) == 1
 
 
-def test_tensor_parallel_engine_matches_tp1_and_a_sync_reaches_both_shards(engine, prompts_ref, toy_world):
+def test_tensor_parallel_engine_matches_tp1_and_a_sync_reaches_both_shards(engine, prompts_ref, toy_world, groups):
     """A TP = 2 engine (two worker processes, vLLM's CPU backend) answers greedily as the TP = 1 engine does; after a
     training step, a collective sync into both of its shards and an object-store sync into the TP = 1 engine change
     their answers identically."""
@@ -131,6 +136,7 @@ def test_tensor_parallel_engine_matches_tp1_and_a_sync_reaches_both_shards(engin
     from rlaif_ray.stages.rollout import RolloutWorker
     from tests.conftest import small_config
 
+    groups.close()  # the learner groups of the tests above: their bundles are needed here
     cfg = small_config(learner={"num_learners": 1, "learning_rate": 0.01},
                        rollout={"samples_per_prompt": 2, "max_new_tokens": 6, "engine": {"tensor_parallel_size": 2}},
                        sync={"method": "collective", "bucket_mb": 0.25, "timeout_s": 60})
