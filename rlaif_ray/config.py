@@ -106,18 +106,12 @@ class EngineOverrides(_Section):
     executor: Executor | None = None
 
 
-class EngineSettings(_Section):
+class EngineSettings(VLLMConfig):
     """The settings one engine starts with (`RunConfig.engine_for(role)`: `vllm.*` and `model.*` with the role's
-    overrides applied)."""
+    overrides applied, the executor resolved)."""
     role: EngineRole
     dtype: Literal["float32", "bfloat16", "float16"]
     max_model_len: int
-    gpu_memory_utilization: float
-    cpu_kvcache_space_gib: int
-    enforce_eager: bool
-    max_num_seqs: int
-    max_logprobs: int
-    tensor_parallel_size: int
     executor: Literal["uni", "mp", "ray"]
 
 

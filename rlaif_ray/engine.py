@@ -62,12 +62,19 @@ class WeightUpdateExtension:
     def rlaif_load_weights(self, tensors: list[torch.Tensor], names: list[str]) -> int:
         if len(tensors) != len(names):
             raise ValueError(f"weight update holds {len(tensors)} tensors for {len(names)} names")
-        device = self.model_runner.device if hasattr(self.model_runner, "device") else "cpu"
-        weights = [(name, t.to(device, non_blocking=True)) for name, t in zip(names, tensors)]
+        device = self._rlaif_device()
+        self._rlaif_reload([(name, t.to(device, non_blocking=True)) for name, t in zip(names, tensors)])
+        return len(names)
+
+    def _rlaif_device(self):
+        return self.model_runner.device if hasattr(self.model_runner, "device") else "cpu"
+
+    def _rlaif_reload(self, weights) -> None:
+        """vLLM's in-place reload from (HF name, tensor) pairs (any iterable: it is consumed as it goes), then the
+        tied output head made whole again."""
         reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights  # worker wraps the config context
         reload(weights_iterator=weights)
         self._rlaif_retie_embeddings()
-        return len(names)
 
     def _rlaif_retie_embeddings(self) -> None:
         """A model with tied input and output embeddings (SmolLM2, Qwen2.5 up to 3B, Llama-3.2 1B/3B) has no
@@ -105,8 +112,5 @@ class WeightUpdateExtension:
         """Receive one whole version over the sync group, loading each bucket into the engine as it arrives.
         Returns the seconds spent waiting in the broadcasts (the rest of the call is vLLM loading the weights)."""
         group = self.rlaif_sync_group
-        device = self.model_runner.device if hasattr(self.model_runner, "device") else "cpu"
-        reload = getattr(self, "reload_weights", None) or self.model_runner.reload_weights
-        reload(weights_iterator=group.receive(device))
-        self._rlaif_retie_embeddings()
+        self._rlaif_reload(group.receive(self._rlaif_device()))
         return group.wait_seconds

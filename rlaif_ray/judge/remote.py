@@ -98,7 +98,8 @@ class OpenAIJudge:
         headers = {"Content-Type": "application/json"}
         self._secret: str | None = None
         if cfg.api_key_env:
-            self._secret = secret.value if secret is not None else (os.environ.get(cfg.api_key_env) or None)
+            secret = secret or read_secret(cfg)  # the driver's (and tools') judge reads it here
+            self._secret = secret.value if secret is not None else None
             if self._secret is None:
                 raise RemoteJudgeError(f"remote judge: environment variable {cfg.api_key_env} "
                                        "(critic.remote.api_key_env) is not set or empty")

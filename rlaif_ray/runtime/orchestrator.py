@@ -208,11 +208,10 @@ class Orchestrator:
         refs = list(batch.stat_refs.values())
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
         if len(done) < len(refs):
-            stage = next(s for s, ref in batch.stat_refs.items() if ref not in set(done))
+            finished = set(done)
+            stage = next(s for s, ref in batch.stat_refs.items() if ref not in finished)
             pool_name, index = batch.callees[stage]
-            pool = self.pools[pool_name]
-            if pool.actors[index] is not None:
-                ray.kill(pool.actors[index], no_restart=True)
+            ray.kill(self.pools[pool_name].actors[index], no_restart=True)
             raise StageTimeout(f"{pool_name} actor {index} did not finish the {stage} call of step {batch.step} "
                                f"within {timeout:.0f} s (fault.stage_timeout_s): killed")
         return dict(zip(batch.stat_refs, ray.get(refs)))

@@ -136,16 +136,18 @@ class WeightSync:
             if not receipt.get("ok", True):
                 errors.insert(0, receipt["error"])
         if pending.method == "collective":
-            self._after_collective(pending, errors, failed, gone, learner_version, receipts)
+            receipts += self._after_collective(pending, errors, failed, gone, learner_version)
         return receipts, gone
 
-    def _after_collective(self, pending, errors, failed, gone, learner_version, receipts) -> None:
+    def _after_collective(self, pending, errors, failed, gone, learner_version) -> list[dict]:
+        """Count a failed collective sync, list it in the faults, and give the engines it missed the weights
+        through the object store (their receipts are returned)."""
         if not errors and not gone:
             self.failures = 0
-            return
+            return []
         self.regroup("the last sync failed")
         if not errors:  # only engines that died: the fault handling replaces them and hands them the weights
-            return
+            return []
         self.failures += 1
         event = f"weight sync of version {pending.version}: collective sync failed ({'; '.join(errors)[:400]})"
         if failed:
@@ -158,8 +160,7 @@ class WeightSync:
         log.warning(event)
         self.faults["events"].append(event)
         self.faults["failed_syncs"] = self.faults.get("failed_syncs", 0) + 1
-        if failed:
-            receipts += self.repair(failed, learner_version)
+        return self.repair(failed, learner_version) if failed else []
 
     def repair(self, indices: list[int], learner_version: int) -> list[dict]:
         """Give engines `indices` the whole current policy through the object store, and wait."""
