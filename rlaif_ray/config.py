@@ -47,10 +47,12 @@ class SmolWorldConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Which models play which part. The literal value "toy" means: build (or reuse) the toy world."""
+    """Which models play which part. The literal value "toy" means: build (or reuse) the toy world. `dtype` of the
+    engines and of training (bf16/fp16 train with fp32 master weights in DeepSpeed's optimizer); auto: bfloat16
+    where the learners hold GPUs, float32 on CPU."""
     policy: str = "toy"
     critic: str = "toy"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int = Field(256, ge=16)
 
 
@@ -113,6 +115,7 @@ class EngineSettings(VLLMConfig):
     dtype: Literal["float32", "bfloat16", "float16"]
     max_model_len: int
     executor: Literal["uni", "mp", "ray"]
+    sleep_mode: bool = False  # rollout engines under learner.colocate: vLLM sleep mode (CUDA only)
 
 
 class WorkerResources(_Section):
@@ -217,8 +220,16 @@ class CriticConfig(WorkerResources):
     - `self_reference`: the judge answers the prompt itself (`self_answer_template`), critiques the two
       responses against its own answer after `critique_prompt`, then judges; both orders; margin kept.
     - `direct`: d-RLAIF, the score's expectation under the score-token distribution (a 1..K scale, K labels).
-    `principles`: one is sampled per label and fills `{principle}` (in the preamble or a template)."""
+    `principles`: one is sampled per label and fills `{principle}` (in the preamble or a template).
+    `pairs`: which pairs of a prompt group's n responses the pairwise methods judge, each in both orders:
+    `all` (n(n-1)/2), `anchor` (each vs the group's first response: n-1), `round_robin` (i vs i+1 mod n: each
+    response in two pairs), `random_k` (each vs `pairs_k` others drawn from `loop.seed` and the sample ids).
+    `cache_size`: judge replies remembered (LRU; 0 = off) so a repeated judge prompt (re-issued batch, identical
+    responses in a group) is not judged twice; failed or unparsable replies are not kept."""
     method: Literal["pairwise", "cot", "self_reference", "direct"] = "pairwise"
+    pairs: Literal["all", "anchor", "round_robin", "random_k"] = "all"
+    pairs_k: int = Field(2, ge=1)
+    cache_size: int = Field(4096, ge=0)
     # who runs a local judge: a vLLM engine, or plain transformers forward passes (small judges: reading a label
     # is one prefill, and a padded batch forward skips the engine's per-request scheduling)
     backend: Literal["vllm", "transformers"] = "vllm"
@@ -281,29 +292,79 @@ class RewardConfig(_Section):
     trainer_cpus: float = Field(0.5, gt=0)
 
 
+class LoraSettings(_Section):
+    """LoRA adapters on the policy (peft): `rank` 0 trains the full model. The engines receive merged weights
+    (W + alpha/rank · B·A under the base model's names) through the same sync path; checkpoints hold the adapter in
+    checkpoint/adapter and, with `save_merged`, the merged model (what serve, eval and resume load)."""
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    save_merged: bool = True
+
+
 class LearnerConfig(_Section):
     """`ppo`: clipped surrogate + KL penalty on per-sample advantages (`advantage`), importance-corrected
     for samples an older policy generated. `dpo`/`ipo`: online preference optimisation on the judge's
-    soft pairwise labels. `sft`: fine-tune on the critic's own answers (the strong-teacher baseline)."""
+    soft pairwise labels. `sft`: fine-tune on the critic's own answers (the strong-teacher baseline).
+
+    Memory and scale (rlaif_ray.learner_core): `gradient_checkpointing`; `logprob_chunk_tokens` (log-probs through
+    the output head this many positions at a time, never the whole [B, T, V] logits; 0: plain); `reference`
+    (auto: none when nothing uses it, the policy without its adapters under LoRA, sharded under ZeRO-3, else a
+    copy per rank; rank | sharded | cpu | none); `offload_optimizer` / `offload_params` (ZeRO-Offload to host
+    memory); `deepspeed` (merged last into the DeepSpeed config); `lora`. `loss_aggregation`: `token` weighs every
+    response token of the batch equally (DAPO / Dr.GRPO: no length bias), `sequence` averages per response first
+    (GRPO's original). `kl_coef` unset: 0.05 for ppo, 0 for dpo/ipo (β already keeps them near the reference)."""
     algorithm: Literal["ppo", "dpo", "ipo", "sft"] = "ppo"
     advantage: Literal["grpo", "rloo", "reinforce_pp", "group_mean"] = "grpo"
     num_learners: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
     learning_rate: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)          # optimizer steps of linear warmup before the schedule
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # where linear/cosine decay ends, as a share of learning_rate
     weight_decay: float = Field(0.0, ge=0)
-    kl_coef: float = Field(0.05, ge=0)
+    kl_coef: float | None = Field(None, ge=0)
+    loss_aggregation: Literal["token", "sequence"] = "token"
     clip_eps: float = Field(0.2, gt=0, lt=1)
     ppo_epochs: int = Field(1, ge=1)
     importance_correction: bool = True    # weight by min(π_learner / π_behaviour, is_cap) per token
     is_cap: float = Field(2.0, ge=1.0)
     dpo_beta: float = Field(0.1, gt=0)
-    micro_batch_tokens: int = Field(0, ge=0)  # padded tokens per forward/backward pass (0: a rank's share at once)
+    micro_batch_tokens: int = Field(8192, ge=0)  # padded tokens per forward/backward pass (0: a rank's share at once)
+    logprob_chunk_tokens: int = Field(1024, ge=0)
+    gradient_checkpointing: bool = False
+    reference: Literal["auto", "rank", "sharded", "cpu", "none"] = "auto"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed: dict = {}
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    # learners and rollout engines on the same GPUs (vLLM sleep mode frees the engines' memory while the learners
+    # step); CUDA only: refused on CPU clusters
+    colocate: bool = False
     grad_clip: float = Field(1.0, gt=0)
     cpus_per_learner: float = Field(1.0, gt=0)
     gpus_per_learner: float = Field(0.0, ge=0)
     resources: dict[str, float] = {}
     placement: PlacementStrategy = "PACK"  # the ranks' bundles: together, for fast collectives
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+    def kl(self) -> float:
+        """The KL coefficient in use (`kl_coef`, or its per-algorithm default)."""
+        if self.kl_coef is not None:
+            return self.kl_coef
+        return 0.05 if self.algorithm == "ppo" else 0.0
+
+    def reference_placement(self) -> str:
+        """Where the frozen reference lives (rlaif_ray.learner_core.REFERENCES), `auto` resolved."""
+        needed = self.algorithm in ("dpo", "ipo") or (self.algorithm == "ppo" and self.kl() > 0)
+        if self.reference != "auto":
+            return "adapter" if self.lora.rank > 0 and self.reference != "none" else self.reference
+        if not needed:
+            return "none"
+        if self.lora.rank > 0:
+            return "adapter"
+        return "sharded" if self.zero_stage == 3 else "rank"
 
 
 class SyncConfig(_Section):
@@ -445,7 +506,36 @@ class RunConfig(_Section):
                   **{k: v for k, v in overrides.model_dump().items() if v is not None}}
         if merged["executor"] == "auto":
             merged["executor"] = "uni" if merged["tensor_parallel_size"] == 1 else "mp"
-        return EngineSettings(role=role, **merged)
+        return EngineSettings(role=role, sleep_mode=role == "rollout" and self.learner.colocate, **merged)
+
+    @model_validator(mode="after")
+    def _resolve_auto(self) -> "RunConfig":
+        if self.model.dtype == "auto":
+            self.model.dtype = "bfloat16" if self.learner.gpus_per_learner > 0 else "float32"
+        return self
+
+    @model_validator(mode="after")
+    def _learner_settings(self) -> "RunConfig":
+        lcfg = self.learner
+        if lcfg.colocate and lcfg.gpus_per_learner <= 0:
+            raise ValueError("learner.colocate=true shares GPUs between learners and vLLM engines through vLLM's sleep "
+                             "mode, which needs CUDA; this run's learners hold no GPU (learner.gpus_per_learner=0). "
+                             "On CPU, leave learner.colocate=false: engines and learners take separate CPUs")
+        if lcfg.colocate and (self.loop.mode != "sync" or self.rollout.gpus_per_worker <= 0):
+            raise ValueError("learner.colocate=true needs loop.mode=sync (engines sleep while the learners step) and "
+                             "rollout engines on GPUs (rollout.gpus_per_worker > 0, e.g. 0.5 beside "
+                             "learner.gpus_per_learner=0.5 so that Ray puts one of each on every GPU)")
+        if lcfg.reference == "none" and (lcfg.algorithm in ("dpo", "ipo") or (lcfg.algorithm == "ppo" and lcfg.kl() > 0)):
+            raise ValueError(f"learner.reference=none, but learner.algorithm={lcfg.algorithm} with kl_coef={lcfg.kl()} "
+                             "compares with the reference policy: set learner.kl_coef=0 (ppo) or choose a placement")
+        if lcfg.reference == "rank" and lcfg.zero_stage == 3 and lcfg.lora.rank == 0:
+            raise ValueError("learner.reference=rank under zero_stage 3 would load a full reference on every rank; "
+                             "use sharded (ZeRO-3 inference, 1/N per rank) or cpu")
+        if lcfg.offload_params and lcfg.zero_stage != 3:
+            raise ValueError(f"learner.offload_params needs zero_stage 3 (got {lcfg.zero_stage})")
+        if lcfg.offload_optimizer and lcfg.zero_stage == 0:
+            raise ValueError("learner.offload_optimizer needs zero_stage 1, 2 or 3 (got 0)")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

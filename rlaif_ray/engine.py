@@ -53,6 +53,7 @@ def make_llm(model_path: str, settings: EngineSettings, seed: int, logprobs_mode
         worker_extension_cls="rlaif_ray.engine.WeightUpdateExtension",
         enable_prefix_caching=True,
         logprobs_mode=logprobs_mode,
+        **({"enable_sleep_mode": True} if settings.sleep_mode else {}),  # CUDA only (config refuses it on CPU)
     )
 
 

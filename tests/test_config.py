@@ -72,3 +72,27 @@ def test_each_engine_role_inherits_vllm_and_model_and_overrides_its_own():
     load_config(None, ["rollout.gpus_per_worker=0.5"])  # a fraction of a GPU per engine (colocated): TP 1 is fine
     with pytest.raises(ConfigError, match="unknown key 'rollout.engine.max_len'"):
         load_config(None, ["rollout.engine.max_len=4"])
+
+
+def test_learner_memory_settings_resolve_and_refuse_clearly():
+    from rlaif_ray.stages.learner import core_settings
+
+    cfg = load_config(None, [])
+    assert cfg.model.dtype == "float32" and cfg.learner.kl() == 0.05 and cfg.learner.micro_batch_tokens > 0
+    assert cfg.learner.reference_placement() == "rank"
+    gpu = load_config(None, ["learner.gpus_per_learner=1", "learner.zero_stage=3"])
+    assert gpu.model.dtype == "bfloat16" and gpu.learner.reference_placement() == "sharded"
+    dpo = load_config(None, ["learner.algorithm=dpo"])
+    assert dpo.learner.kl() == 0.0 and dpo.learner.reference_placement() == "rank"  # β alone; the ratio needs π_ref
+    assert load_config(None, ["learner.kl_coef=0"]).learner.reference_placement() == "none"
+    assert load_config(None, ["learner.lora.rank=8"]).learner.reference_placement() == "adapter"
+    settings = core_settings(load_config(None, ["loop.num_steps=7", "learner.ppo_epochs=2", "learner.lr_schedule=cosine"]))
+    assert settings.total_steps == 14 and settings.lr_schedule == "cosine"
+    for overrides, fragment in (
+            (["learner.colocate=true"], "needs CUDA"),
+            (["learner.colocate=true", "learner.gpus_per_learner=0.5"], "loop.mode=sync"),
+            (["learner.reference=none", "learner.algorithm=dpo"], "learner.reference=none"),
+            (["learner.reference=rank", "learner.zero_stage=3"], "sharded"),
+            (["learner.offload_params=true"], "zero_stage 3")):
+        with pytest.raises(ConfigError, match=fragment):
+            load_config(None, overrides)

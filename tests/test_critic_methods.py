@@ -118,3 +118,119 @@ def test_transformers_backend_labels_like_the_engine(engines, hf_critic, method)
         else:
             assert a["pair_partner_ids"] == b["pair_partner_ids"]
             assert a["pair_win_probs"] == pytest.approx(b["pair_win_probs"], abs=1e-3)
+
+
+# ---------------------------------------------------------------- pair selection and the judge cache
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_pair_selection_modes_give_their_declared_pairs(n):
+    from rlaif_ray.judge.pairs import select_pairs
+
+    def each_in(pairs):
+        return [sum(i in p for p in pairs) for i in range(n)]
+
+    declared = {"all": n * (n - 1) // 2, "anchor": max(n - 1, 0), "round_robin": n if n > 2 else n - 1 if n else 0}
+    for mode, count in declared.items():
+        pairs = select_pairs(n, mode)
+        assert len(pairs) == len(set(pairs)) == count and all(i < j < n for i, j in pairs), (mode, pairs)
+    assert select_pairs(n, "anchor") == [(0, j) for j in range(1, n)]
+    if n > 2:
+        assert each_in(select_pairs(n, "round_robin")) == [2] * n  # each response in two pairs
+    for k in (1, 2, 5):
+        pairs = select_pairs(n, "random_k", k, seed="0/a,b")
+        assert pairs == select_pairs(n, "random_k", k, seed="0/a,b")  # the same ids draw the same pairs
+        assert len(pairs) == len(set(pairs)) and all(i < j < n for i, j in pairs)
+        assert all(c >= min(k, n - 1) for c in each_in(pairs))
+        assert n * min(k, n - 1) / 2 <= len(pairs) <= min(n * k, n * (n - 1) // 2)
+    assert select_pairs(6, "random_k", 5) == select_pairs(6, "all")
+
+
+def requests(engines) -> int:
+    return ray.get(engines["critic"].usage.remote())["requests"]
+
+
+def label_with(engines, table, method, pairs=None):
+    out, stats = ray.get(engines["critic"].label.options(num_returns=2).remote(table, method, pairs))
+    return schemas.validate(out, "labels"), stats
+
+
+@pytest.mark.parametrize("mode, pairs", [("all", 6 + 1), ("anchor", 3 + 1), ("round_robin", 4 + 1), ("random_k", None)])
+def test_labeler_judges_the_selected_pairs_in_both_orders(engines, mode, pairs):
+    from rlaif_ray.judge.pairs import select_pairs
+    table = pa.concat_tables([rollout_table([" 10", " 11", " 12", " 13"], prompt="6+5=", reference="11",
+                                            prompt_id="ps", id_prefix="ps"),
+                              rollout_table([" 3", " 4"], prompt="1+2=", reference="3", prompt_id="pt", id_prefix="pt")])
+    out, stats = label_with(engines, table, "pairwise", mode)
+    if pairs is None:  # random_k, k=2: the draw the seed gives, each response in at least two pairs
+        pairs = len(select_pairs(4, mode, 2, seed="0/ps/0,ps/1,ps/2,ps/3")) + 1
+        assert 4 <= pairs - 1 <= 6
+    assert stats["pairs"] == pairs and stats["judge_calls"] == 2 * pairs
+    assert stats["judge_calls_per_sample"] == pytest.approx(2 * pairs / 6)
+    rows = out.to_pylist()
+    win = {(r["sample_id"], o): p for r in rows for o, p in zip(r["pair_partner_ids"], r["pair_win_probs"])}
+    assert len(win) == 2 * pairs and all(win[(b, a)] == pytest.approx(1 - p, abs=1e-6) for (a, b), p in win.items())
+    assert sum(len(r["pair_slot1_probs"]) for r in rows) == 2 * pairs  # both orders of every judged pair
+    assert all(r["label_valid"] for r in rows)
+    if mode == "anchor":
+        assert all(len(r["pair_partner_ids"]) == (3 if r["sample_id"] == "ps/0" else 1) for r in rows)
+
+
+COMPARED = ("label_valid", "skip_reason", "pair_partner_ids", "pair_win_probs", "pair_position_agree",
+            "pair_slot1_probs", "win_prob", "judge_score", "judge_reply")
+
+
+@pytest.mark.parametrize("method", ["pairwise", "cot", "direct"])
+def test_the_cache_answers_a_relabelled_batch(engines, method):
+    """A batch labelled again (a re-issued batch) is answered from the cache: no judge request, same labels."""
+    table = rollout_table([" 21", " 22", " 20"], prompt="9+12=", reference="21", prompt_id=f"c-{method}",
+                          id_prefix=f"c-{method}")
+    before = requests(engines)
+    first, stats1 = label_with(engines, table, method)
+    assert requests(engines) - before == stats1["judge_calls"] - stats1["judge_cache_hits"] > 0
+    before = requests(engines)
+    second, stats2 = label_with(engines, table, method)
+    assert requests(engines) == before and stats2["judge_cache_hits"] == stats2["judge_calls"] == stats1["judge_calls"]
+    assert first.select(COMPARED).to_pylist() == second.select(COMPARED).to_pylist()
+    assert all(x == 0.0 for x in second.column("label_latency_s").to_pylist())
+
+
+def test_identical_responses_are_judged_once(engines):
+    table = rollout_table([" 17", " 17", " 17", " 3"], prompt="8+9=", reference="17", prompt_id="dup", id_prefix="dup")
+    before = requests(engines)
+    out, stats = label_with(engines, table, "pairwise")
+    assert stats["judge_calls"] == 12 and stats["judge_cache_hits"] == 12 - 3  # texts: (17,17), (17,3), (3,17)
+    assert requests(engines) - before == 3
+    rows = out.to_pylist()
+    assert all(r["label_valid"] for r in rows)
+    assert rows[0]["pair_win_probs"][:2] == pytest.approx([0.5, 0.5], abs=1e-6)  # vs its two twins
+
+
+def test_failed_judge_replies_are_not_cached(engines):
+    """A judge prompt the engine rejects (too long) fails again on the next pass instead of being remembered."""
+    table = rollout_table([" 5", " 5" * 4000], prompt="1+4=", reference="5", prompt_id="long", id_prefix="long")
+    for _ in range(2):
+        out, stats = label_with(engines, table, "pairwise")
+        assert stats["failed_calls"] == 2 and stats["judge_cache_hits"] == 0
+        assert not any(out.column("label_valid").to_pylist())
+
+
+def test_cache_is_a_bounded_lru_that_keeps_only_usable_replies():
+    from rlaif_ray.judge.cache import CachedJudge
+    from rlaif_ray.judge.reply import JudgeReply
+
+    class Backend:  # answers "good*" prompts with a label, "low*" with too little label mass
+        def __init__(self):
+            self.asked: list[str] = []
+
+        def distribution(self, prompts, labels):
+            self.asked += prompts
+            return [JudgeReply(probs=[0.6, 0.4], mass=0.9 if p.startswith("good") else 0.01) for p in prompts]
+
+    backend = Backend()
+    judge = CachedJudge(backend, "j", size=2, min_label_mass=0.05)
+    judge.distribution(["good1", "good2", "good1", "low"], ["1", "2"])
+    assert backend.asked == ["good1", "good2", "low"] and judge.hits == 1
+    judge.distribution(["good1", "low", "good3"], ["1", "2"])  # good1 from the cache; low asked again
+    assert backend.asked[3:] == ["low", "good3"] and judge.hits == 2
+    assert list(judge.replies) == [("j", "good1", ("labels", ("1", "2"))), ("j", "good3", ("labels", ("1", "2")))]
+    judge.distribution(["good1"], [" 1", " 2"])  # another label set: another key
+    assert backend.asked[-1] == "good1"

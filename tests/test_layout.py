@@ -1,7 +1,7 @@
 """The package's layout holds: no import cycle (counting imports inside functions too), no lower layer importing a
 higher one, and every module imports on its own in a fresh interpreter (no cycle hidden by import order).
 
-Layers, bottom to top (README "Layout"): config, algorithms, engine, weight_transfer, data < judge < worlds < stages < runtime
+Layers, bottom to top (README "Layout"): config, algorithms, engine, weight_transfer, learner_core, data < judge < worlds < stages < runtime
 < serve, tools, cli. A module may import its own layer and the ones below it."""
 import ast
 import subprocess
@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rlaif_ray"
-LAYERS = {"rlaif_ray": 0, "config": 0, "algorithms": 0, "engine": 0, "console": 0, "weight_transfer": 0, "data": 0, "judge": 1, "worlds": 2,
+LAYERS = {"rlaif_ray": 0, "config": 0, "algorithms": 0, "engine": 0, "console": 0, "weight_transfer": 0, "learner_core": 0, "data": 0, "judge": 1, "worlds": 2,
           "stages": 3, "runtime": 4, "serve": 5, "tools": 5, "cli": 5}
 
 

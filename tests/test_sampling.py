@@ -109,12 +109,13 @@ def test_learner_log_probs_equal_the_engines_at_staleness_0(ray_cluster, world, 
     if world == "toy":  # log-probs at temperature 1 (what the learner took before) are far from the engine's
         from transformers import AutoModelForCausalLM
 
-        from rlaif_ray.stages.learner import pad_batch, sequence_logprobs
+        from rlaif_ray.learner_core import chunked_logprobs
+        from rlaif_ray.stages.learner import pad_batch
         model = AutoModelForCausalLM.from_pretrained(policy).eval()
         ids, attn, resp = pad_batch(table.column("prompt_token_ids").to_pylist(),
                                     table.column("response_token_ids").to_pylist(), 0)
         with torch.no_grad():
-            plain = sequence_logprobs(model, ids, attn)
+            plain = chunked_logprobs(model, ids, attn, chunk_tokens=0)
         engine = [x for row in table.column("response_logprobs").to_pylist() for x in row]
         off = float((plain[resp.bool()] - torch.tensor(engine)).abs().mean())
         print(f"toy, log-probs at T=1, top_p=1: {off:.2e}")

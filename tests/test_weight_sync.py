@@ -174,3 +174,56 @@ def test_tensor_parallel_engine_matches_tp1_and_a_sync_reaches_both_shards(engin
         for actor in [tp2, *learners.ranks]:
             ray.kill(actor)
         remove_placement_group(pg)
+
+
+def test_lora_learner_changes_the_engine_through_a_sync_and_its_checkpoint_reloads(engine, prompts_ref, toy_world,
+                                                                                    groups, tmp_path):
+    """LoRA on the policy (peft): a training step moves only the adapters; the collective sync gives the engine the
+    merged weights (its log-probs equal the learner's, and differ from the initial policy's); the checkpoint holds
+    the merged model and the adapter, and both reload to the learner's log-probs."""
+    import torch
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from transformers import AutoModelForCausalLM
+
+    from rlaif_ray.learner_core import chunked_logprobs
+    from rlaif_ray.runtime.learner_group import LearnerGroup
+    from rlaif_ray.runtime.pool import ActorPool
+    from rlaif_ray.runtime.weight_sync import WeightSync
+    from tests.conftest import small_config
+
+    groups.close()
+    cfg = small_config(learner={"num_learners": 1, "learning_rate": 0.05, "lora": {"rank": 4, "alpha": 8}},
+                       rollout={"samples_per_prompt": 2, "max_new_tokens": 6},
+                       sync={"method": "collective", "bucket_mb": 0.25, "timeout_s": 60})
+    assert cfg.learner.reference_placement() == "adapter"
+    pg = placement_group([{"CPU": 1}])
+    ray.get(pg.ready())
+    learners = LearnerGroup(toy_world.policy, cfg, pg)
+    try:
+        sync = WeightSync(cfg, learners, ActorPool([engine], "rollout"), {"events": []})
+        rollouts, _ = engine.generate.options(num_returns=2).remote(prompts_ref, [0, 1, 2, 3], 9)
+        batch = [p + r for p, r in zip(*(ray.get(rollouts).column(c).to_pylist()
+                                         for c in ("prompt_token_ids", "response_token_ids")))]
+        ray.get(engine.update_weights.remote(learners.export_weights(), 0))
+        initial = ray.get(engine.score.remote(batch))
+        assert gap(initial, learners.score(batch)) < 1e-5  # LoRA's B starts at 0: the merged model is the base
+        for version in (1, 2):
+            assert learners.train(ray.put(with_rewards(ray.get(rollouts))))["metrics"]["optimizer_step"] == 1
+            (receipt,), _ = sync.finish(sync.send(version), version)
+            assert receipt["ok"] and receipt["method"] == "collective"
+        learner_lp = learners.score(batch)
+        assert gap(learner_lp, initial) > 1e-3
+        assert gap(ray.get(engine.score.remote(batch)), learner_lp) < 1e-5
+        path = learners.save_checkpoint(str(tmp_path / "lora"))
+        merged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        from peft import PeftModel
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_world.policy), f"{path}/adapter")
+        for model in (merged, adapted.eval()):
+            with torch.no_grad():
+                lp = [chunked_logprobs(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                                       chunk_tokens=0)[0].tolist() for ids in batch]
+            assert gap(lp, learner_lp) < 1e-4
+    finally:
+        for r in learners.ranks:
+            ray.kill(r)
+        remove_placement_group(pg)

@@ -104,6 +104,8 @@ def judge_report(counts: dict) -> dict:
         "failed_share": ratio("failed_calls", "judge_calls"),
         "labels_per_s": ratio("labeled_samples", "label_seconds"),
         "judge_calls": int(counts.get("judge_calls", 0)),
+        "judge_calls_per_sample": ratio("judge_calls", "labeled_samples"),
+        "judge_cache_hits": int(counts.get("judge_cache_hits", 0)),  # judge calls answered from the labeler's cache
         "labeled_samples": int(counts.get("labeled_samples", 0)),
     }
     for key in ("prompt_tokens", "completion_tokens", "requests", "retries", "failures"):

@@ -72,6 +72,7 @@ def step_metrics(metrics: dict, stats: dict, *, train_wall: float, step_seconds:
         batch_report = judge_report(label)
         reward = stats["reward"]
         metrics.update(label_seconds=label["label_seconds"], judge_calls=label["judge_calls"],
+                       judge_calls_per_sample=label["judge_calls_per_sample"], judge_cache_hits=label["judge_cache_hits"],
                        reward_seconds=reward["reward_seconds"], rm_version=reward["rm_version"],
                        **{k: batch_report[k] for k in BATCH_JUDGE_RATES if batch_report[k] is not None})
     if rm_fit:

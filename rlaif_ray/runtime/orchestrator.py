@@ -339,7 +339,12 @@ class Orchestrator:
         """One learner step on `batch`, then the new weights sent to every engine. async: the sync is collected a
         step later (it is long done by then); sync: at once."""
         t_train = time.perf_counter()
+        colocated = self.cfg.learner.colocate  # sync mode: no engine is generating now
+        if colocated:
+            ray.get([w.sleep.remote() for w in self.rollouts])
         result = self.learners.train(batch.rewards)
+        if colocated:
+            ray.get([w.wake_up.remote() for w in self.rollouts])
         train_wall = time.perf_counter() - t_train
         self.version += 1
         sync_stats = self.finish_syncs(loop.sync)

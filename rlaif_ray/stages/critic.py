@@ -1,20 +1,23 @@
 """CriticLabeler: a Ray actor holding an AI judge (its own vLLM engine, or a remote OpenAI-compatible
 endpoint) that labels rollouts with the method `critic.method` (see `CriticConfig` and `judge_prompts`).
 
-Pairwise methods (pairwise, cot, self_reference) judge every pair of responses to the same prompt in both
-orders. The soft label is read from the label-token probabilities, P(slot 1) per order; the two orders are
-averaged (position-bias mitigation) and whether they agreed is kept per pair, with the slot-1 probability
-of each order (so the run's judge report can measure position bias). `cot` first generates a rationale,
-`self_reference` first answers the prompt itself and critiques both responses against that answer. `direct`
-(d-RLAIF) scores one response: Σ i·P(i) over the score tokens.
+Pairwise methods (pairwise, cot, self_reference) judge pairs of responses to the same prompt (every pair, or
+those `critic.pairs` selects: `rlaif_ray.judge.pairs`) in both orders. The soft label is read from the
+label-token probabilities, P(slot 1) per order; the two orders are averaged (position-bias mitigation) and
+whether they agreed is kept per pair, with the slot-1 probability of each order (so the run's judge report can
+measure position bias). `cot` first generates a rationale, `self_reference` first answers the prompt itself
+and critiques both responses against that answer. `direct` (d-RLAIF) scores one response: Σ i·P(i) over the
+score tokens.
 
 A reply whose label tokens hold less than `critic.min_label_mass`, or a judge call that failed, is never
 turned into a label: the sample keeps its row with `label_valid=false` and a `skip_reason`.
+Judge replies go through a `CachedJudge`: a judge prompt already answered (re-issued batch, identical
+responses) is not judged again; the stats count `judge_calls` (judge prompts the labelling needed) and
+`judge_cache_hits` (of those, answered from the cache).
 `demonstrate` answers prompts with the judge model itself (the strong-teacher SFT baseline).
 """
 from __future__ import annotations
 
-import itertools
 import time
 import zlib
 from collections import defaultdict
@@ -28,7 +31,9 @@ from rlaif_ray.console import stage_output_to_run_folder
 from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.engine import engine_env
+from rlaif_ray.judge.cache import CachedJudge
 from rlaif_ray.judge.local import LocalJudge, TransformersJudge
+from rlaif_ray.judge.pairs import select_pairs
 from rlaif_ray.judge.quality import judge_bias_counts
 from rlaif_ray.judge.reply import concrete_labels
 from rlaif_ray.judge.remote import OpenAIJudge, Secret, read_secret
@@ -75,10 +80,11 @@ class CriticLabeler:
         self.cfg = RunConfig.model_validate(cfg)
         stage_output_to_run_folder(self.cfg, f"critic-{worker_index}")  # output.console=quiet: logs to run_dir/logs
         self.seed = self.cfg.loop.seed + 7919 + worker_index
-        self.judge = make_judge(model_path, self.cfg, self.seed, secret)
+        judge = make_judge(model_path, self.cfg, self.seed, secret)
         # `auto` labels for this judge's tokenizer (the driver resolved them the same way already)
-        self.ccfg: CriticConfig = concrete_labels(self.cfg.critic, getattr(self.judge, "tokenizer", None))
+        self.ccfg: CriticConfig = concrete_labels(self.cfg.critic, getattr(judge, "tokenizer", None))
         self.judge_name = self.ccfg.remote.model if self.ccfg.remote.base_url else model_path
+        self.judge = CachedJudge(judge, self.judge_name, self.ccfg.cache_size, self.ccfg.min_label_mass)
         self.prompts = JudgePrompts(self.ccfg)
 
     def ready(self) -> str:
@@ -94,15 +100,15 @@ class CriticLabeler:
     def _clip(self, text: str) -> str:
         return text[: self.ccfg.raw_reply_chars]
 
-    def label(self, rollouts: pa.Table, method: str | None = None) -> tuple[pa.Table, dict]:
-        """Add the label columns; `method` defaults to `critic.method`."""
+    def label(self, rollouts: pa.Table, method: str | None = None, pairs: str | None = None) -> tuple[pa.Table, dict]:
+        """Add the label columns; `method` and `pairs` default to `critic.method` and `critic.pairs`."""
         rollouts = schemas.validate(rollouts, "rollouts")
         method = method or self.ccfg.method
-        t0 = time.perf_counter()
+        t0, hits = time.perf_counter(), self.judge.hits
         if method == "direct":
             cols, stats = self._label_direct(rollouts)
         else:
-            cols, stats = self._label_pairwise(rollouts, method)
+            cols, stats = self._label_pairwise(rollouts, method, pairs or self.ccfg.pairs)
         n = rollouts.num_rows
         cols["label_method"] = [method] * n
         cols["judge_model"] = [self.judge_name] * n
@@ -112,6 +118,7 @@ class CriticLabeler:
         table = schemas.validate(table, "labels")
         seconds = time.perf_counter() - t0
         stats.update(label_seconds=seconds, labeled_samples=n, label_valid=int(sum(cols["label_valid"])),
+                     judge_cache_hits=self.judge.hits - hits, judge_calls_per_sample=stats["judge_calls"] / max(n, 1),
                      **judge_bias_counts(table))
         return table, stats
 
@@ -130,7 +137,13 @@ class CriticLabeler:
         texts = [h + s.text + c.pairwise_ending if not s.error else None for h, s in zip(heads, steps)]
         return texts, [s.error or s.text for s in steps]
 
-    def _label_pairwise(self, rollouts: pa.Table, method: str):
+    def _pairs(self, rows: list[int], ids: list[str], mode: str) -> list[tuple[int, int]]:
+        """The judged pairs of one prompt group's rows (`critic.pairs`); random_k draws from the seed and the
+        group's sample ids, so a re-issued batch is judged on the same pairs by any labeler."""
+        seed = f"{self.cfg.loop.seed}/" + ",".join(ids[r] for r in rows)
+        return [(rows[i], rows[j]) for i, j in select_pairs(len(rows), mode, self.ccfg.pairs_k, seed)]
+
+    def _label_pairwise(self, rollouts: pa.Table, method: str, mode: str):
         prompts = rollouts.column("prompt").to_pylist()
         responses = rollouts.column("response").to_pylist()
         ids = rollouts.column("sample_id").to_pylist()
@@ -146,7 +159,7 @@ class CriticLabeler:
                                            for p in pids], self.cfg.rollout.max_new_tokens, self.ccfg.rationale_stop)
             self.step_calls += len(pids)
             own_of = {p: (a.text if not a.error else None) for p, a in zip(pids, answers)}
-        pairs = [(pid, pair) for pid, rows in groups.items() for pair in itertools.combinations(rows, 2)]
+        pairs = [(pid, pair) for pid, rows in groups.items() for pair in self._pairs(rows, ids, mode)]
         items = []
         for pid, (a, b) in pairs:  # both orders of every pair, in one batch
             items.append((prompts[a], responses[a], responses[b], principle_of[pid], own_of[pid]))

@@ -1,5 +1,6 @@
 """LearnerRank: one DeepSpeed ZeRO rank per Ray actor (gloo on CPU, NCCL on GPU); the driver drives the N ranks
-through `rlaif_ray.runtime.learner_group.LearnerGroup`.
+through `rlaif_ray.runtime.learner_group.LearnerGroup`. The model, its reference, log-probs, the optimizer step and
+the weights out are a plain `rlaif_ray.learner_core.LearnerCore`; this actor turns Arrow batches into its tensors.
 
 One `train_step` per batch; the rule is `learner.algorithm` (the math lives in `rlaif_ray.algorithms`):
 - `ppo`: clipped surrogate on per-sample advantages (`learner.advantage`: group_mean, grpo, rloo,
@@ -16,7 +17,8 @@ Truncated samples (finish_reason "length") follow `rollout.truncated`: keep, mas
 baseline still), or penalty (the reward `rollout.truncated_reward`).
 
 Every rank reads the whole (zero-copy) table and trains on the prompt groups `g % world == rank`; each loss is
-scaled so DeepSpeed's gradient averaging gives the mean over all training units (samples or pairs). Samples
+scaled so DeepSpeed's gradient averaging gives the mean over all training units (samples or pairs; with
+`learner.loss_aggregation=token`, samples weighted by their response tokens: the mean over all tokens). Samples
 more than `loop.max_staleness` versions older than the learner are dropped, invalid labels skipped; rank 0
 returns the accounting of every sample id.
 """
@@ -40,7 +42,7 @@ from rlaif_ray.data.chat import engine_input, resolve_template, template_text
 from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.quality import label_quality
-from rlaif_ray.weight_transfer import layout_of, plan_buckets
+from rlaif_ray.learner_core import CoreSettings, LearnerCore, init_distributed
 
 STAT_KEYS = {
     "ppo": ("loss", "pg_loss", "kl", "clip_fraction", "is_weight_mean", "behav_log_ratio", "logprob_mismatch"),
@@ -54,13 +56,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, attn: torch.Tensor, temperature: float = 1.0,
-                      top_p: float = 1.0) -> torch.Tensor:
-    """log π(x_t | x_<t) for t >= 1, shape [B, T-1], at `temperature` and `top_p` (see algorithms.sampling_logprobs)."""
-    logits = model(input_ids=input_ids, attention_mask=attn).logits[:, :-1]
-    return algorithms.sampling_logprobs(logits, input_ids[:, 1:], temperature, top_p)
 
 
 def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
@@ -100,6 +95,21 @@ def demonstration_ids(tokenizer, prompts: list[str], responses: list[str], finis
     return prompt_ids, response_ids
 
 
+def core_settings(cfg: RunConfig) -> CoreSettings:
+    """The learner section of a run config as the plain settings of a LearnerCore."""
+    lcfg = cfg.learner
+    return CoreSettings(
+        zero_stage=lcfg.zero_stage, dtype=cfg.model.dtype, learning_rate=lcfg.learning_rate,
+        weight_decay=lcfg.weight_decay, grad_clip=lcfg.grad_clip, lr_schedule=lcfg.lr_schedule,
+        warmup_steps=lcfg.warmup_steps, min_lr_ratio=lcfg.min_lr_ratio,
+        total_steps=cfg.loop.num_steps * (lcfg.ppo_epochs if lcfg.algorithm == "ppo" else 1),
+        gradient_checkpointing=lcfg.gradient_checkpointing, logprob_chunk_tokens=lcfg.logprob_chunk_tokens,
+        reference=lcfg.reference_placement(), offload_optimizer=lcfg.offload_optimizer,
+        offload_params=lcfg.offload_params, deepspeed=dict(lcfg.deepspeed), lora_rank=lcfg.lora.rank,
+        lora_alpha=lcfg.lora.alpha, lora_dropout=lcfg.lora.dropout, lora_target_modules=lcfg.lora.target_modules,
+        seed=cfg.loop.seed)
+
+
 @ray.remote
 class LearnerRank:
     def __init__(self, policy_path: str, cfg: dict, rank: int, world_size: int):
@@ -115,35 +125,17 @@ class LearnerRank:
         return ray.util.get_node_ip_address(), _free_port()
 
     def setup(self, master_addr: str, master_port: int) -> int:
-        lcfg = self.cfg.learner
-        gpu = torch.cuda.is_available()
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        if not gpu:
-            os.environ["DS_ACCELERATOR"] = "cpu"
-        import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        backend = lcfg.backend if lcfg.backend != "auto" else ("nccl" if gpu else "gloo")
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-        dtype = getattr(torch, self.cfg.model.dtype)
-        model = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=dtype).to(self.device)
-        self.ref = AutoModelForCausalLM.from_pretrained(self.policy_path, dtype=dtype).to(self.device).eval()
-        self.ref.requires_grad_(False)
+        lcfg = self.cfg.learner
+        backend = lcfg.backend if lcfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed(backend, master_addr, master_port, self.rank, self.world_size)
+        self.core = LearnerCore(self.policy_path, core_settings(self.cfg))
+        self.engine, self.device = self.core.engine, self.core.device
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # sft prompts, as rolled out
-        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "gradient_clipping": lcfg.grad_clip, "zero_optimization": {"stage": lcfg.zero_stage},
-            "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
-            "bf16": {"enabled": self.cfg.model.dtype == "bfloat16"},
-            "fp16": {"enabled": self.cfg.model.dtype == "float16"},
-        }
-        torch.manual_seed(self.cfg.loop.seed)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lcfg.learning_rate, weight_decay=lcfg.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        config = self.core.engine.module.config
+        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
         return self.rank
 
     # ------------------------------------------------------------------ training
@@ -199,22 +191,26 @@ class LearnerRank:
                     adv = algorithms.advantages([rewards[i] for i in in_baseline],
                                                 [group_of[i] for i in in_baseline], self.cfg.learner.advantage)
                     sums = self._update_ppo(table, mine, dict(zip(in_baseline, adv)), total=len(trainable),
-                                            fresh={i for i in mine if staleness[i] == 0})
+                                            fresh={i for i in mine if staleness[i] == 0},
+                                            weight_of=self._sample_weights(table, trainable))
                 else:  # every group's rewards are equal: nothing to learn, and the KL term alone would move the
                     # policy; every rank decides this from the same table, so all of them skip the step (the
                     # samples count as trained: the learner took them, and the step is counted as one without signal)
                     sums = {**dict.fromkeys(STAT_KEYS["ppo"], 0.0), "logprob_mismatch": None}
             else:
-                sums = self._update_sft(table, mine, total=len(trainable))
+                sums = self._update_sft(table, mine, total=len(trainable),
+                                        weight_of=self._sample_weights(table, trainable))
         outcome["trained"] = [ids[i] for i in trainable]
         stepped = signal_counts.get("optimizer_step", 1)
-        grad_norm = self.engine.get_global_grad_norm() if stepped else None  # of this update, before clipping
+        grad_norm = self.core.grad_norm() if stepped else None  # of this update, before clipping
+        learning_rate = self.core.learning_rate()  # the rate the next step will use
         self.version += 1
         if self.rank != 0:
             return {}
         fresh = staleness[trainable] if trainable else np.zeros(0)
         metrics = {
             "learner_version": self.version, "train_seconds": time.perf_counter() - t0, **sums,
+            "learning_rate": learning_rate,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_in": len(ids), "trained": len(outcome["trained"]), "dropped_stale": len(outcome["stale"]),
             "skipped": len(outcome["skipped"]), "truncated": len(truncated),
@@ -276,17 +272,6 @@ class LearnerRank:
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
         return mbs, int(count.item())
 
-    def _train_passes(self, n_local: int, passes: int, loss_of) -> None:
-        """`passes` backward passes accumulated into one optimizer step: micro-batch k < n_local contributes
-        `loss_of(k)`; a rank with fewer micro-batches joins the remaining gradient reductions with a zero loss."""
-        for k in range(passes):
-            self.engine.set_gradient_accumulation_boundary(k == passes - 1)
-            loss = loss_of(k) if k < n_local else None
-            if loss is None:
-                loss = sum((p * 0.0).sum() for p in self.engine.module.parameters())
-            self.engine.backward(loss)
-        self.engine.step()
-
     def _reduce(self, keys: tuple[str, ...], sums: dict, units: int) -> dict:
         """Mean of each statistic over all ranks' training units."""
         local = torch.tensor([sums.get(k, 0.0) for k in keys] + [float(units)], dtype=torch.float64)
@@ -296,7 +281,18 @@ class LearnerRank:
         n = max(local[-1].item(), 1.0)
         return {k: local[i].item() / n for i, k in enumerate(keys)}
 
-    def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int, fresh: set[int]) -> dict:
+    def _sample_weights(self, table: pa.Table, rows: list[int]) -> dict[int, float]:
+        """Each trained sample's weight on its per-sample token-mean loss. `sequence`: 1 (every response counts the
+        same); `token`: its response tokens × samples / all response tokens of the batch, so the batch loss is the
+        mean over every trained token (a long response is not down-weighted per token)."""
+        if self.cfg.learner.loss_aggregation == "sequence" or not rows:
+            return dict.fromkeys(rows, 1.0)
+        lengths = [max(len(r), 1) for r in self._token_ids(table, rows)[1]]
+        scale = len(rows) / sum(lengths)
+        return {r: n * scale for r, n in zip(rows, lengths)}
+
+    def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int, fresh: set[int],
+                    weight_of: dict[int, float]) -> dict:
         """`fresh`: the rows the current policy version generated, where log π_prox must equal the engine's
         log-probs (their mean |difference| per token is `logprob_mismatch`, over fresh samples)."""
         lcfg = self.cfg.learner
@@ -308,10 +304,11 @@ class LearnerRank:
         for mb in mbs:
             ids, attn, resp, behav = self._tensors(table, mb)
             adv = torch.tensor([adv_of[i] for i in mb], dtype=torch.float32, device=self.device)
+            weight = torch.tensor([weight_of[i] for i in mb], dtype=torch.float32, device=self.device)
             with torch.no_grad():
-                prox_logp = sequence_logprobs(self.engine, ids, attn, **sampling)
-                prepared.append((ids, attn, resp, behav, adv, sequence_logprobs(self.ref, ids, attn, **sampling),
-                                 prox_logp))
+                prox_logp = self.core.logprobs(ids, attn, **sampling)
+                ref_logp = self.core.logprobs(ids, attn, **sampling, reference=True) if lcfg.kl() > 0 else None
+                prepared.append((ids, attn, resp, behav, adv, weight, ref_logp, prox_logp))
                 known = resp * torch.isfinite(behav)
                 gap = algorithms.token_mean(torch.nan_to_num((prox_logp - behav).abs()), known)
                 is_fresh = torch.tensor([r in fresh for r in mb], device=self.device) & (known.sum(-1) > 0)
@@ -320,19 +317,19 @@ class LearnerRank:
         sums: dict[str, float] = defaultdict(float)
         for epoch in range(lcfg.ppo_epochs):
             def loss_of(k: int) -> torch.Tensor:
-                ids, attn, resp, behav, adv, ref_logp, prox_logp = prepared[k]
-                logp = sequence_logprobs(self.engine, ids, attn, **sampling)
-                pg, stats = algorithms.ppo_loss(logp, prox_logp, behav, resp, adv, lcfg.clip_eps,
-                                                lcfg.is_cap if lcfg.importance_correction else None)
-                kl = algorithms.kl_k3(logp, ref_logp, resp)
-                per_sample = pg + lcfg.kl_coef * kl
+                ids, attn, resp, behav, adv, weight, ref_logp, prox_logp = prepared[k]
+                logp = self.core.logprobs(ids, attn, **sampling)
+                per_sample, pg, kl, stats = self.core.ppo_loss(
+                    logp, prox_logp, behav, resp, adv, ref_logp, lcfg.clip_eps,
+                    lcfg.is_cap if lcfg.importance_correction else None, lcfg.kl())
+                per_sample = per_sample * weight
                 if epoch == 0:  # report the first epoch: the on-batch values before this update moved anything
                     n = len(adv)
                     for key, value in (("loss", per_sample.sum().item()), ("pg_loss", pg.sum().item()),
                                        ("kl", kl.sum().item()), *((s, v * n) for s, v in stats.items())):
                         sums[key] += value
                 return per_sample.sum() * scale
-            self._train_passes(len(prepared), passes, loss_of)
+            self.core.train_passes(len(prepared), passes, loss_of)
         sums.update(mismatch_sum=mismatch["sum"], fresh_rows=mismatch["rows"])
         out = self._reduce(STAT_KEYS["ppo"][:-1] + ("mismatch_sum", "fresh_rows"), sums, len(rows))
         fresh_rows, mismatch_sum = out.pop("fresh_rows"), out.pop("mismatch_sum")
@@ -354,9 +351,8 @@ class LearnerRank:
             index = {r: n for n, r in enumerate(rows)}
             mine = [(i, j, q) for i, j, q in pairs if i in index]
             ids, attn, resp, _ = self._tensors(table, rows)
-            logp = sequence_logprobs(self.engine, ids, attn)
-            with torch.no_grad():
-                ref_logp = sequence_logprobs(self.ref, ids, attn)
+            logp = self.core.logprobs(ids, attn)
+            ref_logp = self.core.logprobs(ids, attn, reference=True)
             logratio = ((logp - ref_logp) * resp).sum(-1)
             a = torch.tensor([index[i] for i, _, _ in mine], device=self.device)
             b = torch.tensor([index[j] for _, j, _ in mine], device=self.device)
@@ -371,24 +367,25 @@ class LearnerRank:
                 sums["agree"] += (((h > 0) == (p > 0.5)) & decided).float().sum().item()
                 sums["decided"] += decided.float().sum().item()
                 sums["logratio_margin"] += (h * torch.sign(p - 0.5)).sum().item()
-            return per_pair.sum() * (self.world_size / max(total, 1)) + lcfg.kl_coef * kl.sum() / n_rows
+            return per_pair.sum() * (self.world_size / max(total, 1)) + lcfg.kl() * kl.sum() / n_rows
 
-        self._train_passes(len(mbs), passes, loss_of)
+        self.core.train_passes(len(mbs), passes, loss_of)
         n = len(pairs)
         sums.update(kl=sums["kl_rows"] / n_rows * n, pair_accuracy=sums["agree"] / max(sums["decided"], 1) * n)
         return self._reduce(STAT_KEYS[lcfg.algorithm], sums, n)
 
-    def _update_sft(self, table, rows: list[int], total: int) -> dict:
+    def _update_sft(self, table, rows: list[int], total: int, weight_of: dict[int, float]) -> dict:
         mbs, passes = self._plan(table, [[r] for r in rows])
         sums = {"loss": 0.0}
 
         def loss_of(k: int) -> torch.Tensor:
             ids, attn, resp, _ = self._tensors(table, mbs[k])
-            nll = algorithms.sft_loss(sequence_logprobs(self.engine, ids, attn), resp)
+            weight = torch.tensor([weight_of[i] for i in mbs[k]], dtype=torch.float32, device=self.device)
+            nll = algorithms.sft_loss(self.core.logprobs(ids, attn), resp) * weight
             sums["loss"] += nll.sum().item()
             return nll.sum() * (self.world_size / max(total, 1))
 
-        self._train_passes(len(mbs), passes, loss_of)
+        self.core.train_passes(len(mbs), passes, loss_of)
         return self._reduce(STAT_KEYS["sft"], sums, len(rows))
 
     def score(self, token_ids: list[list[int]]) -> list[list[float]]:
@@ -398,32 +395,18 @@ class LearnerRank:
         with torch.no_grad():
             for ids in token_ids:
                 x = torch.tensor([ids], dtype=torch.long, device=self.device)
-                lp = sequence_logprobs(self.engine, x, torch.ones_like(x))
+                lp = self.core.logprobs(x, torch.ones_like(x))
                 out.append(lp[0].float().cpu().tolist())
         return out
 
     # ------------------------------------------------------------------ weights out
-    def _full_buckets(self, bucket_bytes: int):
-        """The full parameters, one bucket (rlaif_ray.weight_transfer.plan_buckets) at a time, as (name, tensor)
-        lists valid until the next bucket is asked for. Under ZeRO-3 only that bucket is gathered, on every rank
-        (collective: every rank must walk all buckets); otherwise every rank already holds them."""
-        params = list(self.engine.module.named_parameters())
-        for bucket in plan_buckets(layout_of(params), bucket_bytes):
-            chosen = [params[i] for i in bucket]
-            if self.cfg.learner.zero_stage == 3:
-                import deepspeed
-                with deepspeed.zero.GatheredParameters([p for _, p in chosen], modifier_rank=None):
-                    yield [(n, p.data) for n, p in chosen]
-            else:
-                yield [(n, p.data) for n, p in chosen]
-
     def _rank0_copy(self) -> list[tuple[str, torch.Tensor]] | None:
         """Rank 0: every full parameter on the CPU (views where they already are full CPU tensors, copies of the
         gathered ones under ZeRO-3); other ranks take part in the gathers and copy nothing (None)."""
         if self.rank != 0 and self.cfg.learner.zero_stage != 3:
             return None
         out = []
-        for bucket in self._full_buckets(self.cfg.sync.bucket_bytes()):
+        for bucket in self.core.full_buckets(self.cfg.sync.bucket_bytes()):
             if self.rank == 0:
                 out += [(n, t.detach().cpu().clone() if self.cfg.learner.zero_stage == 3 else t.detach().cpu())
                         for n, t in bucket]
@@ -433,7 +416,7 @@ class LearnerRank:
         """A hash of this rank's full parameters (ranks must agree after every step); collective under ZeRO-3."""
         import hashlib
         h = hashlib.sha256()
-        for bucket in self._full_buckets(self.cfg.sync.bucket_bytes()):
+        for bucket in self.core.full_buckets(self.cfg.sync.bucket_bytes()):
             for name, p in bucket:
                 h.update(name.encode())
                 h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
@@ -441,7 +424,7 @@ class LearnerRank:
 
     def weights_layout(self) -> list:
         """(name, full shape, dtype) per parameter: what a sync group's receivers expect (rlaif_ray.weight_transfer)."""
-        return layout_of(list(self.engine.module.named_parameters()))
+        return self.core.layout()
 
     def export_weights(self):
         """The object-store path. Rank 0: (one numpy array per parameter, names) and a receipt, as two objects;
@@ -476,7 +459,7 @@ class LearnerRank:
             except Exception as err:
                 error = f"sync group {spec['generation']} not formed: {type(err).__name__}: {str(err)[:300]}"
         t_joined = time.perf_counter()
-        buckets = ([t for _, t in bucket] for bucket in self._full_buckets(spec["bucket_bytes"]))
+        buckets = ([t for _, t in bucket] for bucket in self.core.full_buckets(spec["bucket_bytes"]))
         if self.rank == 0 and error is None:
             try:
                 sent = self.sync_group.send(buckets, self.device)
@@ -493,29 +476,27 @@ class LearnerRank:
     def save_state(self, folder: str) -> str | None:
         """Every rank: its DeepSpeed model + optimizer state into folder/deepspeed; rank 0 also the Hugging Face
         policy into folder/policy. Collective."""
-        self.engine.save_checkpoint(os.path.join(folder, "deepspeed"), tag="state",
-                                    client_state={"policy_version": self.version})
+        self.core.save_state(os.path.join(folder, "deepspeed"), {"policy_version": self.version})
         return self.save_checkpoint(os.path.join(folder, "policy"))
 
     def load_state(self, folder: str) -> int:
         """Model, optimizer and policy version from `save_state` (the frozen reference stays the initial policy)."""
-        path, client = self.engine.load_checkpoint(os.path.join(folder, "deepspeed"), tag="state",
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed state in {folder}/deepspeed")
+        client = self.core.load_state(os.path.join(folder, "deepspeed"))
         self.version = int(client["policy_version"])
         return self.version
 
     def save_checkpoint(self, path: str) -> str | None:
         """Hugging Face format (model + tokenizer) written by rank 0. The tokenizer carries the chat template the
         policy was trained with (`rollout.chat_template`: its own, a file's, or none for plain prompts), so serving
-        the checkpoint renders chats as the rollouts did."""
-        params = self._rank0_copy()
+        the checkpoint renders chats as the rollouts did. LoRA: the adapter in path/adapter, and the merged model
+        unless `learner.lora.save_merged` is off. Collective under ZeRO-3."""
+        lora = self.cfg.learner.lora
+        params = self._rank0_copy() if lora.rank == 0 or lora.save_merged else None
+        adapter = self.core.adapter_state() if lora.rank > 0 else None
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer
-        model = self.engine.module
-        model.save_pretrained(path, state_dict=dict(params), safe_serialization=True)
+        self.core.save_pretrained(path, params, adapter)
         tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         setting = self.cfg.rollout.chat_template
         if setting == "none":

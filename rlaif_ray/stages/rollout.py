@@ -197,6 +197,16 @@ class RolloutWorker:
                 "transfer_seconds": max(waits), "load_seconds": total - (t_joined - t0) - max(waits),
                 "sync_bytes": layout_bytes(spec["layout"]), "version": version, "worker": self.worker_index}
 
+    def sleep(self) -> None:
+        """learner.colocate: free this engine's GPU memory for the learners' step (weights offloaded to host memory,
+        KV cache dropped; vLLM sleep mode level 1)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Take the GPU memory back before the new weights arrive."""
+        self.llm.wake_up()
+        self.llm.reset_prefix_cache()
+
     def engine_ranks(self) -> int:
         """How many sync-group ranks this engine's workers take (its tensor-parallel size)."""
         return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)

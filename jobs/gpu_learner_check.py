@@ -1,0 +1,217 @@
+"""The learner's core alone (rlaif_ray.learner_core: no Ray, no vLLM, no network): peak memory, step time and model
+FLOP utilisation of one PPO step per variant, each variant in a fresh process, side by side in one run.
+
+On a GPU host (torch, transformers, peft, DeepSpeed and CUDA; DeepSpeed travels as a wheel where it is missing):
+
+    python jobs/gpu_learner_check.py                      # ~0.5B Qwen2.5-shaped model, random weights, bf16
+
+runs ZeRO-2 and ZeRO-3 on one rank, gradient checkpointing off and on, chunked log-probs, and LoRA, in about
+3 minutes on an H100-class GPU. On this repo's CPU machines the same script measures the smol model (the README's
+learner-memory table):
+
+    python jobs/gpu_learner_check.py --model smol --rows 8 --prompt-tokens 64 --response-tokens 64
+
+One step = what LearnerRank does per batch: the no-grad log-probs of the policy before the update and of the
+reference, then forward + backward + optimizer step. Model FLOPs per step: 2·N·T for each no-grad forward and 6·N·T
+for the training pass (N non-embedding parameters + the output head, T tokens; recomputation from checkpointing is
+not counted, as MFU conventions go); MFU = model FLOP/s over the matmul peak measured on the same device in the same
+run (bf16 or fp32, the training dtype).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = {  # name -> CoreSettings overrides
+    "zero2": {"zero_stage": 2, "logprob_chunk_tokens": 0},
+    "zero2_ckpt": {"zero_stage": 2, "logprob_chunk_tokens": 0, "gradient_checkpointing": True},
+    "zero2_chunked": {"zero_stage": 2, "logprob_chunk_tokens": 1024},
+    "zero2_ckpt_chunked": {"zero_stage": 2, "logprob_chunk_tokens": 1024, "gradient_checkpointing": True},
+    "zero3": {"zero_stage": 3, "logprob_chunk_tokens": 0, "reference": "sharded"},
+    "zero3_ckpt_chunked": {"zero_stage": 3, "logprob_chunk_tokens": 1024, "gradient_checkpointing": True,
+                           "reference": "sharded"},
+    "lora": {"zero_stage": 2, "logprob_chunk_tokens": 1024, "lora_rank": 16, "lora_alpha": 32.0,
+             "reference": "adapter"},
+    "lora_ckpt": {"zero_stage": 2, "logprob_chunk_tokens": 1024, "lora_rank": 16, "lora_alpha": 32.0,
+                  "reference": "adapter", "gradient_checkpointing": True},
+}
+CPU_VARIANTS = "zero2,zero2_ckpt,zero2_chunked,zero2_ckpt_chunked,lora"
+
+
+def qwen_half_b_config():
+    """A Qwen2.5-0.5B-shaped Llama config (494M parameters with its 151,936-token vocabulary, tied embeddings)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                       tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1e6)
+
+
+def model_source(name: str):
+    if name == "qwen0.5b":
+        return qwen_half_b_config()
+    if name == "smol":
+        from rlaif_ray.config import SmolWorldConfig
+        from rlaif_ray.worlds.smol import build_smol_world
+        return build_smol_world(SmolWorldConfig()).model
+    return name  # a Hugging Face folder
+
+
+def matmul_peak(device, dtype, n: int) -> float:
+    """FLOP/s of an n×n×n matmul on `device` in `dtype` (best of 3 after a warm-up)."""
+    import torch
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for k in range(4):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        if k:
+            best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def child(spec: dict) -> dict:
+    """One variant in this process: build, warm up, time `steps` PPO steps; memory and FLOPs."""
+    import torch
+
+    from rlaif_ray import algorithms
+    from rlaif_ray.learner_core import CoreSettings, LearnerCore, init_distributed
+    from rlaif_ray.weight_transfer import layout_bytes
+
+    gpu = torch.cuda.is_available()
+    init_distributed("nccl" if gpu else "gloo", "127.0.0.1", spec["port"], 0, 1)
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    settings = CoreSettings(dtype=spec["dtype"], learning_rate=1e-5, seed=0, total_steps=10,
+                            **VARIANTS[spec["variant"]])
+    t_build = time.perf_counter()
+    core = LearnerCore(model_source(spec["model"]), settings, device)
+    t_build = time.perf_counter() - t_build
+    config = core.engine.module.config
+    vocab, rows = config.vocab_size, spec["rows"]
+    p_len, r_len = spec["prompt_tokens"], spec["response_tokens"]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (rows, p_len + r_len), generator=g).to(device)
+    attn = torch.ones_like(ids)
+    resp = torch.zeros(rows, p_len + r_len - 1, device=device)
+    resp[:, p_len - 1:] = 1.0
+    adv = torch.linspace(-1, 1, rows, device=device)
+    sampling = {"temperature": 1.0, "top_p": 1.0}
+
+    def step() -> float:
+        with torch.no_grad():
+            prox = core.logprobs(ids, attn, **sampling)
+            ref = core.logprobs(ids, attn, **sampling, reference=True)
+        losses = []
+
+        def loss_of(_):
+            logp = core.logprobs(ids, attn, **sampling)
+            per_sample, *_ = core.ppo_loss(logp, prox, prox, resp, adv, ref, 0.2, 2.0, 0.05)
+            losses.append(float(per_sample.detach().mean()))
+            return per_sample.mean()
+        core.train_passes(1, 1, loss_of)
+        return losses[0]
+
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    step()  # warm-up (allocator, kernels, optimizer state)
+    sync(device)
+    times = []
+    for _ in range(spec["steps"]):
+        t = time.perf_counter()
+        loss = step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    lm = core.engine.module
+    full = sum(int(getattr(p, "ds_numel", p.numel())) for n, p in lm.named_parameters() if "lora_" not in n)
+    embed = int(config.vocab_size * config.hidden_size)
+    # matmul parameters: all but the input embedding (a lookup); a tied output head is the embedding again
+    n_matmul = full if config.tie_word_embeddings else full - embed
+    tokens = rows * (p_len + r_len)
+    flops = 10 * n_matmul * tokens
+    step_s = sorted(times)[len(times) // 2]
+    dtype = getattr(torch, spec["dtype"])
+    peak = matmul_peak(device, dtype, 8192 if gpu else 2048)
+    out = {"variant": spec["variant"], "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+           "dtype": spec["dtype"], "params": full, "tokens_per_step": tokens, "build_s": round(t_build, 1),
+           "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s, 1), "loss": round(loss, 5),
+           "model_tflops": round(flops / step_s / 1e12, 3), "matmul_peak_tflops": round(peak / 1e12, 2),
+           "mfu": round(flops / step_s / peak, 4),
+           "weights_gb": round(layout_bytes(core.layout()) / 1e9, 2)}
+    if gpu:
+        out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024, 2)
+    out["rss_added_gb"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0) / 1024, 2)
+    return out
+
+
+def main(argv=None) -> None:
+    import torch
+    gpu = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen0.5b", help="qwen0.5b (random weights) | smol | a Hugging Face folder")
+    ap.add_argument("--variants", default=",".join(VARIANTS) if gpu else CPU_VARIANTS,
+                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    ap.add_argument("--dtype", default="bfloat16" if gpu else "float32")
+    ap.add_argument("--rows", type=int, default=16 if gpu else 8)
+    ap.add_argument("--prompt-tokens", type=int, default=512 if gpu else 64)
+    ap.add_argument("--response-tokens", type=int, default=1536 if gpu else 64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default=None, help="also write the results as JSON lines here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    results = []
+    for k, variant in enumerate(args.variants.split(",")):
+        spec = {"variant": variant, "model": args.model, "dtype": args.dtype, "rows": args.rows,
+                "prompt_tokens": args.prompt_tokens, "response_tokens": args.response_tokens, "steps": args.steps,
+                "port": 29500 + os.getpid() % 1000 + k}
+        print(f"[check] {variant} ...", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
+                              capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+            print(f"[check] {variant} FAILED (exit {proc.returncode}):\n  " + "\n  ".join(tail), flush=True)
+            results.append({"variant": variant, "error": tail[-1] if tail else f"exit {proc.returncode}"})
+            continue
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+        print("[check] " + json.dumps(results[-1]), flush=True)
+    memory = "peak_gpu_gb" if gpu else "peak_rss_gb"
+    print(f"\n{'variant':22} {'step s':>8} {'tokens/s':>10} {memory:>12} {'MFU':>7} {'loss':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:22} failed: {r['error']}")
+        else:
+            print(f"{r['variant']:22} {r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r[memory]:12.2f} "
+                  f"{r['mfu']:7.3f} {r['loss']:9.5f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
