@@ -1,18 +1,23 @@
 """The learner's core alone (rlaif_ray.learner_core: no Ray, no vLLM, no network): peak memory, step time and model
 FLOP utilisation of one PPO step per variant, each variant in a fresh process, side by side in one run.
 
-On a GPU host (torch, transformers, peft, DeepSpeed and CUDA; DeepSpeed travels as a wheel where it is missing):
+On a GPU host (torch, transformers, peft, DeepSpeed with its pydantic, and CUDA; where DeepSpeed is missing it
+travels as a wheel built here with `pip wheel --no-deps deepspeed==0.19.8`; no Ray, no vLLM, no network):
 
     python jobs/gpu_learner_check.py                      # ~0.5B Qwen2.5-shaped model, random weights, bf16
 
-runs ZeRO-2 and ZeRO-3 on one rank, gradient checkpointing off and on, chunked log-probs, and LoRA, in about
-3 minutes on an H100-class GPU. On this repo's CPU machines the same script measures the smol model (the README's
+runs ZeRO-2 and ZeRO-3 on one rank, gradient checkpointing off and on, chunked log-probs, and LoRA (16 × 2048
+tokens a step, 3 timed steps after a warm-up, each variant in a fresh process: sized for a few minutes on one GPU,
+never run on one yet). On this repo's CPU machines the same script measures the smol model (the README's
 learner-memory table):
 
     python jobs/gpu_learner_check.py --model smol --rows 8 --prompt-tokens 64 --response-tokens 64
 
-One step = what LearnerRank does per batch: the no-grad log-probs of the policy before the update and of the
-reference, then forward + backward + optimizer step. Model FLOPs per step: 2·N·T for each no-grad forward and 6·N·T
+Memory: on a GPU the peak allocated during the timed steps and, of it, the peak before the optimizer update (the
+log-prob passes, forward and backward); on a CPU the same two read from the process's resident set (polled every
+5 ms, allocations over 64 KB mapped on their own so that freed tensors leave it), above the resting RSS after the
+warm-up step (model, reference, optimizer state). One step = what LearnerRank does per batch: the no-grad
+log-probs of the policy before the update and of the reference, then forward + backward + optimizer step. Model FLOPs per step: 2·N·T for each no-grad forward and 6·N·T
 for the training pass (N non-embedding parameters + the output head, T tokens; recomputation from checkpointing is
 not counted, as MFU conventions go); MFU = model FLOP/s over the matmul peak measured on the same device in the same
 run (bf16 or fp32, the training dtype).
@@ -22,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -43,7 +47,7 @@ VARIANTS = {  # name -> CoreSettings overrides
     "lora_ckpt": {"zero_stage": 2, "logprob_chunk_tokens": 1024, "lora_rank": 16, "lora_alpha": 32.0,
                   "reference": "adapter", "gradient_checkpointing": True},
 }
-CPU_VARIANTS = "zero2,zero2_ckpt,zero2_chunked,zero2_ckpt_chunked,lora"
+CPU_VARIANTS = "zero2,zero2_ckpt,zero2_chunked,zero2_ckpt_chunked,zero3_ckpt_chunked,lora"
 
 
 def qwen_half_b_config():
@@ -57,6 +61,10 @@ def qwen_half_b_config():
 def model_source(name: str):
     if name == "qwen0.5b":
         return qwen_half_b_config()
+    if name == "tiny":  # a few seconds per variant anywhere: the script's own test
+        from transformers import LlamaConfig
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
     if name == "smol":
         from rlaif_ray.config import SmolWorldConfig
         from rlaif_ray.worlds.smol import build_smol_world
@@ -79,6 +87,34 @@ def matmul_peak(device, dtype, n: int) -> float:
     return 2 * n ** 3 / best
 
 
+class RssPeak:
+    """The highest resident set size of this process while it runs (polled every 5 ms from /proc), in GB: a CPU
+    stand-in for torch.cuda.max_memory_allocated (tensors of a few MB and up are mmapped, so freeing them shows)."""
+
+    def __enter__(self):
+        import threading
+        self.peak, self.stop = 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def _poll(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self.stop.is_set():
+            with open("/proc/self/statm") as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page / 1e9)
+            self.stop.wait(0.005)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
 def sync(device) -> None:
     import torch
     if device.type == "cuda":
@@ -96,9 +132,10 @@ def child(spec: dict) -> dict:
     gpu = torch.cuda.is_available()
     init_distributed("nccl" if gpu else "gloo", "127.0.0.1", spec["port"], 0, 1)
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    settings = CoreSettings(dtype=spec["dtype"], learning_rate=1e-5, seed=0, total_steps=10,
-                            **VARIANTS[spec["variant"]])
+    variant = dict(VARIANTS[spec["variant"]])
+    if variant["logprob_chunk_tokens"]:
+        variant["logprob_chunk_tokens"] = spec["chunk_tokens"]
+    settings = CoreSettings(dtype=spec["dtype"], learning_rate=1e-5, seed=0, total_steps=10, **variant)
     t_build = time.perf_counter()
     core = LearnerCore(model_source(spec["model"]), settings, device)
     t_build = time.perf_counter() - t_build
@@ -127,16 +164,24 @@ def child(spec: dict) -> dict:
         core.train_passes(1, 1, loss_of)
         return losses[0]
 
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
     step()  # warm-up (allocator, kernels, optimizer state)
     sync(device)
-    times = []
-    for _ in range(spec["steps"]):
-        t = time.perf_counter()
-        loss = step()
-        sync(device)
-        times.append(time.perf_counter() - t)
+    if gpu:
+        resting_gpu = torch.cuda.memory_allocated() / 1e9
+        torch.cuda.reset_peak_memory_stats()
+    times, resting, before_update = [], rss_gb(), []
+    optimizer_step = core.engine.step
+
+    def step_and_mark():  # the highest RSS of the log-prob passes, forward and backward, before the update
+        before_update.append(torch.cuda.max_memory_allocated() / 1e9 if gpu else rss.peak)
+        optimizer_step()
+    core.engine.step = step_and_mark
+    with RssPeak() as rss:
+        for _ in range(spec["steps"]):
+            t = time.perf_counter()
+            loss = step()
+            sync(device)
+            times.append(time.perf_counter() - t)
     lm = core.engine.module
     full = sum(int(getattr(p, "ds_numel", p.numel())) for n, p in lm.named_parameters() if "lora_" not in n)
     embed = int(config.vocab_size * config.hidden_size)
@@ -153,10 +198,17 @@ def child(spec: dict) -> dict:
            "model_tflops": round(flops / step_s / 1e12, 3), "matmul_peak_tflops": round(peak / 1e12, 2),
            "mfu": round(flops / step_s / peak, 4),
            "weights_gb": round(layout_bytes(core.layout()) / 1e9, 2)}
+    out["modules_loaded"] = sorted({m.split(".")[0] for m in sys.modules} & {"ray", "vllm"})
     if gpu:
         out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-    out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024, 2)
-    out["rss_added_gb"] = round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0) / 1024, 2)
+    out["resting_rss_gb"] = round(resting, 2)  # model, reference, optimizer state after the warm-up step
+    out["step_rss_peak_gb"] = round(rss.peak, 2)  # the highest RSS during the timed steps
+    out["step_rss_added_gb"] = round(rss.peak - resting, 2)  # what one step adds on top
+    if gpu:
+        out["resting_gpu_gb"] = round(resting_gpu, 2)
+        out["fwd_bwd_peak_gpu_gb"] = round(max(before_update), 2)  # the log-prob passes and backward, before the update
+    else:
+        out["fwd_bwd_rss_added_gb"] = round(max(before_update) - resting, 2)  # of the step's peak, before the update
     return out
 
 
@@ -164,7 +216,7 @@ def main(argv=None) -> None:
     import torch
     gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen0.5b", help="qwen0.5b (random weights) | smol | a Hugging Face folder")
+    ap.add_argument("--model", default="qwen0.5b", help="qwen0.5b (random weights) | smol | tiny (random) | a Hugging Face folder")
     ap.add_argument("--variants", default=",".join(VARIANTS) if gpu else CPU_VARIANTS,
                     help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--dtype", default="bfloat16" if gpu else "float32")
@@ -172,6 +224,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512 if gpu else 64)
     ap.add_argument("--response-tokens", type=int, default=1536 if gpu else 64)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--chunk-tokens", type=int, default=1024 if gpu else 256,
+                    help="positions per output-head chunk in the chunked variants")
     ap.add_argument("--out", default=None, help="also write the results as JSON lines here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -182,10 +236,13 @@ def main(argv=None) -> None:
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not gpu:  # every allocation over 64 KB its own mapping: freed tensors leave the RSS at once, so the RSS peak
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # measures live memory (glibc keeps smaller frees cached)
     results = []
     for k, variant in enumerate(args.variants.split(",")):
         spec = {"variant": variant, "model": args.model, "dtype": args.dtype, "rows": args.rows,
                 "prompt_tokens": args.prompt_tokens, "response_tokens": args.response_tokens, "steps": args.steps,
+                "chunk_tokens": args.chunk_tokens,
                 "port": 29500 + os.getpid() % 1000 + k}
         print(f"[check] {variant} ...", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
@@ -198,14 +255,15 @@ def main(argv=None) -> None:
             continue
         results.append(json.loads(lines[-1][len("RESULT "):]))
         print("[check] " + json.dumps(results[-1]), flush=True)
-    memory = "peak_gpu_gb" if gpu else "peak_rss_gb"
-    print(f"\n{'variant':22} {'step s':>8} {'tokens/s':>10} {memory:>12} {'MFU':>7} {'loss':>9}")
+    memory = "peak_gpu_gb" if gpu else "step_rss_added_gb"
+    second = "fwd_bwd_peak_gpu_gb" if gpu else "fwd_bwd_rss_added_gb"
+    print(f"\n{'variant':22} {'step s':>8} {'tokens/s':>10} {memory:>18} {second:>21} {'MFU':>7} {'loss':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:22} failed: {r['error']}")
         else:
-            print(f"{r['variant']:22} {r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r[memory]:12.2f} "
-                  f"{r['mfu']:7.3f} {r['loss']:9.5f}")
+            print(f"{r['variant']:22} {r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r[memory]:18.2f} "
+                  f"{r[second]:21.2f} {r['mfu']:7.3f} {r['loss']:9.5f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in results))

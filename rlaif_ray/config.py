@@ -284,6 +284,10 @@ class RewardConfig(_Section):
     warmup_batches: int = Field(4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     refresh_every: int = Field(10, ge=0)  # 0: never refit after the warm-up
+    # kind=reward_model: the share of batches the judge labels (for refits). Below 1 the judge leaves the critical
+    # path: the reward model scores every batch straight from its rollouts, and the judged share is labelled beside
+    # the loop (its labels reach the next refit, its judge figures the step in which they finish)
+    label_share: float = Field(1.0, gt=0, le=1)
     train_steps: int = Field(20, ge=1)    # minibatch updates per refit
     batch_pairs: int = Field(32, ge=1)
     buffer_batches: int = Field(16, ge=1)
@@ -556,6 +560,9 @@ class RunConfig(_Section):
         if self.reward.kind in ("win_rate", "reward_model") and self.critic.method not in pairwise_methods:
             raise ValueError(f"reward.kind={self.reward.kind} needs a pairwise critic.method ({', '.join(pairwise_methods)}), "
                              f"got '{self.critic.method}'")
+        if self.reward.label_share < 1 and self.reward.kind != "reward_model":
+            raise ValueError(f"reward.label_share={self.reward.label_share} leaves batches without a judge, which only "
+                             f"reward.kind=reward_model can score (got {self.reward.kind})")
         if self.reward.kind == "direct_score" and self.critic.method != "direct":
             raise ValueError("reward.kind=direct_score needs critic.method=direct")
         if self.learner.algorithm in ("dpo", "ipo") and self.critic.method not in pairwise_methods:

@@ -142,16 +142,23 @@ class LearnerCore:
             from transformers.integrations.deepspeed import HfDeepSpeedConfig
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)
 
-        def load():
-            if isinstance(source, PretrainedConfig):
-                if self.zero3:
-                    with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
-                        return AutoModelForCausalLM.from_config(source, dtype=self.dtype)
+        def load():  # under ZeRO-3 (an HfDeepSpeedConfig alive) transformers builds it inside deepspeed.zero.Init
+            if isinstance(source, PretrainedConfig):  # random weights: the reference starts from the same ones
+                torch.manual_seed(s.seed)
                 return AutoModelForCausalLM.from_config(source, dtype=self.dtype)
             return AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
 
         model = load()
         model.config.use_cache = False
+        # training mode (Hugging Face checkpoints layers only in it) without dropout: the learner's log-probs must be
+        # the engines' (importance ratios, KL), as TRL's and OpenRLHF's RL trainers do
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            if isinstance(getattr(model.config, key, None), float):
+                setattr(model.config, key, 0.0)
         if any(getattr(model.config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
             s.logprob_chunk_tokens = 0  # the logits are not head(hidden) alone: take the model's own forward
         if s.gradient_checkpointing:
@@ -166,7 +173,9 @@ class LearnerCore:
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = None
         if not s.offload_optimizer:  # ZeRO-Offload builds DeepSpeed's CPU Adam from the config instead
-            optimizer = torch.optim.AdamW(trainable, lr=s.learning_rate, weight_decay=s.weight_decay)
+            # fused: one kernel over all parameters, no per-step temporaries the size of the model (the foreach
+            # AdamW's); on CPU too
+            optimizer = torch.optim.AdamW(trainable, lr=s.learning_rate, weight_decay=s.weight_decay, fused=True)
         schedule = (lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, s.lr_schedule, s.warmup_steps, s.total_steps, s.min_lr_ratio)))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

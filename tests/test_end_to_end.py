@@ -123,13 +123,27 @@ def test_empty_prompt_row_is_named(tmp_path, ray_cluster, toy_world):
         train(small_config(tmp_path, data={"prompts": str(bad)}))
 
 
-def test_reward_model_run(tmp_path, ray_cluster, toy_world):
-    """Canonical RLAIF: a reward model warmed up on AI labels, refit during the run, scoring every batch."""
-    steps = 3
+@pytest.mark.parametrize("label_share", [1.0, 0.5])
+def test_reward_model_run(tmp_path, ray_cluster, toy_world, label_share):
+    """Canonical RLAIF: a reward model warmed up on AI labels, refit during the run, scoring every batch. With
+    reward.label_share=0.5 the judge labels every other batch beside the loop (its labels saved, counted, and sent to
+    the refit) and the reward model scores every batch from its rollouts."""
+    steps = 4 if label_share < 1 else 3
     cfg = small_config(tmp_path, reward={"kind": "reward_model", "warmup_batches": 2, "warmup_steps": 30,
-                                         "refresh_every": 2, "train_steps": 5, "margin_scale": 0.5},
+                                         "refresh_every": 2, "train_steps": 5, "margin_scale": 0.5,
+                                         "label_share": label_share},
                        loop={"num_steps": steps, "eval_samples": 0})
     summary = train(cfg)
+    labelled = sorted(p.name for p in (tmp_path / "run" / "labels").glob("step-*.parquet"))
+    if label_share < 1:
+        assert labelled == ["step-000001.parquet", "step-000003.parquet"]
+        import pyarrow.parquet as pq
+        assert set(pq.read_table(tmp_path / "run" / "labels" / labelled[0]).column("label_method").to_pylist()) \
+            == {"pairwise"}
+        pairs_per_batch = 4 * 1 * 2  # prompts × pairs of 2 samples × both orders
+        assert summary["judge_report"]["judge_calls"] == 2 * pairs_per_batch
+    else:
+        assert len(labelled) == steps
     warm = summary["reward_model_warmup"]
     assert warm["rm_pairs"] > 0 and warm["rm_loss"] == warm["rm_loss"] and 0 <= warm["rm_judge_agreement"] <= 1
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")

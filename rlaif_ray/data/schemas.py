@@ -58,6 +58,21 @@ REWARD_SCHEMA = pa.schema(ROLLOUT_FIELDS + LABEL_FIELDS + REWARD_FIELDS)
 STAGE_SCHEMAS = {"rollouts": ROLLOUT_SCHEMA, "labels": LABEL_SCHEMA, "rewards": REWARD_SCHEMA}
 
 
+def unjudged(rollouts: pa.Table) -> pa.Table:
+    """A rollouts table as a labels table whose rows no judge saw (a reward model scores them: `reward.label_share`):
+    label_method "none", every row valid for a reward, no pairs, no score."""
+    n = rollouts.num_rows
+    empty = {"pair_partner_ids": pa.string(), "pair_win_probs": pa.float32(), "pair_position_agree": pa.bool_(),
+             "pair_slot1_probs": pa.float32()}
+    columns = {"label_method": pa.array(["none"] * n), "judge_model": pa.array([""] * n),
+               "label_valid": pa.array([True] * n), "label_latency_s": pa.array([0.0] * n, pa.float32()),
+               **{name: pa.array([[]] * n, pa.list_(t)) for name, t in empty.items()}}
+    table = rollouts
+    for f in LABEL_FIELDS:
+        table = table.append_column(f, columns[f.name] if f.name in columns else pa.nulls(n, f.type))
+    return validate(table, "labels")
+
+
 def validate(table: pa.Table, stage: str) -> pa.Table:
     """Check `table` against the schema of `stage`; return it cast to the exact declared types.
 

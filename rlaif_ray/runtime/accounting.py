@@ -43,13 +43,17 @@ class Tally:
             self.totals["no_signal_steps"] = self.totals.get("no_signal_steps", 0) + 1
         self.busy["gen"] += stats["gen"]["gen_seconds"]
         self.busy["train"] += metrics["train_seconds"]
-        label = stats.get("label", {})
-        if label:
-            for key, value in label.items():
-                if isinstance(value, (int, float)):
-                    self.judge_counts[key] += value
-            self.busy["label"] += label["label_seconds"]
+        if stats.get("label"):
+            self.add_labels(stats["label"])
+        if "reward" in stats:
             self.busy["reward"] += stats["reward"]["reward_seconds"]
+
+    def add_labels(self, label: dict) -> None:
+        """Count one labelling call's stats (a trained batch's, or one made beside the loop)."""
+        for key, value in label.items():
+            if isinstance(value, (int, float)):
+                self.judge_counts[key] += value
+        self.busy["label"] += label["label_seconds"]
 
     def state(self, wall_seconds: float) -> dict:
         return {"totals": self.totals, "judge_counts": dict(self.judge_counts), "busy": dict(self.busy),
@@ -68,12 +72,12 @@ def step_metrics(metrics: dict, stats: dict, *, train_wall: float, step_seconds:
                    gen_worker=gen.get("worker", 0), reissued_batches=reissued)
     if "engine_seconds" in gen:
         metrics["engine_seconds"] = gen["engine_seconds"]
+    if "reward" in stats:
+        metrics.update(reward_seconds=stats["reward"]["reward_seconds"], rm_version=stats["reward"]["rm_version"])
     if label:
         batch_report = judge_report(label)
-        reward = stats["reward"]
         metrics.update(label_seconds=label["label_seconds"], judge_calls=label["judge_calls"],
                        judge_calls_per_sample=label["judge_calls_per_sample"], judge_cache_hits=label["judge_cache_hits"],
-                       reward_seconds=reward["reward_seconds"], rm_version=reward["rm_version"],
                        **{k: batch_report[k] for k in BATCH_JUDGE_RATES if batch_report[k] is not None})
     if rm_fit:
         metrics.update(rm_fit)

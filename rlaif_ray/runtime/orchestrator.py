@@ -93,6 +93,7 @@ class Orchestrator:
         self.synced_version = 0       # the version every engine was last sent
         self.rm_loads = 0             # reward-model states pushed to the scorer
         self.eval_before = None       # ground-truth accuracy before the run (kept in checkpoints)
+        self.background_labels = []   # (step, ObjectRef of label stats): reward.label_share < 1, beside the loop
         self.faults = {"reissued_batches": 0, "replaced_actors": 0, "resynced_engines": 0, "failed_syncs": 0,
                        "events": []}
         self.weights = WeightSync(cfg, self.learners, self.pools["rollout"], self.faults)
@@ -162,9 +163,20 @@ class Orchestrator:
         rollouts, gen_stats = rollout_pool.actors[w].generate.options(num_returns=2).remote(
             self.prompts_ref, indices, step)
         rollout_pool.track(w, gen_stats)
+        save = str(self.run_dir / "labels" / f"step-{step:06d}.parquet") if self.cfg.output.save_labels else None
+        share = self.cfg.reward.label_share
+        if share < 1:  # the reward model scores the rollouts; the judge labels its share beside the loop
+            rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(rollouts, None)
+            self.pools["reward"].track(0, reward_stats)
+            if int((step + 1) * share) > int(step * share):
+                labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
+                critic_pool.track(c, label_stats)
+                self.rm_trainer.add.remote(labels, save)
+                self.background_labels.append((step, label_stats))
+            return InFlight(step, indices, rewards, {"gen": gen_stats, "reward": reward_stats},
+                            {"gen": ("rollout", w), "reward": ("reward", 0)}, self.synced_version, self.rm_loads)
         labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
         critic_pool.track(c, label_stats)
-        save = str(self.run_dir / "labels" / f"step-{step:06d}.parquet") if self.cfg.output.save_labels else None
         rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save)
         self.pools["reward"].track(0, reward_stats)
         if self.rm_trainer is not None:  # fresh on-policy labels for the next reward-model refit
@@ -172,6 +184,29 @@ class Orchestrator:
         return InFlight(step, indices, rewards, {"gen": gen_stats, "label": label_stats, "reward": reward_stats},
                         {"gen": ("rollout", w), "label": ("critic", c), "reward": ("reward", 0)},
                         self.synced_version, self.rm_loads)
+
+    def finished_background_labels(self, wait: bool = False) -> dict | None:
+        """The summed stats of the labellings made beside the loop that finished (all of them with `wait`); one lost
+        to a fault is an event in the run's faults (its batch was trained anyway; the refit sees fewer labels)."""
+        refs = [ref for _, ref in self.background_labels]
+        if not refs:
+            return None
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0, fetch_local=False)[0])
+        merged: dict = {}
+        for step, ref in [b for b in self.background_labels if b[1] in done]:
+            try:
+                for key, value in ray.get(ref).items():
+                    if isinstance(value, (int, float)):
+                        merged[key] = merged.get(key, 0) + value
+            except Exception as err:
+                if not is_actor_fault(err):
+                    raise
+                self.faults["events"].append(f"labels of step {step} (beside the loop) lost: {type(err).__name__}")
+                self.recover()
+        self.background_labels = [b for b in self.background_labels if b[1] not in done]
+        if merged:
+            merged["judge_calls_per_sample"] = merged.get("judge_calls", 0) / max(merged.get("labeled_samples", 0), 1)
+        return merged or None
 
     def collect(self, batch: InFlight) -> tuple[InFlight, dict]:
         """The batch's stage stats once it is ready; a batch lost to a stage fault is re-issued (after the
@@ -302,6 +337,9 @@ class Orchestrator:
             if self.cfg.checkpoint.every and (step + 1) % self.cfg.checkpoint.every == 0:
                 self.save(step + 1, self.loop_state(writer, loop))
         self.finish_syncs(loop.sync)
+        background = self.finished_background_labels(wait=True)
+        if background:
+            loop.tally.add_labels(background)
         return self.summary(loop)
 
     def start_loop(self, resume: dict) -> LoopState:
@@ -357,6 +395,9 @@ class Orchestrator:
                  sync_stats: list[dict], queues: dict) -> None:
         """Count the step, write its metrics line and sample outcomes, and stop a run whose judge fails too often."""
         now = time.perf_counter()
+        background = self.finished_background_labels()
+        if background:  # reward.label_share < 1: the judge's figures of the labellings that finished meanwhile
+            stats = {**stats, "label": background}
         loop.tally.add(stats, result["metrics"])
         rm_fit = None
         if loop.rm_fit is not None and ray.wait([loop.rm_fit], timeout=0)[0]:

@@ -33,6 +33,16 @@ def rewards_from_labels(labels: pa.Table, kind: str, score_points: int = 10) -> 
     return reward.cast(pa.float32())
 
 
+def write_parquet(table: pa.Table, path: str) -> None:
+    """`table` as Parquet at `path`, whole or not at all (a reader never sees half a file)."""
+    import os
+
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 @ray.remote
 class RewardScorer:
     def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10):
@@ -71,14 +81,11 @@ class RewardScorer:
         """Add the `reward` column; with `save_path`, also write the labelled batch there as Parquet (the run's
         label dataset: every judge reply, principle, latency and reward, for offline analysis)."""
         t0 = time.perf_counter()
+        if self.kind == "reward_model" and "label_valid" not in labels.column_names:  # rollouts no judge saw
+            labels = schemas.unjudged(schemas.validate(labels, "rollouts"))
         labels = schemas.validate(labels, "labels")
         table = labels.append_column(schemas.REWARD_FIELDS[0], self._rewards(labels))
         table = schemas.validate(table, "rewards")
         if save_path:
-            import os
-
-            import pyarrow.parquet as pq
-            os.makedirs(os.path.dirname(save_path), exist_ok=True)
-            pq.write_table(table, save_path + ".tmp")
-            os.replace(save_path + ".tmp", save_path)  # a reader never sees half a file
+            write_parquet(table, save_path)
         return table, {"reward_seconds": time.perf_counter() - t0, "rm_version": self.rm_version}

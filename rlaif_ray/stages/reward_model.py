@@ -80,7 +80,12 @@ class RewardModelTrainer:
         self.buffer: deque = deque(maxlen=self.cfg.reward.buffer_batches)
         self.fits = 0
 
-    def add(self, labels: pa.Table) -> int:
+    def add(self, labels: pa.Table, save_path: str | None = None) -> int:
+        """Buffer a labelled batch's pairs for the next refit; `save_path`: also keep the batch as Parquet (labels
+        made beside the loop, `reward.label_share` < 1, reach the run's label dataset this way)."""
+        if save_path:
+            from rlaif_ray.stages.reward import write_parquet
+            write_parquet(labels, save_path)
         self.buffer.append(labelled_pairs(labels))
         return sum(len(b) for b in self.buffer)
 
