@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="sync/async pairs; the median round is shown")
     parser.add_argument("--alone-batches", type=int, default=20, help="batches for the engine-alone measurement")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
     try:
         base = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", default=",".join(PAIRS),
                         help=f"pair selections the pairwise method is measured with, of {','.join(PAIRS)}; empty: none")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

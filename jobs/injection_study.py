@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")
     parser.add_argument("--out", default="runs/injection")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

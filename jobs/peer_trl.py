@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the after-warm-up figures")
     parser.add_argument("--trl-only", action="store_true", help=argparse.SUPPRESS)  # the subprocess
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

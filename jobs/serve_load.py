@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--out", default="runs/serve_load")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
     os.environ.setdefault("RLAIF_SERVE_LOAD_KEY", secrets.token_urlsafe(24))
     try:
         cfg = load_config(args.config, ["serve.api_key_env=RLAIF_SERVE_LOAD_KEY", *args.overrides])

@@ -96,3 +96,14 @@ def test_learner_memory_settings_resolve_and_refuse_clearly():
             (["learner.offload_params=true"], "zero_stage 3")):
         with pytest.raises(ConfigError, match=fragment):
             load_config(None, overrides)
+
+
+@pytest.mark.parametrize("script", ["benchmark.py", "feedback_study.py", "injection_study.py", "peer_trl.py"])
+def test_job_scripts_take_overrides_anywhere_on_the_line(script, tmp_path):
+    """Options after dotted overrides are still options: the run stops on the bad key, not on argparse."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, f"jobs/{script}", "-c", "jobs/configs/toy_cpu.yaml", "loop.num_steps=60",
+                           "--out", str(tmp_path / "out"), "learner.no_such_key=1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments" not in proc.stderr, proc.stderr[-2000:]
+    assert "learner.no_such_key" in proc.stderr + proc.stdout
