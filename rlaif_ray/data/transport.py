@@ -6,6 +6,7 @@ here, a table is written as a single IPC stream (one contiguous buffer, zero-cop
 and read back zero-copy: about half the cost per hop on the toy batches, and one buffer whatever the width.
 Every actor that sends or receives tables calls `use_arrow_ipc()` when it starts, and so does the driver;
 a process that did not register still reads these objects (the deserializer travels by reference).
+A batch kept on disk (the run's label files) is written whole or not at all (`write_parquet`).
 """
 from __future__ import annotations
 
@@ -33,3 +34,13 @@ def use_arrow_ipc() -> None:
     import ray
     ray.util.register_serializer(pa.Table, serializer=table_to_ipc, deserializer=table_from_ipc)
     _registered = True
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    """`table` as Parquet at `path`, whole or not at all (a reader never sees half a file)."""
+    import os
+
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(table, path + ".tmp")
+    os.replace(path + ".tmp", path)

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import ray
 
 from rlaif_ray.data import schemas
-from rlaif_ray.data.transport import use_arrow_ipc
+from rlaif_ray.data.transport import use_arrow_ipc, write_parquet
 
 
 def rewards_from_labels(labels: pa.Table, kind: str, score_points: int = 10) -> pa.Array:
@@ -31,16 +31,6 @@ def rewards_from_labels(labels: pa.Table, kind: str, score_points: int = 10) -> 
         raise ValueError(f"unknown reward kind '{kind}'")
     reward = pc.if_else(labels.column("label_valid"), reward, pa.scalar(None, pa.float32()))
     return reward.cast(pa.float32())
-
-
-def write_parquet(table: pa.Table, path: str) -> None:
-    """`table` as Parquet at `path`, whole or not at all (a reader never sees half a file)."""
-    import os
-
-    import pyarrow.parquet as pq
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(table, path + ".tmp")
-    os.replace(path + ".tmp", path)
 
 
 @ray.remote

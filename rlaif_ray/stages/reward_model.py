@@ -84,7 +84,7 @@ class RewardModelTrainer:
         """Buffer a labelled batch's pairs for the next refit; `save_path`: also keep the batch as Parquet (labels
         made beside the loop, `reward.label_share` < 1, reach the run's label dataset this way)."""
         if save_path:
-            from rlaif_ray.stages.reward import write_parquet
+            from rlaif_ray.data.transport import write_parquet
             write_parquet(labels, save_path)
         self.buffer.append(labelled_pairs(labels))
         return sum(len(b) for b in self.buffer)
