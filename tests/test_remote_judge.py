@@ -234,9 +234,10 @@ def test_labeler_with_remote_judge_labels_and_counts_failures(server, ray_cluste
         rows = schemas.validate(table, "labels").to_pylist()
         assert all(r["label_valid"] and r["judge_model"] == "toy-critic" for r in rows)
         assert stats["judge_calls"] == 6 and stats["failed_calls"] == 0
-        # the endpoint fails every call: no label is made up, every row says why, the calls are counted
+        # the endpoint fails every call: no label is made up, every row says why, the calls are counted (responses
+        # not judged before: the labeler's cache would answer a pair it has seen)
         server.faults = {"status": 500, "times": 100}
-        table, stats = ray.get(labeler.label.options(num_returns=2).remote(rollout_table([" 5", " 7"])))
+        table, stats = ray.get(labeler.label.options(num_returns=2).remote(rollout_table([" 6", " 8"])))
         rows = table.to_pylist()
         assert not any(r["label_valid"] for r in rows) and {r["skip_reason"] for r in rows} == {"http_500"}
         assert stats["failed_calls"] == 2
@@ -309,7 +310,9 @@ def test_training_runs_through_judge_failures_and_stops_past_the_limit(server, r
     assert len(ledger) == len({r["sample_id"] for r in ledger}) == summary["generated"] == 3 * 8
     skipped = [r for r in ledger if r["outcome"] == "skipped"]
     assert 2 <= len(skipped) <= 6 and {r["reason"] for r in skipped} == {"http_503"}
-    assert summary["judge_report"]["failed_share"] == pytest.approx(3 / 24)
+    # 3 failed requests; identical judge prompts of a batch are asked once (critic.cache_size), and a failed reply
+    # answers each of them
+    assert 3 / 24 <= summary["judge_report"]["failed_share"] <= 6 / 24
 
     server.faults = {"status": 500, "match": "Better:"}  # every judge call, for good
     with pytest.raises(RunStopped, match=r"judge failed 8 of 8 calls.*fault.judge_failure_limit=50%"):
