@@ -95,7 +95,7 @@ def run_trl(cfg, steps: int, out: Path, warmup: int) -> dict:
     args = GRPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=per_step,
                       num_generations=cfg.rollout.samples_per_prompt, max_completion_length=cfg.rollout.max_new_tokens,
                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, learning_rate=cfg.learner.learning_rate,
-                      beta=cfg.learner.kl_coef, max_steps=steps, logging_steps=10 ** 6, report_to="none", use_cpu=True,
+                      beta=cfg.learner.kl(), max_steps=steps, logging_steps=10 ** 6, report_to="none", use_cpu=True,
                       save_strategy="no", seed=cfg.loop.seed, use_vllm=False, bf16=False, dataloader_num_workers=0,
                       disable_tqdm=True)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(resolved.policy, dtype=torch.float32),
