@@ -360,7 +360,8 @@ class LearnerConfig(_Section):
         return 0.05 if self.algorithm == "ppo" else 0.0
 
     def reference_placement(self) -> str:
-        """Where the frozen reference lives (rlaif_ray.learner_core.REFERENCES), `auto` resolved."""
+        """Where the frozen reference lives (rank, sharded, cpu, adapter or none: rlaif_ray.learner_core), `auto`
+        resolved."""
         needed = self.algorithm in ("dpo", "ipo") or (self.algorithm == "ppo" and self.kl() > 0)
         if self.reference != "auto":
             return "adapter" if self.lora.rank > 0 and self.reference != "none" else self.reference

@@ -1,4 +1,4 @@
-"""LearnerCore: the policy a learner rank trains, as a plain class (no Ray, no vLLM, no pydantic): the model under
+"""LearnerCore: the policy a learner rank trains, as a plain class (no Ray, no vLLM, not this project's config tree): the model under
 DeepSpeed ZeRO, its reference, the log-probs and losses, the optimizer step with its learning-rate schedule, and the
 full weights out (for the engines and for checkpoints). `rlaif_ray.stages.learner.LearnerRank` wraps one per Ray
 actor; `jobs/gpu_learner_check.py` drives one on a GPU host that has only torch, transformers, peft and DeepSpeed.
@@ -19,6 +19,7 @@ Memory, from the model's size up:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -30,7 +31,6 @@ from torch.utils.checkpoint import checkpoint
 from rlaif_ray import algorithms
 from rlaif_ray.weight_transfer import layout_of, plan_buckets
 
-REFERENCES = ("rank", "sharded", "cpu", "adapter", "none")
 SCHEDULES = ("constant", "linear", "cosine")
 # configs whose logits are not simply the output head of the last hidden state: the chunked path would differ
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -178,7 +178,7 @@ class LearnerCore:
             optimizer = torch.optim.AdamW(trainable, lr=s.learning_rate, weight_decay=s.weight_decay, fused=True)
         schedule = (lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, s.lr_schedule, s.warmup_steps, s.total_steps, s.min_lr_ratio)))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=schedule,
             config=self.ds_config)
         self.ref = self._reference(source, load)
@@ -188,9 +188,9 @@ class LearnerCore:
         s = self.settings
         zero: dict = {"stage": s.zero_stage}
         if s.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+            zero["offload_optimizer"] = self._to_host()
         if s.offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": self.device.type == "cuda"}
+            zero["offload_param"] = self._to_host()
         config = {
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
             "gradient_clipping": s.grad_clip, "zero_optimization": zero,
@@ -200,6 +200,10 @@ class LearnerCore:
         if s.offload_optimizer:
             config["optimizer"] = {"type": "AdamW", "params": {"lr": s.learning_rate, "weight_decay": s.weight_decay}}
         return _merge(config, s.deepspeed)
+
+    def _to_host(self) -> dict:
+        """A ZeRO-Offload target: host memory (pinned where the device is a GPU)."""
+        return {"device": "cpu", "pin_memory": self.device.type == "cuda"}
 
     def _reference(self, source, load: Callable):
         """The frozen initial policy the KL penalty and the preference losses compare with (see `reference`)."""
@@ -211,8 +215,7 @@ class LearnerCore:
             if self.zero3:
                 raise ValueError("learner.reference=rank under ZeRO-3 would build a partitioned copy; use sharded")
             return load().to(self.device).eval().requires_grad_(False)
-        stage3 = {"stage": 3, **({"offload_param": {"device": "cpu", "pin_memory": self.device.type == "cuda"}}
-                                 if where == "cpu" else {})}
+        stage3 = {"stage": 3, **({"offload_param": self._to_host()} if where == "cpu" else {})}
         config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": stage3, "steps_per_print": 10 ** 9,
                   "bf16": self.ds_config["bf16"], "fp16": self.ds_config["fp16"]}
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
@@ -308,7 +311,7 @@ class LearnerCore:
         valid until the next bucket is asked for. Under ZeRO-3 only that bucket's parameters are gathered, on
         every rank (collective: every rank must walk all buckets)."""
         items = self.export_items()
-        for bucket in plan_buckets(self.layout(), bucket_bytes):
+        for bucket in plan_buckets(layout_of([(name, parts[0]) for name, parts, _ in items]), bucket_bytes):
             chosen = [items[i] for i in bucket]
             if self.zero3:
                 import deepspeed
@@ -322,12 +325,13 @@ class LearnerCore:
         """The LoRA adapter's full tensors on the CPU, peft's names (gathered under ZeRO-3: collective)."""
         from peft import get_peft_model_state_dict
         module = self.engine.module
-        lora = [p for n, p in module.named_parameters() if "lora_" in n]
+        gathered = contextlib.nullcontext()
         if self.zero3:
             import deepspeed
-            with deepspeed.zero.GatheredParameters(lora, modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
+            lora = [p for n, p in module.named_parameters() if "lora_" in n]
+            gathered = deepspeed.zero.GatheredParameters(lora, modifier_rank=None)
+        with gathered:
+            return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
 
     def save_pretrained(self, path: str, params: list[tuple[str, torch.Tensor]] | None,
                         adapter: dict[str, torch.Tensor] | None = None) -> None:

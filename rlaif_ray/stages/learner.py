@@ -131,7 +131,7 @@ class LearnerRank:
         backend = lcfg.backend if lcfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
         init_distributed(backend, master_addr, master_port, self.rank, self.world_size)
         self.core = LearnerCore(self.policy_path, core_settings(self.cfg))
-        self.engine, self.device = self.core.engine, self.core.device
+        self.device = self.core.device
         self.tokenizer = AutoTokenizer.from_pretrained(self.policy_path)
         self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # sft prompts, as rolled out
         config = self.core.engine.module.config
