@@ -41,8 +41,13 @@ def test_chunked_logprobs_equal_plain(request, world):
         values = []
         for chunk in (0, 7):  # 7 positions per chunk: several chunks and a ragged last one
             model.zero_grad()
+            head_calls = []
+            hook = model.get_output_embeddings().register_forward_pre_hook(lambda *_: head_calls.append(1))
             lp = chunked_logprobs(model, ids, attn, temperature, top_p, chunk_tokens=chunk)
+            # the output head ran once on the whole batch, or once per chunk of 7 of the 66 positions
+            assert len(head_calls) == (1 if chunk == 0 else 10)
             (lp * resp).sum().backward()
+            hook.remove()
             values.append(lp.detach())
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         assert values[0].shape == (3, 22)
