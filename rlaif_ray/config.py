@@ -134,6 +134,9 @@ class WorkerResources(_Section):
 
 class RolloutConfig(WorkerResources):
     num_workers: int = Field(1, ge=1)
+    # a step's prompts split into this many shards, each generated, judged and scored on its own (least-loaded)
+    # actors, trained as one batch: 0 = one shard per engine, so a step uses every engine (capped by the prompts)
+    shards_per_batch: int = Field(0, ge=0)
     samples_per_prompt: int = Field(4, ge=2)
     max_new_tokens: int = Field(8, ge=1)
     # the sampling distribution; the PPO learner's log π is taken at the same temperature and top-p (a group of

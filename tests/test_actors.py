@@ -21,6 +21,20 @@ def generate(engines, prompts_ref, indices, step=0):
     return table, stats
 
 
+def test_a_batch_split_into_shards_samples_what_it_samples_whole(engines, prompts_ref):
+    # the orchestrator splits a step's prompts over the engines; each prompt's seed follows its batch position
+    # (`first`), so the shards together are the whole batch's samples, token for token
+    whole, _ = ray.get(engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, [3, 8, 21, 40, 55], 4))
+    parts = [ray.get(engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, part, 4, first)[0])
+             for part, first in (([3, 8], 0), ([21, 40, 55], 2))]
+    joined = pa.concat_tables(parts)
+    for col in ("sample_id", "response_token_ids"):
+        assert joined.column(col).to_pylist() == whole.column(col).to_pylist()
+    # without the offset the second shard would sample other tokens (the check above can fail)
+    unshifted, _ = ray.get(engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, [21, 40, 55], 4))
+    assert unshifted.column("response_token_ids").to_pylist() != parts[1].column("response_token_ids").to_pylist()
+
+
 def test_rollout_generates_n_samples_with_logprobs(engines, prompts_ref):
     table, stats = generate(engines, prompts_ref, [0, 5, 9])
     table = schemas.validate(table, "rollouts")

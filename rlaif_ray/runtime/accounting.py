@@ -17,6 +17,36 @@ def busy_fractions(busy: dict[str, float], wall: float, pool_sizes: dict[str, in
     return {stage: seconds / (wall * pool_sizes.get(stage, 1)) if wall > 0 else 0.0 for stage, seconds in busy.items()}
 
 
+STAGE_LATENCY = {"gen": "gen_seconds", "label": "label_seconds", "reward": "reward_seconds"}
+LOWEST = ("policy_version", "rm_version")  # a batch is as old as its oldest shard
+
+
+def merge_shard_stats(per_stage: dict[str, list[dict]]) -> dict:
+    """One stats dict per stage from its shards' calls: counts summed, the stage's seconds = its slowest shard (the
+    batch waited for it), `busy_seconds` = the sum (actor time worked), versions the oldest, `worker` the first
+    shard's, `shards` how many."""
+    merged = {}
+    for stage, parts in per_stage.items():
+        latency = STAGE_LATENCY[stage]
+        out: dict = {}
+        for part in parts:
+            for key, value in part.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in LOWEST + ("worker",):
+                    out[key] = out.get(key, 0) + value
+        out[latency] = max(p[latency] for p in parts)
+        out["busy_seconds"] = sum(p[latency] for p in parts)
+        out["shards"] = len(parts)
+        for key in LOWEST:
+            if key in parts[0]:
+                out[key] = min(p[key] for p in parts)
+        if "worker" in parts[0]:
+            out["worker"] = parts[0]["worker"]
+        if "judge_calls_per_sample" in out:
+            out["judge_calls_per_sample"] = out.get("judge_calls", 0) / max(out.get("labeled_samples", 0), 1)
+        merged[stage] = out
+    return merged
+
+
 @dataclass
 class Tally:
     """Running counts of a run; `state()` goes into checkpoints and `Tally.resumed(state)` takes it back."""
@@ -41,19 +71,19 @@ class Tally:
         self.totals["generated"] += stats["gen"]["gen_samples"]
         if not metrics.get("optimizer_step", 1):  # ppo: no prompt group's rewards differed, no update was made
             self.totals["no_signal_steps"] = self.totals.get("no_signal_steps", 0) + 1
-        self.busy["gen"] += stats["gen"]["gen_seconds"]
+        self.busy["gen"] += stats["gen"].get("busy_seconds", stats["gen"]["gen_seconds"])
         self.busy["train"] += metrics["train_seconds"]
         if stats.get("label"):
             self.add_labels(stats["label"])
         if "reward" in stats:
-            self.busy["reward"] += stats["reward"]["reward_seconds"]
+            self.busy["reward"] += stats["reward"].get("busy_seconds", stats["reward"]["reward_seconds"])
 
     def add_labels(self, label: dict) -> None:
         """Count one labelling call's stats (a trained batch's, or one made beside the loop)."""
         for key, value in label.items():
             if isinstance(value, (int, float)):
                 self.judge_counts[key] += value
-        self.busy["label"] += label["label_seconds"]
+        self.busy["label"] += label.get("busy_seconds", label["label_seconds"])
 
     def state(self, wall_seconds: float) -> dict:
         return {"totals": self.totals, "judge_counts": dict(self.judge_counts), "busy": dict(self.busy),
@@ -69,7 +99,7 @@ def step_metrics(metrics: dict, stats: dict, *, train_wall: float, step_seconds:
                    policy_version=version, gen_tokens=gen["gen_tokens"], gen_policy_version=gen["policy_version"],
                    samples_per_s=gen["gen_samples"] / max(step_seconds, 1e-9),
                    tokens_per_s=gen["gen_tokens"] / max(step_seconds, 1e-9), inflight=inflight, **queues,
-                   gen_worker=gen.get("worker", 0), reissued_batches=reissued)
+                   gen_worker=gen.get("worker", 0), shards=gen.get("shards", 1), reissued_batches=reissued)
     if "engine_seconds" in gen:
         metrics["engine_seconds"] = gen["engine_seconds"]
     if "reward" in stats:

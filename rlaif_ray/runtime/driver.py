@@ -65,7 +65,8 @@ def _reset_outputs(run_dir: Path) -> None:
         shutil.rmtree(run_dir / folder, ignore_errors=True)
 
 
-def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None) -> dict:
+def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None,
+              stand_ins: dict | None = None) -> dict:
     """Start the actors, restore the checkpoint `resume_from` (its loaded `state`) if given, run the loop to the
     end, save the policy."""
 
@@ -74,7 +75,7 @@ def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, stat
         checkpoint.truncate_lines(run_dir / "metrics.jsonl", state["metrics_lines"])
         checkpoint.truncate_lines(run_dir / "samples.jsonl", state["ledger_lines"])
     t0 = time.perf_counter()
-    orch = Orchestrator(cfg, resolved)
+    orch = Orchestrator(cfg, resolved, stand_ins)
     startup = time.perf_counter() - t0
     writer = MetricsWriter(run_dir, cfg.output.tensorboard, cfg.loop.num_steps if cfg.output.progress else None,
                            first_step=state["step"] if state else 0)
@@ -103,7 +104,7 @@ def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, stat
     return summary
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
+def train(cfg: RunConfig, resume: bool = False, stand_ins: dict | None = None) -> dict:
     """Run one RLAIF job end to end; returns the summary (also written to run_dir/summary.json).
 
     `resume`: continue the run in `output.run_dir` from its latest checkpoint. A learner rank failure
@@ -126,7 +127,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     start_ray(cfg)
     check_resources(cfg)
     try:
-        summary = _run_resuming(cfg, resolved, resume_from, state)
+        summary = _run_resuming(cfg, resolved, resume_from, state, stand_ins)
     except RunStopped as err:
         (run_dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(err)}, indent=1))
         raise
@@ -137,13 +138,14 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     return summary
 
 
-def _run_resuming(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None) -> dict:
+def _run_resuming(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None,
+                  stand_ins: dict | None = None) -> dict:
     """`_run_once`, started again from the latest checkpoint after each learner failure (RunStopped past
     `fault.max_resumes`); the summary lists the failures under faults.resumes."""
     run_dir, resumes = Path(cfg.output.run_dir), []
     while True:
         try:
-            summary = _run_once(cfg, resolved, resume_from, state)
+            summary = _run_once(cfg, resolved, resume_from, state, stand_ins)
             summary["faults"]["resumes"] = resumes
             return summary
         except LearnerFailure as err:

@@ -13,18 +13,21 @@ from rlaif_ray.stages.learner import LearnerRank
 class LearnerGroup:
     """Driver-side handle on the N learner ranks, one bundle of the learner placement group each."""
 
-    def __init__(self, policy_path: str, cfg: RunConfig, placement_group):
+    def __init__(self, policy_path: str, cfg: RunConfig, placement_group, rank_class=None):
+        rank_class = rank_class or LearnerRank  # a stand-in with the same methods in the scale simulation
         shape = stage_shape(cfg, "learner")
         self.timeout_s = cfg.fault.stage_timeout_s  # a rank that does not answer a call by then: LearnerFailure
         env = {"env_vars": {"DS_ACCELERATOR": "cpu"} if shape.gpus == 0 else {}}
-        self.ranks = [LearnerRank.options(runtime_env=env, **in_bundle(placement_group, i, shape)).remote(
+        self.ranks = [rank_class.options(runtime_env=env, **in_bundle(placement_group, i, shape)).remote(
                           policy_path, cfg.model_dump(), i, shape.count)
                       for i in range(shape.count)]
         addr, port = get_all_or_fail([r.address.remote() for r in self.ranks[:1]], "learner start-up", self.timeout_s)[0]
         get_all_or_fail([r.setup.remote(addr, port) for r in self.ranks], "learner start-up", self.timeout_s)
 
-    def train(self, rewards_ref) -> dict:
-        return get_all_or_fail([r.train_step.remote(rewards_ref) for r in self.ranks], "learner step", self.timeout_s)[0]
+    def train(self, rewards) -> dict:
+        """One learner step on a batch: a table ref, or the refs of its shards' tables (each rank concatenates them)."""
+        refs = rewards if isinstance(rewards, list) else [rewards]
+        return get_all_or_fail([r.train_step.remote(*refs) for r in self.ranks], "learner step", self.timeout_s)[0]
 
     def export_weights(self):
         """Rank 0's weights ref, once every rank finished the export (a failed rank: LearnerFailure). The

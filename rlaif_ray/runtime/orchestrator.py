@@ -32,7 +32,7 @@ from rlaif_ray.data.prompts import PromptSampler
 from rlaif_ray.engine import engine_env
 from rlaif_ray.judge.quality import judge_report
 from rlaif_ray.runtime import checkpoint
-from rlaif_ray.runtime.accounting import Tally, busy_fractions, step_metrics
+from rlaif_ray.runtime.accounting import Tally, busy_fractions, merge_shard_stats, step_metrics
 from rlaif_ray.runtime.faults import (RunStopped, StageTimeout, StaleEngine, check_judge_failures, is_actor_fault,
                                      recover_pool)
 from rlaif_ray.runtime.inputs import Resolved
@@ -49,14 +49,40 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class StageCall:
+    stage: str                                     # gen | label | reward
+    stats: object                                  # ObjectRef of the call's small stats dict
+    pool: str                                      # the pool and actor index that runs it
+    index: int
+
+
+@dataclass
 class InFlight:
+    """One step's batch on its way through the stages: its prompts are split into shards (one per engine, at most),
+    each shard its own gen -> label -> reward chain on the least-loaded actors; the learner takes every shard's
+    rewards table (`rewards`, in shard order) as one batch."""
     step: int
     indices: list[int]                             # the batch's prompts: a re-issued batch takes the same ones
-    rewards: object                                # ObjectRef[pa.Table]: rewards (or demonstrations for sft)
-    stat_refs: dict = field(default_factory=dict)  # stage -> ObjectRef of its small stats dict
-    callees: dict = field(default_factory=dict)    # stage -> (pool name, actor index) that runs its call
+    rewards: list = field(default_factory=list)    # ObjectRef[pa.Table] per shard: rewards (or demonstrations for sft)
+    calls: list[StageCall] = field(default_factory=list)
     expected_version: int = 0                      # the engine must hold at least this version of the weights
     expected_rm: int = 0                           # ... and the scorer this reward-model state
+
+    def track(self, pool: ActorPool, index: int, stage: str, stats) -> None:
+        pool.track(index, stats)
+        self.calls.append(StageCall(stage, stats, pool.name, index))
+
+
+def shard_indices(indices: list[int], shards: int) -> list[list[int]]:
+    """`indices` in `shards` contiguous parts as equal as they can be (the first ones one longer), none empty."""
+    shards = max(1, min(shards, len(indices)))
+    size, extra = divmod(len(indices), shards)
+    parts, start = [], 0
+    for k in range(shards):
+        end = start + size + (k < extra)
+        parts.append(indices[start:end])
+        start = end
+    return parts
 
 
 @dataclass
@@ -77,8 +103,12 @@ class LoopState:
 
 
 class Orchestrator:
-    def __init__(self, cfg: RunConfig, resolved: Resolved):
+    def __init__(self, cfg: RunConfig, resolved: Resolved, stand_ins: dict | None = None):
+        """`stand_ins`: stage ("rollout", "critic", "reward", "learner") -> an actor class with the real one's
+        constructor and methods, used in its place (the controller at cluster scale on one machine:
+        `jobs/scale_sim.py`); None: the real stages."""
         self.cfg = cfg
+        self.stand_ins = stand_ins or {}
         self.groups = stage_groups(cfg)  # one placement group per stage (rlaif_ray.runtime.placement)
         self.factories = self._actor_factories(resolved)
         self.pools: dict[str, ActorPool] = {}
@@ -111,11 +141,15 @@ class Orchestrator:
         cfg, raw = self.cfg, self.cfg.model_dump()
         env = {"env_vars": engine_env(cfg.engine_for("rollout"))}
         restarts = dict(max_restarts=cfg.fault.max_actor_restarts, max_task_retries=0)  # the driver re-issues
+        rollout = self.stand_ins.get("rollout", RolloutWorker)
+        critic = self.stand_ins.get("critic")
+        scorer = self.stand_ins.get("reward", RewardScorer)
         return {
-            "rollout": lambda i: RolloutWorker.options(runtime_env=env, **restarts,
-                                                       **self._placed("rollout", i)).remote(resolved.policy, raw, i),
-            "critic": lambda i: new_labeler(resolved.critic, cfg, i, **restarts, **self._placed("critic", i)),
-            "reward": lambda i: RewardScorer.options(**restarts, **self._placed("reward", 0)).remote(
+            "rollout": lambda i: rollout.options(runtime_env=env, **restarts,
+                                                 **self._placed("rollout", i)).remote(resolved.policy, raw, i),
+            "critic": lambda i: (critic.options(**restarts, **self._placed("critic", i)).remote(resolved.critic, raw, i)
+                                 if critic else new_labeler(resolved.critic, cfg, i, **restarts, **self._placed("critic", i))),
+            "reward": lambda i: scorer.options(**restarts, **self._placed("reward", 0)).remote(
                 cfg.reward.kind, resolved.reward_model, cfg.critic.score_points()),
         }
 
@@ -129,7 +163,7 @@ class Orchestrator:
             self.rm_trainer = RewardModelTrainer.options(**self._placed("reward_trainer", 0)).remote(
                 resolved.reward_model, cfg.model_dump())
         ready = [x.ready.remote() for x in self.rollouts + self.critics]
-        self.learners = LearnerGroup(resolved.policy, cfg, self.groups["learner"])
+        self.learners = LearnerGroup(resolved.policy, cfg, self.groups["learner"], self.stand_ins.get("learner"))
         ray.get(ready)
 
     @property
@@ -145,45 +179,63 @@ class Orchestrator:
         return self.pools["reward"].actors[0] if "reward" in self.pools else None
 
     # ------------------------------------------------------------------ batches
+    def shard_count(self) -> int:
+        """Shards per batch: `rollout.shards_per_batch`, or (0) one per actor of the generating pool (rollout engines;
+        judges for sft), never more than the batch's prompts."""
+        pool = self.pools["critic" if self.cfg.learner.algorithm == "sft" else "rollout"]
+        return min(self.cfg.rollout.shards_per_batch or len(pool), self.cfg.data.prompts_per_step)
+
     def launch(self, step: int, indices: list[int] | None = None) -> InFlight:
-        """Submit generation -> labelling -> reward for one batch (sft: teacher demonstrations); refs only.
-        `indices` given: re-issue that batch (same prompts, same step, so the same sample ids)."""
+        """Submit generation -> labelling -> reward for one batch (sft: teacher demonstrations), shard by shard; refs
+        only. `indices` given: re-issue that batch (same prompts, same step, so the same sample ids)."""
         if indices is None:
             indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
+        batch = InFlight(step, indices, expected_version=self.synced_version, expected_rm=self.rm_loads)
+        parts = shard_indices(indices, self.shard_count())
+        first = 0
+        for k, part in enumerate(parts):
+            self._launch_shard(batch, part, first, k if len(parts) > 1 else None)
+            first += len(part)
+        return batch
+
+    def _launch_shard(self, batch: InFlight, indices: list[int], first: int, shard: int | None) -> None:
+        """One shard's chain of calls; `first`: its first prompt's position in the batch (sampling seeds follow the
+        position, so a batch samples the same whatever its split)."""
+        step = batch.step
         critic_pool = self.pools["critic"]
         c = critic_pool.pick()
         critic = critic_pool.actors[c]
         if self.cfg.learner.algorithm == "sft":
             demos, demo_stats = critic.demonstrate.options(num_returns=2).remote(self.prompts_ref, indices, step,
                                                                                 self.version)
-            critic_pool.track(c, demo_stats)
-            return InFlight(step, indices, demos, {"gen": demo_stats}, {"gen": ("critic", c)})
-        rollout_pool = self.pools["rollout"]
+            batch.rewards.append(demos)
+            batch.track(critic_pool, c, "gen", demo_stats)
+            return
+        rollout_pool, reward_pool = self.pools["rollout"], self.pools["reward"]
         w = rollout_pool.pick()
         rollouts, gen_stats = rollout_pool.actors[w].generate.options(num_returns=2).remote(
-            self.prompts_ref, indices, step)
-        rollout_pool.track(w, gen_stats)
-        save = str(self.run_dir / "labels" / f"step-{step:06d}.parquet") if self.cfg.output.save_labels else None
+            self.prompts_ref, indices, step, first)
+        batch.track(rollout_pool, w, "gen", gen_stats)
+        name = f"step-{step:06d}" + (f"-{shard:03d}" if shard is not None else "")
+        save = str(self.run_dir / "labels" / f"{name}.parquet") if self.cfg.output.save_labels else None
         share = self.cfg.reward.label_share
         if share < 1:  # the reward model scores the rollouts; the judge labels its share beside the loop
             rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(rollouts, None)
-            self.pools["reward"].track(0, reward_stats)
+            batch.rewards.append(rewards)
+            batch.track(reward_pool, 0, "reward", reward_stats)
             if int((step + 1) * share) > int(step * share):
                 labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
                 critic_pool.track(c, label_stats)
                 self.rm_trainer.add.remote(labels, save)
                 self.background_labels.append((step, label_stats))
-            return InFlight(step, indices, rewards, {"gen": gen_stats, "reward": reward_stats},
-                            {"gen": ("rollout", w), "reward": ("reward", 0)}, self.synced_version, self.rm_loads)
+            return
         labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
-        critic_pool.track(c, label_stats)
+        batch.track(critic_pool, c, "label", label_stats)
         rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save)
-        self.pools["reward"].track(0, reward_stats)
+        batch.rewards.append(rewards)
+        batch.track(reward_pool, 0, "reward", reward_stats)
         if self.rm_trainer is not None:  # fresh on-policy labels for the next reward-model refit
             self.rm_trainer.add.remote(labels)
-        return InFlight(step, indices, rewards, {"gen": gen_stats, "label": label_stats, "reward": reward_stats},
-                        {"gen": ("rollout", w), "label": ("critic", c), "reward": ("reward", 0)},
-                        self.synced_version, self.rm_loads)
 
     def finished_background_labels(self, wait: bool = False) -> dict | None:
         """The summed stats of the labellings made beside the loop that finished (all of them with `wait`); one lost
@@ -236,20 +288,23 @@ class Orchestrator:
                 batch = self.launch(batch.step, batch.indices)
 
     def _stage_stats(self, batch: InFlight) -> dict:
-        """The batch's stage stats, waiting at most `fault.stage_timeout_s`. A stage that has not answered by then is
-        alive but stuck (an engine hung inside `generate`): the first such stage's actor is killed and the batch
-        counts as lost to a fault (StageTimeout), so the actor is replaced and the batch re-issued."""
+        """The batch's stage stats, its shards' merged (`merge_shard_stats`), waiting at most `fault.stage_timeout_s`
+        for all of them in one `ray.wait`. A call that has not answered by then is alive but stuck (an engine hung
+        inside `generate`): the first such call's actor is killed and the batch counts as lost to a fault
+        (StageTimeout), so the actor is replaced and the batch re-issued."""
         timeout = self.cfg.fault.stage_timeout_s
-        refs = list(batch.stat_refs.values())
+        refs = [call.stats for call in batch.calls]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=False)
         if len(done) < len(refs):
             finished = set(done)
-            stage = next(s for s, ref in batch.stat_refs.items() if ref not in finished)
-            pool_name, index = batch.callees[stage]
-            ray.kill(self.pools[pool_name].actors[index], no_restart=True)
-            raise StageTimeout(f"{pool_name} actor {index} did not finish the {stage} call of step {batch.step} "
-                               f"within {timeout:.0f} s (fault.stage_timeout_s): killed")
-        return dict(zip(batch.stat_refs, ray.get(refs)))
+            call = next(call for call in batch.calls if call.stats not in finished)
+            ray.kill(self.pools[call.pool].actors[call.index], no_restart=True)
+            raise StageTimeout(f"{call.pool} actor {call.index} did not finish the {call.stage} call of step "
+                               f"{batch.step} within {timeout:.0f} s (fault.stage_timeout_s): killed")
+        per_stage: dict[str, list[dict]] = {}
+        for call, stats in zip(batch.calls, ray.get(refs)):
+            per_stage.setdefault(call.stage, []).append(stats)
+        return merge_shard_stats(per_stage)
 
     def recover(self) -> None:
         """Every stage actor up (restarted by Ray or replaced), engines on the current weights, the scorer on
@@ -362,7 +417,8 @@ class Orchestrator:
         """Unfinished calls per stage, and the batches in flight whose rewards are ready for the learner."""
         return {"queue_gen": self.pools["rollout"].depth(), "queue_label": self.pools["critic"].depth(),
                 "queue_reward": self.pools["reward"].depth(),
-                "queue_ready": sum(bool(ray.wait([b.rewards], timeout=0, fetch_local=False)[0]) for b in pending)}
+                "queue_ready": sum(len(ray.wait(b.rewards, num_returns=len(b.rewards), timeout=0, fetch_local=False)[0])
+                                   == len(b.rewards) for b in pending)}
 
     def refit_reward_model_if_due(self, loop: LoopState, step: int) -> None:
         """Every `reward.refresh_every` steps: a refit that runs beside the learner; the scorer takes the new

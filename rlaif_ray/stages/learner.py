@@ -139,9 +139,11 @@ class LearnerRank:
         return self.rank
 
     # ------------------------------------------------------------------ training
-    def train_step(self, table: pa.Table) -> dict:
+    def train_step(self, *tables: pa.Table) -> dict:
+        """One update on the batch: the shards' tables, trained as one."""
         t0 = time.perf_counter()
         algo = self.cfg.learner.algorithm
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         table = schemas.validate(table, "rollouts" if algo == "sft" else "rewards")
         ids = table.column("sample_id").to_pylist()
         staleness = self.version - np.asarray(table.column("policy_version").to_pylist())

@@ -76,8 +76,9 @@ class RolloutWorker:
         return [[float(step[tok].logprob) for tok, step in zip(ids[1:], out.prompt_logprobs[1:])]
                 for ids, out in zip(token_ids, outs)]
 
-    def generate(self, prompts: pa.Table, indices: list[int], step: int) -> tuple[pa.Table, dict]:
-        """Sample `rollout.samples_per_prompt` responses for prompts[indices]; `step` names the batch."""
+    def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
+        """Sample `rollout.samples_per_prompt` responses for prompts[indices]; `step` names the batch, `first` is the
+        position of indices[0] in it (a shard's offset: each prompt's sampling seed follows its batch position)."""
         from vllm import SamplingParams
 
         self._injected_pause("hang_generate")
@@ -86,7 +87,7 @@ class RolloutWorker:
         rows = prompts.take(pa.array(indices, pa.int64())).to_pylist()
         params = [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
                                  max_tokens=r.max_new_tokens, logprobs=0,
-                                 seed=self.cfg.loop.seed * 1_000_003 + step * 10_007 + i)
+                                 seed=self.cfg.loop.seed * 1_000_003 + step * 10_007 + first + i)
                   for i in range(len(rows))]
         t0 = time.perf_counter()
         outputs = self.llm.generate(self._engine_inputs(rows), params, use_tqdm=False)
