@@ -66,12 +66,11 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
     assert report["judge_calls"] == sum(m["judge_calls"] for m in metrics) and report["labels_per_s"] > 0
     assert summary["eval_before"]["prompts"] == 100 and summary["eval_after"]["policy_version"] == steps
     assert "Judge report" in (run / "report.md").read_text()
-    # the label dataset: one Parquet file per shard of a batch, in the rewards schema
+    # the label dataset: one Parquet file per batch (its shards together), in the rewards schema
     import pyarrow.parquet as pq
     from rlaif_ray.data import schemas
     saved = sorted((run / "labels").glob("step-*.parquet"))
-    assert [p.name for p in saved[:2]] == ["step-000000-000.parquet", "step-000000-001.parquet"]
-    assert len(saved) == 2 * steps and sum(pq.read_metadata(p).num_rows for p in saved) == steps * per_step
+    assert len(saved) == steps and all(pq.read_metadata(p).num_rows == per_step for p in saved)
     schemas.validate(pq.read_table(saved[0]), "rewards")
 
 

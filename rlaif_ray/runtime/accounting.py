@@ -21,10 +21,11 @@ STAGE_LATENCY = {"gen": "gen_seconds", "label": "label_seconds", "reward": "rewa
 LOWEST = ("policy_version", "rm_version")  # a batch is as old as its oldest shard
 
 
-def merge_shard_stats(per_stage: dict[str, list[dict]]) -> dict:
-    """One stats dict per stage from its shards' calls: counts summed, the stage's seconds = its slowest shard (the
-    batch waited for it), `busy_seconds` = the sum (actor time worked), versions the oldest, `worker` the first
-    shard's, `shards` how many."""
+def merge_shard_stats(per_stage: dict[str, list[dict]], actors: dict[str, int]) -> dict:
+    """One stats dict per stage from its shards' calls: counts summed, `busy_seconds` = the calls' seconds summed (actor
+    time worked), the stage's seconds = what the step took of the stage: its slowest call, or its busy seconds spread
+    over its `actors` where shards queue behind each other (more shards than actors); versions the oldest, `worker`
+    the first shard's, `shards` how many. One shard: its stats as they are (+ busy_seconds, shards)."""
     merged = {}
     for stage, parts in per_stage.items():
         latency = STAGE_LATENCY[stage]
@@ -33,8 +34,8 @@ def merge_shard_stats(per_stage: dict[str, list[dict]]) -> dict:
             for key, value in part.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in LOWEST + ("worker",):
                     out[key] = out.get(key, 0) + value
-        out[latency] = max(p[latency] for p in parts)
         out["busy_seconds"] = sum(p[latency] for p in parts)
+        out[latency] = max(max(p[latency] for p in parts), out["busy_seconds"] / max(actors.get(stage, 1), 1))
         out["shards"] = len(parts)
         for key in LOWEST:
             if key in parts[0]:

@@ -97,6 +97,7 @@ class LoopState:
     rm_fit: object = None                          # ObjectRef of a running reward-model refit
     t_start: float = 0.0
     last: float = 0.0                              # when the previous step was logged
+    last_cpu: float = 0.0                          # the driver's CPU seconds (all its threads) by then
 
     def wall(self) -> float:
         return self.tally.wall_before + time.perf_counter() - self.t_start
@@ -186,56 +187,67 @@ class Orchestrator:
         return min(self.cfg.rollout.shards_per_batch or len(pool), self.cfg.data.prompts_per_step)
 
     def launch(self, step: int, indices: list[int] | None = None) -> InFlight:
-        """Submit generation -> labelling -> reward for one batch (sft: teacher demonstrations), shard by shard; refs
-        only. `indices` given: re-issue that batch (same prompts, same step, so the same sample ids)."""
+        """Submit one batch (refs only): its prompts split into shards, each generated and labelled on the least-loaded
+        actors (sft: teacher demonstrations), then one reward call for the whole batch. `indices` given: re-issue that
+        batch (same prompts, same step, so the same sample ids)."""
         if indices is None:
             indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
         batch = InFlight(step, indices, expected_version=self.synced_version, expected_rm=self.rm_loads)
-        parts = shard_indices(indices, self.shard_count())
-        first = 0
-        for k, part in enumerate(parts):
-            self._launch_shard(batch, part, first, k if len(parts) > 1 else None)
+        for pool in ("rollout", "critic"):
+            self.pools[pool].prune()  # once per batch; the shards pick from the counts (rlaif_ray.runtime.pool)
+        first, shards = 0, []
+        for part in shard_indices(indices, self.shard_count()):
+            shards.append(self._launch_shard(batch, part, first))
             first += len(part)
+        if self.cfg.learner.algorithm == "sft":
+            batch.rewards = shards  # the demonstrations, trained as they are
+            return batch
+        save = str(self.run_dir / "labels" / f"step-{step:06d}.parquet") if self.cfg.output.save_labels else None
+        labelled = self.cfg.reward.label_share >= 1  # else: the reward model scores rollouts no judge saw
+        rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(
+            *shards, save_path=save if labelled else None)
+        batch.rewards = [rewards]
+        batch.track(self.pools["reward"], 0, "reward", reward_stats)
+        if not labelled and int((step + 1) * self.cfg.reward.label_share) > int(step * self.cfg.reward.label_share):
+            self._label_beside_the_loop(step, shards, save)
         return batch
 
-    def _launch_shard(self, batch: InFlight, indices: list[int], first: int, shard: int | None) -> None:
-        """One shard's chain of calls; `first`: its first prompt's position in the batch (sampling seeds follow the
-        position, so a batch samples the same whatever its split)."""
-        step = batch.step
+    def _launch_shard(self, batch: InFlight, indices: list[int], first: int):
+        """One shard's generation and labelling (sft: demonstrations); returns the ref the reward call takes (labels;
+        rollouts where the judge labels beside the loop; demonstrations). `first`: the shard's first prompt's position
+        in the batch (sampling seeds follow the position, so a batch samples the same whatever its split)."""
         critic_pool = self.pools["critic"]
-        c = critic_pool.pick()
-        critic = critic_pool.actors[c]
         if self.cfg.learner.algorithm == "sft":
-            demos, demo_stats = critic.demonstrate.options(num_returns=2).remote(self.prompts_ref, indices, step,
-                                                                                self.version)
-            batch.rewards.append(demos)
+            c = critic_pool.pick(prune=False)
+            demos, demo_stats = critic_pool.actors[c].demonstrate.options(num_returns=2).remote(
+                self.prompts_ref, indices, batch.step, self.version)
             batch.track(critic_pool, c, "gen", demo_stats)
-            return
-        rollout_pool, reward_pool = self.pools["rollout"], self.pools["reward"]
-        w = rollout_pool.pick()
+            return demos
+        rollout_pool = self.pools["rollout"]
+        w = rollout_pool.pick(prune=False)
         rollouts, gen_stats = rollout_pool.actors[w].generate.options(num_returns=2).remote(
-            self.prompts_ref, indices, step, first)
+            self.prompts_ref, indices, batch.step, first)
         batch.track(rollout_pool, w, "gen", gen_stats)
-        name = f"step-{step:06d}" + (f"-{shard:03d}" if shard is not None else "")
-        save = str(self.run_dir / "labels" / f"{name}.parquet") if self.cfg.output.save_labels else None
-        share = self.cfg.reward.label_share
-        if share < 1:  # the reward model scores the rollouts; the judge labels its share beside the loop
-            rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(rollouts, None)
-            batch.rewards.append(rewards)
-            batch.track(reward_pool, 0, "reward", reward_stats)
-            if int((step + 1) * share) > int(step * share):
-                labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
-                critic_pool.track(c, label_stats)
-                self.rm_trainer.add.remote(labels, save)
-                self.background_labels.append((step, label_stats))
-            return
-        labels, label_stats = critic.label.options(num_returns=2).remote(rollouts)
+        if self.cfg.reward.label_share < 1:
+            return rollouts
+        c = critic_pool.pick(prune=False)
+        labels, label_stats = critic_pool.actors[c].label.options(num_returns=2).remote(rollouts)
         batch.track(critic_pool, c, "label", label_stats)
-        rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save)
-        batch.rewards.append(rewards)
-        batch.track(reward_pool, 0, "reward", reward_stats)
         if self.rm_trainer is not None:  # fresh on-policy labels for the next reward-model refit
             self.rm_trainer.add.remote(labels)
+        return labels
+
+    def _label_beside_the_loop(self, step: int, rollouts: list, save: str | None) -> None:
+        """reward.label_share < 1: the judge labels this batch's shards for the reward model's refit buffer (and the
+        label files), off the critical path; the loop collects their stats when they finish."""
+        critic_pool = self.pools["critic"]
+        for k, shard in enumerate(rollouts):
+            c = critic_pool.pick()
+            labels, label_stats = critic_pool.actors[c].label.options(num_returns=2).remote(shard)
+            critic_pool.track(c, label_stats)
+            path = save.replace(".parquet", f"-{k:03d}.parquet") if save and len(rollouts) > 1 else save
+            self.rm_trainer.add.remote(labels, path)
+            self.background_labels.append((step, label_stats))
 
     def finished_background_labels(self, wait: bool = False) -> dict | None:
         """The summed stats of the labellings made beside the loop that finished (all of them with `wait`); one lost
@@ -304,7 +316,8 @@ class Orchestrator:
         per_stage: dict[str, list[dict]] = {}
         for call, stats in zip(batch.calls, ray.get(refs)):
             per_stage.setdefault(call.stage, []).append(stats)
-        return merge_shard_stats(per_stage)
+        gen_pool = "critic" if self.cfg.learner.algorithm == "sft" else "rollout"
+        return merge_shard_stats(per_stage, {"gen": len(self.pools[gen_pool]), "label": len(self.critics), "reward": 1})
 
     def recover(self) -> None:
         """Every stage actor up (restarted by Ray or replaced), engines on the current weights, the scorer on
@@ -405,6 +418,7 @@ class Orchestrator:
         for b in resume.get("pending", []):
             loop.pending.append(self.launch(b["step"], b["indices"]))
         loop.t_start = loop.last = time.perf_counter()
+        loop.last_cpu = time.process_time()
         return loop
 
     def fill_pipeline(self, loop: LoopState) -> None:
@@ -461,9 +475,10 @@ class Orchestrator:
         metrics = step_metrics(result["metrics"], stats, train_wall=train_wall, step_seconds=now - loop.last,
                                version=self.version, inflight=len(loop.pending), queues=queues,
                                reissued=self.faults["reissued_batches"], rm_fit=rm_fit, sync_stats=sync_stats)
-        loop.last = now
-        writer.log_step(step, metrics)
         writer.log_outcomes(step, result["outcome"])
+        cpu = time.process_time()  # the driver's own work for this step (its Ray threads included): the controller's cost
+        metrics["driver_cpu_seconds"], loop.last, loop.last_cpu = cpu - loop.last_cpu, now, cpu
+        writer.log_step(step, metrics)
         check_judge_failures(loop.tally.judge_counts, self.cfg.fault.judge_failure_limit,
                              self.cfg.fault.judge_failure_min_calls)
 

@@ -67,10 +67,11 @@ class RewardScorer:
                                  labels.column("response").to_pylist())
         return pa.array(scores.numpy(), pa.float32())
 
-    def score(self, labels: pa.Table, save_path: str | None = None) -> tuple[pa.Table, dict]:
-        """Add the `reward` column; with `save_path`, also write the labelled batch there as Parquet (the run's
-        label dataset: every judge reply, principle, latency and reward, for offline analysis)."""
+    def score(self, *shards: pa.Table, save_path: str | None = None) -> tuple[pa.Table, dict]:
+        """The batch's labelled shards as one table with the `reward` column; with `save_path`, also write it there as
+        Parquet (the run's label dataset: every judge reply, principle, latency and reward, for offline analysis)."""
         t0 = time.perf_counter()
+        labels = shards[0] if len(shards) == 1 else pa.concat_tables(shards)
         if self.kind == "reward_model" and "label_valid" not in labels.column_names:  # rollouts no judge saw
             labels = schemas.unjudged(schemas.validate(labels, "rollouts"))
         labels = schemas.validate(labels, "labels")

@@ -1,0 +1,134 @@
+"""The loop at cluster scale, simulated on one machine: the real Orchestrator (pools, placement groups, sharding,
+weight-sync bookkeeping, fault handling, metrics) drives stand-in stage actors that take and return tables of the
+declared schemas after the service times of a profile (rlaif_ray.tools.stand_ins.Profile: a 7B policy on
+H100-class engines, a 70B judge), sync and async, over a sweep of engine, judge and learner-rank counts.
+
+    python jobs/scale_sim.py --out runs/scale                 # the README's sweep (~20 min on 2 cores)
+    python jobs/scale_sim.py --out runs/scale --quick         # 1, 8, 64 engines only
+
+Per configuration: samples/s against the profile's bound, achieved / ideal overlap (async over sync speed-up over
+the sync run's (sum of stages) / (slowest stage)), the driver's own CPU seconds per step (all its threads, Ray's
+included) as a share of the simulated step and of the profiled one, queue depths and staleness. Writes
+OUT/scale_sim.json, OUT/scale_sim.md and OUT/scale_sim.png.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+SWEEPS = {  # name -> list of (engines, judges, learner ranks)
+    "engines": [(e, 16, 8) for e in (1, 2, 4, 8, 16, 32, 64)],
+    "judges": [(64, j, 8) for j in (1, 2, 4, 8, 16)],
+    "ranks": [(64, 16, r) for r in (1, 2, 4, 8)],
+}
+QUICK = {"engines": [(e, 16, 8) for e in (1, 8, 64)], "judges": [], "ranks": []}
+
+
+def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: Path):
+    cfg = base.model_copy(deep=True)
+    cfg.rollout.num_workers, cfg.critic.num_workers, cfg.learner.num_learners = engines, judges, ranks
+    # a stand-in sleeps most of its time: a hundredth of a logical CPU each, so 89 of them fit a laptop's Ray
+    cfg.rollout.cpus_per_worker = cfg.critic.cpus_per_worker = cfg.learner.cpus_per_learner = cfg.reward.cpus = 0.01
+    cfg.rollout.gpus_per_worker = cfg.critic.gpus_per_worker = cfg.learner.gpus_per_learner = 0.0
+    cfg.loop.mode = mode
+    cfg.loop.max_inflight = 0 if mode == "sync" else max(1, base.loop.max_inflight)
+    cfg.loop.eval_samples = 0
+    cfg.sync.method = "object_store"  # the stand-in engines take the profile's broadcast time either way
+    cfg.output.run_dir, cfg.output.existing = str(run_dir), "overwrite"
+    cfg.output.progress = cfg.output.save_checkpoint = cfg.output.save_labels = False
+    return cfg
+
+
+def run_one(base, profile, shape, mode, out: Path, warmup: int) -> dict:
+    from rlaif_ray.runtime.driver import train
+    from rlaif_ray.runtime.metrics import read_jsonl
+    from rlaif_ray.tools.benchmark import run_figures
+    from rlaif_ray.tools.stand_ins import stand_ins
+
+    engines, judges, ranks = shape
+    run_dir = out / f"e{engines}-j{judges}-r{ranks}-{mode}"
+    cfg = sim_config(base, engines, judges, ranks, mode, run_dir)
+    summary = train(cfg, stand_ins=stand_ins(profile))
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    # left out: the warm-up steps (the pipeline filling) and the last max_inflight steps (it drains: nothing new is
+    # launched, so the stages have less to do than in the steady state); both modes measure the same steps
+    measured = rows[warmup:len(rows) - base.loop.max_inflight]
+    figures = run_figures(measured, 0)
+    driver = sum(r["driver_cpu_seconds"] for r in measured) / len(measured)
+    return {**figures, "driver_cpu_s_per_step": driver, "startup_seconds": summary["startup_seconds"],
+            "busy_fraction": summary["busy_fraction"], "faults": summary["faults"]["reissued_batches"]}
+
+
+def main(argv=None) -> int:
+    from rlaif_ray.config import ConfigError, load_config
+    from rlaif_ray.runtime.driver import start_ray
+    from rlaif_ray.tools.benchmark import compare
+    from rlaif_ray.tools.scale_report import write_outputs
+    from rlaif_ray.tools.stand_ins import Profile, bound_seconds
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", default="jobs/configs/scale_sim.yaml")
+    parser.add_argument("--out", default="runs/scale")
+    parser.add_argument("--warmup", type=int, help="first steps left out of the figures (default loop.max_inflight + "
+                        "1: a slow first step lets the pipeline run that many batches ahead, and the measured steps "
+                        "must not live on that lead); the last loop.max_inflight steps are left out too")
+    parser.add_argument("--time-scale", type=float, default=Profile.time_scale,
+                        help="simulated seconds per profiled second")
+    parser.add_argument("--quick", action="store_true", help="1, 8 and 64 engines only")
+    parser.add_argument("--sweep", action="append", choices=list(SWEEPS), help="run only these sweeps")
+    parser.add_argument("--shapes", help="run only these configurations, as ENGINESxJUDGESxRANKS,... (e.g. 2x1x1,4x2x2)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
+    try:
+        base = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"scale_sim: error: {err}", file=sys.stderr)
+        return 2
+    profile = Profile(time_scale=args.time_scale)
+    if args.warmup is None:
+        args.warmup = base.loop.max_inflight + 1
+    sweeps = {k: v for k, v in (QUICK if args.quick else SWEEPS).items() if not args.sweep or k in args.sweep}
+    if args.shapes:
+        try:
+            sweeps = {"engines": [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]}
+            assert all(len(s) == 3 and min(s) >= 1 for s in sweeps["engines"])
+        except (ValueError, AssertionError):
+            print(f"scale_sim: error: --shapes {args.shapes!r}: expected ENGINESxJUDGESxRANKS,... e.g. 2x1x1,4x2x2",
+                  file=sys.stderr)
+            return 2
+    shapes = sorted({s for v in sweeps.values() for s in v})
+    start_ray(base)
+    out = Path(args.out)
+    results = {}
+    for shape in shapes:
+        bound = bound_seconds(profile, sim_config(base, *shape, "async", out))
+        runs = {mode: run_one(base, profile, shape, mode, out, args.warmup) for mode in ("sync", "async")}
+        cmp = compare(runs["sync"], runs["async"])
+        scale = profile.time_scale
+        row = {"engines": shape[0], "judges": shape[1], "ranks": shape[2], **cmp,
+               "bound": {"sync_samples_per_s": bound["samples"] / (bound["sync_step"] * scale),
+                         "async_samples_per_s": bound["samples"] / (bound["async_step"] * scale),
+                         "stage_seconds_profiled": bound["stages"]},
+               **{mode: runs[mode] for mode in runs}}
+        for mode in runs:
+            r = runs[mode]
+            r["of_bound"] = r["samples_per_s"] / row["bound"][f"{mode}_samples_per_s"]
+            r["driver_share_simulated"] = r["driver_cpu_s_per_step"] / r["step_seconds"]
+            r["driver_share_profiled"] = r["driver_cpu_s_per_step"] / (r["step_seconds"] / scale)
+        results[shape] = row
+        print(f"[scale] {shape[0]:2d} engines {shape[1]:2d} judges {shape[2]} ranks: async "
+              f"{runs['async']['samples_per_s']:7.1f} samples/s ({runs['async']['of_bound']:.0%} of bound), sync "
+              f"{runs['sync']['samples_per_s']:7.1f} ({runs['sync']['of_bound']:.0%}); achieved/ideal overlap "
+              f"{cmp['achieved_fraction_of_ideal']:.0%} of {cmp['ideal_overlap_ratio']:.2f}x; driver "
+              f"{runs['async']['driver_cpu_s_per_step'] * 1e3:.0f} ms/step = "
+              f"{runs['async']['driver_share_simulated']:.1%} of the simulated step", flush=True)
+    written = write_outputs(out, profile, sweeps, results, {"config": args.config, "overrides": args.overrides,
+                                                            "warmup": args.warmup, "date": time.strftime("%Y-%m-%d")})
+    print("\n" + (out / "scale_sim.md").read_text())
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

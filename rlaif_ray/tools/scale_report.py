@@ -1,0 +1,87 @@
+"""What `jobs/scale_sim.py` writes: the sweep as JSON, a Markdown table per sweep and one picture (samples/s against
+the profile's bound, achieved / ideal overlap, and the driver's CPU share, each against the engine count; then
+samples/s against judges and learner ranks at 64 engines)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DRIVER_TARGET = 0.05
+OVERLAP_TARGET = 0.9
+
+
+def table(rows: list[dict], axis: str) -> str:
+    lines = [f"| {axis} | async samples/s (of bound) | sync samples/s (of bound) | achieved / ideal overlap | "
+             "driver CPU ms/step (share of simulated / profiled step) | queue depth gen / label / ready (async mean) | "
+             "staleness (async) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        a, s = r["async"], r["sync"]
+        q = a.get("queue_mean", {})
+        lines.append(
+            f"| {r['engines']} engines, {r['judges']} judges, {r['ranks']} ranks | {a['samples_per_s']:.0f} "
+            f"({a['of_bound']:.0%}) | {s['samples_per_s']:.0f} ({s['of_bound']:.0%}) | "
+            f"**{r['achieved_fraction_of_ideal']:.0%}** of {r['ideal_overlap_ratio']:.2f}x | "
+            f"{a['driver_cpu_s_per_step'] * 1e3:.0f} ({a['driver_share_simulated']:.1%} / "
+            f"{a['driver_share_profiled']:.2%}) | {q.get('queue_gen', 0):.1f} / {q.get('queue_label', 0):.1f} / "
+            f"{q.get('queue_ready', 0):.1f} | {a['staleness_max_hist']} |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, sweeps: dict, results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    engines = [results[s] for s in sweeps.get("engines", [])]
+    xs = [r["engines"] for r in engines]
+    ax = axes[0]
+    for mode, style in (("async", "-o"), ("sync", "-s")):
+        ax.plot(xs, [r[mode]["samples_per_s"] for r in engines], style, label=f"{mode} (measured)")
+        ax.plot(xs, [r["bound"][f"{mode}_samples_per_s"] for r in engines], ":", label=f"{mode} bound (profile)")
+    ax.set(xscale="log", yscale="log", xlabel="rollout engines (16 judges, 8 ranks)", ylabel="samples/s (simulated)",
+           title="throughput")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.plot(xs, [r["achieved_fraction_of_ideal"] for r in engines], "-o", label="achieved / ideal overlap")
+    ax.plot(xs, [r["async"]["of_bound"] for r in engines], "-^", label="async / bound")
+    ax.axhline(OVERLAP_TARGET, color="grey", ls="--", lw=0.8, label=f"target {OVERLAP_TARGET:.0%}")
+    ax.set(xscale="log", xlabel="rollout engines", ylim=(0, 1.2), title="overlap")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    ax.plot(xs, [r["async"]["driver_share_simulated"] for r in engines], "-o", label="of the simulated step")
+    ax.plot(xs, [r["async"]["driver_share_profiled"] for r in engines], "-s", label="of the profiled step")
+    ax.axhline(DRIVER_TARGET, color="grey", ls="--", lw=0.8, label=f"target {DRIVER_TARGET:.0%}")
+    ax.set(xscale="log", xlabel="rollout engines", ylabel="driver CPU / step time (async)", title="driver share")
+    ax.legend(fontsize=7)
+    ax = axes[3]
+    for name, key, marker in (("judges", "judges", "o"), ("ranks", "ranks", "s")):
+        rows = [results[s] for s in sweeps.get(name, [])]
+        if rows:
+            ax.plot([r[key] for r in rows], [r["async"]["samples_per_s"] for r in rows], f"-{marker}",
+                    label=f"{name}: async")
+            ax.plot([r[key] for r in rows], [r["bound"]["async_samples_per_s"] for r in rows], ":",
+                    label=f"{name}: bound")
+    ax.set(xscale="log", yscale="log", xlabel="judges / learner ranks (64 engines)", title="the other stages")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, profile, sweeps: dict, results: dict, meta: dict) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    key = lambda s: f"e{s[0]}-j{s[1]}-r{s[2]}"  # noqa: E731
+    data = {**meta, "profile": profile.to_dict(), "sweeps": {k: [key(s) for s in v] for k, v in sweeps.items()},
+            "results": {key(s): r for s, r in results.items()}}
+    paths = [out / "scale_sim.json", out / "scale_sim.md", out / "scale_sim.png"]
+    paths[0].write_text(json.dumps(data, indent=1))
+    md = [f"Profile: {profile.name}, time scale {profile.time_scale:g} (simulated seconds per profiled second)."]
+    for name, shapes in sweeps.items():
+        if shapes:
+            md += ["", f"**{name}**", "", table([results[s] for s in shapes], name)]
+    paths[1].write_text("\n".join(md) + "\n")
+    plot(paths[2], sweeps, results)
+    return paths

@@ -1,0 +1,263 @@
+"""Stand-in stage actors for the scale simulation (`jobs/scale_sim.py`): the real Orchestrator, pools, placement
+groups, weight-sync bookkeeping and fault handling drive these in place of vLLM engines, judges, the scorer and
+DeepSpeed ranks, so the controller can be watched at 64 engines on one machine.
+
+Each stand-in has the real actor's constructor and the methods the loop calls, takes and returns tables of the
+declared schemas (`rlaif_ray.data.schemas`, validated as the real stages do), and takes as long as the `Profile`
+says the real stage would on the profiled hardware, times `time_scale`: the work it does itself (building the
+table) counts against that time, and it sleeps the rest. What they do not model: contention between stages on a
+node, network time for tables (they cross Ray's object store for real), and stragglers.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from rlaif_ray.config import RunConfig
+from rlaif_ray.data import schemas
+from rlaif_ray.data.transport import use_arrow_ipc
+from rlaif_ray.judge.pairs import select_pairs
+from rlaif_ray.stages.reward import rewards_from_labels
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Service times of a 7B policy on H100-class engines with a 70B judge (every figure an input; README "Scale").
+
+    Sources: `engine_tokens_per_s` and `judge_decode_tokens_per_s` are issue 16's figures (vLLM, one engine per
+    H100 for the 7B; a 70B judge engine generating ~1,200 tokens/s); prefill at 10x decode throughput and a
+    single stream at 100 tokens/s (a shard never finishes faster than its longest answer) are assumptions of the
+    usual order for vLLM on H100; the learner is FLOP-bound: 6·N per trained token plus 2·N for the reference's
+    forward, at 40% of an H100's 989 dense bf16 TFLOP/s per rank; a sync broadcasts the bf16 weights at 20 GB/s
+    (NCCL over NVLink/InfiniBand, one broadcast whatever the engine count)."""
+    name: str = "7B policy (H100 engines), 70B judge"
+    policy_params: float = 7.6e9
+    prompt_tokens: int = 256
+    response_tokens: int = 512
+    engine_tokens_per_s: float = 6000.0        # generated tokens/s of one rollout engine at full batch
+    stream_tokens_per_s: float = 100.0         # one sequence alone (the floor of a shard's time)
+    judge_prompt_tokens: int = 1400            # question + two answers + instructions
+    judge_reply_tokens: int = 4                # the verdict
+    judge_prefill_tokens_per_s: float = 12000.0
+    judge_decode_tokens_per_s: float = 1200.0
+    learner_flops_per_s: float = 0.4 * 989e12  # per rank
+    sync_bytes_per_s: float = 20e9
+    reward_seconds: float = 0.001              # win-rate arithmetic per call
+    time_scale: float = 0.01                   # simulated seconds per profiled second
+
+    def gen_seconds(self, samples: int) -> float:
+        tokens = samples * self.response_tokens
+        return max(tokens / self.engine_tokens_per_s, self.response_tokens / self.stream_tokens_per_s)
+
+    def judge_call_seconds(self) -> float:
+        return (self.judge_prompt_tokens / self.judge_prefill_tokens_per_s
+                + self.judge_reply_tokens / self.judge_decode_tokens_per_s)
+
+    def train_seconds(self, samples: int, ranks: int, reference: bool) -> float:
+        flops = (8 if reference else 6) * self.policy_params * samples * (self.prompt_tokens + self.response_tokens)
+        return flops / (ranks * self.learner_flops_per_s)
+
+    def sync_seconds(self) -> float:
+        return 2 * self.policy_params / self.sync_bytes_per_s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def judge_calls(group_size: int, mode: str, k: int) -> int:
+    """Judge prompts for one prompt group: its selected pairs (`critic.pairs`), each in both orders."""
+    return 2 * len(select_pairs(group_size, mode, k, seed="sim"))
+
+
+def _settle(t0: float, seconds: float) -> float:
+    """Sleep until `seconds` after t0 (work already done counts against it); the time actually taken."""
+    left = seconds - (time.perf_counter() - t0)
+    if left > 0:
+        time.sleep(left)
+    return time.perf_counter() - t0
+
+
+def _lists(rows: int, width: int, dtype, value=0) -> pa.Array:
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+    return pa.ListArray.from_arrays(offsets, pa.array(np.full(rows * width, value, dtype=dtype)))
+
+
+class _Stage:
+    profile = Profile()  # `stand_ins(profile)` makes subclasses with another
+
+    def __init__(self, cfg: dict):
+        use_arrow_ipc()
+        self.cfg = RunConfig.model_validate(cfg)
+
+    def _wait(self, t0: float, profiled_seconds: float) -> float:
+        return _settle(t0, profiled_seconds * self.profile.time_scale)
+
+    def ready(self) -> int:
+        return 0
+
+
+class StandInEngine(_Stage):
+    """A rollout engine: `samples_per_prompt` answers of `response_tokens` tokens per prompt."""
+    table_tokens = 16  # token ids actually carried per answer (the table's size is not what is simulated)
+
+    def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
+        super().__init__(cfg)
+        self.worker_index, self.version = worker_index, 0
+
+    def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
+        t0 = time.perf_counter()
+        n = self.cfg.rollout.samples_per_prompt
+        rows = prompts.take(pa.array(indices, pa.int64())).select(["prompt_id", "prompt", "reference"])
+        pids = [pid for pid in rows.column("prompt_id").to_pylist() for _ in range(n)]
+        total = len(pids)
+        table = pa.Table.from_pydict({
+            "sample_id": [schemas.sample_id(step, pid, k % n) for k, pid in enumerate(pids)],
+            "prompt_id": pids, "group_index": np.tile(np.arange(n, dtype=np.int32), len(indices)),
+            "prompt": np.repeat(np.asarray(rows.column("prompt").to_pylist(), dtype=object), n).tolist(),
+            "prompt_token_ids": _lists(total, self.table_tokens, np.int32, 1),
+            "response": [""] * total, "response_token_ids": _lists(total, self.table_tokens, np.int32, 2),
+            "response_logprobs": _lists(total, self.table_tokens, np.float32, -1.0),
+            "finish_reason": ["stop"] * total, "policy_version": [self.version] * total,
+            "reference": np.repeat(np.asarray(rows.column("reference").to_pylist(), dtype=object), n).tolist(),
+        }, schema=schemas.ROLLOUT_SCHEMA)
+        table = schemas.validate(table, "rollouts")
+        seconds = self._wait(t0, self.profile.gen_seconds(total))
+        return table, {"gen_seconds": seconds, "engine_seconds": seconds, "gen_tokens": total * self.profile.response_tokens,
+                       "gen_samples": total, "policy_version": self.version, "worker": self.worker_index}
+
+    def update_weights(self, weights, version: int) -> dict:
+        t0 = time.perf_counter()
+        seconds = self._wait(t0, self.profile.sync_seconds())
+        self.version = version
+        return {"ok": True, "method": "object_store", "sync_seconds": seconds,
+                "sync_bytes": int(2 * self.profile.policy_params), "version": version, "worker": self.worker_index}
+
+
+class StandInJudge(_Stage):
+    """A pairwise judge: `critic.pairs` pairs per group in both orders, `judge_call_seconds` each."""
+
+    def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
+        super().__init__(cfg)
+        self.rng = np.random.default_rng(worker_index)
+
+    def label(self, rollouts: pa.Table, method: str | None = None, pairs: str | None = None) -> tuple[pa.Table, dict]:
+        t0 = time.perf_counter()
+        rollouts = schemas.validate(rollouts, "rollouts")
+        c, n = self.cfg.critic, rollouts.num_rows
+        groups = len(set(rollouts.column("prompt_id").to_pylist()))
+        calls = groups * judge_calls(self.cfg.rollout.samples_per_prompt, pairs or c.pairs, c.pairs_k)
+        cols = {"label_method": pa.array(["pairwise"] * n), "judge_model": pa.array(["stand-in"] * n),
+                "label_valid": pa.array([True] * n), "label_latency_s": pa.array(np.zeros(n, np.float32)),
+                "win_prob": pa.array(self.rng.random(n).astype(np.float32)),
+                **{name: pa.array([[]] * n, pa.list_(t)) for name, t in
+                   (("pair_partner_ids", pa.string()), ("pair_win_probs", pa.float32()),
+                    ("pair_position_agree", pa.bool_()), ("pair_slot1_probs", pa.float32()))}}
+        table = rollouts
+        for f in schemas.LABEL_FIELDS:
+            table = table.append_column(f, cols[f.name] if f.name in cols else pa.nulls(n, f.type))
+        table = schemas.validate(table, "labels")
+        seconds = self._wait(t0, calls * self.profile.judge_call_seconds())
+        return table, {"label_seconds": seconds, "labeled_samples": n, "label_valid": n, "judge_calls": calls,
+                       "judge_cache_hits": 0, "judge_calls_per_sample": calls / max(n, 1)}
+
+    def usage(self) -> dict:
+        return {}
+
+
+class StandInScorer(_Stage):
+    """The reward stage (the real rule: rlaif_ray.stages.reward.rewards_from_labels) with the profile's time."""
+
+    def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10):
+        use_arrow_ipc()
+        self.kind, self.score_points, self.rm_version = kind, score_points, 0
+
+    def ready(self) -> int:
+        return self.rm_version
+
+    def score(self, *shards: pa.Table, save_path: str | None = None) -> tuple[pa.Table, dict]:
+        t0 = time.perf_counter()
+        labels = schemas.validate(pa.concat_tables(shards), "labels")
+        table = schemas.validate(labels.append_column(schemas.REWARD_FIELDS[0],
+                                                      rewards_from_labels(labels, self.kind, self.score_points)), "rewards")
+        seconds = self._wait(t0, self.profile.reward_seconds * len(shards))
+        return table, {"reward_seconds": seconds, "rm_version": self.rm_version}
+
+
+class StandInRank(_Stage):
+    """A learner rank: the real sample accounting (stale samples dropped, invalid ones skipped), FLOP-bound time."""
+
+    def __init__(self, policy_path: str, cfg: dict, rank: int, world_size: int):
+        super().__init__(cfg)
+        self.rank, self.world_size, self.version = rank, world_size, 0
+
+    def address(self) -> tuple[str, int]:
+        return "127.0.0.1", 0
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        return self.rank
+
+    def train_step(self, *tables: pa.Table) -> dict:
+        t0 = time.perf_counter()
+        if self.rank != 0:  # the batch's accounting is rank 0's; the others only take the step's time
+            self._wait(t0, self.profile.train_seconds(tables[0].num_rows * len(tables), self.world_size,
+                                                      self.cfg.learner.kl() > 0))
+            self.version += 1
+            return {}
+        table = schemas.validate(pa.concat_tables(tables), "rewards")
+        ids = table.column("sample_id").to_pylist()
+        staleness = self.version - np.asarray(table.column("policy_version").to_pylist())
+        valid = table.column("label_valid").to_pylist()
+        stale = [i for i in range(len(ids)) if staleness[i] > self.cfg.loop.max_staleness]
+        skipped = [i for i in range(len(ids)) if i not in set(stale) and not valid[i]]
+        trained = sorted(set(range(len(ids))) - set(stale) - set(skipped))
+        seconds = self._wait(t0, self.profile.train_seconds(len(trained), self.world_size, self.cfg.learner.kl() > 0))
+        self.version += 1
+        fresh = staleness[trained] if trained else np.zeros(0)
+        metrics = {"learner_version": self.version, "train_seconds": seconds, "samples_in": len(ids),
+                   "trained": len(trained), "dropped_stale": len(stale), "skipped": len(skipped), "optimizer_step": 1,
+                   "staleness_mean": float(fresh.mean()) if len(fresh) else 0.0,
+                   "staleness_max": int(fresh.max()) if len(fresh) else 0}
+        return {"metrics": metrics, "outcome": {"trained": [ids[i] for i in trained], "stale": [ids[i] for i in stale],
+                                                "skipped": [(ids[i], "invalid") for i in skipped]}}
+
+    def export_weights(self):
+        """The object-store path's shape: rank 0 hands out a (placeholder) weights object; engines take the
+        profile's sync time to load it."""
+        return (("weights of version", self.version) if self.rank == 0 else None), {"rank": self.rank}
+
+    def weights_layout(self) -> list:
+        return []
+
+
+def stand_ins(profile: Profile) -> dict:
+    """Stage -> stand-in actor class with `profile`'s service times, for `Orchestrator(..., stand_ins=...)`."""
+    bases = {"rollout": StandInEngine, "critic": StandInJudge, "reward": StandInScorer, "learner": StandInRank}
+    return {stage: ray.remote(type(base.__name__, (base,), {"profile": profile})) for stage, base in bases.items()}
+
+
+def bound_seconds(profile: Profile, cfg: RunConfig) -> dict:
+    """The profile's stage seconds per step for this config (shards as the Orchestrator makes them) and the step
+    time each mode could reach at best: sync = the stages one after another, async = the slowest stage or the
+    pipeline's depth, whichever binds."""
+    engines, judges, ranks = cfg.rollout.num_workers, cfg.critic.num_workers, cfg.learner.num_learners
+    prompts, n = cfg.data.prompts_per_step, cfg.rollout.samples_per_prompt
+    shards = min(cfg.rollout.shards_per_batch or engines, prompts)
+    biggest = math.ceil(prompts / shards)
+    per_engine = math.ceil(shards / engines)
+    per_judge = math.ceil(shards / judges)
+    call = profile.judge_call_seconds() * judge_calls(n, cfg.critic.pairs, cfg.critic.pairs_k)
+    stages = {"gen": per_engine * profile.gen_seconds(biggest * n),
+              "label": per_judge * biggest * call,
+              "reward": math.ceil(shards / 1) * profile.reward_seconds,
+              "train": profile.train_seconds(prompts * n, ranks, cfg.learner.kl() > 0),
+              "sync": profile.sync_seconds()}
+    # async: the slowest stage, unless a batch's way through the stages takes longer than the batches in flight
+    # (loop.max_inflight + 1) can cover
+    latency = stages["gen"] + stages["label"] + stages["reward"] + stages["train"]
+    async_step = max(max(stages.values()), latency / (cfg.loop.max_inflight + 1))
+    return {"stages": stages, "sync_step": sum(stages.values()), "async_step": async_step, "samples": prompts * n}
