@@ -11,32 +11,6 @@ import sys
 from pathlib import Path
 
 
-def engine_alone(cfg, batches: int) -> float:
-    """Generation tokens/s of one RolloutWorker (same model and config) driven with nothing else running:
-    `batches` batches of `data.prompts_per_step` prompts, engine seconds as the loop measures them."""
-    import ray
-
-    from rlaif_ray.data.prompts import PromptSampler
-    from rlaif_ray.engine import engine_env
-    from rlaif_ray.runtime.inputs import resolve_inputs
-    from rlaif_ray.stages.rollout import RolloutWorker
-
-    resolved = resolve_inputs(cfg)
-    worker = RolloutWorker.options(num_cpus=cfg.rollout.cpus_per_worker,
-                                   runtime_env={"env_vars": engine_env(cfg.engine_for("rollout"))}).remote(resolved.policy, cfg.model_dump())
-    try:
-        prompts = ray.put(resolved.prompts)
-        sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)
-        stats = []
-        for step in range(batches + 2):  # the first two warm the engine up, as the loop's warm-up steps do
-            _, s = worker.generate.options(num_returns=2).remote(prompts, sampler.next_indices(cfg.data.prompts_per_step), step)
-            stats.append(ray.get(s))
-        stats = stats[2:]
-        return sum(s["gen_tokens"] for s in stats) / sum(s["engine_seconds"] for s in stats)
-    finally:
-        ray.kill(worker)
-
-
 def main(argv=None) -> int:
     import time
 
@@ -46,6 +20,7 @@ def main(argv=None) -> int:
     from rlaif_ray.runtime.driver import train
     from rlaif_ray.runtime.metrics import read_jsonl
     from rlaif_ray.tools.benchmark import compare, format_table, run_figures, transport_from_timeline, transport_share
+    from rlaif_ray.tools.stage_alone import engine_alone
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")

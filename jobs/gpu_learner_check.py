@@ -72,21 +72,6 @@ def model_source(name: str):
     return name  # a Hugging Face folder
 
 
-def matmul_peak(device, dtype, n: int) -> float:
-    """FLOP/s of an n×n×n matmul on `device` in `dtype` (best of 3 after a warm-up)."""
-    import torch
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for k in range(4):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        if k:
-            best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
 class RssPeak:
     """The highest resident set size of this process while it runs (polled every 5 ms from /proc), in GB: a CPU
     stand-in for torch.cuda.max_memory_allocated (tensors of a few MB and up are mmapped, so freeing them shows)."""
@@ -127,6 +112,7 @@ def child(spec: dict) -> dict:
 
     from rlaif_ray import algorithms
     from rlaif_ray.learner_core import CoreSettings, LearnerCore, init_distributed
+    from rlaif_ray.tools.compute import matmul_peak
     from rlaif_ray.weight_transfer import layout_bytes
 
     gpu = torch.cuda.is_available()
