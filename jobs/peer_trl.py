@@ -82,9 +82,8 @@ def trl_settings(cfg, steps: int, out: str) -> tuple[dict, list[str]]:
                   f"TRL's judge runs transformers forward passes (TransformersJudge); rlaif_ray's judge "
                   f"critic.backend={cfg.critic.backend}: same judge token ids, label probabilities equal to ~1e-3",
                   "TRL: one process on all torch threads; rlaif_ray: one actor per stage, each with its CPUs",
-                  "rlaif_ray's train stage holds its no-grad log-prob passes (before-update policy, and reference when "
-                  "the KL coefficient is > 0); TRL's reference pass is its ref_logprobs row, and it has no "
-                  "before-update pass (on-policy)"]
+                  "rlaif_ray's train stage holds the reference's no-grad pass (KL coefficient > 0) and, with "
+                  "learner.ppo_epochs > 1, the before-update policy's; TRL's reference pass is its ref_logprobs row"]
     if r.top_p < 1:
         deviations.append(f"TRL's loss takes log π at the temperature without top-p; rlaif_ray's at temperature "
                           f"and top_p={r.top_p} (the distribution vLLM sampled from)")

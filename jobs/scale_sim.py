@@ -3,7 +3,7 @@ weight-sync bookkeeping, fault handling, metrics) drives stand-in stage actors t
 declared schemas after the service times of a profile (rlaif_ray.tools.stand_ins.Profile: a 7B policy on
 H100-class engines, a 70B judge), sync and async, over a sweep of engine, judge and learner-rank counts.
 
-    python jobs/scale_sim.py --out runs/scale                 # the README's sweep (~20 min on 2 cores)
+    python jobs/scale_sim.py --out runs/scale                 # the README's sweep (~25 min on 2 cores)
     python jobs/scale_sim.py --out runs/scale --quick         # 1, 8, 64 engines only
 
 Per configuration: samples/s against the profile's bound, achieved / ideal overlap (async over sync speed-up over
@@ -19,8 +19,8 @@ from pathlib import Path
 
 SWEEPS = {  # name -> list of (engines, judges, learner ranks)
     "engines": [(e, 16, 8) for e in (1, 2, 4, 8, 16, 32, 64)],
-    "judges": [(64, j, 8) for j in (1, 2, 4, 8, 16)],
-    "ranks": [(64, 16, r) for r in (1, 2, 4, 8)],
+    "judges": [(64, j, 8) for j in (1, 4, 16)],
+    "ranks": [(64, 16, r) for r in (1, 2, 8)],
 }
 QUICK = {"engines": [(e, 16, 8) for e in (1, 8, 64)], "judges": [], "ranks": []}
 
@@ -60,10 +60,39 @@ def run_one(base, profile, shape, mode, out: Path, warmup: int) -> dict:
             "busy_fraction": summary["busy_fraction"], "faults": summary["faults"]["reissued_batches"]}
 
 
+def key_of(shape) -> str:
+    return f"e{shape[0]}-j{shape[1]}-r{shape[2]}"
+
+
+def derive(base, shape, scale: float, sync: dict, async_: dict) -> dict:
+    """One configuration's figures from its two measured runs and the profile's bound: samples/s of each mode over
+    its bound, the ideal overlap (bound sync step / bound async step: what the profile lets async gain, pools
+    included) and the fraction of it achieved, the driver's CPU share of the simulated and of the profiled step."""
+    from rlaif_ray.tools.benchmark import compare
+    from rlaif_ray.tools.stand_ins import Profile, bound_seconds
+
+    bound = bound_seconds(Profile(), sim_config(base, *shape, "async", Path(".")))
+    ideal = bound["sync_step"] / bound["async_step"]
+    speedup = async_["samples_per_s"] / sync["samples_per_s"] if sync["samples_per_s"] else 0.0
+    row = {"engines": shape[0], "judges": shape[1], "ranks": shape[2], "time_scale": scale,
+           "async_over_sync": speedup, "ideal_overlap_ratio": ideal, "achieved_fraction_of_ideal": speedup / ideal,
+           "measured_stage_ideal": compare(sync, async_)["ideal_overlap_ratio"],
+           "bound": {"sync_samples_per_s": bound["samples"] / bound["sync_step"],
+                     "async_samples_per_s": bound["samples"] / bound["async_step"],
+                     "stage_seconds_profiled": bound["stages"], "async_limit": bound["async_limit"]},
+           "sync": sync, "async": async_}
+    for mode in ("sync", "async"):  # samples/s on the profiled cluster: the simulated rate × the time scale
+        r = row[mode]
+        r["profiled_samples_per_s"] = r["samples_per_s"] * scale
+        r["of_bound"] = r["profiled_samples_per_s"] / row["bound"][f"{mode}_samples_per_s"]
+        r["driver_share_simulated"] = r["driver_cpu_s_per_step"] / r["step_seconds"]
+        r["driver_share_profiled"] = r["driver_cpu_s_per_step"] / (r["step_seconds"] / scale)
+    return row
+
+
 def main(argv=None) -> int:
     from rlaif_ray.config import ConfigError, load_config
     from rlaif_ray.runtime.driver import start_ray
-    from rlaif_ray.tools.benchmark import compare
     from rlaif_ray.tools.scale_report import write_outputs
     from rlaif_ray.tools.stand_ins import Profile, bound_seconds
 
@@ -73,10 +102,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, help="first steps left out of the figures (default loop.max_inflight + "
                         "1: a slow first step lets the pipeline run that many batches ahead, and the measured steps "
                         "must not live on that lead); the last loop.max_inflight steps are left out too")
-    parser.add_argument("--time-scale", type=float, default=Profile.time_scale,
-                        help="simulated seconds per profiled second")
+    parser.add_argument("--time-scale", type=float,
+                        help="simulated seconds per profiled second, for every configuration (default: per "
+                             "configuration, so that its profiled sync step takes --sync-step-seconds, at most 0.1)")
+    parser.add_argument("--sync-step-seconds", type=float, default=4.0,
+                        help="the simulated length of a sync step when --time-scale is not given")
     parser.add_argument("--quick", action="store_true", help="1, 8 and 64 engines only")
     parser.add_argument("--sweep", action="append", choices=list(SWEEPS), help="run only these sweeps")
+    parser.add_argument("--report-only", action="store_true",
+                        help="recompute the figures and rewrite the outputs from OUT/scale_sim.json, running nothing")
     parser.add_argument("--shapes", help="run only these configurations, as ENGINESxJUDGESxRANKS,... (e.g. 2x1x1,4x2x2)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
@@ -85,7 +119,6 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"scale_sim: error: {err}", file=sys.stderr)
         return 2
-    profile = Profile(time_scale=args.time_scale)
     if args.warmup is None:
         args.warmup = base.loop.max_inflight + 1
     sweeps = {k: v for k, v in (QUICK if args.quick else SWEEPS).items() if not args.sweep or k in args.sweep}
@@ -98,32 +131,31 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     shapes = sorted({s for v in sweeps.values() for s in v})
-    start_ray(base)
     out = Path(args.out)
-    results = {}
-    for shape in shapes:
-        bound = bound_seconds(profile, sim_config(base, *shape, "async", out))
-        runs = {mode: run_one(base, profile, shape, mode, out, args.warmup) for mode in ("sync", "async")}
-        cmp = compare(runs["sync"], runs["async"])
-        scale = profile.time_scale
-        row = {"engines": shape[0], "judges": shape[1], "ranks": shape[2], **cmp,
-               "bound": {"sync_samples_per_s": bound["samples"] / (bound["sync_step"] * scale),
-                         "async_samples_per_s": bound["samples"] / (bound["async_step"] * scale),
-                         "stage_seconds_profiled": bound["stages"]},
-               **{mode: runs[mode] for mode in runs}}
-        for mode in runs:
-            r = runs[mode]
-            r["of_bound"] = r["samples_per_s"] / row["bound"][f"{mode}_samples_per_s"]
-            r["driver_share_simulated"] = r["driver_cpu_s_per_step"] / r["step_seconds"]
-            r["driver_share_profiled"] = r["driver_cpu_s_per_step"] / (r["step_seconds"] / scale)
-        results[shape] = row
-        print(f"[scale] {shape[0]:2d} engines {shape[1]:2d} judges {shape[2]} ranks: async "
-              f"{runs['async']['samples_per_s']:7.1f} samples/s ({runs['async']['of_bound']:.0%} of bound), sync "
-              f"{runs['sync']['samples_per_s']:7.1f} ({runs['sync']['of_bound']:.0%}); achieved/ideal overlap "
-              f"{cmp['achieved_fraction_of_ideal']:.0%} of {cmp['ideal_overlap_ratio']:.2f}x; driver "
-              f"{runs['async']['driver_cpu_s_per_step'] * 1e3:.0f} ms/step = "
-              f"{runs['async']['driver_share_simulated']:.1%} of the simulated step", flush=True)
-    written = write_outputs(out, profile, sweeps, results, {"config": args.config, "overrides": args.overrides,
+    if args.report_only:  # the figures again from the runs already measured (the bound's arithmetic may change)
+        if not (out / "scale_sim.json").is_file():
+            print(f"scale_sim: error: --report-only: no {out / 'scale_sim.json'} (run the sweep first)", file=sys.stderr)
+            return 2
+        measured = json.loads((out / "scale_sim.json").read_text())["results"]
+        results = {s: derive(base, s, measured[key_of(s)]["time_scale"], measured[key_of(s)]["sync"],
+                             measured[key_of(s)]["async"]) for s in shapes if key_of(s) in measured}
+        sweeps = {k: [s for s in v if s in results] for k, v in sweeps.items()}
+    else:
+        start_ray(base)
+        results = {}
+        for shape in shapes:
+            bound = bound_seconds(Profile(), sim_config(base, *shape, "async", out))
+            profile = Profile(time_scale=args.time_scale or min(0.1, args.sync_step_seconds / bound["sync_step"]))
+            runs = {mode: run_one(base, profile, shape, mode, out, args.warmup) for mode in ("sync", "async")}
+            results[shape] = row = derive(base, shape, profile.time_scale, runs["sync"], runs["async"])
+            a, sy = row["async"], row["sync"]
+            print(f"[scale] {shape[0]:2d} engines {shape[1]:2d} judges {shape[2]} ranks: async "
+                  f"{a['profiled_samples_per_s']:6.1f} samples/s ({a['of_bound']:.0%} of bound), sync "
+                  f"{sy['profiled_samples_per_s']:6.1f} ({sy['of_bound']:.0%}); achieved/ideal overlap "
+                  f"{row['achieved_fraction_of_ideal']:.0%} of {row['ideal_overlap_ratio']:.2f}x; driver "
+                  f"{a['driver_cpu_s_per_step'] * 1e3:.0f} ms/step = {a['driver_share_simulated']:.1%} of the "
+                  f"simulated step", flush=True)
+    written = write_outputs(out, Profile(), sweeps, results, {"config": args.config, "overrides": args.overrides,
                                                             "warmup": args.warmup, "date": time.strftime("%Y-%m-%d")})
     print("\n" + (out / "scale_sim.md").read_text())
     print("written: " + ", ".join(str(p) for p in written))

@@ -59,11 +59,11 @@ class StageCall:
 @dataclass
 class InFlight:
     """One step's batch on its way through the stages: its prompts are split into shards (one per engine, at most),
-    each shard its own gen -> label -> reward chain on the least-loaded actors; the learner takes every shard's
-    rewards table (`rewards`, in shard order) as one batch."""
+    each generated and labelled on the least-loaded actors, then one reward call takes the labelled shards; the
+    learner trains on what `rewards` holds as one batch."""
     step: int
     indices: list[int]                             # the batch's prompts: a re-issued batch takes the same ones
-    rewards: list = field(default_factory=list)    # ObjectRef[pa.Table] per shard: rewards (or demonstrations for sft)
+    rewards: list = field(default_factory=list)    # ObjectRef[pa.Table]s: the batch's rewards (sft: one per shard)
     calls: list[StageCall] = field(default_factory=list)
     expected_version: int = 0                      # the engine must hold at least this version of the weights
     expected_rm: int = 0                           # ... and the scorer this reward-model state

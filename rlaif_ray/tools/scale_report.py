@@ -11,16 +11,17 @@ OVERLAP_TARGET = 0.9
 
 
 def table(rows: list[dict], axis: str) -> str:
-    lines = [f"| {axis} | async samples/s (of bound) | sync samples/s (of bound) | achieved / ideal overlap | "
-             "driver CPU ms/step (share of simulated / profiled step) | queue depth gen / label / ready (async mean) | "
-             "staleness (async) |",
+    lines = [f"| {axis} | async samples/s on the profiled cluster (of bound; what binds) | sync samples/s (of bound) | achieved / ideal "
+             "overlap | driver CPU ms/step (share of simulated / profiled step) | queue depth gen / label / ready "
+             "(async mean) | staleness (async) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         a, s = r["async"], r["sync"]
         q = a.get("queue_mean", {})
         lines.append(
-            f"| {r['engines']} engines, {r['judges']} judges, {r['ranks']} ranks | {a['samples_per_s']:.0f} "
-            f"({a['of_bound']:.0%}) | {s['samples_per_s']:.0f} ({s['of_bound']:.0%}) | "
+            f"| {r['engines']} engines, {r['judges']} judges, {r['ranks']} ranks | {a['profiled_samples_per_s']:.1f} "
+            f"({a['of_bound']:.0%}; {r['bound']['async_limit']}) | {s['profiled_samples_per_s']:.1f} "
+            f"({s['of_bound']:.0%}) | "
             f"**{r['achieved_fraction_of_ideal']:.0%}** of {r['ideal_overlap_ratio']:.2f}x | "
             f"{a['driver_cpu_s_per_step'] * 1e3:.0f} ({a['driver_share_simulated']:.1%} / "
             f"{a['driver_share_profiled']:.2%}) | {q.get('queue_gen', 0):.1f} / {q.get('queue_label', 0):.1f} / "
@@ -38,9 +39,9 @@ def plot(path: Path, sweeps: dict, results: dict) -> None:
     xs = [r["engines"] for r in engines]
     ax = axes[0]
     for mode, style in (("async", "-o"), ("sync", "-s")):
-        ax.plot(xs, [r[mode]["samples_per_s"] for r in engines], style, label=f"{mode} (measured)")
+        ax.plot(xs, [r[mode]["profiled_samples_per_s"] for r in engines], style, label=f"{mode} (measured)")
         ax.plot(xs, [r["bound"][f"{mode}_samples_per_s"] for r in engines], ":", label=f"{mode} bound (profile)")
-    ax.set(xscale="log", yscale="log", xlabel="rollout engines (16 judges, 8 ranks)", ylabel="samples/s (simulated)",
+    ax.set(xscale="log", yscale="log", xlabel="rollout engines (16 judges, 8 ranks)", ylabel="samples/s (profiled cluster)",
            title="throughput")
     ax.legend(fontsize=7)
     ax = axes[1]
@@ -59,7 +60,7 @@ def plot(path: Path, sweeps: dict, results: dict) -> None:
     for name, key, marker in (("judges", "judges", "o"), ("ranks", "ranks", "s")):
         rows = [results[s] for s in sweeps.get(name, [])]
         if rows:
-            ax.plot([r[key] for r in rows], [r["async"]["samples_per_s"] for r in rows], f"-{marker}",
+            ax.plot([r[key] for r in rows], [r["async"]["profiled_samples_per_s"] for r in rows], f"-{marker}",
                     label=f"{name}: async")
             ax.plot([r[key] for r in rows], [r["bound"]["async_samples_per_s"] for r in rows], ":",
                     label=f"{name}: bound")
@@ -78,7 +79,9 @@ def write_outputs(out: Path, profile, sweeps: dict, results: dict, meta: dict) -
             "results": {key(s): r for s, r in results.items()}}
     paths = [out / "scale_sim.json", out / "scale_sim.md", out / "scale_sim.png"]
     paths[0].write_text(json.dumps(data, indent=1))
-    md = [f"Profile: {profile.name}, time scale {profile.time_scale:g} (simulated seconds per profiled second)."]
+    scales = sorted({r["time_scale"] for r in results.values()})
+    md = [f"Profile: {profile.name}; time scale {scales[0]:.3g}–{scales[-1]:.3g} simulated seconds per profiled second "
+          "(per configuration: its sync step simulated in a few seconds)."]
     for name, shapes in sweeps.items():
         if shapes:
             md += ["", f"**{name}**", "", table([results[s] for s in shapes], name)]

@@ -241,23 +241,26 @@ def stand_ins(profile: Profile) -> dict:
 
 
 def bound_seconds(profile: Profile, cfg: RunConfig) -> dict:
-    """The profile's stage seconds per step for this config (shards as the Orchestrator makes them) and the step
-    time each mode could reach at best: sync = the stages one after another, async = the slowest stage or the
-    pipeline's depth, whichever binds."""
+    """The profile's best step time for this config, in profiled seconds (shards as the Orchestrator makes them).
+    sync: the stages one after another (a stage's shards spread over its actors). async, with loop.max_inflight + 1
+    batches in flight, the longest of: the learner's step; each pool's work per step over the actors that can work
+    at once (at most shards × batches in flight), the engines' weight loads included; a batch's way through the
+    stages over the batches in flight. `async_limit` names the one that binds."""
     engines, judges, ranks = cfg.rollout.num_workers, cfg.critic.num_workers, cfg.learner.num_learners
     prompts, n = cfg.data.prompts_per_step, cfg.rollout.samples_per_prompt
     shards = min(cfg.rollout.shards_per_batch or engines, prompts)
     biggest = math.ceil(prompts / shards)
-    per_engine = math.ceil(shards / engines)
-    per_judge = math.ceil(shards / judges)
-    call = profile.judge_call_seconds() * judge_calls(n, cfg.critic.pairs, cfg.critic.pairs_k)
-    stages = {"gen": per_engine * profile.gen_seconds(biggest * n),
-              "label": per_judge * biggest * call,
-              "reward": math.ceil(shards / 1) * profile.reward_seconds,
+    gen_shard = profile.gen_seconds(biggest * n)
+    label_shard = biggest * profile.judge_call_seconds() * judge_calls(n, cfg.critic.pairs, cfg.critic.pairs_k)
+    stages = {"gen": math.ceil(shards / engines) * gen_shard, "label": math.ceil(shards / judges) * label_shard,
+              "reward": profile.reward_seconds,
               "train": profile.train_seconds(prompts * n, ranks, cfg.learner.kl() > 0),
               "sync": profile.sync_seconds()}
-    # async: the slowest stage, unless a batch's way through the stages takes longer than the batches in flight
-    # (loop.max_inflight + 1) can cover
-    latency = stages["gen"] + stages["label"] + stages["reward"] + stages["train"]
-    async_step = max(max(stages.values()), latency / (cfg.loop.max_inflight + 1))
-    return {"stages": stages, "sync_step": sum(stages.values()), "async_step": async_step, "samples": prompts * n}
+    in_flight = cfg.loop.max_inflight + 1
+    limits = {"train": stages["train"] + stages["reward"],
+              "gen": shards * gen_shard / min(engines, shards * in_flight) + stages["sync"],
+              "label": shards * label_shard / min(judges, shards * in_flight),
+              "pipeline depth": (gen_shard + label_shard + stages["reward"] + stages["train"]) / in_flight}
+    binding = max(limits, key=limits.get)
+    return {"stages": stages, "sync_step": sum(stages.values()), "async_step": limits[binding],
+            "async_limit": binding, "samples": prompts * n}
