@@ -134,8 +134,8 @@ class WorkerResources(_Section):
 
 class RolloutConfig(WorkerResources):
     num_workers: int = Field(1, ge=1)
-    # a step's prompts split into this many shards, each generated, judged and scored on its own (least-loaded)
-    # actors, trained as one batch: 0 = one shard per engine, so a step uses every engine (capped by the prompts)
+    # a step's prompts split into this many shards, each generated and judged on its own (least-loaded) actors,
+    # scored and trained as one batch: 0 = one shard per engine, so a step uses every engine (capped by the prompts)
     shards_per_batch: int = Field(0, ge=0)
     samples_per_prompt: int = Field(4, ge=2)
     max_new_tokens: int = Field(8, ge=1)

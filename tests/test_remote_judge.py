@@ -298,14 +298,16 @@ def test_training_runs_through_judge_failures_and_stops_past_the_limit(server, r
     from rlaif_ray.runtime.faults import RunStopped
     from tests.conftest import small_config
 
-    def config(run):
+    def config(run, limit=0.5):
         return small_config(run, critic={"remote": {"base_url": server.base_url, "model": "toy-critic",
                                                     "max_retries": 0, "backoff_s": 0.01, "timeout_s": 5}},
-                            fault={"judge_failure_limit": 0.5, "judge_failure_min_calls": 8},
+                            fault={"judge_failure_limit": limit, "judge_failure_min_calls": 8},
                             loop={"num_steps": 3, "eval_samples": 0}, output={"save_checkpoint": False})
 
     server.faults = {"status": 503, "times": 3, "match": "Better:"}  # judge prompts only, not the start-up probe
-    summary = train(config(tmp_path / "some"))
+    # 3 failed requests can answer up to 6 of the first batch's 8 judge prompts (identical prompts are asked once):
+    # a limit of 75% lets this run go on whichever requests fail (at 50% it stopped when they hit repeated prompts)
+    summary = train(config(tmp_path / "some", limit=0.75))
     ledger = [json.loads(line) for line in open(tmp_path / "some" / "run" / "samples.jsonl")]
     assert len(ledger) == len({r["sample_id"] for r in ledger}) == summary["generated"] == 3 * 8
     skipped = [r for r in ledger if r["outcome"] == "skipped"]

@@ -60,12 +60,29 @@ def get_all_or_fail(refs: list, what: str, timeout_s: float | None = None) -> li
                 raise LearnerFailure(f"{what}: {len(pending)} of {len(refs)} learner ranks did not answer within "
                                      f"{timeout_s:.0f} s (fault.stage_timeout_s)")
             (ref,) = done
-            results[ref] = ray.get(ref)
+            try:
+                results[ref] = ray.get(ref)
+            except Exception as err:
+                if not is_actor_fault(err):  # a rank whose peer died fails in the collective first, often by a
+                    err = _dead_peer(pending) or err  # hair: the peer's death is the fault, not its error
+                raise err
     except Exception as err:
         if is_actor_fault(err):
             raise LearnerFailure(f"{what}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
         raise
     return [results[ref] for ref in refs]
+
+
+def _dead_peer(refs: list, grace_s: float = 10.0) -> BaseException | None:
+    """The actor fault among `refs` (the other ranks' calls) that shows within `grace_s`, if any."""
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=grace_s) if refs else ([], [])
+    for ref in done:
+        try:
+            ray.get(ref)
+        except Exception as err:
+            if is_actor_fault(err):
+                return err
+    return None
 
 
 def probe(actor, timeout_s: float):

@@ -4,7 +4,7 @@ The driver knows every call it submitted: `pick` returns the actor with the fewe
 (ties broken round-robin), `track` records the ref that completes with a call. Finished calls are found
 with a non-blocking `ray.wait` that fetches nothing, so the driver never pulls a batch to look at it; a batch
 split into many shards prunes once (`prune`) and then picks from the counts it keeps (`pick(prune=False)`):
-one `ray.wait` per pool and batch instead of one per shard (at 64 engines that was most of the driver's time).
+one `ray.wait` per pool and batch instead of one per shard (128 a step at 64 engines).
 `depth` is the stage's queue: submitted calls not finished yet (running + waiting in the actors' queues).
 """
 from __future__ import annotations
