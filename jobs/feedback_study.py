@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 METHODS = ("pairwise", "cot", "self_reference", "direct")
@@ -33,32 +32,6 @@ LEARNERS = {  # name -> overrides on the base config
     "dpo": {"learner.algorithm": "dpo", "reward.kind": "win_rate"},
     "sft_critic": {"learner.algorithm": "sft"},
 }
-
-
-@contextmanager
-def initial_batch(cfg):
-    """One RolloutWorker and one CriticLabeler (killed on exit), and every prompt sampled once by the initial
-    policy (`rollout.samples_per_prompt` answers each, batch step 0). Yields (rollouts table, critic, resolved)."""
-    import ray
-
-    from rlaif_ray.engine import engine_env
-    from rlaif_ray.runtime.driver import start_ray
-    from rlaif_ray.runtime.inputs import resolve_inputs
-    from rlaif_ray.stages.critic import new_labeler
-    from rlaif_ray.stages.rollout import RolloutWorker
-
-    resolved = resolve_inputs(cfg)
-    start_ray(cfg)
-    raw = cfg.model_dump()
-    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.engine_for("rollout"))}).remote(resolved.policy, raw)
-    critic = new_labeler(resolved.critic, cfg, num_cpus=1)
-    try:
-        prompts = ray.put(resolved.prompts)
-        rollouts, _ = worker.generate.options(num_returns=2).remote(prompts, list(range(resolved.prompts.num_rows)), 0)
-        yield ray.get(rollouts), critic, resolved
-    finally:
-        ray.kill(worker)
-        ray.kill(critic)
 
 
 def reward_ranking(labels, checker) -> float | None:
@@ -78,9 +51,10 @@ def labeler_agreement(base, out: Path, methods=METHODS, pair_modes=PAIRS) -> dic
 
     from rlaif_ray.data.checkers import make_checker
     from rlaif_ray.judge.quality import judge_bias_counts, judge_report, label_quality
+    from rlaif_ray.tools.studies import initial_batch
 
     checker = make_checker(base.data.checker)
-    with initial_batch(base) as (rollouts, critic, resolved):
+    with initial_batch(base) as (rollouts, critic, resolved, _):
         points = base.critic.score_points()  # concrete after resolve_inputs (the judge's tokenizer)
         result = {}
         for method in methods:

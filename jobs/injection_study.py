@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from feedback_study import fmt, initial_batch  # jobs/ is on sys.path when a job script runs
+from feedback_study import fmt  # jobs/ is on sys.path when a job script runs
 
 METHODS = ("pairwise", "cot", "self_reference")
 
@@ -24,8 +24,9 @@ def study(cfg) -> dict:
     import ray
 
     from rlaif_ray.judge.injection import ATTACKS, attack, flip_rate, victims
+    from rlaif_ray.tools.studies import initial_batch
 
-    with initial_batch(cfg) as (rollouts, critic, _):
+    with initial_batch(cfg) as (rollouts, critic, _, _):
         targets = victims(rollouts)
         result = {"samples": rollouts.num_rows, "attacked_responses": len(targets), "methods": {}}
         for method in METHODS:

@@ -1,4 +1,4 @@
-"""`rlaif-ray` console command: train, label, eval, serve, build-toy, report, show-config."""
+"""`rlaif-ray` console command: train, label, preferences, eval, serve, build-toy, report, show-config."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     lab = sub.add_parser("label", help="label a prompts file with the configured judge and write Parquet (no training)")
     lab.add_argument("--out", required=True, help="Parquet file to write (rewards schema)")
     _config_args(lab)
+    pref = sub.add_parser("preferences", help="turn labels (`label` output or a run's labels/) into a preference "
+                                              "file (JSONL: prompt, chosen, rejected, label) for preferences.path")
+    pref.add_argument("labels", help="Parquet file of `rlaif-ray label`, or a run's labels/ folder")
+    pref.add_argument("--out", required=True, help="JSONL file to write")
+    pref.add_argument("--hard", action="store_true", help="label 1 for the judge's winner (ties left out); "
+                                                          "default: the judge's soft win probability")
     ev = sub.add_parser("eval", help="judge a checkpoint against a reference (checkpoint or responses JSONL)")
     ev.add_argument("checkpoint", help="Hugging Face folder of the candidate policy")
     ev.add_argument("--reference", required=True, help="a checkpoint folder, or JSONL with prompt_id/prompt + response")
@@ -51,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from rlaif_ray.runtime.report import write_report
             print(write_report(args.run_dir))
+            return 0
+        if args.command == "preferences":
+            from rlaif_ray.data.preferences import write_preference_file
+            print(json.dumps(write_preference_file(args.labels, args.out, args.hard), indent=1))
             return 0
         if getattr(args, "resume", None):
             if args.config:

@@ -36,6 +36,9 @@ class ToyWorldConfig(_Section):
     policy_wrong_mode: Literal["off_by_one", "random"] = "off_by_one"
     policy_train_steps: int = Field(600, ge=0)
     critic_train_steps: int = Field(900, ge=0)
+    # the critic's width (heads of 32 dims each, 4 layers): 32, 64 or 128 build toy critics of increasing size with
+    # one recipe (the labeler-size study)
+    critic_width: Literal[32, 64, 128] = 64
 
 
 class SmolWorldConfig(_Section):
@@ -290,13 +293,32 @@ class RewardConfig(_Section):
     # kind=reward_model: the share of batches the judge labels (for refits). Below 1 the judge leaves the critical
     # path: the reward model scores every batch straight from its rollouts, and the judged share is labelled beside
     # the loop (its labels reach the next refit, its judge figures the step in which they finish)
-    label_share: float = Field(1.0, gt=0, le=1)
+    # 0: the judge labels nothing, the reward model learns from `preferences.path` alone (RLHF on a preference file)
+    label_share: float = Field(1.0, ge=0, le=1)
     train_steps: int = Field(20, ge=1)    # minibatch updates per refit
     batch_pairs: int = Field(32, ge=1)
     buffer_batches: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     margin_scale: float = Field(0.0, ge=0)  # > 0: Bradley–Terry with margin scale·|2p−1| (preference strength)
     trainer_cpus: float = Field(0.5, gt=0)
+
+
+class PreferencesConfig(_Section):
+    """A preference file the reward model trains on before RL (and at every refit): human labels for an RLHF
+    baseline, or AI labels written by `rlaif-ray preferences` (rlaif_ray.data.preferences for the format)."""
+    path: str | None = None
+    # of each reward-model minibatch, the share drawn from this file while the judge's labels are in the buffer too
+    # (1: only the file; the judge's labels then train nothing, so reward.label_share=0 leaves the judge out)
+    share: float = Field(1.0, ge=0, le=1)
+    split: str = "train"              # the split to read from a saved DatasetDict
+    prompt_key: str = "prompt"
+    messages_key: str = "messages"
+    id_key: str = "id"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    label_key: str = "label"          # soft label P(chosen ≻ rejected) in [0, 1] (optional; 1 when absent)
+    strength_key: str = "strength"    # or a strength in [0, 1], read as (1 + strength) / 2
+    source_key: str = "source"        # who labelled the row ("human", "ai:<judge>"): counted in the run's records
 
 
 class LoraSettings(_Section):
@@ -497,6 +519,7 @@ class RunConfig(_Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     critic: CriticConfig = Field(default_factory=CriticConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
@@ -567,6 +590,15 @@ class RunConfig(_Section):
         if self.reward.label_share < 1 and self.reward.kind != "reward_model":
             raise ValueError(f"reward.label_share={self.reward.label_share} leaves batches without a judge, which only "
                              f"reward.kind=reward_model can score (got {self.reward.kind})")
+        if self.preferences.path and self.reward.kind != "reward_model":
+            raise ValueError(f"preferences.path is read by a reward model: it needs reward.kind=reward_model "
+                             f"(got {self.reward.kind})")
+        if self.reward.label_share == 0 and not self.preferences.path:
+            raise ValueError("reward.label_share=0 leaves the judge out, so the reward model needs a preference file "
+                             "to learn from: set preferences.path")
+        if self.reward.label_share == 0 and self.preferences.share < 1:
+            raise ValueError(f"reward.label_share=0 gives the reward model no judge labels to mix with the file "
+                             f"(preferences.share={self.preferences.share}): set preferences.share=1")
         if self.reward.kind == "direct_score" and self.critic.method != "direct":
             raise ValueError("reward.kind=direct_score needs critic.method=direct")
         if self.learner.algorithm in ("dpo", "ipo") and self.critic.method not in pairwise_methods:

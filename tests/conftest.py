@@ -18,6 +18,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def job_module(name: str):
+    """A script of jobs/ imported as a module (jobs/ is not a package; its scripts import each other by name)."""
+    import importlib
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def small_config(tmp_path=None, **sections):
     """A RunConfig for tests: toy world, few prompts, no progress bar."""
     from rlaif_ray.config import RunConfig

@@ -98,7 +98,8 @@ def test_learner_memory_settings_resolve_and_refuse_clearly():
             load_config(None, overrides)
 
 
-@pytest.mark.parametrize("script", ["benchmark.py", "feedback_study.py", "injection_study.py", "peer_trl.py"])
+@pytest.mark.parametrize("script", ["benchmark.py", "feedback_study.py", "injection_study.py", "peer_trl.py",
+                                    "claims_study.py"])
 def test_job_scripts_take_overrides_anywhere_on_the_line(script, tmp_path):
     """Options after dotted overrides are still options: the run stops on the bad key, not on argparse."""
     import subprocess

@@ -1,13 +1,13 @@
 """The controller at scale: batches split over the engines (shards), shard stats merged, the pool's one prune per batch,
 and the scale simulation (`jobs/scale_sim.py`: the real Orchestrator driving stand-in stage actors)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from rlaif_ray.runtime.accounting import merge_shard_stats
 from rlaif_ray.runtime.orchestrator import shard_indices
+from tests.conftest import job_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,11 +70,7 @@ def test_pool_picks_from_its_counts_between_prunes(ray_cluster):
 
 
 def test_scale_simulation_drives_stand_ins_through_the_real_loop(tmp_path, ray_cluster, toy_world):
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        import scale_sim
-    finally:
-        sys.path.pop(0)
+    scale_sim = job_module("scale_sim")
     out = tmp_path / "scale"
     code = scale_sim.main(["-c", str(ROOT / "jobs/configs/scale_sim.yaml"), "--shapes", "1x1x1,4x2x2", "--out",
                            str(out), "--time-scale", "0.01", "loop.num_steps=7",

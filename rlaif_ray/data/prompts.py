@@ -112,17 +112,19 @@ def _text(path: Path, lineno: int, field: str, value) -> str:
     return value
 
 
-def _messages(path: Path, lineno: int, field: str, value) -> list[dict]:
+def messages_field(path: Path, lineno: int, field: str, value, prompt: bool = True) -> list[dict]:
+    """A list of {role, content} turns; `prompt`: a conversation the policy answers (it must not end with the
+    assistant's turn)."""
     if not isinstance(value, list) or not value:
         raise PromptFileError(f"{path}: row {lineno}: field '{field}' must be a non-empty list of "
-                              "{{role, content}} messages")
+                              "{role, content} messages")
     out = []
     for k, turn in enumerate(value):
         where = f"{path}: row {lineno}: {field}[{k}]"
         if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
             raise PromptFileError(f"{where} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": text}}")
         out.append({"role": turn["role"], "content": _text(path, lineno, f"{field}[{k}].content", turn["content"])})
-    if out[-1]["role"] == "assistant":
+    if prompt and out[-1]["role"] == "assistant":
         raise PromptFileError(f"{path}: row {lineno}: {field} ends with an assistant turn; the policy answers the "
                               "last user turn")
     return out
@@ -136,6 +138,43 @@ def readable_prompt(messages: list[dict]) -> str:
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
 
 
+def read_rows(path: Path, split: str, what: str) -> list[tuple[int, dict]]:
+    """(1-based row number, row) of a JSONL or Parquet file or a saved dataset folder; `what` names the file in errors."""
+    if path.is_dir():
+        rows = _rows_from_saved_dataset(path, split)
+    elif not path.is_file():
+        raise PromptFileError(f"{what} file not found: {path}")
+    else:
+        rows = _rows_from_parquet(path) if path.suffix == ".parquet" else _rows_from_jsonl(path)
+    if not rows:
+        raise PromptFileError(f"{path}: no {what} in file")
+    return rows
+
+
+def text_field(path: Path, lineno: int, field: str, value) -> str:
+    """A row's field that must be a non-empty string of valid Unicode; errors name the file, row and field."""
+    if not isinstance(value, str):
+        raise PromptFileError(f"{path}: row {lineno}: field '{field}' is missing or not a string")
+    if not value.strip():
+        raise PromptFileError(f"{path}: row {lineno}: field '{field}' is empty")
+    return _text(path, lineno, field, value)
+
+
+def row_id(path: Path, lineno: int, field: str, value, seen: dict[str, int]) -> str:
+    """A row's id (`row<N>` when it has none), unique in the file."""
+    if value is None:
+        pid = f"row{lineno}"
+    elif isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        pid = _text(path, lineno, field, str(value))
+    else:
+        raise PromptFileError(f"{path}: row {lineno}: field '{field}' must be a string or an integer, "
+                              f"got {type(value).__name__}")
+    if pid in seen:
+        raise PromptFileError(f"{path}: row {lineno}: id '{pid}' already used at row {seen[pid]}")
+    seen[pid] = lineno
+    return pid
+
+
 def load_prompts(path: str | Path, keys: PromptKeys = PromptKeys()) -> pa.Table:
     return read_prompt_file(path, keys)[0]
 
@@ -143,14 +182,7 @@ def load_prompts(path: str | Path, keys: PromptKeys = PromptKeys()) -> pa.Table:
 def read_prompt_file(path: str | Path, keys: PromptKeys = PromptKeys()) -> tuple[pa.Table, dict[str, int]]:
     """The prompt table, and how many rows carry each field the loader did not use."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        rows = _rows_from_saved_dataset(path, keys.split)
-    elif not path.is_file():
-        raise PromptFileError(f"prompts file not found: {path}")
-    else:
-        rows = _rows_from_parquet(path) if path.suffix == ".parquet" else _rows_from_jsonl(path)
-    if not rows:
-        raise PromptFileError(f"{path}: no prompts in file")
+    rows = read_rows(path, keys.split, "prompts")
     ids, prompts, refs, conversations = [], [], [], []
     seen: dict[str, int] = {}
     unused: Counter = Counter()
@@ -158,7 +190,7 @@ def read_prompt_file(path: str | Path, keys: PromptKeys = PromptKeys()) -> tuple
     for lineno, row in rows:
         unused.update(k for k, v in row.items() if k not in used and v is not None)
         messages = row.get(keys.messages)
-        messages = None if messages is None else _messages(path, lineno, keys.messages, messages)
+        messages = None if messages is None else messages_field(path, lineno, keys.messages, messages)
         prompt = row.get(keys.prompt)
         if prompt is None and messages is not None:
             prompt = readable_prompt(messages)
@@ -168,17 +200,7 @@ def read_prompt_file(path: str | Path, keys: PromptKeys = PromptKeys()) -> tuple
         if not prompt.strip():
             raise PromptFileError(f"{path}: row {lineno}: field '{keys.prompt}' is empty")
         prompt = _text(path, lineno, keys.prompt, prompt)
-        raw_id = row.get(keys.id)
-        if raw_id is None:
-            pid = f"row{lineno}"
-        elif isinstance(raw_id, str) or (isinstance(raw_id, int) and not isinstance(raw_id, bool)):
-            pid = _text(path, lineno, keys.id, str(raw_id))
-        else:
-            raise PromptFileError(f"{path}: row {lineno}: field '{keys.id}' must be a string or an integer, "
-                                  f"got {type(raw_id).__name__}")
-        if pid in seen:
-            raise PromptFileError(f"{path}: row {lineno}: id '{pid}' already used at row {seen[pid]}")
-        seen[pid] = lineno
+        pid = row_id(path, lineno, keys.id, row.get(keys.id), seen)
         ref = row.get(keys.reference)
         if ref is not None and (isinstance(ref, (bool, dict, list)) or not isinstance(ref, (str, int, float))):
             raise PromptFileError(f"{path}: row {lineno}: field '{keys.reference}' must be text or a number, "

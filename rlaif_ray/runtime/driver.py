@@ -58,6 +58,16 @@ def _fresh_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output.run_dir)
 
 
+def truth_win_rate(after: dict, before: dict) -> float | None:
+    """Ground-truth win rate of the trained policy against the initial one: one sample of each per prompt, the right
+    answer beats the wrong one, equals tie (half a win); from each prompt's sampled accuracy before and after."""
+    if "sampled_hits" not in after or "sampled_hits" not in before:
+        return None  # a checkpoint written before per-prompt hits were kept
+    n = after["samples_per_prompt"]
+    rates = [(a / n, b / n) for a, b in zip(after["sampled_hits"], before["sampled_hits"])]
+    return sum(a * (1 - b) + 0.5 * (a * b + (1 - a) * (1 - b)) for a, b in rates) / len(rates) if rates else None
+
+
 def _reset_outputs(run_dir: Path) -> None:
     for stale in ("metrics.jsonl", "samples.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
@@ -91,9 +101,11 @@ def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, stat
             if warmup is not None:
                 summary["reward_model_warmup"] = warmup
             summary["reward_model"] = ray.get(orch.rm_trainer.save.remote(str(run_dir.resolve() / "reward_model")))
+            summary["reward_model_labels"] = ray.get(orch.rm_trainer.labels_seen.remote())
         summary["startup_seconds"] = startup
         if orch.eval_before is not None:
             summary["eval_before"], summary["eval_after"] = orch.eval_before, orch.evaluate()
+            summary["win_rate_vs_initial"] = truth_win_rate(summary["eval_after"], summary["eval_before"])
         if cfg.output.save_checkpoint:
             summary["checkpoint"] = orch.save_checkpoint((run_dir / "checkpoint").resolve())
         if state is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from rlaif_ray.config import ConfigError, RunConfig
 from rlaif_ray.data.chat import ChatTemplateError, prompt_length, resolve_template
 from rlaif_ray.data.checkers import CheckerError, make_checker
+from rlaif_ray.data.preferences import PreferenceKeys, read_preference_file
 from rlaif_ray.data.prompts import PromptKeys, read_prompt_file
 from rlaif_ray.judge.remote import OpenAIJudge, RemoteJudgeError
 from rlaif_ray.judge.reply import JudgeLabelError, concrete_labels, label_token_ids
@@ -23,6 +24,8 @@ class Resolved:
     prompts: object  # pa.Table
     reward_model: str | None = None  # backbone of reward.kind=reward_model
     prompts_left_out: int = 0        # longer than the context allows (data.long_prompts=skip)
+    preferences: object = None       # pa.Table of preferences.path (rlaif_ray.data.preferences), if any
+    preference_stats: dict | None = None  # its pairs per source and rows left out
 
 
 def check_model_path(path: str, key: str) -> None:
@@ -88,7 +91,26 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
         reward_model = {"policy": policy, "critic": critic}.get(cfg.reward.model, cfg.reward.model)
         check_model_path(reward_model, "reward.model")
         reward_model = local(reward_model)
-    return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model, left_out)
+    preferences, preference_stats = _read_preferences(cfg)
+    return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model, left_out, preferences,
+                    preference_stats)
+
+
+def _read_preferences(cfg: RunConfig):
+    """preferences.path as a table, with what it holds said once (pairs per source, rows left out, unused fields)."""
+    p = cfg.preferences
+    if not p.path:
+        return None, None
+    keys = PreferenceKeys(prompt=p.prompt_key, messages=p.messages_key, id=p.id_key, chosen=p.chosen_key,
+                          rejected=p.rejected_key, label=p.label_key, strength=p.strength_key, source=p.source_key,
+                          split=p.split)
+    table, stats = read_preference_file(p.path, keys)
+    sources = ", ".join(f"{n} {name}" for name, n in sorted(stats["sources"].items()))
+    print(f"[rlaif] {p.path}: {stats['pairs']} preference pairs ({sources})"
+          + (f"; {stats['identical_left_out']} rows left out (chosen = rejected)" if stats["identical_left_out"] else "")
+          + "".join(f"; field '{name}' ({n} rows) is not used" for name, n in sorted(stats["unused_fields"].items())),
+          flush=True)
+    return table, {"path": str(Path(p.path).expanduser().resolve()), **stats}
 
 
 def _built_in_worlds(cfg: RunConfig) -> tuple[str, str, str]:

@@ -162,7 +162,7 @@ class Orchestrator:
             self.pools[stage] = ActorPool([self.factories[stage](i) for i in range(n)], stage)
         if cfg.reward.kind == "reward_model":
             self.rm_trainer = RewardModelTrainer.options(**self._placed("reward_trainer", 0)).remote(
-                resolved.reward_model, cfg.model_dump())
+                resolved.reward_model, cfg.model_dump(), resolved.preferences, resolved.preference_stats)
         ready = [x.ready.remote() for x in self.rollouts + self.critics]
         self.learners = LearnerGroup(resolved.policy, cfg, self.groups["learner"], self.stand_ins.get("learner"))
         ray.get(ready)
@@ -346,17 +346,20 @@ class Orchestrator:
         return receipts
 
     def warm_up_reward_model(self) -> dict:
-        """Canonical RLAIF: fit the reward model on labels of the initial policy's samples before RL starts.
+        """Canonical RLAIF: fit the reward model on labels of the initial policy's samples (and on `preferences.path`,
+        RLHF's offline step) before RL starts.
         Warm-up batches (negative batch numbers: sample ids `s-00001/...`) train only the reward model; they
         are not in the policy's ledger."""
         rcfg = self.cfg.reward
-        for k in range(rcfg.warmup_batches):
+        judged = rcfg.warmup_batches if rcfg.label_share > 0 else 0  # label_share 0: the preference file alone
+        for k in range(judged):
             indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
             worker, critic = self.rollouts[k % len(self.rollouts)], self.critics[k % len(self.critics)]
             rollouts, _ = worker.generate.options(num_returns=2).remote(self.prompts_ref, indices, -(k + 1))
             labels, _ = critic.label.options(num_returns=2).remote(rollouts)
             self.rm_trainer.add.remote(labels)
-        stats = ray.get(self.rm_trainer.fit.remote(rcfg.warmup_steps)) if rcfg.warmup_batches else {}
+        fit = judged or self.cfg.preferences.path
+        stats = ray.get(self.rm_trainer.fit.remote(rcfg.warmup_steps)) if fit else {}
         self.load_reward_model()
         return stats
 

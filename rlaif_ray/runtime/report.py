@@ -97,7 +97,24 @@ def _eval_lines(summary: dict) -> list[str]:
             f"| accuracy, {b['samples_per_prompt']} sample{'s' * (b['samples_per_prompt'] != 1)} per prompt at the "
             f"rollout temperature | {_fmt(b['accuracy_sampled'])} | "
             f"{_fmt(a['accuracy_sampled'])} |",
-            f"| accuracy, greedy | {_fmt(b['accuracy_greedy'])} | {_fmt(a['accuracy_greedy'])} |"]
+            f"| accuracy, greedy | {_fmt(b['accuracy_greedy'])} | {_fmt(a['accuracy_greedy'])} |"] + (
+        [f"| win rate against the initial policy (ground truth, ties half) | 0.500 | "
+         f"{_fmt(summary['win_rate_vs_initial'])} |"] if summary.get("win_rate_vs_initial") is not None else [])
+
+
+def _reward_model_lines(summary: dict) -> list[str]:
+    seen = summary.get("reward_model_labels")
+    if not seen:
+        return []
+    lines = ["", "## What the reward model learned from", ""]
+    if seen.get("file"):
+        sources = ", ".join(f"{n} {name}" for name, n in sorted(seen["file"]["sources"].items()))
+        lines.append(f"- preference file `{seen['file']['path']}`: {seen['file_pairs']} pairs ({sources}), "
+                     f"{_fmt(seen['file_share'])} of each minibatch while judge labels were buffered too")
+    lines.append(f"- judge labels: {seen['judge_pairs']} pairs buffered over the run")
+    lines.append(f"- minibatch rows trained: {seen['trained_on_file']} from the file, {seen['trained_on_judge']} "
+                 "from the judge")
+    return lines
 
 
 def _judge_lines(summary: dict) -> list[str]:
@@ -127,7 +144,7 @@ def write_report(run_dir: Path) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text())
     _plot(rows, run_dir / "report.png")
     lines = [f"# RLAIF run report — {run_dir.name}", "", *_headline(summary, len(rows)), "", *_metric_rows(rows),
-             *_eval_lines(summary), *_judge_lines(summary), *_fault_lines(summary), "", "![curves](report.png)", ""]
+             *_eval_lines(summary), *_reward_model_lines(summary), *_judge_lines(summary), *_fault_lines(summary), "", "![curves](report.png)", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out

@@ -142,10 +142,11 @@ class RolloutWorker:
         greedy = self.llm.generate(texts, SamplingParams(temperature=0.0, max_tokens=r.max_new_tokens), use_tqdm=False)
         is_correct = make_checker(self.cfg.data.checker)
         hits = [sum(is_correct(o.text, row["reference"]) for o in out.outputs) for row, out in zip(rows, sampled)]
+        greedy_hits = [int(is_correct(out.outputs[0].text, row["reference"])) for row, out in zip(rows, greedy)]
         return {"accuracy_sampled": sum(hits) / (samples * len(rows)),
-                "accuracy_greedy": sum(is_correct(out.outputs[0].text, row["reference"])
-                                       for row, out in zip(rows, greedy)) / len(rows),
-                "prompts": len(rows), "samples_per_prompt": samples, "policy_version": self.version}
+                "accuracy_greedy": sum(greedy_hits) / len(rows),
+                "prompts": len(rows), "samples_per_prompt": samples, "policy_version": self.version,
+                "sampled_hits": hits, "greedy_hits": greedy_hits}  # per prompt, in the file's order: win rates
 
     def update_weights(self, weights: tuple[list[np.ndarray], list[str]], version: int) -> dict:
         """Load a whole new set of weights (one array per parameter + names, as the learner exports them) and

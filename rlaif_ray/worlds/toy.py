@@ -318,7 +318,9 @@ def config_hash(cfg: ToyWorldConfig, critic: CriticConfig) -> str:
                                        "self_reference_template", "critique_prompt", "direct_template",
                                        "direct_ending", "direct_labels"})
     judge["pairwise_labels"] = list(judge["pairwise_labels"])
-    keyed = {"v": BUILD_VERSION, **cfg.model_dump(exclude={"cache_dir"}), "judge": judge}
+    # the default critic width is left out of the key, so the worlds built before the knob existed stay cached
+    exclude = {"cache_dir"} | ({"critic_width"} if cfg.critic_width == 64 else set())
+    keyed = {"v": BUILD_VERSION, **cfg.model_dump(exclude=exclude), "judge": judge}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -351,7 +353,8 @@ def build_toy_world(cfg: ToyWorldConfig, critic: CriticConfig | None = None, for
                          tmp / "policy", "policy", **POLICY_MODEL)
             n = cfg.critic_train_steps
             _train_model(tokenizer, lambda r, step: _critic_example(r, rows, cfg, critic, _critic_stage(step, n)), n,
-                         cfg.seed + 1, tmp / "critic", "critic", **CRITIC_MODEL)
+                         cfg.seed + 1, tmp / "critic", "critic",
+                         **{**CRITIC_MODEL, "hidden": cfg.critic_width, "heads": cfg.critic_width // 32})
             (tmp / "toyworld.json").write_text(json.dumps({"config": cfg.model_dump(), "hash": root.name}, indent=1))
             if root.exists():
                 shutil.rmtree(root)

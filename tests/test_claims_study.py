@@ -1,0 +1,82 @@
+"""The claims study (`jobs/claims_study.py`): simulated raters, the position-bias figures on constructed labels, and
+the job end to end on a tiny setting (one RLHF run on a simulated human file, the toy judge's position figures)."""
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from rlaif_ray.data.checkers import make_checker
+from rlaif_ray.tools import claims
+from tests.conftest import job_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rollouts(responses_per_prompt):
+    rows = [(f"p{k}", f"{k}+{k}=", str(2 * k), r) for k, rs in enumerate(responses_per_prompt) for r in rs]
+    return pa.Table.from_pydict({"sample_id": [f"s{n}" for n in range(len(rows))],
+                                 "prompt_id": [r[0] for r in rows], "prompt": [r[1] for r in rows],
+                                 "reference": [r[2] for r in rows], "response": [r[3] for r in rows]})
+
+
+def test_simulated_raters_decide_only_pairs_with_one_right_answer_and_err_at_the_noise_rate():
+    table = rollouts([[" 0", " 1", " 0"], [" 2", " 2"], [" 5", " 6"]] * 1)
+    assert claims.decided_pairs(table, make_checker("exact")) == [(0, 1), (2, 1)]  # (right, wrong); ties skipped
+    clean = claims.simulated_rater_rows(table, make_checker("exact"), 0.0, seed=0)
+    assert [(r["chosen"], r["rejected"]) for r in clean] == [(" 0", " 1"), (" 0", " 1")]
+    many = rollouts([[f" {2 * k}", f" {2 * k + 1}"] for k in range(2000)])  # each prompt: one right, one wrong
+    noisy = claims.simulated_rater_rows(many, make_checker("exact"), 0.25, seed=1)
+    wrong = [int(r["chosen"]) % 2 == 1 for r in noisy]
+    assert len(noisy) == 2000 and 0.22 < sum(wrong) / len(noisy) < 0.28
+    refs = dict(zip(many.column("prompt").to_pylist(), many.column("reference").to_pylist()))
+    assert claims.file_truth_agreement(noisy, make_checker("exact"), refs) == pytest.approx(1 - sum(wrong) / 2000)
+
+
+def labels(slot1_probs):
+    """Two responses to "1+1=", the first right; `slot1_probs`: P(slot 1 wins) with a first, then with b first."""
+    p_ab, p_ba = slot1_probs
+    win_a = (p_ab + 1 - p_ba) / 2
+    return pa.Table.from_pydict({
+        "sample_id": ["a", "b"], "prompt": ["1+1="] * 2, "response": [" 2", " 3"], "reference": ["2", "2"],
+        "label_valid": [True, True], "pair_partner_ids": [["b"], ["a"]], "pair_win_probs": [[win_a], [1 - win_a]],
+        "pair_slot1_probs": [[p_ab], [p_ba]]})
+
+
+@pytest.mark.parametrize("probs, one, both, consistent", [
+    ((0.9, 0.2), 1.0, 1.0, 1.0),   # right in both orders
+    ((0.9, 0.9), 0.5, 0.5, 0.0),   # always slot 1: one order is right half the time, the average is a tie
+    ((0.9, 0.6), 0.5, 1.0, 0.0),   # slot-1-biased but leaning right: averaging both orders fixes it
+])
+def test_one_order_against_both_orders(probs, one, both, consistent):
+    figures = claims.order_agreement(labels(probs), make_checker("exact"))
+    assert (figures["one_order"], figures["both_orders"], figures["position_consistency"]) == (one, both, consistent)
+    assert figures["decided_pairs"] == 1
+
+
+def test_claims_study_on_a_tiny_setting(tmp_path, ray_cluster, toy_world):
+    claims_study = job_module("claims_study")
+    out = tmp_path / "claims"
+    assert claims_study.main(["--claims", "1,3", "--runs", "rlhf_rm", "--widths", "64", "--out", str(out),
+                              "-c", str(ROOT / "jobs/configs/toy_cpu.yaml"), "loop.num_steps=2",
+                              "loop.eval_samples=1", "reward.warmup_steps=10", "rollout.max_new_tokens=4"]) == 0
+    study = json.loads((out / "claims.json").read_text())
+    one = study["claims"]["1"]
+    files = one["files"]
+    human = [json.loads(line) for line in Path(files["human"]).read_text().splitlines()]
+    assert len(human) == files["human_pairs"] == one["batch"]["decided_pairs"] > 20  # one row per decided pair
+    assert 0.6 < files["human_truth_agreement"] < 0.9  # raters wrong a quarter of the time
+    run = one["runs"]["rlhf_rm"]
+    seen = run["per_seed"][0]["reward_model_labels"]
+    assert seen["file"]["path"] == files["human"] and seen["trained_on_judge"] == 0 == seen["judge_pairs"]
+    assert seen["trained_on_file"] == 10 * 32 and seen["file"]["sources"] == {"human (simulated, rater noise 0.25)":
+                                                                               files["human_pairs"]}
+    assert 0 <= run["rm_truth_agreement"] <= 1 and run["win_rate"] is not None and run["seeds"] == [0]
+    judge = study["claims"]["3"]["judges"]["toy critic 64"]
+    assert judge["decided_pairs"] == one["batch"]["decided_pairs"] and judge["self_reference"] is not None
+    md = (out / "claims.md").read_text()
+    assert "## 1. RLAIF vs RLHF" in md and "## 3. Position bias" in md and "| rlhf_rm |" in md
+    assert any(word in md for word in ("holds here", "does not hold here", "not measurable here"))
+    assert (out / "claims.png").stat().st_size > 10_000
+    assert claims_study.main(["--claims", "5", "--out", str(out)]) == 2  # a clear error, nothing run
+    assert claims_study.main(["--rater-noise", "0.6", "--out", str(out)]) == 2
