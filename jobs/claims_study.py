@@ -66,7 +66,7 @@ def _summarise(runs):
     from rlaif_ray.tools.claims import mean_of
     keys = ("accuracy_sampled", "accuracy_greedy", "win_rate", "rm_truth_agreement", "before_sampled", "before_greedy")
     out = {k: mean_of(runs, k) for k in keys}
-    out["seeds"] = [r["seed"] for r in runs]
+    out["seeds"], out["per_seed"] = [r["seed"] for r in runs], runs
     out["spread_sampled"] = (max(r["accuracy_sampled"] for r in runs) - min(r["accuracy_sampled"] for r in runs)
                              if len(runs) > 1 else None)
     return out
@@ -135,6 +135,11 @@ def smol_position(args, out: Path) -> dict:
     return label_figures(cfg, out, 0.0, False, ("pairwise", "self_reference"))
 
 
+def _spread(run: dict) -> str:
+    """" (±x)": half the range of the sampled accuracy over the seeds, when there are several."""
+    return "" if run.get("spread_sampled") is None else f" (±{run['spread_sampled'] / 2:.3f})"
+
+
 def to_markdown(study: dict) -> str:
     from rlaif_ray.tools.claims import fmt
     lines = [f"# The papers' claims against ground truth ({study['config']}{' ' if study['overrides'] else ''}"
@@ -146,22 +151,23 @@ def to_markdown(study: dict) -> str:
                   f"Labels of the initial policy's {c['1']['batch']['samples']} samples: human file {f['human_pairs']} "
                   f"pairs (rater noise {study['rater_noise']:g}: agrees with the truth on {fmt(f['human_truth_agreement'])}"
                   f" of decided pairs), AI file {f['ai_pairs']} pairs (judge agrees on {fmt(f['ai_truth_agreement'])}).",
-                  "", "| run | labels | RM agrees with truth (held out) | sampled accuracy | greedy accuracy | "
-                      "win rate vs initial |", "|---|---|---|---|---|---|"]
+                  "", "| run | labels | RM agrees with truth (held out) | sampled accuracy (seed spread) | "
+                      "greedy accuracy | win rate vs initial |", "|---|---|---|---|---|---|"]
         for name, r in c["1"]["runs"].items():
             lines.append(f"| {name} | {c['1']['labels'][name]} | {fmt(r['rm_truth_agreement'])} | "
-                         f"{fmt(r['accuracy_sampled'])} | {fmt(r['accuracy_greedy'])} | **{fmt(r['win_rate'])}** |")
+                         f"{fmt(r['accuracy_sampled'])}{_spread(r)} | {fmt(r['accuracy_greedy'])} | "
+                         f"**{fmt(r['win_rate'])}** |")
         lines += ["", f"Initial policy: sampled accuracy {fmt(c['1']['before'])}.", ""] + \
                  [f"- {v}" for v in c["1"]["verdicts"]] + [""]
     if "2" in c:
         lines += ["## 2. Labeler size (Lee et al. 2023)", "",
                   "| critic width (params) | " + " | ".join(f"{m} agrees" for m in c["2"]["methods"]) +
-                  " | RLAIF sampled accuracy | win rate vs initial |",
+                  " | RLAIF sampled accuracy (seed spread) | win rate vs initial |",
                   "|---|" + "---|" * (len(c["2"]["methods"]) + 2)]
         for w, r in c["2"]["critics"].items():
             lines.append(f"| {w} ({r['params']:,}) | " + " | ".join(fmt(r["methods"][m]["truth_agreement"])
                                                                    for m in c["2"]["methods"]) +
-                         f" | {fmt(r['run']['accuracy_sampled'])} | {fmt(r['run']['win_rate'])} |")
+                         f" | {fmt(r['run']['accuracy_sampled'])}{_spread(r['run'])} | {fmt(r['run']['win_rate'])} |")
         lines += [""] + [f"- {v}" for v in c["2"]["verdicts"]] + [""]
     if "3" in c:
         lines += ["## 3. Position bias and its remedies (Lee et al.; MT-Bench)", "",
@@ -177,13 +183,14 @@ def to_markdown(study: dict) -> str:
                   "| policy | sampled accuracy | greedy accuracy | win rate vs initial |", "|---|---|---|---|",
                   f"| weak-teacher SFT (the initial toy policy) | {fmt(r['rlaif']['before_sampled'])} | "
                   f"{fmt(r['rlaif']['before_greedy'])} | 0.500 |",
-                  f"| SFT on the critic's answers | {fmt(r['sft_critic']['accuracy_sampled'])} | "
+                  f"| SFT on the critic's answers | {fmt(r['sft_critic']['accuracy_sampled'])}{_spread(r['sft_critic'])} | "
                   f"{fmt(r['sft_critic']['accuracy_greedy'])} | {fmt(r['sft_critic']['win_rate'])} |",
-                  f"| weak-teacher SFT + RLAIF (same critic) | {fmt(r['rlaif']['accuracy_sampled'])} | "
+                  f"| weak-teacher SFT + RLAIF (same critic) | {fmt(r['rlaif']['accuracy_sampled'])}{_spread(r['rlaif'])} | "
                   f"{fmt(r['rlaif']['accuracy_greedy'])} | {fmt(r['rlaif']['win_rate'])} |", ""] + \
                  [f"- {v}" for v in r["verdicts"]] + [""]
     lines += [f"Whole study {study['wall_seconds'] / 60:.0f} min on this machine; every run "
-              f"{study['steps']} steps; figures are means over seeds {', '.join(map(str, study['seeds']))}."]
+              f"{study['steps']} steps; figures are means over seeds {', '.join(map(str, study['seeds']))} (± half "
+              "the range over the seeds)."]
     return "\n".join(lines)
 
 
@@ -218,9 +225,9 @@ def plot(study: dict, path: Path) -> None:
             for off, key in ((-0.27, "one_order"), (0, "both_orders"), (0.27, "self_reference")):
                 ax.bar([i + off for i in range(len(judges))],
                        [c["3"]["judges"][j][key] or 0 for j in judges], width=0.27, label=key.replace("_", " "))
-            ax.set_xticks(range(len(judges)), judges, rotation=20)
+            ax.set_xticks(range(len(judges)), [j.replace(" judge", "") for j in judges], rotation=20)
             ax.set_title("3. agreement with truth")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, ncol=3, loc="upper center")
         else:
             r = c["4"]
             ax.bar(["weak SFT", "SFT on critic", "weak SFT + RLAIF"],
@@ -228,7 +235,7 @@ def plot(study: dict, path: Path) -> None:
                    color=["grey", "tab:orange", "tab:blue"])
             ax.set_title("4. strong teacher: accuracy")
             ax.tick_params(axis="x", rotation=15)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, 1.15 if k == "3" else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -249,10 +256,17 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default=",".join(FEEDBACK_RUNS), help="claim 1's runs, of " + ",".join(FEEDBACK_RUNS))
     parser.add_argument("--smol", action="store_true", help="claim 3 on the SmolLM2 judge too (a few minutes)")
     parser.add_argument("--smol-prompts", type=int, default=16, help="prompts the SmolLM2 judge labels (4 samples each)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-write claims.md and claims.png from OUT/claims.json (nothing is run)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out)
+    if args.report_only:
+        if not (out / "claims.json").is_file():
+            print(f"claims_study: error: --report-only reads {out / 'claims.json'}, which is not there", file=sys.stderr)
+            return 2
+        return write_outputs(json.loads((out / "claims.json").read_text()), out)
     out.mkdir(parents=True, exist_ok=True)
     chosen = [k for k in args.claims.split(",") if k]
     runs = [r for r in args.runs.split(",") if r]
@@ -294,7 +308,7 @@ def main(argv=None) -> int:
                 if "reward_model" in row:
                     row["rm_truth_agreement"] = rm_truth_agreement(row["reward_model"], heldout)
                 rows.append(row)
-            result["runs"][name] = {**_summarise(rows), "per_seed": rows}
+            result["runs"][name] = _summarise(rows)
             seen = rows[0].get("reward_model_labels")
             result["labels"][name] = ("judge (direct scores)" if name == "d_rlaif" else "judge (pairs, online)"
                                       if name == "online_dpo" else
@@ -333,6 +347,10 @@ def main(argv=None) -> int:
                 f"{TOLERANCE}; seeds {seeds}")]}
     study["wall_seconds"] = time.perf_counter() - t0
     (out / "claims.json").write_text(json.dumps(study, indent=1, default=str))
+    return write_outputs(study, out)
+
+
+def write_outputs(study: dict, out: Path) -> int:
     (out / "claims.md").write_text(to_markdown(study) + "\n\n![claims](claims.png)\n")
     plot(study, out / "claims.png")
     print(to_markdown(study))

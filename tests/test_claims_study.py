@@ -78,5 +78,10 @@ def test_claims_study_on_a_tiny_setting(tmp_path, ray_cluster, toy_world):
     assert "## 1. RLAIF vs RLHF" in md and "## 3. Position bias" in md and "| rlhf_rm |" in md
     assert any(word in md for word in ("holds here", "does not hold here", "not measurable here"))
     assert (out / "claims.png").stat().st_size > 10_000
+    (out / "claims.png").unlink()
+    (out / "claims.md").unlink()
+    assert claims_study.main(["--report-only", "--out", str(out)]) == 0  # tables and plot again from claims.json
+    assert (out / "claims.md").read_text() == md and (out / "claims.png").is_file()
+    assert claims_study.main(["--report-only", "--out", str(tmp_path / "none")]) == 2
     assert claims_study.main(["--claims", "5", "--out", str(out)]) == 2  # a clear error, nothing run
     assert claims_study.main(["--rater-noise", "0.6", "--out", str(out)]) == 2
