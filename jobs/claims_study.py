@@ -291,7 +291,8 @@ def main(argv=None) -> int:
     study = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "rater_noise": args.rater_noise,
              "steps": base.loop.num_steps, "claims": {}}
     c = study["claims"]
-    train_at = lambda name, overrides, seed: _train(args.config, [*args.overrides, *overrides],  # noqa: E731
+    # the run's settings, then the command line's overrides (which win: e.g. reward.warmup_steps for a short study)
+    train_at = lambda name, overrides, seed: _train(args.config, [*overrides, *args.overrides],  # noqa: E731
                                                     out / "runs" / f"{name}-s{seed}", seed)
 
     if "1" in chosen:
