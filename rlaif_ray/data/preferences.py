@@ -149,7 +149,8 @@ def judged_pairs(labels: pa.Table) -> list[tuple[int, int, float]]:
 
 def labels_to_preferences(labels: pa.Table, hard: bool = False) -> list[dict]:
     """A labels table's judged pairs (each once, both orders averaged) as preference rows: the judge's winner is
-    `chosen`, `label` its win probability (`hard`: 1, and pairs the judge left at exactly 0.5 are left out)."""
+    `chosen`, `label` its win probability (`hard`: 1, and pairs the judge left at exactly 0.5 are left out). Pairs of
+    two identical texts are left out."""
     if "pair_partner_ids" not in labels.column_names:
         raise PreferenceFileError("the table has no pairwise labels (pair_partner_ids): only a pairwise, cot or "
                                   "self_reference judge's labels make preference pairs")
@@ -158,7 +159,7 @@ def labels_to_preferences(labels: pa.Table, hard: bool = False) -> list[dict]:
     judges = labels.column("judge_model").to_pylist()
     rows = []
     for i, j, p in judged_pairs(labels):
-        if hard and p == 0.5:
+        if (hard and p == 0.5) or responses[i] == responses[j]:  # identical texts teach a reward model nothing
             continue
         win, lose, p_win = (i, j, p) if p >= 0.5 else (j, i, 1 - p)
         rows.append({"id": f"{ids[win]}>{ids[lose]}", "prompt": prompts[i], "chosen": responses[win],
@@ -179,7 +180,7 @@ def write_preference_file(labels_path: str | Path, out: str | Path, hard: bool =
     if not files or not files[0].is_file():
         raise PreferenceFileError(f"no labels to convert at {labels_path} (a Parquet file of `rlaif-ray label`, or "
                                   "a run's labels/ folder)")
-    rows = []
+    rows, judged = [], 0
     for f in files:
         try:
             table = pq.read_table(f)
@@ -189,6 +190,7 @@ def write_preference_file(labels_path: str | Path, out: str | Path, hard: bool =
             rows += labels_to_preferences(table, hard)
         except PreferenceFileError as err:
             raise PreferenceFileError(f"{f}: {err}") from None
+        judged += len(judged_pairs(table))
     if not rows:
         raise PreferenceFileError(f"{labels_path}: no judged pairs to write (no valid pairwise labels"
                                   f"{', or every pair a tie, which --hard leaves out' if hard else ''})")
@@ -199,4 +201,5 @@ def write_preference_file(labels_path: str | Path, out: str | Path, hard: bool =
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     tmp.replace(out)
-    return {"labels": [str(f) for f in files], "pairs": len(rows), "out": str(out), "hard": hard}
+    return {"labels": [str(f) for f in files], "pairs": len(rows), "out": str(out), "hard": hard,
+            "left_out": {"judged_pairs": judged, "identical_texts_or_ties": judged - len(rows)}}

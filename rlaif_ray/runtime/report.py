@@ -109,8 +109,10 @@ def _reward_model_lines(summary: dict) -> list[str]:
     lines = ["", "## What the reward model learned from", ""]
     if seen.get("file"):
         sources = ", ".join(f"{n} {name}" for name, n in sorted(seen["file"]["sources"].items()))
-        lines.append(f"- preference file `{seen['file']['path']}`: {seen['file_pairs']} pairs ({sources}), "
-                     f"{_fmt(seen['file_share'])} of each minibatch while judge labels were buffered too")
+        share = seen["file_share"]
+        lines.append(f"- preference file `{seen['file']['path']}`: {seen['file_pairs']} pairs ({sources}); "
+                     + ("every minibatch from the file alone" if share >= 1 else
+                        f"{_fmt(share)} of each minibatch from the file, the rest from the judge's labels"))
     lines.append(f"- judge labels: {seen['judge_pairs']} pairs buffered over the run")
     lines.append(f"- minibatch rows trained: {seen['trained_on_file']} from the file, {seen['trained_on_judge']} "
                  "from the judge")
