@@ -52,6 +52,8 @@ def test_the_public_formats_load_to_one_table(tmp_path):
     ('{"prompt": "1+1=", "chosen": " 2", "rejected": " 3", "label": true}', "row 2: field 'label' must be a number"),
     ('{"prompt": "1+1=", "chosen": " 2", "rejected": " 3", "label": 1, "strength": 1}', "row 2: give 'label'"),
     ('{"chosen": "Blue.", "rejected": "No."}', "row 2: no 'prompt' or 'messages' field"),
+    ('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Yo", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: "}',
+     "row 2: field 'rejected' has no reply after"),
     ('{"chosen": [{"role": "user", "content": "Hi"}], "rejected": " 3"}', "does not end with an assistant turn"),
     ('{"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "x"}], "rejected": '
      '[{"role": "user", "content": "B"}, {"role": "assistant", "content": "y"}]}', "different turns before the reply"),

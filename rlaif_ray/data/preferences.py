@@ -71,7 +71,12 @@ def _split_hh(path: Path, lineno: int, chosen: str, rejected: str, keys: Prefere
         raise PreferenceFileError(f"{path}: row {lineno}: no '{keys.prompt}' or '{keys.messages}' field, and "
                                   f"'{keys.chosen}'/'{keys.rejected}' do not share a dialogue ending in "
                                   "'\\n\\nAssistant:' (Anthropic HH's format)")
-    return prompt, chosen[len(prompt):].strip(), rejected[len(prompt):].strip()
+    replies = chosen[len(prompt):].strip(), rejected[len(prompt):].strip()
+    for field, reply in zip((keys.chosen, keys.rejected), replies):
+        if not reply:
+            raise PreferenceFileError(f"{path}: row {lineno}: field '{field}' has no reply after the last "
+                                      "'\n\nAssistant:'")
+    return prompt, *replies
 
 
 def _soft_label(path: Path, lineno: int, row: dict, keys: PreferenceKeys) -> float:

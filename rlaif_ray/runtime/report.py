@@ -146,7 +146,8 @@ def write_report(run_dir: Path) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text())
     _plot(rows, run_dir / "report.png")
     lines = [f"# RLAIF run report — {run_dir.name}", "", *_headline(summary, len(rows)), "", *_metric_rows(rows),
-             *_eval_lines(summary), *_reward_model_lines(summary), *_judge_lines(summary), *_fault_lines(summary), "", "![curves](report.png)", ""]
+             *_eval_lines(summary), *_reward_model_lines(summary), *_judge_lines(summary), *_fault_lines(summary), "",
+             "![curves](report.png)", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))
     return out

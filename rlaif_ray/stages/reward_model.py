@@ -29,7 +29,6 @@ from rlaif_ray.data.transport import use_arrow_ipc
 
 def load_reward_model(path: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     tok = AutoTokenizer.from_pretrained(path)
