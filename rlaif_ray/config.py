@@ -529,6 +529,11 @@ class RunConfig(_Section):
     fault: FaultConfig = Field(default_factory=FaultConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    def judge_in_loop(self) -> bool:
+        """Whether the run starts judges (CriticLabeler actors): not when a reward model learns from a preference file
+        alone (`reward.label_share=0`)."""
+        return self.learner.algorithm == "sft" or self.reward.kind != "reward_model" or self.reward.label_share > 0
+
     def engine_for(self, role: EngineRole) -> EngineSettings:
         """The engine settings of `role` ("rollout", "critic" or "serve"): `vllm.*` and `model.dtype` /
         `model.max_model_len`, overridden by the role's `engine` section."""

@@ -72,6 +72,9 @@ def test_claims_study_on_a_tiny_setting(tmp_path, ray_cluster, toy_world):
     assert seen["trained_on_file"] == 10 * 32 and seen["file"]["sources"] == {"human (simulated, rater noise 0.25)":
                                                                                files["human_pairs"]}
     assert 0 <= run["rm_truth_agreement"] <= 1 and run["win_rate"] is not None and run["seeds"] == [0]
+    summary = json.loads((out / "runs" / "rlhf_rm-s0" / "summary.json").read_text())
+    assert "critic" not in summary["dispatched"] and "critic" not in summary["placement"]  # label_share 0: no judge
+    assert "judge_report" not in summary and summary["dispatched"]["rollout"] == [2]
     judge = study["claims"]["3"]["judges"]["toy critic 64"]
     assert judge["decided_pairs"] == one["batch"]["decided_pairs"] and judge["self_reference"] is not None
     md = (out / "claims.md").read_text()

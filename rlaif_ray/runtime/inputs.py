@@ -76,7 +76,8 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
     check_model_path(policy, "model.policy")
     if not cfg.critic.remote.base_url:  # a remote judge needs no local critic model
         check_model_path(critic, "model.critic")
-    check_judge(cfg, critic)
+    if cfg.judge_in_loop():  # reward.label_share=0: no judge is asked anything
+        check_judge(cfg, critic)
     try:
         make_checker(cfg.data.checker)
     except CheckerError as err:

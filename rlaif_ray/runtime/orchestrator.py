@@ -157,9 +157,11 @@ class Orchestrator:
     def _start_actors(self, resolved: Resolved) -> None:
         """Every stage's actors and the learner ranks, up and ready (engines loaded, process group formed)."""
         cfg = self.cfg
-        sizes = {"rollout": cfg.rollout.num_workers, "critic": cfg.critic.num_workers, "reward": 1}
+        sizes = {"rollout": cfg.rollout.num_workers, "critic": cfg.critic.num_workers if cfg.judge_in_loop() else 0,
+                 "reward": 1}  # reward.label_share=0: no judge (the reward model learns from a preference file)
         for stage, n in sizes.items():
-            self.pools[stage] = ActorPool([self.factories[stage](i) for i in range(n)], stage)
+            if n:
+                self.pools[stage] = ActorPool([self.factories[stage](i) for i in range(n)], stage)
         if cfg.reward.kind == "reward_model":
             self.rm_trainer = RewardModelTrainer.options(**self._placed("reward_trainer", 0)).remote(
                 resolved.reward_model, cfg.model_dump(), resolved.preferences, resolved.preference_stats)
@@ -194,7 +196,8 @@ class Orchestrator:
             indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
         batch = InFlight(step, indices, expected_version=self.synced_version, expected_rm=self.rm_loads)
         for pool in ("rollout", "critic"):
-            self.pools[pool].prune()  # once per batch; the shards pick from the counts (rlaif_ray.runtime.pool)
+            if pool in self.pools:
+                self.pools[pool].prune()  # once per batch; the shards pick from the counts (rlaif_ray.runtime.pool)
         first, shards = 0, []
         for part in shard_indices(indices, self.shard_count()):
             shards.append(self._launch_shard(batch, part, first))
@@ -216,7 +219,7 @@ class Orchestrator:
         """One shard's generation and labelling (sft: demonstrations); returns the ref the reward call takes (labels;
         rollouts where the judge labels beside the loop; demonstrations). `first`: the shard's first prompt's position
         in the batch (sampling seeds follow the position, so a batch samples the same whatever its split)."""
-        critic_pool = self.pools["critic"]
+        critic_pool = self.pools.get("critic")
         if self.cfg.learner.algorithm == "sft":
             c = critic_pool.pick(prune=False)
             demos, demo_stats = critic_pool.actors[c].demonstrate.options(num_returns=2).remote(
@@ -432,7 +435,8 @@ class Orchestrator:
 
     def queue_depths(self, pending: deque) -> dict:
         """Unfinished calls per stage, and the batches in flight whose rewards are ready for the learner."""
-        return {"queue_gen": self.pools["rollout"].depth(), "queue_label": self.pools["critic"].depth(),
+        return {"queue_gen": self.pools["rollout"].depth(),
+                "queue_label": self.pools["critic"].depth() if "critic" in self.pools else 0,
                 "queue_reward": self.pools["reward"].depth(),
                 "queue_ready": sum(len(ray.wait(b.rewards, num_returns=len(b.rewards), timeout=0, fetch_local=False)[0])
                                    == len(b.rewards) for b in pending)}
@@ -499,7 +503,8 @@ class Orchestrator:
                    "algorithm": cfg.learner.algorithm,
                    "busy_fraction": busy_fractions(tally.busy, wall, {"gen": gen_actors, "label": len(self.critics),
                                                                       "reward": 1, "train": 1}),
-                   "dispatched": {"rollout": self.pools["rollout"].dispatched, "critic": self.pools["critic"].dispatched},
+                   "dispatched": {name: self.pools[name].dispatched for name in ("rollout", "critic")
+                                  if name in self.pools},
                    "placement": self.placement, "faults": self.faults,
                    "weight_sync": {"configured": cfg.sync.method, "method": self.weights.method,
                                    "groups_formed": self.weights.generation}}

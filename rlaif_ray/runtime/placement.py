@@ -31,8 +31,9 @@ class StageShape:
 def stage_shapes(cfg: RunConfig) -> list[StageShape]:
     """Every stage's bundle shape, read from the config once (the only place that maps config keys to bundles)."""
     r, c, w, lr = cfg.rollout, cfg.critic, cfg.reward, cfg.learner
+    judges = [StageShape("critic", c.num_workers, c.cpus_per_worker, c.gpus_per_worker, dict(c.resources), c.placement)]
     shapes = [StageShape("rollout", r.num_workers, r.cpus_per_worker, r.gpus_per_worker, dict(r.resources), r.placement),
-              StageShape("critic", c.num_workers, c.cpus_per_worker, c.gpus_per_worker, dict(c.resources), c.placement),
+              *(judges if cfg.judge_in_loop() else []),  # reward.label_share=0: no judge holds resources
               StageShape("reward", 1, w.cpus, 0.0, dict(w.resources), "PACK"),
               StageShape("learner", lr.num_learners, lr.cpus_per_learner, lr.gpus_per_learner, dict(lr.resources),
                          lr.placement)]
