@@ -288,6 +288,10 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"claims_study: error: {err}", file=sys.stderr)
         return 2
+    if base.loop.eval_samples < 1:
+        print("claims_study: error: the claims are read from ground-truth accuracy: loop.eval_samples must be at least 1",
+              file=sys.stderr)
+        return 2
     study = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "rater_noise": args.rater_noise,
              "steps": base.loop.num_steps, "claims": {}}
     c = study["claims"]
