@@ -354,7 +354,7 @@ class Orchestrator:
         Warm-up batches (negative batch numbers: sample ids `s-00001/...`) train only the reward model; they
         are not in the policy's ledger."""
         rcfg = self.cfg.reward
-        judged = rcfg.warmup_batches if rcfg.label_share > 0 else 0  # label_share 0: the preference file alone
+        judged = rcfg.warmup_batches if self.critics else 0  # no judge (label_share 0): the preference file alone
         for k in range(judged):
             indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
             worker, critic = self.rollouts[k % len(self.rollouts)], self.critics[k % len(self.critics)]
