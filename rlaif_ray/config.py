@@ -364,6 +364,9 @@ class LearnerConfig(_Section):
     logprob_chunk_tokens: int = Field(1024, ge=0)
     gradient_checkpointing: bool = False
     reference: Literal["auto", "rank", "sharded", "cpu", "none"] = "auto"
+    # the frozen reference as a Hugging Face folder or hub id, where it is not the policy training starts from (e.g.
+    # the SFT model, when the policy starts from a later checkpoint); not with LoRA (its reference is the base model)
+    reference_model: str | None = None
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed: dict = {}

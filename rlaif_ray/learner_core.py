@@ -20,6 +20,7 @@ Memory, from the model's size up:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class CoreSettings:
     gradient_checkpointing: bool = False
     logprob_chunk_tokens: int = 1024     # positions per output-head chunk (0: the plain [B, T, V] logits)
     reference: str = "rank"
+    reference_model: str | None = None   # a Hugging Face folder or hub id; None: the model training starts from
     offload_optimizer: bool = False
     offload_params: bool = False
     deepspeed: dict = field(default_factory=dict)
@@ -142,7 +144,7 @@ class LearnerCore:
             from transformers.integrations.deepspeed import HfDeepSpeedConfig
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)
 
-        def load():  # under ZeRO-3 (an HfDeepSpeedConfig alive) transformers builds it inside deepspeed.zero.Init
+        def load(source=source):  # under ZeRO-3 (an HfDeepSpeedConfig alive) transformers builds it in zero.Init
             if isinstance(source, PretrainedConfig):  # random weights: the reference starts from the same ones
                 torch.manual_seed(s.seed)
                 return AutoModelForCausalLM.from_config(source, dtype=self.dtype)
@@ -181,7 +183,7 @@ class LearnerCore:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=trainable, optimizer=optimizer, lr_scheduler=schedule,
             config=self.ds_config)
-        self.ref = self._reference(source, load)
+        self.ref = self._reference(load)
 
     # ------------------------------------------------------------------ set-up
     def _deepspeed_config(self) -> dict:
@@ -205,12 +207,18 @@ class LearnerCore:
         """A ZeRO-Offload target: host memory (pinned where the device is a GPU)."""
         return {"device": "cpu", "pin_memory": self.device.type == "cuda"}
 
-    def _reference(self, source, load: Callable):
-        """The frozen initial policy the KL penalty and the preference losses compare with (see `reference`)."""
+    def _reference(self, load: Callable):
+        """The frozen policy the KL penalty and the preference losses compare with (see `reference`): the initial
+        one, or `reference_model`."""
         import deepspeed
-        where = self.settings.reference
+        where, other = self.settings.reference, self.settings.reference_model
+        if where == "adapter" and other is not None:
+            raise ValueError("learner.reference_model cannot be used with LoRA's reference (the policy without its "
+                             "adapters is the model training started from)")
         if where in ("none", "adapter"):
             return None
+        if other is not None:
+            load = functools.partial(load, other)
         if where == "rank":
             if self.zero3:
                 raise ValueError("learner.reference=rank under ZeRO-3 would build a partitioned copy; use sharded")
@@ -251,16 +259,51 @@ class LearnerCore:
         return pg + kl_coef * kl, pg, kl, stats
 
     # ------------------------------------------------------------------ the step
-    def train_passes(self, n_local: int, passes: int, loss_of: Callable[[int], torch.Tensor]) -> None:
+    def train_passes(self, n_local: int, passes: int, loss_of: Callable[[int], torch.Tensor],
+                     apply: bool = True) -> torch.Tensor | None:
         """`passes` backward passes accumulated into one optimizer step: micro-batch k < n_local contributes
-        `loss_of(k)`; a rank with fewer micro-batches joins the remaining gradient reductions with a zero loss."""
+        `loss_of(k)`; a rank with fewer micro-batches joins the remaining gradient reductions with `zero_loss`.
+        `apply=False`: the accumulated gradient is returned instead (`full_gradient`, collective) and the weights
+        stay as they are (`step_without_update`)."""
         for k in range(passes):
             self.engine.set_gradient_accumulation_boundary(k == passes - 1)
-            loss = loss_of(k) if k < n_local else None
-            if loss is None:
-                loss = sum((p * 0.0).sum() for p in self.engine.module.parameters() if p.requires_grad)
-            self.engine.backward(loss)
+            self.engine.backward(loss_of(k) if k < n_local else self.zero_loss())
+        if apply:
+            self.engine.step()
+            return None
+        gradient = self.full_gradient()
+        self.step_without_update()
+        return gradient
+
+    def zero_loss(self) -> torch.Tensor:
+        """A loss of exactly 0 whose backward runs the graph of a real micro-batch (a forward of one short row).
+        ZeRO-2/3 reduce each gradient as autograd makes it ready, into buckets laid out in that order, and every
+        rank must lay them out alike: a rank that instead back-propagated Σ 0·p made them ready in parameter order,
+        and the rank owning those parameters summed other parameters' gradients into them (issue 25)."""
+        ids = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+        return self.logprobs(ids, torch.ones_like(ids)).sum() * 0.0
+
+    def full_gradient(self) -> torch.Tensor:
+        """The accumulated, rank-averaged gradient of every trainable parameter, whole and flat (fp32, CPU), on every
+        rank, before clipping. Collective under ZeRO (each rank holds a share); call it before the step."""
+        from deepspeed.utils import safe_get_full_grad
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        return torch.cat([safe_get_full_grad(p).detach().float().reshape(-1).cpu() for p in params])
+
+    def step_without_update(self) -> None:
+        """The optimizer step that closes an accumulation, at learning rate 0: the weights and the learning-rate
+        schedule stay as they were (Adam's moments do take the gradient in)."""
+        groups = self.engine.optimizer.param_groups
+        rates = [g["lr"] for g in groups]
+        schedule = self.engine.lr_scheduler
+        state = schedule.state_dict() if schedule is not None else None
+        for g in groups:
+            g["lr"] = 0.0
         self.engine.step()
+        for g, rate in zip(groups, rates):
+            g["lr"] = rate
+        if schedule is not None:
+            schedule.load_state_dict(state)
 
     def learning_rate(self) -> float:
         """The rate the next optimizer step uses."""

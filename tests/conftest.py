@@ -76,8 +76,9 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def engines(ray_cluster, toy_world):
-    """One RolloutWorker and one CriticLabeler shared by the actor tests (engine start is ~10 s each)."""
+def shared_engines(ray_cluster, toy_world):
+    """One RolloutWorker and one CriticLabeler for the whole session (engine start is ~10 s each); tests take
+    them through `engines`, which puts the rollout engine back on the policy's own weights after each test."""
     from rlaif_ray.engine import engine_env
     from rlaif_ray.stages.critic import CriticLabeler
     from rlaif_ray.stages.rollout import RolloutWorker
@@ -90,3 +91,26 @@ def engines(ray_cluster, toy_world):
     yield {"rollout": rollout, "critic": critic, "cfg": cfg}
     ray_cluster.kill(rollout)
     ray_cluster.kill(critic)
+
+
+def initial_weights(model_dir: str) -> tuple[list, list[str]]:
+    """A Hugging Face folder's weights as the engines' `update_weights` takes them (arrays, names)."""
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+    weights = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    return list(weights.values()), list(weights)
+
+
+@pytest.fixture
+def engines(shared_engines, toy_world):
+    """The shared engines as the policy left them: a test that syncs other weights into the rollout engine (its
+    version is no longer 0) gets them reloaded with the initial policy afterwards, so the next test samples what
+    it would sample alone (issue 25: a test judged other rollouts after the weight-sync test)."""
+    import ray
+    yield shared_engines
+    rollout = shared_engines["rollout"]
+    if ray.get(rollout.ready.remote()) != 0:
+        ray.get(rollout.update_weights.remote(initial_weights(toy_world.policy), 0))

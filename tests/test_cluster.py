@@ -155,8 +155,14 @@ def test_dockerfile_matches_pyproject():
     py = PYPROJECT["project"]["requires-python"]
     minor = re.search(r">=3\.(\d+)", py).group(1)
     assert base == f"rayproject/ray:{RAY_PIN}-py3{minor}-gpu"   # an official Ray GPU image, same Ray and Python
-    extras = re.findall(r'pip install [^\n]*"\.\[([a-z,]+)\]"', text)
-    assert extras and set(extras[0].split(",")) <= set(PYPROJECT["project"]["optional-dependencies"])
+    # the image installs the GPU lock by hash, and the lock holds what pyproject's gpu profile pins
+    assert re.search(r"pip install [^\n]*--require-hashes --no-deps -r locks/gpu\.txt", text)
+    lock = (ROOT / "locks" / "gpu.txt").read_text()
+    for pin in PYPROJECT["project"]["optional-dependencies"]["gpu"]:
+        if "==" in pin:
+            name, version = pin.split("==")
+            assert re.search(rf"^{re.escape(name)}=={re.escape(version)} ", lock, re.M), f"locks/gpu.txt lacks {pin}"
+    assert re.search(rf"^ray=={re.escape(RAY_PIN)} ", lock, re.M)
     for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for path in src.split():
             assert (ROOT / path).exists(), f"Dockerfile copies {path}, which is not in the repo"

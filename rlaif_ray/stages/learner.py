@@ -104,7 +104,7 @@ def core_settings(cfg: RunConfig) -> CoreSettings:
         warmup_steps=lcfg.warmup_steps, min_lr_ratio=lcfg.min_lr_ratio,
         total_steps=cfg.loop.num_steps * (lcfg.ppo_epochs if lcfg.algorithm == "ppo" else 1),
         gradient_checkpointing=lcfg.gradient_checkpointing, logprob_chunk_tokens=lcfg.logprob_chunk_tokens,
-        reference=lcfg.reference_placement(), offload_optimizer=lcfg.offload_optimizer,
+        reference=lcfg.reference_placement(), reference_model=lcfg.reference_model, offload_optimizer=lcfg.offload_optimizer,
         offload_params=lcfg.offload_params, deepspeed=dict(lcfg.deepspeed), lora_rank=lcfg.lora.rank,
         lora_alpha=lcfg.lora.alpha, lora_dropout=lcfg.lora.dropout, lora_target_modules=lcfg.lora.target_modules,
         seed=cfg.loop.seed)
@@ -120,6 +120,7 @@ class LearnerRank:
         self.checker = make_checker(self.cfg.data.checker)  # true accuracy in the step metrics
         self.version = 0
         self.sync_group = None  # rank 0: the collective weight-sync group it hosts (rlaif_ray.weight_transfer)
+        self._probe: dict | None = None  # set during `gradient`: the step is measured, not applied
 
     def address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -184,7 +185,7 @@ class LearnerRank:
                     outcome["skipped"].append((ids[i], "no_trainable_pair"))
             trainable = sorted(in_pair)
             mine = [pair for pair in pairs if group_of[pair[0]] in my_groups]
-            sums = self._update_preference(table, mine, total=len(pairs))
+            sums = self._update_preference(table, mine, total=len(pairs), total_rows=len(in_pair))
         else:
             mine = [i for i in trainable if group_of[i] in my_groups]
             if algo == "ppo":
@@ -204,7 +205,7 @@ class LearnerRank:
                                         weight_of=self._sample_weights(table, trainable))
         outcome["trained"] = [ids[i] for i in trainable]
         stepped = signal_counts.get("optimizer_step", 1)
-        grad_norm = self.core.grad_norm() if stepped else None  # of this update, before clipping
+        grad_norm = self.core.grad_norm() if stepped and self._probe is None else None  # of this update, before clipping
         learning_rate = self.core.learning_rate()  # the rate the next step will use
         self.version += 1
         if self.rank != 0:
@@ -225,6 +226,29 @@ class LearnerRank:
             metrics["reward_std"] = float(np.std(trained_rewards)) if trainable else float("nan")
         metrics.update(label_quality(table, self.checker, self.cfg.critic.score_points()))
         return {"metrics": metrics, "outcome": outcome}
+
+    def gradient(self, *tables: pa.Table, micro_batch_tokens: int | None = None) -> dict:
+        """What `train_step` on the batch would do, measured and not applied: the accumulated gradient (whole, flat,
+        fp32; None where no step would be taken) and the step's metrics on rank 0, with the weights, the schedule and
+        the policy version left as they were. `micro_batch_tokens` overrides `learner.micro_batch_tokens`. Every
+        rank must call it (collective). What the micro-batch property test compares (tests/test_micro_batches.py)."""
+        self._probe = {"budget": micro_batch_tokens, "gradient": None}
+        try:
+            result = self.train_step(*tables)
+        finally:
+            probe, self._probe = self._probe, None
+            self.version -= 1
+        if self.rank != 0:
+            return {}
+        gradient = probe["gradient"]
+        return {**result, "gradient": gradient.numpy() if gradient is not None else None}
+
+    def _train_passes(self, n_local: int, passes: int, loss_of) -> None:
+        """The accumulated step (LearnerCore.train_passes), or under `gradient` its measurement."""
+        if self._probe is None:
+            self.core.train_passes(n_local, passes, loss_of)
+        else:
+            self._probe["gradient"] = self.core.train_passes(n_local, passes, loss_of, apply=False)
 
     @staticmethod
     def _signal(rewards: list, group_of: list, trainable: list[int], counts: dict) -> bool:
@@ -265,6 +289,8 @@ class LearnerRank:
         """This rank's micro-batches (`learner.micro_batch_tokens` padded tokens each, 0: one) and the number of
         backward passes every rank makes: the most any rank needs, so the gradient reductions stay matched."""
         budget = self.cfg.learner.micro_batch_tokens
+        if self._probe is not None and self._probe["budget"] is not None:
+            budget = self._probe["budget"]
         rows = [r for unit in units for r in unit]
         mbs = algorithms.micro_batches(units, self._lengths(table, rows) if budget and rows else {}, budget)
         if not budget:
@@ -343,21 +369,22 @@ class LearnerRank:
                                        ("kl", kl.sum().item()), *((s, v * n) for s, v in stats.items())):
                         sums[key] += value
                 return per_sample.sum() * scale
-            self.core.train_passes(len(prepared), passes, loss_of)
+            self._train_passes(len(prepared), passes, loss_of)
         sums.update(mismatch_sum=mismatch["sum"], fresh_rows=mismatch["rows"])
         out = self._reduce(STAT_KEYS["ppo"][:-1] + ("mismatch_sum", "fresh_rows"), sums, len(rows))
         fresh_rows, mismatch_sum = out.pop("fresh_rows"), out.pop("mismatch_sum")
         out["logprob_mismatch"] = mismatch_sum / fresh_rows if fresh_rows > 0 else None
         return out
 
-    def _update_preference(self, table, pairs: list[tuple[int, int, float]], total: int) -> dict:
+    def _update_preference(self, table, pairs: list[tuple[int, int, float]], total: int, total_rows: int) -> dict:
+        """`total` pairs and `total_rows` rows in them over all ranks: the preference loss is the mean over pairs,
+        the KL penalty the mean over rows, both of the whole batch (DeepSpeed averages the ranks' gradients)."""
         lcfg = self.cfg.learner
         group_of = table.column("prompt_id").to_pylist()
         units: dict[str, set[int]] = defaultdict(set)  # a prompt group's pairs share rows: keep them together
         for i, j, _ in pairs:
             units[group_of[i]] |= {i, j}
         mbs, passes = self._plan(table, [sorted(u) for u in units.values()])
-        n_rows = max(sum(len(u) for u in units.values()), 1)
         sums: dict[str, float] = defaultdict(float)
 
         def loss_of(k: int) -> torch.Tensor:
@@ -381,12 +408,15 @@ class LearnerRank:
                 sums["agree"] += (((h > 0) == (p > 0.5)) & decided).float().sum().item()
                 sums["decided"] += decided.float().sum().item()
                 sums["logratio_margin"] += (h * torch.sign(p - 0.5)).sum().item()
-            return per_pair.sum() * (self.world_size / max(total, 1)) + lcfg.kl() * kl.sum() / n_rows
+            return (per_pair.sum() * (self.world_size / max(total, 1))
+                    + lcfg.kl() * kl.sum() * (self.world_size / max(total_rows, 1)))
 
-        self.core.train_passes(len(mbs), passes, loss_of)
-        n = len(pairs)
-        sums.update(kl=sums["kl_rows"] / n_rows * n, pair_accuracy=sums["agree"] / max(sums["decided"], 1) * n)
-        return self._reduce(STAT_KEYS[lcfg.algorithm], sums, n)
+        self._train_passes(len(mbs), passes, loss_of)
+        # _reduce divides by all ranks' pairs: kl comes out as the mean over all rows, accuracy over decided pairs
+        sums["kl"] = sums["kl_rows"] * total / max(total_rows, 1)
+        out = self._reduce(("loss", "kl", "logratio_margin", "agree", "decided"), sums, len(pairs))
+        agree, decided = out.pop("agree"), out.pop("decided")
+        return {**out, "pair_accuracy": agree / decided if decided > 0 else 0.0}
 
     def _update_sft(self, table, rows: list[int], total: int, weight_of: dict[int, float]) -> dict:
         mbs, passes = self._plan(table, [[r] for r in rows])
@@ -399,7 +429,7 @@ class LearnerRank:
             sums["loss"] += nll.sum().item()
             return nll.sum() * (self.world_size / max(total, 1))
 
-        self.core.train_passes(len(mbs), passes, loss_of)
+        self._train_passes(len(mbs), passes, loss_of)
         return self._reduce(STAT_KEYS["sft"], sums, len(rows))
 
     def score(self, token_ids: list[list[int]]) -> list[list[float]]:
