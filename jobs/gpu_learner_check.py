@@ -44,6 +44,10 @@ VARIANTS = {  # name -> CoreSettings overrides
                            "reference": "sharded"},
     "lora": {"zero_stage": 2, "logprob_chunk_tokens": 1024, "lora_rank": 16, "lora_alpha": 32.0,
              "reference": "adapter"},
+    "zero2_ckpt_chunked_noref": {"zero_stage": 2, "logprob_chunk_tokens": 1024, "gradient_checkpointing": True,
+                                 "reference": "none"},
+    "zero3_ckpt_chunked_noref": {"zero_stage": 3, "logprob_chunk_tokens": 1024, "gradient_checkpointing": True,
+                                 "reference": "none"},
     "lora_ckpt": {"zero_stage": 2, "logprob_chunk_tokens": 1024, "lora_rank": 16, "lora_alpha": 32.0,
                   "reference": "adapter", "gradient_checkpointing": True},
 }
@@ -58,9 +62,20 @@ def qwen_half_b_config():
                        tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=1e6)
 
 
+# Qwen2.5-shaped Llama configs (random weights): hidden, intermediate, layers, heads, KV heads, tied embeddings
+QWEN_SHAPES = {"qwen1.5b": (1536, 8960, 28, 12, 2, True), "qwen3b": (2048, 11008, 36, 16, 2, True),
+               "qwen7b": (3584, 18944, 28, 28, 4, False)}
+
+
 def model_source(name: str):
     if name == "qwen0.5b":
         return qwen_half_b_config()
+    if name in QWEN_SHAPES:
+        from transformers import LlamaConfig
+        hidden, inter, layers, heads, kv, tied = QWEN_SHAPES[name]
+        return LlamaConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                           tie_word_embeddings=tied, rms_norm_eps=1e-6, rope_theta=1e6)
     if name == "tiny":  # a few seconds per variant anywhere: the script's own test
         from transformers import LlamaConfig
         return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -139,12 +154,12 @@ def child(spec: dict) -> dict:
     def step() -> float:
         with torch.no_grad():
             prox = core.logprobs(ids, attn, **sampling)
-            ref = core.logprobs(ids, attn, **sampling, reference=True)
+            ref = core.logprobs(ids, attn, **sampling, reference=True) if settings.reference != "none" else None
         losses = []
 
         def loss_of(_):
             logp = core.logprobs(ids, attn, **sampling)
-            per_sample, *_ = core.ppo_loss(logp, prox, prox, resp, adv, ref, 0.2, 2.0, 0.05)
+            per_sample, *_ = core.ppo_loss(logp, prox, prox, resp, adv, ref, 0.2, 2.0, 0.05 if ref is not None else 0.0)
             losses.append(float(per_sample.detach().mean()))
             return per_sample.mean()
         core.train_passes(1, 1, loss_of)
@@ -202,7 +217,8 @@ def main(argv=None) -> None:
     import torch
     gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen0.5b", help="qwen0.5b (random weights) | smol | tiny (random) | a Hugging Face folder")
+    ap.add_argument("--model", default="qwen0.5b",
+                    help=f"qwen0.5b, {', '.join(QWEN_SHAPES)} (random weights) | smol | tiny (random) | a Hugging Face folder")
     ap.add_argument("--variants", default=",".join(VARIANTS) if gpu else CPU_VARIANTS,
                     help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--dtype", default="bfloat16" if gpu else "float32")

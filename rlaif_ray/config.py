@@ -88,7 +88,8 @@ class VLLMConfig(_Section):
     (`rollout.engine`, `critic.engine`, `serve.engine`)."""
     gpu_memory_utilization: float = Field(0.2, gt=0.0, le=1.0)
     cpu_kvcache_space_gib: int = Field(1, ge=1)
-    enforce_eager: bool = True
+    # None: CUDA graphs on a GPU (the weight receive is ordered, issue 26), eager on the CPU backend
+    enforce_eager: bool | None = None
     max_num_seqs: int = Field(64, ge=1)
     max_logprobs: int = Field(64, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
@@ -564,6 +565,20 @@ class RunConfig(_Section):
             raise ValueError("learner.colocate=true needs loop.mode=sync (engines sleep while the learners step) and "
                              "rollout engines on GPUs (rollout.gpus_per_worker > 0, e.g. 0.5 beside "
                              "learner.gpus_per_learner=0.5 so that Ray puts one of each on every GPU)")
+        if lcfg.colocate:
+            r = self.rollout
+            if r.num_workers != lcfg.num_learners or r.gpus_per_worker + lcfg.gpus_per_learner > 1 + 1e-9:
+                raise ValueError(
+                    "learner.colocate=true puts one rollout engine and one learner rank on every GPU: "
+                    f"rollout.num_workers ({r.num_workers}) must equal learner.num_learners ({lcfg.num_learners}) and "
+                    f"rollout.gpus_per_worker + learner.gpus_per_learner ({r.gpus_per_worker} + "
+                    f"{lcfg.gpus_per_learner}) must be at most 1")
+            if self.engine_for("rollout").tensor_parallel_size != 1:
+                raise ValueError("learner.colocate=true needs rollout engines of one GPU (tensor_parallel_size 1)")
+            if self.sync.method == "collective":
+                raise ValueError("learner.colocate=true: an engine and a learner rank on one GPU cannot be in one NCCL "
+                                 "group (NCCL refuses two ranks on one device); colocated engines take the weights "
+                                 "through host memory: sync.method=auto or object_store")
         if lcfg.reference == "none" and (lcfg.algorithm in ("dpo", "ipo") or (lcfg.algorithm == "ppo" and lcfg.kl() > 0)):
             raise ValueError(f"learner.reference=none, but learner.algorithm={lcfg.algorithm} with kl_coef={lcfg.kl()} "
                              "compares with the reference policy: set learner.kl_coef=0 (ppo) or choose a placement")
@@ -583,6 +598,14 @@ class RunConfig(_Section):
             if engine.executor == "uni" and engine.tensor_parallel_size > 1:
                 raise ValueError(f"{role}.engine: executor uni runs one process, so tensor_parallel_size must be 1 "
                                  f"(got {engine.tensor_parallel_size}); use executor mp or ray")
+            if engine.executor == "ray" and section.gpus_per_worker > 0:
+                # vLLM 0.32 v1/executor/ray_utils.py: inside an actor's placement group its Ray executor takes that
+                # group and raises "Placement group bundle cannot have more than 1 GPU", while the engine actor's
+                # bundle holds all TP GPUs (gpus_per_worker >= TP)
+                raise ValueError(f"{role}.engine.executor=ray is not supported on GPUs: vLLM's Ray executor places its "
+                                 "workers in the engine actor's placement group and rejects its bundle of "
+                                 f"{section.gpus_per_worker:g} GPUs; use executor mp (the TP workers as processes of "
+                                 "the engine actor, which holds the TP GPUs)")
             if engine.tensor_parallel_size > 1 and 0 < section.gpus_per_worker < engine.tensor_parallel_size:
                 raise ValueError(f"{role}: tensor_parallel_size {engine.tensor_parallel_size} needs "
                                  f"{role}.gpus_per_worker >= {engine.tensor_parallel_size} (got {section.gpus_per_worker})")

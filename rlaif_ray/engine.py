@@ -18,6 +18,11 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def eager(settings: EngineSettings) -> bool:
+    """`enforce_eager` as set, else (None) eager only where there are no CUDA graphs: on the CPU backend."""
+    return settings.enforce_eager if settings.enforce_eager is not None else not on_gpu()
+
+
 def engine_env(settings: EngineSettings) -> dict[str, str]:
     """Environment a process needs before `import vllm` (also used as a Ray runtime_env)."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
@@ -45,7 +50,7 @@ def make_llm(model_path: str, settings: EngineSettings, seed: int, logprobs_mode
         seed=seed,
         max_model_len=settings.max_model_len,
         gpu_memory_utilization=settings.gpu_memory_utilization,
-        enforce_eager=settings.enforce_eager,
+        enforce_eager=eager(settings),
         max_num_seqs=settings.max_num_seqs,
         max_logprobs=settings.max_logprobs,
         tensor_parallel_size=settings.tensor_parallel_size,
@@ -64,7 +69,9 @@ class WeightUpdateExtension:
         if len(tensors) != len(names):
             raise ValueError(f"weight update holds {len(tensors)} tensors for {len(names)} names")
         device = self._rlaif_device()
-        self._rlaif_reload([(name, t.to(device, non_blocking=True)) for name, t in zip(names, tensors)])
+        # a generator: one tensor at a time goes to the device as vLLM loads it (never the whole model at once
+        # beside the engine's own weights and KV cache, issue 26)
+        self._rlaif_reload((name, t.to(device)) for name, t in zip(names, tensors))
         return len(names)
 
     def _rlaif_device(self):

@@ -144,11 +144,18 @@ class LearnerCore:
             from transformers.integrations.deepspeed import HfDeepSpeedConfig
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)
 
-        def load(source=source):  # under ZeRO-3 (an HfDeepSpeedConfig alive) transformers builds it in zero.Init
+        def load(source=source):
+            """Under ZeRO-3 (an HfDeepSpeedConfig alive) transformers builds the model inside zero.Init, partitioned on
+            the GPU. Otherwise on a GPU it is built (random weights) or loaded straight onto it, never built on the
+            CPU and copied over (49 s for 0.5B, 108 s for 3B on the H200, issue 26)."""
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+            on_device = self.device.type == "cuda" and not is_deepspeed_zero3_enabled()
             if isinstance(source, PretrainedConfig):  # random weights: the reference starts from the same ones
                 torch.manual_seed(s.seed)
-                return AutoModelForCausalLM.from_config(source, dtype=self.dtype)
-            return AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
+                with torch.device(self.device) if on_device else contextlib.nullcontext():
+                    return AutoModelForCausalLM.from_config(source, dtype=self.dtype)
+            placed = {"device_map": {"": self.device}} if on_device else {}
+            return AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype, **placed)
 
         model = load()
         model.config.use_cache = False

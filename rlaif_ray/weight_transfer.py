@@ -11,10 +11,19 @@ training dtype (a bf16 policy travels as bf16). The sender packs one bucket at a
 just that bucket's parameters) and sends it while it gathers the next; a receiver pulls buckets in a thread, a
 couple ahead, and yields (name, tensor) views of each, which vLLM's `reload_weights` consumes as its weights
 iterator: the transfer overlaps the loading, and neither side ever holds a second copy of the whole model.
+
+Ordering on GPUs (issue 26): a collective's `wait()` without a timeout only makes the *calling thread's* current
+stream wait, while vLLM copies the weights on a stream of its own, and a CPU that never blocks packs every bucket
+before the first has landed. So every wait here blocks the CPU, with the group's timeout, until the bucket is in
+memory (then any stream reads it): the receiver hands a bucket to the consumer only after it arrived, and the
+sender has at most two buckets alive. An NCCL group is made with TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (abort the
+communicator, keep the process): a sync that times out fails the sync, not the learner or the engine.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,10 +87,34 @@ def open_group(spec: GroupSpec, rank: int):
     if spec.backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        group = dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, options)
+        with _environ(TORCH_NCCL_ASYNC_ERROR_HANDLING="2"):  # read when the group is made: this group only
+            group = dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, options)
     else:
         group = dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
     return SyncGroup(group, store, spec, rank)
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wait_landed(work, buffer: torch.Tensor, timeout: datetime.timedelta) -> None:
+    """Block this thread until `work` (a collective on `buffer`) has finished writing it, or raise after `timeout`.
+    NCCL's wait(timeout) blocks the CPU until the kernel is done; gloo's leaves the copy back to a CUDA buffer on the
+    current stream, which the synchronize then waits out. Afterwards any stream of any thread reads the bucket."""
+    work.wait(timeout)
+    if buffer.is_cuda:
+        torch.cuda.current_stream(buffer.device).synchronize()
 
 
 class SyncGroup:
@@ -100,23 +133,26 @@ class SyncGroup:
 
     def send(self, buckets: Iterator[list[torch.Tensor]], device) -> int:
         """Rank 0: broadcast every bucket (full parameters, one bucket at a time from `buckets`). Each bucket is
-        packed into one byte buffer, which is sent while the next bucket is gathered and packed (at most two
-        buffers alive). Returns the bytes sent."""
+        packed into one byte buffer, which is sent while the next bucket is gathered and packed; the previous
+        broadcast is waited out (CPU-blocking, with the timeout) before the next starts, so at most two buffers are
+        alive. Returns the bytes sent."""
+        timeout = datetime.timedelta(seconds=self.spec.timeout_s)
         sent, in_flight = 0, None
         for tensors in buckets:
             flat = [t.detach().reshape(-1).view(torch.uint8) for t in tensors]
             buffer = torch.cat(flat).to(device) if len(flat) > 1 else flat[0].to(device).clone()
             if in_flight is not None:
-                in_flight.wait()
-            in_flight = self._broadcast(buffer)
+                wait_landed(*in_flight, timeout)
+            in_flight = (self._broadcast(buffer), buffer)
             sent += buffer.numel()
         if in_flight is not None:
-            in_flight.wait()
+            wait_landed(*in_flight, timeout)
         return sent
 
     def receive(self, device, prefetch: int = 2) -> Iterator[tuple[str, torch.Tensor]]:
         """Every other rank: (name, tensor) for each parameter of the layout. A thread receives the buckets in
-        order, up to `prefetch` ahead of the consumer, so the transfer overlaps the engine's loading; an error in
+        order, up to `prefetch` ahead of the consumer, so the transfer overlaps the engine's loading; a bucket is
+        handed over only once it has landed (`wait_landed`), so the consumer may read it on any stream. An error in
         the transfer (a timeout, a peer gone) is raised here."""
         import queue
         import threading
@@ -124,6 +160,7 @@ class SyncGroup:
         layout = [(n, tuple(s), d) for n, s, d in self.spec.layout]
         plan = plan_buckets(layout, self.spec.bucket_bytes)
         ready: queue.Queue = queue.Queue(maxsize=prefetch)
+        timeout = datetime.timedelta(seconds=self.spec.timeout_s)
         self.wait_seconds = 0.0
 
         def pull():
@@ -131,7 +168,7 @@ class SyncGroup:
                 for bucket in plan:
                     sizes = [_nbytes(layout[i][1], layout[i][2]) for i in bucket]
                     buffer = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
-                    self._broadcast(buffer).wait()
+                    wait_landed(self._broadcast(buffer), buffer, timeout)
                     ready.put((bucket, sizes, buffer))
             except BaseException as err:  # handed to the consumer
                 ready.put(err)
@@ -153,7 +190,12 @@ class SyncGroup:
         thread.join()
 
     def close(self) -> None:
+        """Release the group; a broken NCCL group (a member gone, a timeout) is aborted, not shut down (a shutdown
+        would wait for the collective that never finishes)."""
         try:
-            self.group.shutdown()
+            if self.spec.backend == "nccl":
+                self.group.abort()
+            else:
+                self.group.shutdown()
         except Exception:  # a broken group (a member gone) may not shut down cleanly; dropping it is enough
             pass

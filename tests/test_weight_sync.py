@@ -231,3 +231,17 @@ def test_lora_learner_changes_the_engine_through_a_sync_and_its_checkpoint_reloa
         for r in learners.ranks:
             ray.kill(r)
         remove_placement_group(pg)
+
+
+def test_gpu_weight_transfer_check_reads_every_bucket_as_sent(tmp_path):
+    """jobs/gpu_weight_transfer_check.py (the GPU ordering check, README "GPU") runs its exchange on CPU tensors
+    here: every bucket the receiver reads equals what the sender sent."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "wt.json"
+    proc = subprocess.run([sys.executable, "jobs/gpu_weight_transfer_check.py", "--bucket-mb", "2", "--buckets", "3",
+                           "--rounds", "2", "--out", str(out)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["exit_codes"] == [0, 0] and result["tensors_read"] == 6 and result["mismatched"] == 0

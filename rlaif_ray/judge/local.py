@@ -101,7 +101,10 @@ class TransformersJudge(LocalJudge):
         self.name = model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.template = resolve_template(cfg.critic.chat_template, self.tokenizer, "critic.chat_template")
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.engine_for("critic").dtype)).eval()
+        # the GPU Ray gave this actor (critic.gpus_per_worker > 0), else the CPU (issue 26: it never used the GPU)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, cfg.engine_for("critic").dtype)).to(self.device).eval()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.batch = cfg.critic.batch_size
         self.max_prompt_len = cfg.engine_for("critic").max_model_len - 1
@@ -115,7 +118,7 @@ class TransformersJudge(LocalJudge):
         attn = torch.zeros_like(ids)
         for k, r in enumerate(rows):
             ids[k, width - len(r):], attn[k, width - len(r):] = torch.tensor(r), 1
-        return ids, attn
+        return ids.to(self.device), attn.to(self.device)
 
     def _batches(self, prompts: list[str], room: int):
         encoded = self._encode(prompts, room)
@@ -134,7 +137,7 @@ class TransformersJudge(LocalJudge):
             with torch.no_grad():
                 logits = self.model(input_ids=ids, attention_mask=attn,
                                     position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
-            probs = torch.softmax(logits, -1)
+            probs = torch.softmax(logits, -1).cpu()
             share = (time.perf_counter() - t0) / len(chunk)
             for (i, row), p in zip(chunk, probs):
                 raw = [float(p[t]) for t in label_ids]
@@ -156,7 +159,7 @@ class TransformersJudge(LocalJudge):
                 out = self.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_tokens,
                                           do_sample=False, pad_token_id=self.pad_id, eos_token_id=eos)
             share = (time.perf_counter() - t0) / len(chunk)
-            for (i, row), seq in zip(chunk, out[:, ids.shape[1]:].tolist()):
+            for (i, row), seq in zip(chunk, out[:, ids.shape[1]:].cpu().tolist()):
                 stopped = eos in seq
                 seq = seq[:seq.index(eos)] if stopped else seq
                 text = self.tokenizer.decode(seq, skip_special_tokens=True)

@@ -166,6 +166,8 @@ class Orchestrator:
             self.rm_trainer = RewardModelTrainer.options(**self._placed("reward_trainer", 0)).remote(
                 resolved.reward_model, cfg.model_dump(), resolved.preferences, resolved.preference_stats)
         ready = [x.ready.remote() for x in self.rollouts + self.critics]
+        if cfg.learner.colocate:  # engines first: vLLM sizes its KV cache from the GPU memory it finds free
+            ray.get(ready)
         self.learners = LearnerGroup(resolved.policy, cfg, self.groups["learner"], self.stand_ins.get("learner"))
         ray.get(ready)
 
@@ -454,18 +456,23 @@ class Orchestrator:
         """One learner step on `batch`, then the new weights sent to every engine. async: the sync is collected a
         step later (it is long done by then); sync: at once."""
         t_train = time.perf_counter()
-        colocated = self.cfg.learner.colocate  # sync mode: no engine is generating now
+        # colocated (sync mode: no engine is generating now): engines sleep while the learners step, and the
+        # learners empty their cached memory; the engines take their weights' memory back, the new weights, and
+        # only then their KV cache
+        colocated = self.cfg.learner.colocate
         if colocated:
             ray.get([w.sleep.remote() for w in self.rollouts])
         result = self.learners.train(batch.rewards)
         if colocated:
-            ray.get([w.wake_up.remote() for w in self.rollouts])
+            ray.get([w.wake_up.remote(["weights"]) for w in self.rollouts])
         train_wall = time.perf_counter() - t_train
         self.version += 1
         sync_stats = self.finish_syncs(loop.sync)
         loop.sync = self.sync_weights(self.version)
         if self.cfg.loop.mode == "sync":
             sync_stats, loop.sync = self.finish_syncs(loop.sync), None
+        if colocated:
+            ray.get([w.wake_up.remote(["kv_cache"]) for w in self.rollouts])
         return result, train_wall, sync_stats
 
     def log_step(self, writer, loop: LoopState, step: int, stats: dict, result: dict, train_wall: float,
@@ -524,5 +531,5 @@ class Orchestrator:
         actors += self.learners.ranks if self.learners else []
         for actor in actors:
             ray.kill(actor)
-        for pg in self.groups.values():
+        for pg in {pg.id: pg for pg in self.groups.values()}.values():  # colocated stages share one
             remove_placement_group(pg)

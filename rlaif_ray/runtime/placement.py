@@ -1,6 +1,11 @@
 """Where each stage runs: one placement group per stage, one bundle per actor, from the config.
 
-Each bundle holds the actor's CPUs, GPUs (fractions colocate stages on a GPU) and custom resources (e.g.
+`learner.colocate`: rollout engines and learner ranks share one placement group of whole-GPU bundles, engine i and
+learner rank i in bundle i with their fractions of its GPU, so that every GPU holds exactly one of each (a group
+per stage of fractional bundles let Ray put two engines on one GPU and two learner ranks on another, which NCCL
+refuses: "Duplicate GPU detected").
+
+Each bundle holds the actor's CPUs, GPUs and custom resources (e.g.
 `{"rollout_node": 1}` to pin engines to a node type of the cluster). Strategies: rollout engines and judges
 default to SPREAD (one per node where possible), the learner ranks to PACK (fast collectives); STRICT_* make
 it a requirement. On one machine SPREAD and PACK both fit, so the same config scales from a laptop to N nodes
@@ -46,6 +51,22 @@ def stage_shape(cfg: RunConfig, name: str) -> StageShape:
     return next(s for s in stage_shapes(cfg) if s.name == name)
 
 
+COLOCATED = "rollout+learner"
+
+
+def group_shapes(cfg: RunConfig) -> list[tuple[tuple[str, ...], StageShape]]:
+    """The placement groups to make: (the stages that share it, its bundle shape). One per stage, except under
+    `learner.colocate`: one group of whole-GPU bundles for the engines and the learner ranks together."""
+    shapes = stage_shapes(cfg)
+    if not cfg.learner.colocate:
+        return [((s.name,), s) for s in shapes]
+    r, lr = stage_shape(cfg, "rollout"), stage_shape(cfg, "learner")
+    resources = {k: r.resources.get(k, 0.0) + lr.resources.get(k, 0.0) for k in {**r.resources, **lr.resources}}
+    shared = StageShape(COLOCATED, lr.count, r.cpus + lr.cpus, 1.0, resources, lr.strategy)
+    rest = [((s.name,), s) for s in shapes if s.name not in ("rollout", "learner")]
+    return [(("rollout", "learner"), shared), *rest]
+
+
 def check_resources(cfg: RunConfig) -> None:
     """Fail before any actor starts if the cluster cannot hold what the config asks for (CPUs, GPUs, and every
     custom resource a stage names), with the stage and key in the message."""
@@ -80,7 +101,7 @@ def plan_on_nodes(cfg: RunConfig, nodes: dict[str, dict[str, float]]) -> dict[st
     def fits(node: str, bundle: dict) -> bool:
         return all(free[node].get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
 
-    for shape in stage_shapes(cfg):
+    for stages, shape in group_shapes(cfg):
         bundle, placed = shape.bundle(), []
         for _ in range(shape.count):
             order = sorted(free, key=lambda n: (n not in placed) if "PACK" in shape.strategy else (n in placed))
@@ -97,7 +118,8 @@ def plan_on_nodes(cfg: RunConfig, nodes: dict[str, dict[str, float]]) -> dict[st
             for k, v in bundle.items():
                 free[node][k] = free[node].get(k, 0.0) - v
             placed.append(node)
-        plan[shape.name] = placed
+        for stage in stages:  # colocated: engine i and learner rank i in bundle i, on one GPU
+            plan[stage] = placed
     return plan
 
 
@@ -105,17 +127,18 @@ def stage_groups(cfg: RunConfig, timeout_s: float = 300) -> dict:
     """One ready placement group per stage (name -> PlacementGroup); removes them all if one cannot be placed."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    groups = {}
+    groups, made = {}, []
     try:
-        for shape in stage_shapes(cfg):
-            groups[shape.name] = placement_group([shape.bundle() for _ in range(shape.count)], strategy=shape.strategy)
-        for name, pg in groups.items():
+        for stages, shape in group_shapes(cfg):
+            pg = placement_group([shape.bundle() for _ in range(shape.count)], strategy=shape.strategy)
+            made.append((shape, pg))
+            groups.update(dict.fromkeys(stages, pg))  # colocated: "rollout" and "learner" name the same group
+        for shape, pg in made:
             if not pg.wait(timeout_seconds=timeout_s):
-                shape = stage_shape(cfg, name)
-                raise ConfigError(f"stage {name}: {shape.count} bundle(s) of {shape.bundle()} with strategy "
+                raise ConfigError(f"stage {shape.name}: {shape.count} bundle(s) of {shape.bundle()} with strategy "
                                   f"{shape.strategy} could not be placed within {timeout_s:g} s")
     except BaseException:
-        for pg in groups.values():
+        for _, pg in made:
             remove_placement_group(pg)
         raise
     return groups

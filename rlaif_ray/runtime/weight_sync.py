@@ -41,7 +41,8 @@ class WeightSync:
         self.cfg, self.learners, self.pool, self.faults = cfg, learners, rollout_pool, faults
         # auto: NCCL's GPU-to-GPU broadcast where learners and engines hold GPUs; on CPU the object store, which on
         # one node is shared memory the engine maps, measured faster than a gloo broadcast (jobs/weight_sync_bench.py)
-        auto = "collective" if self.backend() == "nccl" else "object_store"
+        # colocated (an engine and a learner rank on each GPU): host memory, never an NCCL group inside one GPU
+        auto = "collective" if self.backend() == "nccl" and not cfg.learner.colocate else "object_store"
         self.method = {"auto": auto}.get(cfg.sync.method, cfg.sync.method)
         self.generation = 0
         self.spec: dict | None = None   # the sync group's spec (None: form a new one at the next sync)

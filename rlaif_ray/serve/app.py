@@ -100,7 +100,9 @@ def llm_config(cfg: RunConfig, checkpoint: str):
 
     s, v = cfg.serve, cfg.engine_for("serve")
     engine = dict(dtype=v.dtype, max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
-                  enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs, max_logprobs=v.max_logprobs,
+                  # unset: CUDA graphs on GPU replicas, eager on CPU ones
+                  enforce_eager=v.enforce_eager if v.enforce_eager is not None else s.gpus_per_replica == 0,
+                  max_num_seqs=v.max_num_seqs, max_logprobs=v.max_logprobs,
                   tensor_parallel_size=v.tensor_parallel_size, seed=cfg.loop.seed)
     template = resolve_chat_template(checkpoint, s.chat_template)
     if template is not None:

@@ -208,6 +208,8 @@ class LearnerRank:
         grad_norm = self.core.grad_norm() if stepped and self._probe is None else None  # of this update, before clipping
         learning_rate = self.core.learning_rate()  # the rate the next step will use
         self.version += 1
+        if self.cfg.learner.colocate and self.device.type == "cuda":  # the engine on this GPU wakes up next
+            torch.cuda.empty_cache()
         if self.rank != 0:
             return {}
         fresh = staleness[trainable] if trainable else np.zeros(0)
@@ -474,11 +476,12 @@ class LearnerRank:
         """The object-store path. Rank 0: (one numpy array per parameter, names) and a receipt, as two objects;
         other ranks: None and a receipt (under ZeRO-3 they take part in the bucket gathers, copying nothing).
         The arrays are views of the live fp32 parameters where ZeRO keeps them whole (no copy): Ray copies each
-        once, straight into the store, while this actor runs nothing else. bf16/fp16 weights travel as fp32."""
+        once, straight into the store, while this actor runs nothing else. Weights travel in the training dtype:
+        fp32 and fp16 as such, bf16 (which numpy lacks) as its bits in an int16 array (the engine views them back)."""
         params = self._rank0_copy()
         if self.rank != 0:
             return None, {"rank": self.rank}
-        arrays = [(p if p.dtype == torch.float32 else p.float()).numpy() for _, p in params]
+        arrays = [(p.contiguous().view(torch.int16) if p.dtype == torch.bfloat16 else p).numpy() for _, p in params]
         return (arrays, [n for n, _ in params]), {"rank": 0}
 
     def broadcast_weights(self, spec: dict) -> dict:

@@ -149,8 +149,9 @@ class RolloutWorker:
                 "sampled_hits": hits, "greedy_hits": greedy_hits}  # per prompt, in the file's order: win rates
 
     def update_weights(self, weights: tuple[list[np.ndarray], list[str]], version: int) -> dict:
-        """Load a whole new set of weights (one array per parameter + names, as the learner exports them) and
-        take its version."""
+        """Load a whole new set of weights (one array per parameter + names, as the learner exports them: an int16
+        array holds bfloat16 bits) and take its version. The tensors stay in host memory; the worker copies them to
+        its device one at a time as vLLM loads them."""
         import torch
 
         arrays, names = weights
@@ -158,6 +159,7 @@ class RolloutWorker:
         with warnings.catch_warnings():  # the object store hands out read-only arrays; we only read them
             warnings.simplefilter("ignore", UserWarning)
             tensors = [torch.from_numpy(a) for a in arrays]
+        tensors = [t.view(torch.bfloat16) if t.dtype == torch.int16 else t for t in tensors]
         self.llm.collective_rpc("rlaif_load_weights", args=(tensors, names))
         self.llm.reset_prefix_cache()
         self.version = version
@@ -204,10 +206,12 @@ class RolloutWorker:
         KV cache dropped; vLLM sleep mode level 1)."""
         self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
-        """Take the GPU memory back before the new weights arrive."""
-        self.llm.wake_up()
-        self.llm.reset_prefix_cache()
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take GPU memory back: ["weights"] before the new weights arrive, ["kv_cache"] after them (then
+        generation may start), None both."""
+        self.llm.wake_up(tags)
+        if tags is None or "kv_cache" in tags:
+            self.llm.reset_prefix_cache()
 
     def engine_ranks(self) -> int:
         """How many sync-group ranks this engine's workers take (its tensor-parallel size)."""
