@@ -120,6 +120,10 @@ class EngineSettings(VLLMConfig):
     max_model_len: int
     executor: Literal["uni", "mp", "ray"]
     sleep_mode: bool = False  # rollout engines under learner.colocate: vLLM sleep mode (CUDA only)
+    gpus: float = 0.0  # GPUs of the actor that runs the engine (0: vLLM's CPU backend), from the role's section
+
+    def on_gpu(self) -> bool:
+        return self.gpus > 0
 
 
 class WorkerResources(_Section):
@@ -546,7 +550,9 @@ class RunConfig(_Section):
                   **{k: v for k, v in overrides.model_dump().items() if v is not None}}
         if merged["executor"] == "auto":
             merged["executor"] = "uni" if merged["tensor_parallel_size"] == 1 else "mp"
-        return EngineSettings(role=role, sleep_mode=role == "rollout" and self.learner.colocate, **merged)
+        section = {"rollout": self.rollout, "critic": self.critic, "serve": self.serve}[role]
+        gpus = section.gpus_per_replica if role == "serve" else section.gpus_per_worker
+        return EngineSettings(role=role, sleep_mode=role == "rollout" and self.learner.colocate, gpus=gpus, **merged)
 
     @model_validator(mode="after")
     def _resolve_auto(self) -> "RunConfig":
@@ -598,6 +604,11 @@ class RunConfig(_Section):
             if engine.executor == "uni" and engine.tensor_parallel_size > 1:
                 raise ValueError(f"{role}.engine: executor uni runs one process, so tensor_parallel_size must be 1 "
                                  f"(got {engine.tensor_parallel_size}); use executor mp or ray")
+            if 0 < section.gpus_per_worker < 1 and engine.gpu_memory_utilization > section.gpus_per_worker + 1e-9:
+                raise ValueError(f"{role}: gpu_memory_utilization {engine.gpu_memory_utilization:g} is more than the "
+                                 f"engine's share of its GPU ({role}.gpus_per_worker={section.gpus_per_worker:g}): "
+                                 "vLLM would take memory the GPU's other tenant needs; set "
+                                 f"{role}.engine.gpu_memory_utilization at most {section.gpus_per_worker:g}")
             if engine.executor == "ray" and section.gpus_per_worker > 0:
                 # vLLM 0.32 v1/executor/ray_utils.py: inside an actor's placement group its Ray executor takes that
                 # group and raises "Placement group bundle cannot have more than 1 GPU", while the engine actor's
@@ -609,6 +620,11 @@ class RunConfig(_Section):
             if engine.tensor_parallel_size > 1 and 0 < section.gpus_per_worker < engine.tensor_parallel_size:
                 raise ValueError(f"{role}: tensor_parallel_size {engine.tensor_parallel_size} needs "
                                  f"{role}.gpus_per_worker >= {engine.tensor_parallel_size} (got {section.gpus_per_worker})")
+        serve_tp = self.engine_for("serve").tensor_parallel_size
+        if self.serve.gpus_per_replica > 1 and self.serve.gpus_per_replica != serve_tp:
+            raise ValueError(f"serve.gpus_per_replica={self.serve.gpus_per_replica:g}: a replica's GPUs are its tensor-"
+                             f"parallel shards, one per placement-group bundle (vLLM rejects a bundle of more than one "
+                             f"GPU); set serve.engine.tensor_parallel_size={self.serve.gpus_per_replica:g} or 1 GPU")
         pairwise_methods = ("pairwise", "cot", "self_reference")
         if self.rollout.truncated == "penalty" and self.learner.algorithm != "ppo":
             raise ValueError(f"rollout.truncated=penalty replaces a reward, and learner.algorithm="

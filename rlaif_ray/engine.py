@@ -14,21 +14,19 @@ import torch
 from rlaif_ray.config import EngineSettings
 
 
-def on_gpu() -> bool:
-    return torch.cuda.is_available()
-
-
 def eager(settings: EngineSettings) -> bool:
     """`enforce_eager` as set, else (None) eager only where there are no CUDA graphs: on the CPU backend."""
-    return settings.enforce_eager if settings.enforce_eager is not None else not on_gpu()
+    return settings.enforce_eager if settings.enforce_eager is not None else not settings.on_gpu()
 
 
 def engine_env(settings: EngineSettings) -> dict[str, str]:
-    """Environment a process needs before `import vllm` (also used as a Ray runtime_env)."""
+    """Environment a process needs before `import vllm` (also used as a Ray runtime_env). CPU-backend variables only
+    for engines whose actor holds no GPU (decided from the config, not from the machine that computes it: a
+    driver on a GPU-less head node used to give GPU engines the CPU backend's variables)."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
     if settings.executor == "mp":
         env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # never fork a Ray worker
-    if not on_gpu():
+    if not settings.on_gpu():
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space_gib)
         if settings.tensor_parallel_size > 1:  # vLLM's auto binding wants one NUMA node per shard; leave it to the OS
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"

@@ -108,3 +108,26 @@ def test_job_scripts_take_overrides_anywhere_on_the_line(script, tmp_path):
                            "--out", str(tmp_path / "out"), "learner.no_such_key=1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unrecognized arguments" not in proc.stderr, proc.stderr[-2000:]
     assert "learner.no_such_key" in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.gpus_per_worker=0.5", "vllm.gpu_memory_utilization=0.9"], "more than the engine's share"),
+    (["rollout.gpus_per_worker=2", "vllm.tensor_parallel_size=2", "vllm.executor=ray"], "executor=ray is not supported on GPUs"),
+    (["serve.gpus_per_replica=2"], "serve.engine.tensor_parallel_size=2"),
+])
+def test_gpu_settings_vllm_would_reject_are_refused_with_the_field(overrides, message):
+    """Issue 26: settings that would fail inside vLLM on a GPU node are refused when the config loads."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_engines_take_the_cpu_backend_variables_only_without_a_gpu():
+    """The runtime_env is computed on the driver; a GPU engine must not get vLLM's CPU-backend variables because the
+    head node has no GPU (issue 26), and GPU engines default to CUDA graphs."""
+    from rlaif_ray.engine import eager, engine_env
+    cpu = load_config(None, [])
+    gpu = load_config(None, ["rollout.gpus_per_worker=1", "learner.gpus_per_learner=1"])
+    assert "VLLM_CPU_KVCACHE_SPACE" in engine_env(cpu.engine_for("rollout"))
+    assert "VLLM_CPU_KVCACHE_SPACE" not in engine_env(gpu.engine_for("rollout"))
+    assert eager(cpu.engine_for("rollout")) and not eager(gpu.engine_for("rollout"))
+    assert eager(load_config(None, ["rollout.gpus_per_worker=1", "vllm.enforce_eager=true"]).engine_for("rollout"))

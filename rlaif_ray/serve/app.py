@@ -109,8 +109,8 @@ def llm_config(cfg: RunConfig, checkpoint: str):
         engine["chat_template"] = template
     env = {"TOKENIZERS_PARALLELISM": "false"}
     bundle: dict = {"CPU": s.cpus_per_replica}
-    if s.gpus_per_replica > 0:
-        bundle["GPU"] = s.gpus_per_replica
+    if s.gpus_per_replica > 0:  # vLLM takes the replica's placement group and rejects a bundle of more than one GPU
+        bundle["GPU"] = min(s.gpus_per_replica, 1.0)
     else:  # CPU engines size their KV cache from this variable, not from gpu_memory_utilization
         env["VLLM_CPU_KVCACHE_SPACE"] = str(v.cpu_kvcache_space_gib)
     bundles = [bundle]
