@@ -1,4 +1,4 @@
-"""`rlaif-ray` console command: train, label, preferences, eval, serve, build-toy, report, show-config."""
+"""`rlaif-ray` console command: train, label, preferences, train-judge, eval, serve, build-toy, report, show-config."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("checkpoint", help="Hugging Face folder (a run's checkpoint/), or toy:policy / toy:critic / smol")
     srv.add_argument("--detach", action="store_true", help="return once healthy (needs ray.address: a running cluster)")
     _config_args(srv)
+    tj = sub.add_parser("train-judge", help="fine-tune the judge (model.critic) on a preference file so that the verdict "
+                                            "the labeler reads matches its labels (judge_training.*)")
+    tj.add_argument("preferences", help="preference file (JSONL/Parquet/dataset folder; preferences.*_key fields)")
+    tj.add_argument("--out", required=True, help="folder for the tuned judge (Hugging Face) and judge_report.*")
+    _config_args(tj)
     rep = sub.add_parser("report", help="re-write report.md/report.png of a run folder")
     rep.add_argument("run_dir")
     args, rest = parser.parse_known_args(argv)  # overrides may also follow options: eval CKPT --reference R k=v
@@ -84,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or str(Path(args.checkpoint).resolve().parent / "eval")
             print(json.dumps(evaluate(cfg, args.checkpoint, args.reference, out, args.temperature), indent=1))
             print(f"written: {out}/eval.json, {out}/eval.png")
+        elif args.command == "train-judge":
+            from rlaif_ray.tools.train_judge import train_judge
+            report = train_judge(cfg, args.preferences, args.out)
+            print(json.dumps({k: report[k] for k in ("pairs", "epoch_losses", "held_out_before", "held_out_after")},
+                             indent=1))
+            print(f"tuned judge: {args.out} (judge_report.md; use it as model.critic={args.out})")
         elif args.command == "label":
             from rlaif_ray.tools.label import label_prompts
             print(json.dumps(label_prompts(cfg, args.out), indent=1))

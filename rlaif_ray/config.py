@@ -518,6 +518,20 @@ class ServeConfig(_Section):
         return self
 
 
+class JudgeTrainingConfig(_Section):
+    """`rlaif-ray train-judge PREFERENCES --out DIR` (rlaif_ray.tools.train_judge): fine-tunes `model.critic` so that
+    the pairwise verdict the labeler reads (`critic.*` templates and labels, both orders) matches the file's labels.
+    `held_out`: the share of pairs (seeded by `loop.seed`) kept out of training and reported before → after;
+    `batch_size`: judge prompts (two per pair) per optimizer step; `max_pairs` 0: every pair; `lora_rank` > 0: train
+    LoRA adapters and save the merged model."""
+    epochs: int = Field(2, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    held_out: float = Field(0.2, ge=0, lt=1)
+    max_pairs: int = Field(0, ge=0)
+    lora_rank: int = Field(0, ge=0)
+
+
 class RunConfig(_Section):
     toy: ToyWorldConfig = Field(default_factory=ToyWorldConfig)
     smol: SmolWorldConfig = Field(default_factory=SmolWorldConfig)
@@ -536,6 +550,7 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    judge_training: JudgeTrainingConfig = Field(default_factory=JudgeTrainingConfig)
 
     def judge_in_loop(self) -> bool:
         """Whether the run starts judges (CriticLabeler actors): not when a reward model learns from a preference file

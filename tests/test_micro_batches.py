@@ -108,6 +108,7 @@ def test_micro_batched_ranks_give_the_one_pass_gradient(ray_cluster, toy_world, 
     one, pg1 = start_group(toy_world, moved_policy, algorithm, 1)
     two, pg2 = start_group(toy_world, moved_policy, algorithm, 2)
     compared = []
+    digests = [ray.get(group.ranks[0].weights_digest.remote()) for group in (one, two)]
 
     @settings(max_examples=12, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -133,6 +134,8 @@ def test_micro_batched_ranks_give_the_one_pass_gradient(ray_cluster, toy_world, 
 
     try:
         check()
+        # measuring left the weights as they were (the step at learning rate 0), on both groups
+        assert [ray.get(group.ranks[0].weights_digest.remote()) for group in (one, two)] == digests
     finally:
         for group, pg in ((one, pg1), (two, pg2)):
             for r in group.ranks:

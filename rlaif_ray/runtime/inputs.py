@@ -72,7 +72,7 @@ def check_judge(cfg: RunConfig, critic: str) -> None:
 def resolve_inputs(cfg: RunConfig) -> Resolved:
     """Build/reuse a built-in world (`toy`, `smol`) where the config names one, then check model paths, the judge
     and the prompt file."""
-    policy, critic, prompts_path = _built_in_worlds(cfg)
+    policy, critic, prompts_path = built_in_worlds(cfg)
     check_model_path(policy, "model.policy")
     if not cfg.critic.remote.base_url:  # a remote judge needs no local critic model
         check_model_path(critic, "model.critic")
@@ -92,12 +92,12 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
         reward_model = {"policy": policy, "critic": critic}.get(cfg.reward.model, cfg.reward.model)
         check_model_path(reward_model, "reward.model")
         reward_model = local(reward_model)
-    preferences, preference_stats = _read_preferences(cfg)
+    preferences, preference_stats = read_preferences(cfg)
     return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model, left_out, preferences,
                     preference_stats)
 
 
-def _read_preferences(cfg: RunConfig):
+def read_preferences(cfg: RunConfig):
     """preferences.path as a table, with what it holds said once (pairs per source, rows left out, unused fields)."""
     p = cfg.preferences
     if not p.path:
@@ -114,7 +114,7 @@ def _read_preferences(cfg: RunConfig):
     return table, {"path": str(Path(p.path).expanduser().resolve()), **stats}
 
 
-def _built_in_worlds(cfg: RunConfig) -> tuple[str, str, str]:
+def built_in_worlds(cfg: RunConfig) -> tuple[str, str, str]:
     """model.policy, model.critic and data.prompts, with the names of built-in worlds replaced by their paths."""
     names = (cfg.model.policy, cfg.model.critic, cfg.data.prompts)
     paths = list(names)
