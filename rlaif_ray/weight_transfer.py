@@ -13,8 +13,8 @@ couple ahead, and yields (name, tensor) views of each, which vLLM's `reload_weig
 iterator: the transfer overlaps the loading, and neither side ever holds a second copy of the whole model.
 
 Ordering on GPUs (issue 26): a collective's `wait()` without a timeout only makes the *calling thread's* current
-stream wait, while vLLM copies the weights on a stream of its own, and a CPU that never blocks packs every bucket
-before the first has landed. So every wait here blocks the CPU, with the group's timeout, until the bucket is in
+stream wait, so a consumer reading on any other stream is not ordered after the write (jobs/gpu_weight_transfer_check.py
+caught it: 23 of 24 buckets read early), and a CPU that never blocks packs every bucket before the first has landed. So every wait here blocks the CPU, with the group's timeout, until the bucket is in
 memory (then any stream reads it): the receiver hands a bucket to the consumer only after it arrived, and the
 sender has at most two buckets alive. An NCCL group is made with TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (abort the
 communicator, keep the process): a sync that times out fails the sync, not the learner or the engine.

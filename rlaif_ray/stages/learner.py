@@ -234,12 +234,11 @@ class LearnerRank:
         fp32; None where no step would be taken) and the step's metrics on rank 0, with the weights, the schedule and
         the policy version left as they were. `micro_batch_tokens` overrides `learner.micro_batch_tokens`. Every
         rank must call it (collective). What the micro-batch property test compares (tests/test_micro_batches.py)."""
-        self._probe = {"budget": micro_batch_tokens, "gradient": None}
+        self._probe, version = {"budget": micro_batch_tokens, "gradient": None}, self.version
         try:
             result = self.train_step(*tables)
         finally:
-            probe, self._probe = self._probe, None
-            self.version -= 1
+            probe, self._probe, self.version = self._probe, None, version
         if self.rank != 0:
             return {}
         gradient = probe["gradient"]
