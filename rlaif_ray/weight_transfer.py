@@ -46,6 +46,19 @@ class GroupSpec:
     layout: tuple               # Layout as a tuple (hashable, msgpack-friendly once listed)
 
 
+def to_wire(t: torch.Tensor):
+    """A CPU tensor as the numpy array the object-store path ships, in its own dtype: bf16, which numpy lacks, as its
+    bits in an int16 array (no weight is int16, so `from_wire` knows to view it back). No copy where the tensor is
+    contiguous."""
+    return (t.contiguous().view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def from_wire(array) -> torch.Tensor:
+    """The tensor `to_wire` shipped (sharing the array's memory)."""
+    t = torch.from_numpy(array)
+    return t.view(torch.bfloat16) if t.dtype == torch.int16 else t
+
+
 def layout_of(named: list[tuple[str, torch.Tensor]]) -> Layout:
     """The layout of (name, parameter) pairs; ZeRO-3 parameters report their full shape (`ds_shape`)."""
     return [(name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch.")) for name, p in named]

@@ -245,3 +245,20 @@ def test_gpu_weight_transfer_check_reads_every_bucket_as_sent(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["exit_codes"] == [0, 0] and result["tensors_read"] == 6 and result["mismatched"] == 0
+
+
+def test_object_store_weights_keep_the_training_dtype():
+    """The object-store path ships each weight in its own dtype (issue 26: bf16 went as fp32, twice the bytes):
+    bf16 as its bits in int16 (numpy has no bf16), viewed back bit for bit; fp32 and fp16 as they are, without a copy."""
+    import numpy as np
+    import torch
+
+    from rlaif_ray.weight_transfer import from_wire, to_wire
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        t = torch.randn(5, 7).to(dtype)
+        wire = to_wire(t)
+        assert wire.nbytes == t.numel() * t.element_size()
+        back = from_wire(wire)
+        assert back.dtype == dtype and torch.equal(back, t)
+    t = torch.randn(4)
+    assert np.shares_memory(to_wire(t), t.numpy())

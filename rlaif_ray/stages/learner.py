@@ -43,6 +43,7 @@ from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.quality import label_quality
 from rlaif_ray.learner_core import CoreSettings, LearnerCore, init_distributed
+from rlaif_ray.weight_transfer import to_wire
 
 STAT_KEYS = {
     "ppo": ("loss", "pg_loss", "kl", "clip_fraction", "is_weight_mean", "behav_log_ratio", "logprob_mismatch"),
@@ -480,7 +481,7 @@ class LearnerRank:
         params = self._rank0_copy()
         if self.rank != 0:
             return None, {"rank": self.rank}
-        arrays = [(p.contiguous().view(torch.int16) if p.dtype == torch.bfloat16 else p).numpy() for _, p in params]
+        arrays = [to_wire(p) for _, p in params]
         return (arrays, [n for n, _ in params]), {"rank": 0}
 
     def broadcast_weights(self, spec: dict) -> dict:

@@ -21,6 +21,7 @@ from rlaif_ray.data.chat import engine_input, resolve_template
 from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.engine import make_llm
+from rlaif_ray.weight_transfer import from_wire
 
 
 def _sampled_logprobs(token_ids, logprobs) -> list[float]:
@@ -152,14 +153,11 @@ class RolloutWorker:
         """Load a whole new set of weights (one array per parameter + names, as the learner exports them: an int16
         array holds bfloat16 bits) and take its version. The tensors stay in host memory; the worker copies them to
         its device one at a time as vLLM loads them."""
-        import torch
-
         arrays, names = weights
         t0 = time.perf_counter()
         with warnings.catch_warnings():  # the object store hands out read-only arrays; we only read them
             warnings.simplefilter("ignore", UserWarning)
-            tensors = [torch.from_numpy(a) for a in arrays]
-        tensors = [t.view(torch.bfloat16) if t.dtype == torch.int16 else t for t in tensors]
+            tensors = [from_wire(a) for a in arrays]
         self.llm.collective_rpc("rlaif_load_weights", args=(tensors, names))
         self.llm.reset_prefix_cache()
         self.version = version
