@@ -1,6 +1,7 @@
 """The environment is the lock (issue 25): what runs the tests is exactly locks/cpu.txt, and the locks hold what
 pyproject.toml pins (a dependency changed without `make lock` fails here)."""
 import re
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -26,7 +27,9 @@ def lock_pins(name: str) -> dict[str, str]:
 
 def test_the_installed_environment_is_the_cpu_lock():
     pins = lock_pins("cpu.txt")
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # the environment's own site-packages: not the copies vendored inside setuptools, which it puts on sys.path
+    site = sysconfig.get_paths()["purelib"]
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=[site])}
     wrong = {name: (version, installed.get(name)) for name, version in pins.items() if installed.get(name) != version}
     assert not wrong, f"installed ≠ locks/cpu.txt (locked, installed): {wrong}"
     tools = lock_pins("tools.txt")  # uv, installed by hash before the sync (it makes and installs the locks)
