@@ -47,6 +47,15 @@ class SmolWorldConfig(_Section):
     cache_dir: str = "~/.cache/rlaif_ray/smol"
     dtype: Literal["float32", "bfloat16"] = "float32"  # the cached folder's weights (CPU learners train in fp32)
     max_operand: int = Field(9, ge=1, le=99)            # "What is a + b?" for 1 <= a, b <= max_operand
+    # sums kept out of the RL prompts (a seeded sample), for `data.eval_prompts: smol_held_out`
+    held_out: int = Field(0, ge=0)
+    # model.critic=smol_judge (rlaif_ray.worlds.smol_judge): the judge is tuned on SmolLM2's own answers to sums with
+    # an operand above max_operand up to judge_max_operand (at most judge_max_prompts of them, judge_samples answers
+    # each, up to judge_pairs_per_prompt right-vs-wrong pairs per prompt)
+    judge_max_operand: int = Field(20, ge=2, le=99)
+    judge_samples: int = Field(8, ge=2)
+    judge_pairs_per_prompt: int = Field(2, ge=1)
+    judge_max_prompts: int = Field(400, ge=1)
 
 
 class ModelConfig(_Section):
@@ -71,6 +80,9 @@ class DataConfig(_Section):
     # how a response is graded against the reference (rlaif_ray.data.checkers): exact, last_number, first_number,
     # choice, or "package.module:function" taking (response, reference) -> bool
     checker: str = "exact"
+    # prompts the before/after evaluation reads (a file like `prompts`, or "smol_held_out": the smol world's
+    # smol.held_out sums kept out of training); None: the training prompts
+    eval_prompts: str | None = None
     prompts_per_step: int = Field(8, ge=1)
     shuffle: bool = True
     # prompts too long for model.max_model_len minus rollout.max_new_tokens: stop with an error naming the first
@@ -287,8 +299,9 @@ class RewardConfig(_Section):
     """`win_rate`: mean pairwise win probability rescaled to [-1, 1]; `direct_score`: d-RLAIF score;
     `reward_model`: a sequence-classification model trained on the judge's pairwise labels (warmed up on
     `warmup_batches` batches from the initial policy, refit every `refresh_every` steps on the latest
-    `buffer_batches` labelled batches)."""
-    kind: Literal["win_rate", "direct_score", "reward_model"] = "win_rate"
+    `buffer_batches` labelled batches); `checker`: +1 / -1 from `data.checker` against each prompt's reference, no
+    judge (the oracle's reward, an upper bound for what AI feedback can give)."""
+    kind: Literal["win_rate", "direct_score", "reward_model", "checker"] = "win_rate"
     cpus: float = Field(0.5, gt=0)
     resources: dict[str, float] = {}      # custom resources of the RewardScorer (and RewardModelTrainer)
     model: str = "policy"                 # reward-model backbone: "policy", "critic" (the local judge's checkpoint) or a path
@@ -554,8 +567,12 @@ class RunConfig(_Section):
 
     def judge_in_loop(self) -> bool:
         """Whether the run starts judges (CriticLabeler actors): not when a reward model learns from a preference file
-        alone (`reward.label_share=0`)."""
-        return self.learner.algorithm == "sft" or self.reward.kind != "reward_model" or self.reward.label_share > 0
+        alone (`reward.label_share=0`), nor when the checker is the reward."""
+        if self.learner.algorithm == "sft":
+            return True
+        if self.reward.kind == "checker":
+            return False
+        return self.reward.kind != "reward_model" or self.reward.label_share > 0
 
     def engine_for(self, role: EngineRole) -> EngineSettings:
         """The engine settings of `role` ("rollout", "critic" or "serve"): `vllm.*` and `model.dtype` /
@@ -646,6 +663,13 @@ class RunConfig(_Section):
                              f"{self.learner.algorithm} trains on none: use rollout.truncated=mask or keep")
         if self.learner.algorithm == "sft":
             return self  # demonstrations need no labels or rewards
+        if self.reward.kind == "checker":
+            if self.learner.algorithm != "ppo":
+                raise ValueError(f"reward.kind=checker grades each sample on its own; learner.algorithm="
+                                 f"{self.learner.algorithm} trains on judged pairs: use learner.algorithm=ppo")
+            if self.preferences.path:
+                raise ValueError("preferences.path is read by a reward model: reward.kind=checker reads none")
+            return self
         if self.reward.kind in ("win_rate", "reward_model") and self.critic.method not in pairwise_methods:
             raise ValueError(f"reward.kind={self.reward.kind} needs a pairwise critic.method ({', '.join(pairwise_methods)}), "
                              f"got '{self.critic.method}'")

@@ -177,3 +177,25 @@ def test_a_fresh_run_never_deletes_an_earlier_one(tmp_path, ray_cluster, toy_wor
     cfg = small_config(tmp_path, output={"existing": "new"})
     assert _fresh_run_dir(cfg) == tmp_path / "run-3" and cfg.output.run_dir == str(tmp_path / "run-3")
     assert _fresh_run_dir(small_config(tmp_path, output={"existing": "overwrite"})) == run
+
+
+def test_checker_as_the_reward_runs_without_a_judge(tmp_path, ray_cluster, toy_world):
+    """reward.kind=checker: the oracle's reward (+1 right, -1 wrong against the prompt's reference), no judge started
+    or asked; every sample's reward is what the checker says of it."""
+    cfg = small_config(tmp_path, reward={"kind": "checker"}, data={"prompts_per_step": 4, "checker": "exact"},
+                       loop={"mode": "sync", "num_steps": 2, "eval_samples": 0})
+    assert not cfg.judge_in_loop()
+    summary = train(cfg)
+    assert summary["status"] == "finished" and "critic" not in summary["dispatched"]
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    for m in metrics:
+        assert m["trained"] == 8 and m["skipped"] == 0
+        assert m["reward_mean"] == pytest.approx(2 * m["true_accuracy"] - 1, abs=1e-6)
+    import pyarrow.parquet as pq
+    rows = pq.read_table(tmp_path / "run" / "labels" / "step-000000.parquet").to_pylist()
+    from rlaif_ray.data.checkers import make_checker
+    exact = make_checker("exact")
+    assert [r["reward"] for r in rows] == [1.0 if exact(r["response"], r["reference"]) else -1.0 for r in rows]
+    assert {r["label_method"] for r in rows} == {"none"}
+    with pytest.raises(ValueError, match="reward.kind=checker grades each sample on its own"):
+        small_config(tmp_path, reward={"kind": "checker"}, learner={"algorithm": "dpo"})

@@ -210,3 +210,23 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     assert summary["weight_sync"]["method"] == "collective" and not summary["faults"]["events"]
     print(f"smol, batch generated after the first sync: log-prob mismatch {metrics[1]['logprob_mismatch']:.2e}")
     assert metrics[1]["logprob_mismatch"] < 1e-4
+
+
+def test_held_out_sums_are_kept_out_of_the_rl_prompts(smol_world):
+    """smol.held_out: a fixed sample of sums leaves the RL prompts for data.eval_prompts=smol_held_out; the two files
+    split the task, and every run holds out the same sums."""
+    from rlaif_ray.config import RunConfig, SmolWorldConfig
+    from rlaif_ray.runtime.inputs import eval_prompts_path
+    from rlaif_ray.worlds.smol import build_smol_world
+    world = build_smol_world(SmolWorldConfig(held_out=21))
+    assert world.root == smol_world.root  # same model, other prompt files
+    read = lambda p: [json.loads(line)["id"] for line in open(p)]  # noqa: E731
+    train_ids, held_ids, all_ids = read(world.prompts), read(world.held_out_prompts), read(smol_world.prompts)
+    assert len(held_ids) == 21 and len(train_ids) == 60 and not set(train_ids) & set(held_ids)
+    assert sorted(train_ids + held_ids) == sorted(all_ids)
+    cfg = RunConfig.model_validate({"smol": {"held_out": 21}, "data": {"eval_prompts": "smol_held_out"}})
+    assert eval_prompts_path(cfg) == world.held_out_prompts
+    with pytest.raises(ConfigError, match="needs smol.held_out > 0"):
+        eval_prompts_path(RunConfig.model_validate({"data": {"eval_prompts": "smol_held_out"}}))
+    with pytest.raises(ConfigError, match="leaves no RL prompt"):
+        build_smol_world(SmolWorldConfig(held_out=81))

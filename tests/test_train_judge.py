@@ -65,7 +65,7 @@ def test_the_labeler_reads_what_training_optimised(tuned, ray_cluster):
     from tests.conftest import small_config
     from tests.test_actors import rollout_table
 
-    from rlaif_ray.tools.train_judge import split_pairs
+    from rlaif_ray.judge.trainer import split_pairs
     out, _, pairs = tuned
     first_trained = split_pairs(len(pairs), 0.2, 0)[0][0]
     prompt, a, b = (pairs[first_trained][k] for k in ("prompt", "chosen", "rejected"))
@@ -96,3 +96,32 @@ def test_bad_preference_rows_name_the_file_row_and_field(tmp_path):
     proc = run_cli("train-judge", str(bad), "--out", str(tmp_path / "out"), "model.critic=toy")
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "row 2" in proc.stderr and "'label'" in proc.stderr
+
+
+def test_the_smol_judge_is_built_once_per_judge_prompt(tmp_path, smol_world):
+    """model.critic=smol_judge on a tiny task: SmolLM2 answers sums outside the RL set, the checker grades the answers,
+    the judge is tuned on the pairs (a child process: vLLM, then one DeepSpeed rank) and cached under a key of the
+    judge's prompts; a second resolve reuses the folder, and other judge prompts get their own."""
+    from rlaif_ray.config import load_config
+    from rlaif_ray.runtime.inputs import built_in_worlds
+    from rlaif_ray.worlds.smol_judge import build_smol_judge, judge_key
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / smol_world.root.name).symlink_to(smol_world.root)  # the converted model, not converted again
+    overrides = [f"smol.cache_dir={cache}", "smol.max_operand=3", "smol.judge_max_operand=9",
+                 "smol.held_out=2", "smol.judge_max_prompts=12", "smol.judge_samples=4", "judge_training.epochs=1",
+                 "judge_training.batch_size=8", "model.critic=smol_judge", f"output.run_dir={tmp_path / 'run'}"]
+    cfg = load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml", overrides)
+    messages = []
+    folder = Path(build_smol_judge(cfg, progress=messages.append))
+    assert folder == cache / f"judge-{judge_key(cfg)}" and (folder / "config.json").is_file()
+    report = json.loads((folder / "judge_report.json").read_text())
+    assert report["pairs"]["train"] > 0 and report["pairs"]["held_out"] > 0
+    assert set(report["held_out_after"]) >= {"agreement", "position_consistency", "first_slot_rate", "brier"}
+    assert "| agreement |" in (folder / "judge_report.md").read_text() and len(messages) == 2
+    built = (folder / "config.json").stat().st_mtime_ns
+    assert built_in_worlds(cfg)[1] == str(folder)  # reused: not built again
+    assert (folder / "config.json").stat().st_mtime_ns == built and not list(cache.glob("judge-*.*/"))
+    other = load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml",
+                        [*overrides, "critic.pairwise_ending=Which answer is right? Reply 1 or 2."])
+    assert judge_key(other) != judge_key(cfg)

@@ -106,6 +106,7 @@ def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, stat
         if orch.eval_before is not None:
             summary["eval_before"], summary["eval_after"] = orch.eval_before, orch.evaluate()
             summary["win_rate_vs_initial"] = truth_win_rate(summary["eval_after"], summary["eval_before"])
+            summary["eval_prompts"] = "held_out" if resolved.eval_prompts is not None else "training"
         if cfg.output.save_checkpoint:
             summary["checkpoint"] = orch.save_checkpoint((run_dir / "checkpoint").resolve())
         if state is not None:

@@ -26,6 +26,7 @@ class Resolved:
     prompts_left_out: int = 0        # longer than the context allows (data.long_prompts=skip)
     preferences: object = None       # pa.Table of preferences.path (rlaif_ray.data.preferences), if any
     preference_stats: dict | None = None  # its pairs per source and rows left out
+    eval_prompts: object = None      # pa.Table of data.eval_prompts (None: evaluate on `prompts`)
 
 
 def check_model_path(path: str, key: str) -> None:
@@ -86,6 +87,14 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
     if cfg.data.prompts_per_step > prompts.num_rows:
         raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "
                           f"{prompts.num_rows} prompts in {prompts_path}")
+    if cfg.reward.kind == "checker":
+        _check_references(prompts, prompts_path)
+    eval_prompts = None
+    eval_path = eval_prompts_path(cfg)
+    if eval_path is not None:
+        eval_prompts, _ = _fit_prompts_to_context(cfg, policy, eval_path, _read_prompts(cfg, eval_path))
+        print(f"[rlaif] evaluating before and after on {eval_prompts.num_rows} prompts of {eval_path} "
+              f"(data.eval_prompts), not on the training prompts", flush=True)
     local = lambda p: str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p  # noqa: E731
     reward_model = None
     if cfg.reward.kind == "reward_model":
@@ -94,7 +103,29 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
         reward_model = local(reward_model)
     preferences, preference_stats = read_preferences(cfg)
     return Resolved(local(policy), local(critic), prompts_path, prompts, reward_model, left_out, preferences,
-                    preference_stats)
+                    preference_stats, eval_prompts)
+
+
+def _check_references(prompts, path: str) -> None:
+    """reward.kind=checker grades every sample against its prompt's reference: each prompt needs one."""
+    refs = prompts.column("reference").to_pylist()
+    missing = [i for i, r in enumerate(refs) if r is None]
+    if missing:
+        first = prompts.column("prompt_id")[missing[0]].as_py()
+        raise ConfigError(f"{path}: prompt '{first}' has no reference (data.reference_key), which reward.kind=checker "
+                          f"grades against; {len(missing)} of {len(refs)} prompts lack one")
+
+
+def eval_prompts_path(cfg: RunConfig) -> str | None:
+    """data.eval_prompts as a file path ("smol_held_out": the smol world's held-out sums)."""
+    name = cfg.data.eval_prompts
+    if name != "smol_held_out":
+        return name
+    if cfg.smol.held_out == 0:
+        raise ConfigError("data.eval_prompts=smol_held_out needs smol.held_out > 0 (the number of sums kept out of "
+                          "the RL prompts)")
+    from rlaif_ray.worlds.smol import build_smol_world
+    return build_smol_world(cfg.smol).held_out_prompts
 
 
 def read_preferences(cfg: RunConfig):
@@ -122,10 +153,13 @@ def built_in_worlds(cfg: RunConfig) -> tuple[str, str, str]:
         from rlaif_ray.worlds.toy import build_toy_world
         toy = build_toy_world(cfg.toy, cfg.critic)
         paths = [{"toy": p}.get(n, q) for n, q, p in zip(names, paths, (toy.policy, toy.critic, toy.prompts))]
-    if "smol" in names:
+    if "smol" in names or cfg.model.critic == "smol_judge":
         from rlaif_ray.worlds.smol import build_smol_world
         smol = build_smol_world(cfg.smol)
         paths = [{"smol": p}.get(n, q) for n, q, p in zip(names, paths, (smol.model, smol.model, smol.prompts))]
+    if cfg.model.critic == "smol_judge":
+        from rlaif_ray.worlds.smol_judge import build_smol_judge
+        paths[1] = build_smol_judge(cfg)
     return paths[0], paths[1], paths[2]
 
 

@@ -131,6 +131,8 @@ class Orchestrator:
         self.run_dir = Path(cfg.output.run_dir).resolve()
         self.prompts_digest = checkpoint.prompts_digest(resolved.prompts)  # written into every checkpoint
         self.prompts_ref = ray.put(resolved.prompts)
+        # data.eval_prompts: the before/after reads prompts the policy never trains on
+        self.eval_prompts_ref = self.prompts_ref if resolved.eval_prompts is None else ray.put(resolved.eval_prompts)
         self.sampler = PromptSampler(resolved.prompts.num_rows, cfg.loop.seed, cfg.data.shuffle)
 
     def _placed(self, stage: str, i: int) -> dict:
@@ -151,7 +153,7 @@ class Orchestrator:
             "critic": lambda i: (critic.options(**restarts, **self._placed("critic", i)).remote(resolved.critic, raw, i)
                                  if critic else new_labeler(resolved.critic, cfg, i, **restarts, **self._placed("critic", i))),
             "reward": lambda i: scorer.options(**restarts, **self._placed("reward", 0)).remote(
-                cfg.reward.kind, resolved.reward_model, cfg.critic.score_points()),
+                cfg.reward.kind, resolved.reward_model, cfg.critic.score_points(), cfg.data.checker),
         }
 
     def _start_actors(self, resolved: Resolved) -> None:
@@ -233,8 +235,8 @@ class Orchestrator:
         rollouts, gen_stats = rollout_pool.actors[w].generate.options(num_returns=2).remote(
             self.prompts_ref, indices, batch.step, first)
         batch.track(rollout_pool, w, "gen", gen_stats)
-        if self.cfg.reward.label_share < 1:
-            return rollouts
+        if self.cfg.reward.label_share < 1 or self.cfg.reward.kind == "checker":
+            return rollouts  # the reward needs no judge (or the judge labels beside the loop)
         c = critic_pool.pick(prune=False)
         labels, label_stats = critic_pool.actors[c].label.options(num_returns=2).remote(rollouts)
         batch.track(critic_pool, c, "label", label_stats)
@@ -373,8 +375,8 @@ class Orchestrator:
         ray.get(self.scorer.load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads))
 
     def evaluate(self) -> dict:
-        """Ground-truth accuracy of the current policy on the whole prompt set (sampled and greedy)."""
-        return ray.get(self.rollouts[0].evaluate.remote(self.prompts_ref, self.cfg.loop.eval_samples))
+        """Ground-truth accuracy of the current policy on the whole evaluation prompt set (sampled and greedy)."""
+        return ray.get(self.rollouts[0].evaluate.remote(self.eval_prompts_ref, self.cfg.loop.eval_samples))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int, loop_state: dict) -> Path:

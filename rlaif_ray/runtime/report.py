@@ -92,7 +92,9 @@ def _eval_lines(summary: dict) -> list[str]:
     if not summary.get("eval_before"):
         return []
     b, a = summary["eval_before"], summary["eval_after"]
-    return ["", f"## Policy on the whole prompt set (ground truth, {b['prompts']} prompts)", "",
+    where = ("the held-out prompts (data.eval_prompts)" if summary.get("eval_prompts") == "held_out"
+             else "the whole prompt set")
+    return ["", f"## Policy on {where} (ground truth, {b['prompts']} prompts)", "",
             "| | before | after |", "|---|---|---|",
             f"| accuracy, {b['samples_per_prompt']} sample{'s' * (b['samples_per_prompt'] != 1)} per prompt at the "
             f"rollout temperature | {_fmt(b['accuracy_sampled'])} | "

@@ -5,6 +5,8 @@
   default) rescaled linearly to [-1, 1].
 - `reward_model`: the score of a reward model trained on the judge's labels (`rlaif_ray.stages.reward_model`);
   unbounded, refreshed by `load_state` while the run goes on.
+- `checker`: +1 when `data.checker` finds the sample right against its prompt's reference, -1 when not (no judge:
+  the oracle's reward, the upper bound AI feedback is measured against); null without a reference.
 A sample without a valid label gets a null reward and keeps its skip reason (the learner counts it).
 """
 from __future__ import annotations
@@ -33,11 +35,23 @@ def rewards_from_labels(labels: pa.Table, kind: str, score_points: int = 10) -> 
     return reward.cast(pa.float32())
 
 
+def checker_rewards(rows: pa.Table, is_correct) -> pa.Array:
+    """+1 / -1 per row as `is_correct(response, reference)` says; null where the row has no reference."""
+    refs, responses = rows.column("reference").to_pylist(), rows.column("response").to_pylist()
+    return pa.array([None if ref is None else (1.0 if is_correct(text, ref) else -1.0)
+                     for text, ref in zip(responses, refs)], pa.float32())
+
+
 @ray.remote
 class RewardScorer:
-    def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10):
+    def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10,
+                 checker: str = "exact"):
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.kind, self.score_points = kind, score_points
+        self.checker = None
+        if kind == "checker":
+            from rlaif_ray.data.checkers import make_checker
+            self.checker = make_checker(checker)
         self.model = self.tok = None
         self.rm_version = 0
         if kind == "reward_model":
@@ -57,6 +71,8 @@ class RewardScorer:
         return self.rm_version
 
     def _rewards(self, labels: pa.Table) -> pa.Array:
+        if self.kind == "checker":
+            return checker_rewards(labels, self.checker)
         if self.kind != "reward_model":
             return rewards_from_labels(labels, self.kind, self.score_points)
         import torch
@@ -72,7 +88,7 @@ class RewardScorer:
         Parquet (the run's label dataset: every judge reply, principle, latency and reward, for offline analysis)."""
         t0 = time.perf_counter()
         labels = shards[0] if len(shards) == 1 else pa.concat_tables(shards)
-        if self.kind == "reward_model" and "label_valid" not in labels.column_names:  # rollouts no judge saw
+        if self.kind in ("reward_model", "checker") and "label_valid" not in labels.column_names:  # no judge saw them
             labels = schemas.unjudged(schemas.validate(labels, "rollouts"))
         labels = schemas.validate(labels, "labels")
         table = labels.append_column(schemas.REWARD_FIELDS[0], self._rewards(labels))

@@ -7,109 +7,11 @@ judge's chat template) that `model.critic` takes as it is, with `judge_report.js
 """
 from __future__ import annotations
 
-import json
-import socket
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from rlaif_ray.config import ConfigError, RunConfig
-from rlaif_ray.data.chat import resolve_template
-from rlaif_ray.judge.reply import concrete_labels
-from rlaif_ray.judge.tuning import judge_examples, label_logits, pairwise_label_ids, tuning_loss, verdict_quality
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def split_pairs(n: int, held_out: float, seed: int) -> tuple[list[int], list[int]]:
-    """Train and held-out pair indices (a seeded shuffle; at least one held out when the share is > 0)."""
-    order = np.random.default_rng(seed).permutation(n).tolist()
-    k = max(1, round(n * held_out)) if held_out > 0 and n > 1 else 0
-    return sorted(order[k:]), sorted(order[:k])
-
-
-class JudgeTrainer:
-    """The judge under training: its tokenizer, label ids, prompt examples and a LearnerCore."""
-
-    def __init__(self, judge_path: str, cfg: RunConfig):
-        import torch.distributed as dist
-        from transformers import AutoTokenizer
-
-        from rlaif_ray.learner_core import CoreSettings, LearnerCore, init_distributed
-        jt = cfg.judge_training
-        self.cfg, self.path = cfg, judge_path
-        self.tokenizer = AutoTokenizer.from_pretrained(judge_path)
-        self.template = resolve_template(cfg.critic.chat_template, self.tokenizer, "critic.chat_template")
-        self.critic = concrete_labels(cfg.critic, self.tokenizer)
-        self.label_ids = pairwise_label_ids(self.critic, self.tokenizer, judge_path)
-        if not dist.is_initialized():
-            init_distributed("nccl" if torch.cuda.is_available() else "gloo", "127.0.0.1", _free_port(), 0, 1)
-        self.core = LearnerCore(judge_path, CoreSettings(  # constant learning rate, no reference model
-            zero_stage=0, dtype=cfg.model.dtype, learning_rate=jt.learning_rate, grad_clip=cfg.learner.grad_clip,
-            reference="none", lora_rank=jt.lora_rank, lora_alpha=2.0 * jt.lora_rank,
-            logprob_chunk_tokens=0, seed=cfg.loop.seed))
-        config = self.core.engine.module.config
-        self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
-        self.max_tokens = cfg.engine_for("critic").max_model_len - 1
-
-    def examples(self, pairs):
-        return judge_examples(pairs, self.critic, self.tokenizer, self.template, self.cfg.loop.seed, self.max_tokens)
-
-    def slot1_probs(self, examples, batch: int = 32) -> np.ndarray:
-        """P(slot 1) the labeler would read for each example (no gradient)."""
-        out = []
-        with torch.no_grad():
-            for k in range(0, len(examples), batch):
-                logits = label_logits(self.core.engine, examples[k:k + batch], self.label_ids, self.pad_id,
-                                      self.core.device)
-                out += torch.softmax(logits, -1)[:, 0].cpu().tolist()
-        return np.asarray(out)
-
-    def quality(self, examples, labels: dict[int, float]) -> dict:
-        """verdict_quality of the pairs both of whose orders are in `examples`."""
-        probs = self.slot1_probs(examples)
-        slot1: dict[int, list] = {}
-        for e, p in zip(examples, probs):
-            slot1.setdefault(e.pair, [None, None])[e.order] = p
-        pairs = sorted(k for k, v in slot1.items() if None not in v)
-        return verdict_quality(np.asarray([slot1[k] for k in pairs]).reshape(-1, 2),
-                               np.asarray([labels[k] for k in pairs]))
-
-    def train(self, examples, progress=print) -> list[float]:
-        """`judge_training.epochs` passes over `examples` in seeded random order; the mean loss per epoch."""
-        jt, rng = self.cfg.judge_training, np.random.default_rng(self.cfg.loop.seed + 1)
-        losses = []
-        for epoch in range(jt.epochs):
-            order = rng.permutation(len(examples))
-            total, t0 = 0.0, time.perf_counter()
-            for start in range(0, len(examples), jt.batch_size):
-                chunk = [examples[i] for i in order[start:start + jt.batch_size]]
-                targets = torch.tensor([e.target for e in chunk], dtype=torch.float32, device=self.core.device)
-
-                seen: list[float] = []
-
-                def loss_of(_, chunk=chunk, targets=targets, seen=seen):
-                    loss = tuning_loss(label_logits(self.core.engine, chunk, self.label_ids, self.pad_id,
-                                                    self.core.device), targets).mean()
-                    seen.append(float(loss.detach()))
-                    return loss
-                self.core.train_passes(1, 1, loss_of)
-                total += seen[0] * len(chunk)
-            losses.append(total / max(len(examples), 1))
-            progress(f"[train-judge] epoch {epoch + 1}/{jt.epochs}: loss {losses[-1]:.4f} "
-                     f"({len(examples)} judge prompts, {time.perf_counter() - t0:.1f} s)")
-        return losses
-
-    def save(self, out: str) -> None:
-        params = [(n, t.detach().cpu().clone()) for bucket in self.core.full_buckets(2 ** 30) for n, t in bucket]
-        self.core.save_pretrained(out, params)
-        self.tokenizer.save_pretrained(out)
+from rlaif_ray.judge.trainer import JudgeTrainer, split_pairs, write_report
 
 
 def train_judge(cfg: RunConfig, preferences: str, out: str, judge_path: str | None = None, progress=print) -> dict:
@@ -146,19 +48,6 @@ def train_judge(cfg: RunConfig, preferences: str, out: str, judge_path: str | No
               "labels": list(trainer.critic.pairwise_labels), "label_token_ids": trainer.label_ids,
               "settings": jt.model_dump(), "epoch_losses": losses, "held_out_before": before,
               "held_out_after": after, "seconds": round(time.perf_counter() - t0, 1)}
-    Path(out, "judge_report.json").write_text(json.dumps(report, indent=1))
-    Path(out, "judge_report.md").write_text(_markdown(report))
+    write_report(out, report)
     return report
 
-
-def _markdown(report: dict) -> str:
-    lines = [f"# Judge tuning: {report['judge']}", "",
-             f"{report['pairs']['train']} training pairs, {report['pairs']['held_out']} held out; "
-             f"epoch losses {', '.join(f'{x:.4f}' for x in report['epoch_losses'])}; {report['seconds']} s.", ""]
-    before, after = report["held_out_before"], report["held_out_after"]
-    if before and after:
-        lines += ["| held-out pairs | before | after |", "|---|---|---|"]
-        for key in ("agreement", "position_consistency", "first_slot_rate", "brier"):
-            fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
-            lines.append(f"| {key.replace('_', ' ')} | {fmt(before[key])} | {fmt(after[key])} |")
-    return "\n".join(lines) + "\n"

