@@ -57,25 +57,29 @@ class JudgeTrainer:
     def examples(self, pairs):
         return judge_examples(pairs, self.critic, self.tokenizer, self.template, self.cfg.loop.seed, self.max_tokens)
 
-    def slot1_probs(self, examples, batch: int = 32) -> np.ndarray:
-        """P(slot 1) the labeler would read for each example (no gradient)."""
-        out = []
+    def slot1_probs(self, examples, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """P(slot 1) the labeler would read for each example, and the label mass (no gradient)."""
+        probs, mass = [], []
         with torch.no_grad():
             for k in range(0, len(examples), batch):
-                logits = label_logits(self.core.engine, examples[k:k + batch], self.label_ids, self.pad_id,
-                                      self.core.device)
-                out += torch.softmax(logits, -1)[:, 0].cpu().tolist()
-        return np.asarray(out)
+                logp = label_logits(self.core.engine, examples[k:k + batch], self.label_ids, self.pad_id,
+                                    self.core.device)
+                probs += torch.softmax(logp, -1)[:, 0].cpu().tolist()
+                mass += logp.exp().sum(-1).cpu().tolist()
+        return np.asarray(probs), np.asarray(mass)
 
     def quality(self, examples, labels: dict[int, float]) -> dict:
         """verdict_quality of the pairs both of whose orders are in `examples`."""
-        probs = self.slot1_probs(examples)
+        probs, mass = self.slot1_probs(examples)
         slot1: dict[int, list] = {}
-        for e, p in zip(examples, probs):
+        masses: dict[int, list] = {}
+        for e, p, m in zip(examples, probs, mass):
             slot1.setdefault(e.pair, [None, None])[e.order] = p
+            masses.setdefault(e.pair, [None, None])[e.order] = m
         pairs = sorted(k for k, v in slot1.items() if None not in v)
         return verdict_quality(np.asarray([slot1[k] for k in pairs]).reshape(-1, 2),
-                               np.asarray([labels[k] for k in pairs]))
+                               np.asarray([labels[k] for k in pairs]),
+                               np.asarray([masses[k] for k in pairs]).reshape(-1, 2), self.critic.min_label_mass)
 
     def train(self, examples, progress=print) -> list[float]:
         """`judge_training.epochs` passes over `examples` in seeded random order; the mean loss per epoch."""
@@ -121,7 +125,8 @@ def _markdown(report: dict) -> str:
     before, after = report["held_out_before"], report["held_out_after"]
     if before and after:
         lines += ["| held-out pairs | before | after |", "|---|---|---|"]
-        for key in ("agreement", "position_consistency", "first_slot_rate", "brier"):
+        for key in ("agreement", "position_consistency", "first_slot_rate", "brier", "label_mass", "unparsable_share"):
             fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
-            lines.append(f"| {key.replace('_', ' ')} | {fmt(before[key])} | {fmt(after[key])} |")
+            if key in before:
+                lines.append(f"| {key.replace('_', ' ')} | {fmt(before[key])} | {fmt(after[key])} |")
     return "\n".join(lines) + "\n"

@@ -4,9 +4,12 @@ The labeler (`rlaif_ray.stages.critic.CriticLabeler`, method `pairwise`) shows t
 `preamble + few_shot + pairwise_template(prompt, slot 1, slot 2) + pairwise_ending` as one user turn of the judge's
 chat template and reads P(slot 1) as the judge's next-token probabilities of the two label tokens, renormalised over
 the two, in both orders. Tuning builds exactly those prompts (`JudgePrompts`, `user_turn_ids`, `label_token_ids`)
-from preference pairs, in both orders, and minimises the cross-entropy between that two-way distribution at the
-answer position and the pair's soft label (P(chosen ≻ rejected) in the order chosen first, its complement in the
-other). What training optimised is therefore what the labeler reads, token for token.
+from preference pairs, in both orders, and minimises the cross-entropy between the judge's next-token distribution at
+the answer position and the pair's soft label put on the two label tokens (P(chosen ≻ rejected) in the order chosen
+first, its complement in the other). That is the two-way cross-entropy the labeler's reading implies plus
+-log(label mass): the labels keep the answer's probability. (With the two-way term alone, SmolLM2's label mass fell
+to 0.01, below `critic.min_label_mass`, and the labeler refused every verdict.) What training optimised is therefore
+what the labeler reads, token for token.
 """
 from __future__ import annotations
 
@@ -53,8 +56,10 @@ def pairwise_label_ids(critic, tokenizer, name: str) -> list[int]:
 
 
 def label_logits(model, examples: list[JudgeExample], label_ids: list[int], pad_id: int, device) -> torch.Tensor:
-    """The judge's logits of the two label tokens right after each prompt, [B, 2]. Right-padded, so each row's
-    answer position is its own last token; only those positions go through the output head."""
+    """The judge's log-probabilities (over its whole vocabulary) of the two label tokens right after each prompt,
+    [B, 2]: softmax over the two is P(slot 1) / P(slot 2) as the labeler reads them, exp summed is the label mass.
+    Right-padded, so each row's answer position is its own last token; only those positions go through the output
+    head."""
     from rlaif_ray.learner_core import causal_lm
     width = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -67,21 +72,25 @@ def label_logits(model, examples: list[JudgeExample], label_ids: list[int], pad_
     hidden = lm.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     last = attn.sum(-1) - 1
     answer = hidden[torch.arange(len(examples), device=device), last]
-    return lm.get_output_embeddings()(answer)[:, label_ids].float()
+    return torch.log_softmax(lm.get_output_embeddings()(answer).float(), dim=-1)[:, label_ids]
 
 
-def tuning_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy between the two-label distribution and the soft target P(slot 1)."""
-    logp = torch.log_softmax(logits, dim=-1)
+def tuning_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy between the judge's next-token distribution (`logp`: the two labels' log-probs,
+    from `label_logits`) and the soft target P(slot 1) on the slot-1 label, the rest on the slot-2 label: the two-way
+    cross-entropy plus -log(label mass)."""
     return -(targets * logp[:, 0] + (1 - targets) * logp[:, 1])
 
 
-def verdict_quality(slot1: np.ndarray, labels: np.ndarray) -> dict:
+def verdict_quality(slot1: np.ndarray, labels: np.ndarray, mass: np.ndarray | None = None,
+                    min_mass: float = 0.0) -> dict:
     """What the labeler's figures would say of a judge on held-out pairs. `slot1`: [pairs, 2] P(slot 1) with the
     chosen response first (order 0) and second (order 1); `labels`: P(chosen ≻ rejected) per pair.
     agreement: the both-orders average prefers the labelled side (pairs with a decided label); position
     consistency: both orders pick the same response; first-slot rate: share of judgements that pick slot 1;
-    brier: mean squared error of the averaged P(chosen ≻ rejected) against the label."""
+    brier: mean squared error of the averaged P(chosen ≻ rejected) against the label; with `mass` ([pairs, 2], the
+    two labels' probability summed): its mean, and the share of judgements the labeler would refuse as unparsable
+    (below `min_mass`, critic.min_label_mass)."""
     p_chosen = (slot1[:, 0] + (1 - slot1[:, 1])) / 2
     decided = np.abs(labels - 0.5) > 1e-6
     agree = ((p_chosen > 0.5) == (labels > 0.5))[decided]
@@ -89,4 +98,6 @@ def verdict_quality(slot1: np.ndarray, labels: np.ndarray) -> dict:
             "agreement": float(agree.mean()) if agree.size else None,
             "position_consistency": float(((slot1[:, 0] > 0.5) == (slot1[:, 1] < 0.5)).mean()) if len(labels) else None,
             "first_slot_rate": float((slot1 > 0.5).mean()) if len(labels) else None,
-            "brier": float(((p_chosen - labels) ** 2).mean()) if len(labels) else None}
+            "brier": float(((p_chosen - labels) ** 2).mean()) if len(labels) else None,
+            **({"label_mass": float(mass.mean()), "unparsable_share": float((mass < min_mass).mean())}
+               if mass is not None and len(labels) else {})}

@@ -31,7 +31,7 @@ from pathlib import Path
 from rlaif_ray.config import ConfigError, RunConfig
 from rlaif_ray.worlds.smol import QUESTION, build_smol_world, config_hash
 
-JUDGE_BUILD_VERSION = "1"  # bump when the pairs, the training or the report change
+JUDGE_BUILD_VERSION = "2"  # bump when the pairs, the training or the report change
 JUDGE_PROMPT_FIELDS = ("preamble", "few_shot", "principles", "pairwise_template", "pairwise_ending", "pairwise_labels",
                        "chat_template")
 
@@ -78,7 +78,8 @@ def build_smol_judge(cfg: RunConfig, force: bool = False, progress=print) -> str
             after = report["held_out_after"]
             progress(f"[rlaif] smol judge built in {time.perf_counter() - t0:.0f} s; held-out pairs: agreement "
                      f"{after['agreement']:.3f}, position consistency {after['position_consistency']:.3f}, "
-                     f"first-slot rate {after['first_slot_rate']:.3f} ({root}/judge_report.md)")
+                     f"first-slot rate {after['first_slot_rate']:.3f}, label mass {after['label_mass']:.3f} "
+                     f"({root}/judge_report.md)")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(root)
