@@ -20,8 +20,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
