@@ -172,7 +172,8 @@ class StandInJudge(_Stage):
 class StandInScorer(_Stage):
     """The reward stage (the real rule: rlaif_ray.stages.reward.rewards_from_labels) with the profile's time."""
 
-    def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10):
+    def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10,
+                 checker: str = "exact"):
         use_arrow_ipc()
         self.kind, self.score_points, self.rm_version = kind, score_points, 0
 
