@@ -71,15 +71,13 @@ class JudgeTrainer:
     def quality(self, examples, labels: dict[int, float]) -> dict:
         """verdict_quality of the pairs both of whose orders are in `examples`."""
         probs, mass = self.slot1_probs(examples)
-        slot1: dict[int, list] = {}
-        masses: dict[int, list] = {}
+        by_pair: dict[int, list] = {}  # pair -> [(P(slot 1), label mass) of order 0, of order 1]
         for e, p, m in zip(examples, probs, mass):
-            slot1.setdefault(e.pair, [None, None])[e.order] = p
-            masses.setdefault(e.pair, [None, None])[e.order] = m
-        pairs = sorted(k for k, v in slot1.items() if None not in v)
-        return verdict_quality(np.asarray([slot1[k] for k in pairs]).reshape(-1, 2),
-                               np.asarray([labels[k] for k in pairs]),
-                               np.asarray([masses[k] for k in pairs]).reshape(-1, 2), self.critic.min_label_mass)
+            by_pair.setdefault(e.pair, [None, None])[e.order] = (p, m)
+        pairs = sorted(k for k, v in by_pair.items() if None not in v)
+        both = np.asarray([by_pair[k] for k in pairs], dtype=float).reshape(-1, 2, 2)  # [pair, order, (p, mass)]
+        return verdict_quality(both[:, :, 0], np.asarray([labels[k] for k in pairs]), both[:, :, 1],
+                               self.critic.min_label_mass)
 
     def train(self, examples, progress=print) -> list[float]:
         """`judge_training.epochs` passes over `examples` in seeded random order; the mean loss per epoch."""
