@@ -1,6 +1,7 @@
 """The papers' headline claims, side by side on the toy world's ground truth, from one command:
 
-    python jobs/claims_study.py -c jobs/configs/toy_cpu.yaml --out runs/claims [--seeds 0,1] [--smol] [overrides...]
+    python jobs/claims_study.py -c jobs/configs/toy_cpu.yaml --out runs/claims [--seeds 0,1] [--smol [--no-toy]]
+                                [overrides...]
 
 1. RLAIF vs RLHF (Lee et al. 2023): the policy trained against a reward model that learned from AI labels, from
    simulated human labels (the checker with `--rater-noise`, 0.25 by default: rlaif_ray.tools.claims), and from both
@@ -11,10 +12,13 @@
 2. Labeler size (Lee et al.: alignment grows with the labeler's size): three toy critics of width 32, 64 and 128
    built by one recipe; agreement with the truth per labeling method, and the policy accuracy each one's RLAIF gives.
 3. Position bias and its remedies (Lee et al.; MT-Bench): agreement of one order alone, both orders averaged and
-   self-reference, with the position consistency, for each toy critic and (`--smol`) the SmolLM2 judge.
+   self-reference, with the position consistency, for each toy critic.
 4. Strong teacher (Sharma et al. 2024): SFT on the critic's own answers against the weak-teacher SFT policy (the toy
    policy was pre-trained on a weak teacher's answers) followed by RLAIF with the same critic, same steps.
-Writes OUT/claims.json, OUT/claims.md (one table and a verdict line per claim) and OUT/claims.png; prints the tables.
+`--smol` adds claims 1-3 on the real policy, SmolLM2-135M-Instruct judged by SmolLM2 untuned and tuned as a judge
+(jobs/claims_smol.py: about an hour on 2 cores); `--no-toy` leaves the toy claims out.
+Writes OUT/claims.json, OUT/claims.md (one table and a verdict line per claim) and OUT/claims.png (and with `--smol`
+OUT/claims_smol.png); prints the tables.
 """
 import argparse
 import json
@@ -22,6 +26,8 @@ import math
 import sys
 import time
 from pathlib import Path
+
+import claims_smol  # jobs/ is on the path: the script's own folder
 
 CLAIMS = ("1", "2", "3", "4")
 WIDTHS = (32, 64, 128)
@@ -122,19 +128,6 @@ def rm_truth_agreement(path: str, pairs: list) -> float:
     return ranking_accuracy(model, tok, pairs)
 
 
-def smol_position(args, out: Path) -> dict:
-    """Claim 3 on the SmolLM2 judge: its pairwise and self-reference labels of the smol policy's samples of the
-    first `--smol-prompts` prompts of the smol world's file."""
-    from rlaif_ray.config import load_config
-    from rlaif_ray.worlds.smol import build_smol_world
-    cfg = load_config("jobs/configs/smol_cpu.yaml")
-    rows = Path(build_smol_world(cfg.smol).prompts).read_text().splitlines()[:args.smol_prompts]
-    subset = out / "smol_prompts.jsonl"
-    subset.write_text("\n".join(rows) + "\n")
-    cfg = load_config("jobs/configs/smol_cpu.yaml", [f"data.prompts={subset}", "data.prompts_per_step=1"])
-    return label_figures(cfg, out, 0.0, False, ("pairwise", "self_reference"))
-
-
 def _spread(run: dict) -> str:
     """" (±x)": half the range of the sampled accuracy over the seeds, when there are several."""
     return "" if run.get("spread_sampled") is None else f" (±{run['spread_sampled'] / 2:.3f})"
@@ -188,9 +181,10 @@ def to_markdown(study: dict) -> str:
                   f"| weak-teacher SFT + RLAIF (same critic) | {fmt(r['rlaif']['accuracy_sampled'])}{_spread(r['rlaif'])} | "
                   f"{fmt(r['rlaif']['accuracy_greedy'])} | {fmt(r['rlaif']['win_rate'])} |", ""] + \
                  [f"- {v}" for v in r["verdicts"]] + [""]
-    lines += [f"Whole study {study['wall_seconds'] / 60:.0f} min on this machine; every run "
-              f"{study['steps']} steps; figures are means over seeds {', '.join(map(str, study['seeds']))} (± half "
-              "the range over the seeds)."]
+    if c:
+        lines += [f"Every toy run {study['steps']} steps; figures are means over seeds "
+                  f"{', '.join(map(str, study['seeds']))} (± half the range over the seeds)."]
+    lines += [f"Whole study {study['wall_seconds'] / 60:.0f} min on this machine."]
     return "\n".join(lines)
 
 
@@ -254,8 +248,9 @@ def main(argv=None) -> int:
                         help="share of decided pairs a simulated human rater gets wrong")
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="toy critic widths for claims 2 and 3")
     parser.add_argument("--runs", default=",".join(FEEDBACK_RUNS), help="claim 1's runs, of " + ",".join(FEEDBACK_RUNS))
-    parser.add_argument("--smol", action="store_true", help="claim 3 on the SmolLM2 judge too (a few minutes)")
-    parser.add_argument("--smol-prompts", type=int, default=16, help="prompts the SmolLM2 judge labels (4 samples each)")
+    parser.add_argument("--smol", action="store_true",
+                        help="claims 1-3 on SmolLM2 with an untuned and a tuned SmolLM2 judge too (about an hour)")
+    parser.add_argument("--no-toy", action="store_true", help="leave the toy world's claims out (with --smol)")
     parser.add_argument("--report-only", action="store_true",
                         help="re-write claims.md and claims.png from OUT/claims.json (nothing is run)")
     parser.add_argument("overrides", nargs="*")
@@ -278,6 +273,9 @@ def main(argv=None) -> int:
         return 2
     bad = ([k for k in chosen if k not in CLAIMS] + [r for r in runs if r not in FEEDBACK_RUNS] +
            [str(w) for w in widths if w not in WIDTHS])
+    if args.no_toy and not args.smol:
+        print("claims_study: error: --no-toy leaves nothing to run without --smol", file=sys.stderr)
+        return 2
     if bad or not seeds or not 0 <= args.rater_noise < 0.5 or not chosen:
         print(f"claims_study: error: unknown or empty {', '.join(bad) or '--seeds/--claims'} (claims {','.join(CLAIMS)};"
               f" runs {','.join(FEEDBACK_RUNS)}; widths {','.join(map(str, WIDTHS))}; --rater-noise in [0, 0.5))",
@@ -299,7 +297,8 @@ def main(argv=None) -> int:
     train_at = lambda name, overrides, seed: _train(args.config, [*overrides, *args.overrides],  # noqa: E731
                                                     out / "runs" / f"{name}-s{seed}", seed)
 
-    if "1" in chosen:
+    toy = not args.no_toy
+    if toy and "1" in chosen:
         figures = label_figures(base, out, args.rater_noise, files=True, methods=("pairwise",))
         files, heldout = figures["files"], figures.pop("heldout_pairs")
         batches = math.ceil(figures["batch"]["prompts"] / base.data.prompts_per_step)  # the file's prompts, judged
@@ -323,7 +322,7 @@ def main(argv=None) -> int:
         r = result["runs"]
         result["verdicts"] = verdicts_claim1(r, verdict)
         c["1"] = result
-    if "2" in chosen or "3" in chosen or "4" in chosen:
+    if toy and ("2" in chosen or "3" in chosen or "4" in chosen):
         critics = {}
         for w in widths if ("2" in chosen or "3" in chosen) else [64]:
             cfg_w = load_config(args.config, [*args.overrides, f"toy.critic_width={w}"])
@@ -337,9 +336,6 @@ def main(argv=None) -> int:
             c["2"] = {"methods": [m for m in METHODS], "critics": critics, "verdicts": verdicts_claim2(critics, verdict)}
         if "3" in chosen:
             judges = {f"toy critic {w}": position_row(critics[w]["methods"]) for w in critics}
-            if args.smol:
-                smol = smol_position(args, out)
-                judges["SmolLM2-135M judge"] = position_row(smol["methods"])
             c["3"] = {"judges": judges, "verdicts": verdicts_claim3(judges, verdict)}
         if "4" in chosen:
             rlaif = critics[64]["run"] if "run" in critics.get(64, {}) else _summarise(
@@ -350,16 +346,26 @@ def main(argv=None) -> int:
                 "SFT on the strong critic's answers matches or beats weak-teacher SFT + RLAIF",
                 f"sampled accuracy {sft['accuracy_sampled']:.3f} vs {rlaif['accuracy_sampled']:.3f}, tolerance "
                 f"{TOLERANCE}; seeds {seeds}")]}
+    if args.smol and any(k in chosen for k in ("1", "2", "3")):
+        study["smol"] = claims_smol.run(chosen, out / "smol", args.rater_noise, seeds[0], label_figures, _train,
+                                        rm_truth_agreement)
     study["wall_seconds"] = time.perf_counter() - t0
     (out / "claims.json").write_text(json.dumps(study, indent=1, default=str))
     return write_outputs(study, out)
 
 
 def write_outputs(study: dict, out: Path) -> int:
-    (out / "claims.md").write_text(to_markdown(study) + "\n\n![claims](claims.png)\n")
-    plot(study, out / "claims.png")
-    print(to_markdown(study))
-    print(f"written: {out / 'claims.json'}, {out / 'claims.md'}, {out / 'claims.png'}")
+    text = to_markdown(study) + ("\n\n![claims](claims.png)\n" if study["claims"] else "\n")
+    if study["claims"]:
+        plot(study, out / "claims.png")
+    if "smol" in study:
+        text += "\n" + "\n".join(claims_smol.to_markdown(study["smol"], study["rater_noise"])) + \
+            "\n![claims on SmolLM2](claims_smol.png)\n"
+        claims_smol.plot(study["smol"], out / "claims_smol.png")
+    (out / "claims.md").write_text(text)
+    print(text)
+    print(f"written: {out / 'claims.json'}, {out / 'claims.md'}" + (f", {out / 'claims.png'}" if study["claims"] else "")
+          + (f", {out / 'claims_smol.png'}" if "smol" in study else ""))
     return 0
 
 

@@ -88,3 +88,36 @@ def test_claims_study_on_a_tiny_setting(tmp_path, ray_cluster, toy_world):
     assert claims_study.main(["--report-only", "--out", str(tmp_path / "none")]) == 2
     assert claims_study.main(["--claims", "5", "--out", str(out)]) == 2  # a clear error, nothing run
     assert claims_study.main(["--rater-noise", "0.6", "--out", str(out)]) == 2
+
+
+def smol_section(tuned_gain: float) -> dict:
+    judge = lambda label, one, both, pc, fs: {"label": label, "one_order": one, "both_orders": both,  # noqa: E731
+                                               "position_consistency": pc, "first_slot_rate": fs, "self_reference": 0.5,
+                                               "decided_pairs": 40, "unparsable_share": 0.0}
+    run = lambda claim, after, **extra: {"claim": claim, "label": "r", "before_sampled": 0.4, "before_greedy": 0.8,  # noqa: E731
+                                         "accuracy_sampled": after, "accuracy_greedy": 0.8, "win_rate": 0.6, **extra}
+    section = {"config": "jobs/configs/smol_rlaif.yaml", "seed": 0,
+               "batch": {"samples": 240, "prompts": 60, "decided_pairs": 40},
+               "judges": {"untuned": judge("untuned", 0.5, 0.5, 0.0, 1.0), "tuned": judge("tuned", 0.85, 0.9, 0.8, 0.5)},
+               "files": {"ai_pairs": 300, "ai_truth_agreement": 0.9, "human_pairs": 40, "human_truth_agreement": 0.75},
+               "runs": {"rlaif_tuned": run("2", 0.4 + tuned_gain), "rlaif_untuned": run("2", 0.3),
+                        "rlaif_rm": run("1", 0.7, rm_truth_agreement=0.9), "rlhf_rm": run("1", 0.6, rm_truth_agreement=0.7)}}
+    section["verdicts"] = job_module("claims_smol").verdicts(section)
+    return section
+
+
+def test_the_smol_claims_read_their_verdicts_from_the_figures(tmp_path):
+    held = smol_section(tuned_gain=0.4)["verdicts"]
+    assert len(held) == 4 and all("**holds here**" in v for v in held[1:])
+    assert "**does not hold here**" not in held[0] and "both orders" in held[0]  # 0.5 vs 0.5: averaging is no worse
+    worse = smol_section(tuned_gain=-0.2)["verdicts"]  # the tuned judge's policy gained less than the untuned one's
+    assert "a better labeler gives a better policy" in worse[2] and "**does not hold here**" in worse[2]
+    claims_study = job_module("claims_study")
+    study = {"config": "jobs/configs/toy_cpu.yaml", "overrides": [], "seeds": [0], "rater_noise": 0.25, "steps": 24,
+             "claims": {}, "smol": smol_section(0.4), "wall_seconds": 3600}
+    (tmp_path / "claims.json").write_text(json.dumps(study))
+    assert claims_study.main(["--report-only", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "claims.md").read_text()
+    assert "## On the real policy: SmolLM2-135M-Instruct" in md and "| rlhf_rm |" in md and "0.400 → **0.800**" in md
+    assert (tmp_path / "claims_smol.png").stat().st_size > 10_000 and not (tmp_path / "claims.png").exists()
+    assert claims_study.main(["--no-toy", "--out", str(tmp_path)]) == 2  # --no-toy alone: nothing to run
