@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -83,8 +84,6 @@ def main(argv: list[str] | None = None) -> int:
             world = build_toy_world(cfg.toy, cfg.critic)
             print(json.dumps({"policy": world.policy, "critic": world.critic, "prompts": world.prompts}, indent=1))
         elif args.command == "eval":
-            from pathlib import Path
-
             from rlaif_ray.tools.evaluate import evaluate
             out = args.out or str(Path(args.checkpoint).resolve().parent / "eval")
             print(json.dumps(evaluate(cfg, args.checkpoint, args.reference, out, args.temperature), indent=1))
@@ -102,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             from rlaif_ray.serve.app import serve_forever
             return serve_forever(cfg, args.checkpoint, args.detach)
         elif args.command == "train":
+            from rlaif_ray.console import run_summary_lines
             from rlaif_ray.runtime.driver import train
+            from rlaif_ray.runtime.metrics import read_jsonl
             summary = train(cfg, resume=bool(args.resume))
-            print(json.dumps(summary, indent=1))
-            print(f"run folder: {cfg.output.run_dir} (report.md, metrics.jsonl, samples.jsonl, checkpoint/)")
+            run_dir = cfg.output.run_dir
+            print("\n".join(run_summary_lines(summary, read_jsonl(Path(run_dir) / "metrics.jsonl"), run_dir)))
     except (ConfigError, PromptFileError) as err:
         print(f"rlaif-ray: error: {err}", file=sys.stderr)
         return 2

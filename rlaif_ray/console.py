@@ -27,3 +27,56 @@ def stage_output_to_run_folder(cfg, name: str) -> Path | None:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     return path.resolve()
+
+
+def run_summary_lines(summary: dict, rows: list[dict], run_dir: str) -> list[str]:
+    """The dozen lines a finished run prints (the whole summary stays in `run_dir/summary.json`): what ran, how fast,
+    where every sample went, the policy before -> after where a checker exists, what the judge did, the faults, and
+    where the report and the checkpoint are. `rows`: the run's metrics.jsonl lines."""
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    steps = len(rows)
+    lines = [f"rlaif: finished {steps} step{'s' * (steps != 1)} of {summary.get('algorithm', 'ppo')} "
+             f"({summary['mode']}) in {summary['wall_seconds']:.0f} s (+ {summary.get('startup_seconds', 0):.0f} s "
+             f"start-up); {summary['samples_per_s']:.2f} samples/s",
+             f"  samples       {summary['generated']} generated = {summary['trained']} trained + "
+             f"{summary['dropped_stale']} stale + {summary['skipped']} skipped"]
+    if summary.get("eval_before"):
+        b, a = summary["eval_before"], summary["eval_after"]
+        where = "held-out" if summary.get("eval_prompts") == "held_out" else "training"
+        win = summary.get("win_rate_vs_initial")
+        lines.append(f"  policy        {where} accuracy ({b['prompts']} prompts, checker): sampled "
+                     f"{f(b['accuracy_sampled'])} -> {f(a['accuracy_sampled'])}, greedy {f(b['accuracy_greedy'])} -> "
+                     f"{f(a['accuracy_greedy'])}" + (f"; win rate vs initial {f(win)}" if win is not None else ""))
+    third = max(1, steps // 3)
+    for key, label in (("true_accuracy", "rollouts"), ("judge_truth_agreement", "judge")):
+        first, last = _mean(rows[:third], key), _mean(rows[-third:], key)
+        if first is not None:
+            what = "accuracy of the sampled responses" if key == "true_accuracy" else "agrees with the checker"
+            lines.append(f"  {label:<13} {what}: {f(first)} (first third) -> {f(last)} (last third)")
+    judge = summary.get("judge_report")
+    if judge and judge.get("judge_calls"):
+        parts = [f"{judge['judge_calls']} calls", f"{f(judge.get('labels_per_s'))} labels/s"]
+        parts += [f"{name} {f(judge[key])}" for key, name in (
+            ("position_consistency", "position consistency"), ("first_slot_rate", "first-slot rate"),
+            ("unparsable_share", "unparsable"), ("failed_share", "failed")) if judge.get(key) is not None]
+        lines.append("  judge         " + ", ".join(parts))
+    if summary.get("reward_model"):
+        lines.append(f"  reward model  {summary['reward_model']}")
+    faults = summary.get("faults") or {}
+    happened = [f"{n} {what}" for what, n in (("batches re-issued", faults.get("reissued_batches", 0)),
+                                              ("actors replaced", faults.get("replaced_actors", 0)),
+                                              ("failed weight syncs", faults.get("failed_syncs", 0)),
+                                              ("resumes", len(faults.get("resumes", []))))
+                if n]
+    lines.append("  faults        " + (", ".join(happened) if happened else "none"))
+    lines.append(f"  report        {run_dir}/report.md (+ report.png)")
+    if summary.get("checkpoint"):
+        lines.append(f"  checkpoint    {summary['checkpoint']}")
+    lines.append(f"  everything    {run_dir}/summary.json, metrics.jsonl, samples.jsonl" +
+                 (", tensorboard/" if (Path(run_dir) / "tensorboard").is_dir() else ""))
+    return lines
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return sum(vals) / len(vals) if vals else None

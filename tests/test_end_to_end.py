@@ -66,6 +66,19 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
     assert report["judge_calls"] == sum(m["judge_calls"] for m in metrics) and report["labels_per_s"] > 0
     assert summary["eval_before"]["prompts"] == 100 and summary["eval_after"]["policy_version"] == steps
     assert "Judge report" in (run / "report.md").read_text()
+    # what the console prints at the end: a dozen lines with the figures above, not the whole summary
+    from rlaif_ray.console import run_summary_lines
+    from rlaif_ray.runtime.metrics import progress_figures
+    lines = run_summary_lines(summary, metrics, str(run))
+    text = "\n".join(lines)
+    assert len(lines) <= 14 and lines[0].startswith(f"rlaif: finished {steps} steps of ppo (async)")
+    b, a = summary["eval_before"], summary["eval_after"]
+    assert f"sampled {b['accuracy_sampled']:.3f} -> {a['accuracy_sampled']:.3f}" in text
+    assert f"position consistency {report['position_consistency']:.3f}" in text and "faults        none" in text
+    assert f"{run}/report.md" in text and summary["checkpoint"] in text
+    # the bar: pairwise win rates sum to zero in each prompt group, so it shows their spread, not a mean stuck at 0
+    shown = progress_figures(next(m for m in metrics if m.get("reward_std") is not None))
+    assert "reward" not in shown and {"reward_sd", "accuracy", "judge_ok", "kl", "samples/s"} <= set(shown)
     # the label dataset: one Parquet file per batch (its shards together), in the rewards schema
     import pyarrow.parquet as pq
     from rlaif_ray.data import schemas

@@ -118,7 +118,7 @@ def test_hung_engine_is_killed_replaced_and_its_batch_reissued(ray_cluster, toy_
     check_ledger(tmp_path / "run", summary, steps, per_step)
 
 
-def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, monkeypatch):
+def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, monkeypatch, capsys):
     from rlaif_ray.cli import main
     from rlaif_ray.runtime.driver import train
 
@@ -131,7 +131,10 @@ def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, mon
     assert len(read_jsonl(run / "metrics.jsonl")) == 3  # step 2 ran past the checkpoint: cut on resume
     assert (run / "checkpoints" / "latest").read_text() == "step-000002"
     monkeypatch.undo()
+    capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 0
+    console = capsys.readouterr().out  # the short summary, not summary.json
+    assert "rlaif: finished 4 steps" in console and f"{run}/summary.json" in console and '"final_version"' not in console
     ref_run, ref = uninterrupted
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"].endswith("step-000002") and summary["final_version"] == ref["final_version"]

@@ -33,9 +33,8 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
                     self.tb.add_scalar(key, value, step)
         if self.bar is not None:
+            self.bar.set_postfix(progress_figures(metrics), refresh=False)
             self.bar.update(1)
-            shown = {k: metrics[k] for k in ("reward_mean", "true_accuracy", "kl", "samples_per_s") if k in metrics}
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, (int, float))})
 
     def log_outcomes(self, step: int, outcome: dict) -> None:
         rows = [{"sample_id": sid, "outcome": "trained", "step": step} for sid in outcome.get("trained", [])]
@@ -52,6 +51,25 @@ class MetricsWriter:
             self.tb.close()
         self.metrics_file.close()
         self.ledger_file.close()
+
+
+PROGRESS = (("true_accuracy", "accuracy"), ("judge_truth_agreement", "judge_ok"), ("reward_mean", "reward"),
+            ("reward_std", "reward_sd"), ("kl", "kl"), ("samples_per_s", "samples/s"))
+
+
+def progress_figures(metrics: dict) -> dict:
+    """What the progress bar shows of a step: figures that move whatever the reward. True accuracy and the judge's
+    agreement with the checker where a checker exists; the reward's mean unless it is zero by construction (pairwise
+    win rates sum to zero within a prompt group), and its spread (zero: no prompt group gave a signal)."""
+    shown = {}
+    for key, name in PROGRESS:
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            continue
+        if key == "reward_mean" and abs(value) < 1e-6:
+            continue
+        shown[name] = f"{value:.2f}" if key == "samples_per_s" else f"{value:.3f}"
+    return shown
 
 
 def _count_lines(path: Path) -> int:
