@@ -295,13 +295,45 @@ class CriticConfig(WorkerResources):
         return self
 
 
+class RewardFunctionConfig(_Section):
+    """A reward of the user's own, added (times `weight`) to the reward kind's (rlaif_ray.stages.reward_functions):
+    a Python `function` ("module:function" or "path/to/file.py:function", called on whole batches as
+    f(prompts, responses, references) -> list of floats) or an HTTP reward service `url`. A bare string in the list is
+    a function of weight 1."""
+    function: str | None = None
+    url: str | None = None
+    name: str | None = None               # in the metrics as reward_<name> (default: the function's name, the host)
+    weight: float = 1.0
+    timeout_s: float = Field(30.0, gt=0)  # a service's request timeout
+    max_retries: int = Field(3, ge=0)     # a service's retries on 429, 5xx, timeouts and connection errors
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_string(cls, value):
+        return {"function": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardFunctionConfig":
+        if bool(self.function) == bool(self.url):
+            raise ValueError("a reward function needs exactly one of function (module:function or file.py:function) "
+                             "and url (an HTTP reward service)")
+        if self.name is not None and not self.name.isidentifier():
+            raise ValueError(f"name {self.name!r}: letters, digits and _ only (it names a metric)")
+        return self
+
+
+JUDGELESS_REWARDS = ("checker", "none")  # reward kinds that ask no judge
+
+
 class RewardConfig(_Section):
     """`win_rate`: mean pairwise win probability rescaled to [-1, 1]; `direct_score`: d-RLAIF score;
     `reward_model`: a sequence-classification model trained on the judge's pairwise labels (warmed up on
     `warmup_batches` batches from the initial policy, refit every `refresh_every` steps on the latest
     `buffer_batches` labelled batches); `checker`: +1 / -1 from `data.checker` against each prompt's reference, no
-    judge (the oracle's reward, an upper bound for what AI feedback can give)."""
-    kind: Literal["win_rate", "direct_score", "reward_model", "checker"] = "win_rate"
+    judge (the oracle's reward, an upper bound for what AI feedback can give); `none`: only `functions`.
+    `functions`: rewards of the user's own added to the kind's (each weighted and logged on its own)."""
+    kind: Literal["win_rate", "direct_score", "reward_model", "checker", "none"] = "win_rate"
+    functions: list[RewardFunctionConfig] = []
     cpus: float = Field(0.5, gt=0)
     resources: dict[str, float] = {}      # custom resources of the RewardScorer (and RewardModelTrainer)
     model: str = "policy"                 # reward-model backbone: "policy", "critic" (the local judge's checkpoint) or a path
@@ -452,6 +484,9 @@ class RayConfig(_Section):
     address: str | None = None  # None: start an embedded local cluster
     num_cpus: int | None = 8    # logical CPUs of the embedded cluster (stages hold one each)
     namespace: str = "rlaif_ray"
+    # files and folders of Python every actor imports, shipped with the job (Ray's runtime_env py_modules); the
+    # files of data.checker and reward.functions are added to these by themselves (rlaif_ray.user_code)
+    py_modules: list[str] = []
 
 
 class OutputConfig(_Section):
@@ -570,7 +605,7 @@ class RunConfig(_Section):
         alone (`reward.label_share=0`), nor when the checker is the reward."""
         if self.learner.algorithm == "sft":
             return True
-        if self.reward.kind == "checker":
+        if self.reward.kind in JUDGELESS_REWARDS:
             return False
         return self.reward.kind != "reward_model" or self.reward.label_share > 0
 
@@ -661,14 +696,21 @@ class RunConfig(_Section):
         if self.rollout.truncated == "penalty" and self.learner.algorithm != "ppo":
             raise ValueError(f"rollout.truncated=penalty replaces a reward, and learner.algorithm="
                              f"{self.learner.algorithm} trains on none: use rollout.truncated=mask or keep")
+        if self.reward.functions and self.learner.algorithm != "ppo":
+            raise ValueError(f"reward.functions give each sample a reward, and learner.algorithm="
+                             f"{self.learner.algorithm} trains on none (it reads judged pairs or demonstrations): "
+                             "use learner.algorithm=ppo")
         if self.learner.algorithm == "sft":
             return self  # demonstrations need no labels or rewards
-        if self.reward.kind == "checker":
+        if self.reward.kind == "none" and not self.reward.functions:
+            raise ValueError("reward.kind=none leaves only reward.functions to give rewards, and there are none")
+        if self.reward.kind in JUDGELESS_REWARDS:
+            kind = self.reward.kind
             if self.learner.algorithm != "ppo":
-                raise ValueError(f"reward.kind=checker grades each sample on its own; learner.algorithm="
+                raise ValueError(f"reward.kind={kind} grades each sample on its own; learner.algorithm="
                                  f"{self.learner.algorithm} trains on judged pairs: use learner.algorithm=ppo")
             if self.preferences.path:
-                raise ValueError("preferences.path is read by a reward model: reward.kind=checker reads none")
+                raise ValueError(f"preferences.path is read by a reward model: reward.kind={kind} reads none")
             return self
         if self.reward.kind in ("win_rate", "reward_model") and self.critic.method not in pairwise_methods:
             raise ValueError(f"reward.kind={self.reward.kind} needs a pairwise critic.method ({', '.join(pairwise_methods)}), "

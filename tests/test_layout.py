@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rlaif_ray"
-LAYERS = {"rlaif_ray": 0, "config": 0, "algorithms": 0, "engine": 0, "console": 0, "weight_transfer": 0, "learner_core": 0, "data": 0, "judge": 1, "worlds": 2,
+LAYERS = {"rlaif_ray": 0, "config": 0, "user_code": 0, "algorithms": 0, "engine": 0, "console": 0, "weight_transfer": 0, "learner_core": 0, "data": 0, "judge": 1, "worlds": 2,
           "stages": 3, "runtime": 4, "serve": 5, "tools": 5, "cli": 5}
 
 

@@ -68,9 +68,12 @@ def test_submit_a_training_job_and_follow_it(head_node, tmp_path, toy_world):
     client = head_node["client"]
     run_dir = tmp_path / "job_run"
     steps = 3
+    # the user's checker beside their data, outside the job's working_dir: the driver ships it to the actors
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mycheck.py").write_text("def always(response, reference):\n    return True\n")
     entrypoint = (f"python jobs/train.py -c jobs/configs/toy_cpu.yaml ray.address=auto loop.num_steps={steps} "
                   f"data.prompts_per_step=4 rollout.samples_per_prompt=2 loop.eval_samples=0 output.progress=false "
-                  f"output.run_dir={run_dir}")
+                  f"output.run_dir={run_dir} data.checker={tmp_path}/data/mycheck.py:always")
     job_id, deadline = None, time.monotonic() + 120
     while job_id is None:  # the dashboard answers before the head's job agent is up: "No available agent ..."
         try:
@@ -91,6 +94,9 @@ def test_submit_a_training_job_and_follow_it(head_node, tmp_path, toy_world):
     assert "rlaif-ray: error" not in logs
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_version"] == steps and summary["generated"] == steps * 4 * 2
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["true_accuracy"] for m in metrics] == [1.0] * steps  # the learner graded with the user's checker
+    assert "rlaif: finished 3 steps" in logs  # the console summary, in the job's logs
     assert (run_dir / "checkpoint" / "config.json").is_file() and (run_dir / "report.md").is_file()
     info = client.get_job_info(job_id)
     assert info.entrypoint == entrypoint

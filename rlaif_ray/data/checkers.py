@@ -4,15 +4,16 @@
 - `last_number` / `first_number`: the last (first) number in the response equals the reference as a number
   (chat models answer "3 + 4 = 7");
 - `choice`: the first standalone capital letter A-J in the response is the reference letter (multiple choice);
-- `package.module:function`: the user's own `function(response, reference) -> bool`.
+- `package.module:function` or `path/to/file.py:function`: the user's own `function(response, reference) -> bool`.
 A prompt row may carry a `reference`; every place that reports true accuracy (the rollout worker's evaluation,
 label quality, eval, the prompt-injection study) asks the checker made here from the config.
 """
 from __future__ import annotations
 
-import importlib
 import re
 from typing import Callable
+
+from rlaif_ray.user_code import UserCodeError, load_callable
 
 Checker = Callable[[str, "str | None"], bool]
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -52,15 +53,11 @@ BUILT_IN = {"exact": is_correct, "last_number": last_number, "first_number": fir
 
 
 def make_checker(spec: str) -> Checker:
+    """A built-in checker by name, or the user's `module:function` / `path/to/file.py:function`
+    (rlaif_ray.user_code: found in the working folder too, and shipped to the actors)."""
     if spec in BUILT_IN:
         return BUILT_IN[spec]
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise CheckerError(f"data.checker: {spec!r} is neither one of {', '.join(BUILT_IN)} nor 'package.module:function'")
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise CheckerError(f"data.checker: cannot load {spec!r} ({type(err).__name__}: {err})") from None
-    if not callable(fn):
-        raise CheckerError(f"data.checker: {spec!r} is not a function")
-    return fn
+        return load_callable(spec, "data.checker")
+    except UserCodeError as err:
+        raise CheckerError(f"{err} (built-in checkers: {', '.join(BUILT_IN)})") from None

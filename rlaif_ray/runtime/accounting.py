@@ -104,7 +104,9 @@ def step_metrics(metrics: dict, stats: dict, *, train_wall: float, step_seconds:
     if "engine_seconds" in gen:
         metrics["engine_seconds"] = gen["engine_seconds"]
     if "reward" in stats:
-        metrics.update(reward_seconds=stats["reward"]["reward_seconds"], rm_version=stats["reward"]["rm_version"])
+        metrics.update(reward_seconds=stats["reward"]["reward_seconds"], rm_version=stats["reward"]["rm_version"],
+                       **{k: v for k, v in stats["reward"].items()  # reward.functions: each part's batch mean
+                          if k.startswith("reward_") and k != "reward_seconds"})
     if label:
         batch_report = judge_report(label)
         metrics.update(label_seconds=label["label_seconds"], judge_calls=label["judge_calls"],

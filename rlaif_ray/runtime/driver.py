@@ -29,9 +29,14 @@ from rlaif_ray.runtime.report import write_report
 def start_ray(cfg: RunConfig) -> None:
     use_arrow_ipc()  # the driver puts the prompt table
     if ray.is_initialized():
+        if cfg.ray.py_modules:
+            print(f"[rlaif] Ray was started before the run: {', '.join(cfg.ray.py_modules)} must be importable on "
+                  "every node by themselves (on this one they are)", flush=True)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs = {"namespace": cfg.ray.namespace, "log_to_driver": True}
+    if cfg.ray.py_modules:  # the user's checker / reward functions, for every actor (joins a submitted job's env)
+        kwargs["runtime_env"] = {"py_modules": list(cfg.ray.py_modules)}
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from rlaif_ray.config import ConfigError, RunConfig
 from rlaif_ray.data.chat import ChatTemplateError, prompt_length, resolve_template
-from rlaif_ray.data.checkers import CheckerError, make_checker
+from rlaif_ray.data.checkers import BUILT_IN, CheckerError, make_checker
 from rlaif_ray.data.preferences import PreferenceKeys, read_preference_file
 from rlaif_ray.data.prompts import PromptKeys, read_prompt_file
 from rlaif_ray.judge.remote import OpenAIJudge, RemoteJudgeError
 from rlaif_ray.judge.reply import JudgeLabelError, concrete_labels, label_token_ids
+from rlaif_ray.stages.reward_functions import make_components
 
 
 @dataclass
@@ -70,6 +71,26 @@ def check_judge(cfg: RunConfig, critic: str) -> None:
         raise ConfigError(str(err)) from None
 
 
+def check_user_code(cfg: RunConfig) -> None:
+    """The user's checker and reward functions import and are callable here, before any actor; a path spec becomes
+    absolute (actors run in other folders), and the files they live in are listed for the actors
+    (`cfg.ray.py_modules`, shipped by `start_ray`)."""
+    from rlaif_ray.user_code import UserCodeError, absolute_spec, files_to_ship
+    try:
+        if cfg.data.checker not in BUILT_IN:
+            cfg.data.checker = absolute_spec(cfg.data.checker)
+        make_checker(cfg.data.checker)
+        for i, entry in enumerate(cfg.reward.functions):
+            if entry.function:
+                entry.function = absolute_spec(entry.function)
+        make_components([f.model_dump() for f in cfg.reward.functions if f.function])
+        specs = [cfg.data.checker] * (cfg.data.checker not in BUILT_IN) + [f.function for f in cfg.reward.functions
+                                                                           if f.function]
+        cfg.ray.py_modules = sorted(set(cfg.ray.py_modules) | set(files_to_ship(specs)))
+    except (CheckerError, UserCodeError) as err:
+        raise ConfigError(str(err)) from None
+
+
 def resolve_inputs(cfg: RunConfig) -> Resolved:
     """Build/reuse a built-in world (`toy`, `smol`) where the config names one, then check model paths, the judge
     and the prompt file."""
@@ -79,10 +100,7 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
         check_model_path(critic, "model.critic")
     if cfg.judge_in_loop():  # reward.label_share=0: no judge is asked anything
         check_judge(cfg, critic)
-    try:
-        make_checker(cfg.data.checker)
-    except CheckerError as err:
-        raise ConfigError(str(err)) from None
+    check_user_code(cfg)
     prompts, left_out = _fit_prompts_to_context(cfg, policy, prompts_path, _read_prompts(cfg, prompts_path))
     if cfg.data.prompts_per_step > prompts.num_rows:
         raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "

@@ -27,7 +27,7 @@ from pathlib import Path
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from rlaif_ray.config import RunConfig
+from rlaif_ray.config import JUDGELESS_REWARDS, RunConfig
 from rlaif_ray.data.prompts import PromptSampler
 from rlaif_ray.engine import engine_env
 from rlaif_ray.judge.quality import judge_report
@@ -42,6 +42,7 @@ from rlaif_ray.runtime.pool import ActorPool
 from rlaif_ray.runtime.weight_sync import WeightSync
 from rlaif_ray.stages.critic import new_labeler
 from rlaif_ray.stages.reward import RewardScorer
+from rlaif_ray.stages.reward_functions import RewardFunctionError
 from rlaif_ray.stages.reward_model import RewardModelTrainer
 from rlaif_ray.stages.rollout import RolloutWorker
 
@@ -153,7 +154,8 @@ class Orchestrator:
             "critic": lambda i: (critic.options(**restarts, **self._placed("critic", i)).remote(resolved.critic, raw, i)
                                  if critic else new_labeler(resolved.critic, cfg, i, **restarts, **self._placed("critic", i))),
             "reward": lambda i: scorer.options(**restarts, **self._placed("reward", 0)).remote(
-                cfg.reward.kind, resolved.reward_model, cfg.critic.score_points(), cfg.data.checker),
+                cfg.reward.kind, resolved.reward_model, cfg.critic.score_points(), cfg.data.checker,
+                **({"functions": [f.model_dump() for f in cfg.reward.functions]} if cfg.reward.functions else {})),
         }
 
     def _start_actors(self, resolved: Resolved) -> None:
@@ -235,7 +237,7 @@ class Orchestrator:
         rollouts, gen_stats = rollout_pool.actors[w].generate.options(num_returns=2).remote(
             self.prompts_ref, indices, batch.step, first)
         batch.track(rollout_pool, w, "gen", gen_stats)
-        if self.cfg.reward.label_share < 1 or self.cfg.reward.kind == "checker":
+        if self.cfg.reward.label_share < 1 or self.cfg.reward.kind in JUDGELESS_REWARDS:
             return rollouts  # the reward needs no judge (or the judge labels beside the loop)
         c = critic_pool.pick(prune=False)
         labels, label_stats = critic_pool.actors[c].label.options(num_returns=2).remote(rollouts)
@@ -294,6 +296,8 @@ class Orchestrator:
                                       f", expected >= {batch.expected_rm} (it restarted)")
                 return batch, stats
             except Exception as err:
+                if isinstance(getattr(err, "cause", None), RewardFunctionError):  # the user's reward: the message says
+                    raise RunStopped(f"step {batch.step}: {err.cause}") from None
                 if not is_actor_fault(err):
                     raise
                 self.faults["reissued_batches"] += 1

@@ -7,6 +7,8 @@
   unbounded, refreshed by `load_state` while the run goes on.
 - `checker`: +1 when `data.checker` finds the sample right against its prompt's reference, -1 when not (no judge:
   the oracle's reward, the upper bound AI feedback is measured against); null without a reference.
+- `none`: only `reward.functions`.
+`reward.functions` (rlaif_ray.stages.reward_functions) add the user's own weighted rewards to any kind's.
 A sample without a valid label gets a null reward and keeps its skip reason (the learner counts it).
 """
 from __future__ import annotations
@@ -17,8 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from rlaif_ray.config import JUDGELESS_REWARDS
 from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc, write_parquet
+from rlaif_ray.stages.reward_functions import component_rewards, make_components
 
 
 def rewards_from_labels(labels: pa.Table, kind: str, score_points: int = 10) -> pa.Array:
@@ -45,9 +49,10 @@ def checker_rewards(rows: pa.Table, is_correct) -> pa.Array:
 @ray.remote
 class RewardScorer:
     def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10,
-                 checker: str = "exact"):
+                 checker: str = "exact", functions: list[dict] | None = None):
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
         self.kind, self.score_points = kind, score_points
+        self.components = make_components(functions or [])  # reward.functions
         self.checker = None
         if kind == "checker":
             from rlaif_ray.data.checkers import make_checker
@@ -70,7 +75,20 @@ class RewardScorer:
         self.rm_version = self.rm_version + 1 if version is None else version
         return self.rm_version
 
-    def _rewards(self, labels: pa.Table) -> pa.Array:
+    def _rewards(self, labels: pa.Table) -> tuple[pa.Array, dict]:
+        """The kind's reward plus the weighted reward functions; the batch mean of each part."""
+        base = self._kind_rewards(labels) if self.kind != "none" else pa.array([0.0] * labels.num_rows, pa.float32())
+        if not self.components:
+            return base, {}
+        added, parts = component_rewards(self.components, labels)
+        if self.kind != "none":
+            valid = [x for x in base.to_pylist() if x is not None]
+            if valid:
+                parts[f"reward_{self.kind}"] = sum(valid) / len(valid)
+        total = [None if b is None else b + a for b, a in zip(base.to_pylist(), added)]
+        return pa.array(total, pa.float32()), parts
+
+    def _kind_rewards(self, labels: pa.Table) -> pa.Array:
         if self.kind == "checker":
             return checker_rewards(labels, self.checker)
         if self.kind != "reward_model":
@@ -88,11 +106,11 @@ class RewardScorer:
         Parquet (the run's label dataset: every judge reply, principle, latency and reward, for offline analysis)."""
         t0 = time.perf_counter()
         labels = shards[0] if len(shards) == 1 else pa.concat_tables(shards)
-        if self.kind in ("reward_model", "checker") and "label_valid" not in labels.column_names:  # no judge saw them
-            labels = schemas.unjudged(schemas.validate(labels, "rollouts"))
+        if self.kind in ("reward_model", *JUDGELESS_REWARDS) and "label_valid" not in labels.column_names:
+            labels = schemas.unjudged(schemas.validate(labels, "rollouts"))  # no judge saw them
         labels = schemas.validate(labels, "labels")
-        table = labels.append_column(schemas.REWARD_FIELDS[0], self._rewards(labels))
-        table = schemas.validate(table, "rewards")
+        rewards, parts = self._rewards(labels)
+        table = schemas.validate(labels.append_column(schemas.REWARD_FIELDS[0], rewards), "rewards")
         if save_path:
             write_parquet(table, save_path)
-        return table, {"reward_seconds": time.perf_counter() - t0, "rm_version": self.rm_version}
+        return table, {"reward_seconds": time.perf_counter() - t0, "rm_version": self.rm_version, **parts}
