@@ -501,6 +501,14 @@ class OutputConfig(_Section):
     console: Literal["quiet", "all"] = "quiet"
     save_checkpoint: bool = True
     save_labels: bool = True    # every labelled batch as run_dir/labels/step-NNNNNN.parquet
+    # per step, this many samples of the batch (its first prompt's) with response, judge verdict, reward and
+    # correctness, in run_dir/examples.jsonl, report.md (first and last steps) and the trackers (0: none)
+    examples_per_step: int = Field(4, ge=0)
+    # beside JSONL and TensorBoard: "mlflow" and/or "wandb" (installed separately; rlaif_ray.runtime.trackers)
+    trackers: list[Literal["mlflow", "wandb"]] = []
+    experiment: str = "rlaif_ray"           # the MLflow experiment / W&B project
+    mlflow_uri: str | None = None           # MLflow tracking URI (None: MLFLOW_TRACKING_URI, else run_dir/mlruns)
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: WANDB_MODE, else W&B's default
 
 
 class CheckpointConfig(_Section):

@@ -24,7 +24,8 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
     alive_before = alive_actors()
     steps, per_step = 4, 4 * 2
     cfg = small_config(tmp_path, learner={"num_learners": 2, "zero_stage": 2}, rollout={"num_workers": 2},
-                       loop={"mode": "async", "num_steps": steps, "max_inflight": 2, "max_staleness": 1})
+                       loop={"mode": "async", "num_steps": steps, "max_inflight": 2, "max_staleness": 1},
+                       output={"trackers": ["mlflow"]})
     summary = train(cfg)
     # two rollout engines behind the least-loaded pool: every batch was split into a shard for each (one judge)
     assert summary["dispatched"]["rollout"] == [steps, steps] and summary["dispatched"]["critic"] == [2 * steps]
@@ -76,6 +77,22 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
     assert f"sampled {b['accuracy_sampled']:.3f} -> {a['accuracy_sampled']:.3f}" in text
     assert f"position consistency {report['position_consistency']:.3f}" in text and "faults        none" in text
     assert f"{run}/report.md" in text and summary["checkpoint"] in text
+    # examples a person reads: the first prompt's samples of every step, in the report for the first and last
+    examples = read_jsonl(run / "examples.jsonl")
+    assert sorted({e["step"] for e in examples}) == list(range(steps)) and len(examples) == 4 * steps
+    first = [e for e in examples if e["step"] == 0]
+    assert len({e["prompt"] for e in first}) == 2 and all(e["correct"] in (True, False) for e in first)
+    assert all(e["outcome"] != "trained" or e["reward"] is not None and 0 <= e["judge_win_prob"] <= 1 for e in first)
+    assert "## Examples" in (run / "report.md").read_text() and f"| {first[0]['prompt']} |" in (run / "report.md").read_text()
+    # MLflow (its local file store in the run folder): the config, every step's metrics, the examples as tables
+    from mlflow.tracking import MlflowClient
+    mlflow_run = json.loads((run / "trackers.json").read_text())["mlflow"]
+    client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
+    assert [m.step for m in client.get_metric_history(mlflow_run, "samples_per_s")] == list(range(steps))
+    assert client.get_run(mlflow_run).data.params["learner.num_learners"] == "2"
+    assert client.get_run(mlflow_run).info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run, "examples")}
+    assert artifacts == {f"examples/step-{s:06d}.json" for s in range(steps)}
     # the bar: pairwise win rates sum to zero in each prompt group, so it shows their spread, not a mean stuck at 0
     shown = progress_figures(next(m for m in metrics if m.get("reward_std") is not None))
     assert "reward" not in shown and {"reward_sd", "accuracy", "judge_ok", "kl", "samples/s"} <= set(shown)

@@ -24,6 +24,7 @@ from rlaif_ray.runtime.metrics import MetricsWriter
 from rlaif_ray.runtime.orchestrator import Orchestrator
 from rlaif_ray.runtime.placement import check_resources
 from rlaif_ray.runtime.report import write_report
+from rlaif_ray.runtime.trackers import Trackers
 
 
 def start_ray(cfg: RunConfig) -> None:
@@ -74,14 +75,14 @@ def truth_win_rate(after: dict, before: dict) -> float | None:
 
 
 def _reset_outputs(run_dir: Path) -> None:
-    for stale in ("metrics.jsonl", "samples.jsonl"):
+    for stale in ("metrics.jsonl", "samples.jsonl", "examples.jsonl", "trackers.json"):
         (run_dir / stale).unlink(missing_ok=True)
     for folder in ("labels", "checkpoints", "tensorboard"):
         shutil.rmtree(run_dir / folder, ignore_errors=True)
 
 
 def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None,
-              stand_ins: dict | None = None) -> dict:
+              stand_ins: dict | None = None, trackers: Trackers | None = None) -> dict:
     """Start the actors, restore the checkpoint `resume_from` (its loaded `state`) if given, run the loop to the
     end, save the policy."""
 
@@ -93,7 +94,7 @@ def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, stat
     orch = Orchestrator(cfg, resolved, stand_ins)
     startup = time.perf_counter() - t0
     writer = MetricsWriter(run_dir, cfg.output.tensorboard, cfg.loop.num_steps if cfg.output.progress else None,
-                           first_step=state["step"] if state else 0)
+                           first_step=state["step"] if state else 0, trackers=trackers)
     try:
         if state is not None:
             orch.restore(resume_from, state)
@@ -144,26 +145,31 @@ def train(cfg: RunConfig, resume: bool = False, stand_ins: dict | None = None) -
     dump_config(cfg, run_dir / "config.yaml")
     start_ray(cfg)
     check_resources(cfg)
+    trackers = Trackers(cfg, run_dir, resume=resume)
+    summary = None
     try:
-        summary = _run_resuming(cfg, resolved, resume_from, state, stand_ins)
+        summary = _run_resuming(cfg, resolved, resume_from, state, stand_ins, trackers)
+        summary.update(status="finished", policy=resolved.policy, critic=resolved.critic,
+                       prompts=resolved.prompts_path, prompts_left_out=resolved.prompts_left_out)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     except RunStopped as err:
-        (run_dir / "summary.json").write_text(json.dumps({"status": "stopped", "reason": str(err)}, indent=1))
+        summary = {"status": "stopped", "reason": str(err)}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         raise
-    summary.update(status="finished", policy=resolved.policy, critic=resolved.critic, prompts=resolved.prompts_path,
-                   prompts_left_out=resolved.prompts_left_out)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    finally:
+        trackers.close(summary)  # None: the run failed (an exception on its way up)
     write_report(run_dir)
     return summary
 
 
 def _run_resuming(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None,
-                  stand_ins: dict | None = None) -> dict:
+                  stand_ins: dict | None = None, trackers: Trackers | None = None) -> dict:
     """`_run_once`, started again from the latest checkpoint after each learner failure (RunStopped past
     `fault.max_resumes`); the summary lists the failures under faults.resumes."""
     run_dir, resumes = Path(cfg.output.run_dir), []
     while True:
         try:
-            summary = _run_once(cfg, resolved, resume_from, state, stand_ins)
+            summary = _run_once(cfg, resolved, resume_from, state, stand_ins, trackers)
             summary["faults"]["resumes"] = resumes
             return summary
         except LearnerFailure as err:

@@ -13,6 +13,7 @@ from rlaif_ray.data.preferences import PreferenceKeys, read_preference_file
 from rlaif_ray.data.prompts import PromptKeys, read_prompt_file
 from rlaif_ray.judge.remote import OpenAIJudge, RemoteJudgeError
 from rlaif_ray.judge.reply import JudgeLabelError, concrete_labels, label_token_ids
+from rlaif_ray.runtime.trackers import check_trackers
 from rlaif_ray.stages.reward_functions import make_components
 
 
@@ -101,6 +102,7 @@ def resolve_inputs(cfg: RunConfig) -> Resolved:
     if cfg.judge_in_loop():  # reward.label_share=0: no judge is asked anything
         check_judge(cfg, critic)
     check_user_code(cfg)
+    check_trackers(cfg)
     prompts, left_out = _fit_prompts_to_context(cfg, policy, prompts_path, _read_prompts(cfg, prompts_path))
     if cfg.data.prompts_per_step > prompts.num_rows:
         raise ConfigError(f"data.prompts_per_step={cfg.data.prompts_per_step} is more than the "

@@ -1,4 +1,5 @@
-"""Run output: per-step metrics as JSONL and TensorBoard scalars, the per-sample ledger, a progress bar."""
+"""Run output: per-step metrics as JSONL and TensorBoard scalars (and the trackers), the per-sample ledger, each
+step's examples, a progress bar."""
 from __future__ import annotations
 
 import json
@@ -8,9 +9,15 @@ from pathlib import Path
 
 class MetricsWriter:
     def __init__(self, run_dir: Path, tensorboard: bool = True, progress_total: int | None = None,
-                 first_step: int = 0):
-        """`first_step` > 0: a resumed run appends; TensorBoard events from that step on are purged."""
-        self.run_dir = run_dir
+                 first_step: int = 0, trackers=None):
+        """`first_step` > 0: a resumed run appends; TensorBoard events and examples from that step on are purged.
+        `trackers`: `rlaif_ray.runtime.trackers.Trackers` that get every step's metrics and examples too."""
+        self.run_dir, self.trackers = run_dir, trackers
+        examples = run_dir / "examples.jsonl"
+        if examples.exists():  # steps from first_step on run again
+            kept = [row for row in read_jsonl(examples) if row["step"] < first_step]
+            examples.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        self.examples_file = open(examples, "a", buffering=1)
         self.metrics_lines = _count_lines(run_dir / "metrics.jsonl")  # checkpoints record how far each file got
         self.ledger_lines = _count_lines(run_dir / "samples.jsonl")
         self.metrics_file = open(run_dir / "metrics.jsonl", "a", buffering=1)
@@ -32,9 +39,17 @@ class MetricsWriter:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and value is not None:
                     self.tb.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log_step(step, clean)
         if self.bar is not None:
             self.bar.set_postfix(progress_figures(metrics), refresh=False)
             self.bar.update(1)
+
+    def log_examples(self, step: int, rows: list[dict]) -> None:
+        """A few samples of the step a person reads (rlaif_ray.data.examples)."""
+        self.examples_file.write("".join(json.dumps({"step": step, **row}) + "\n" for row in rows))
+        if self.trackers is not None:
+            self.trackers.log_examples(step, rows)
 
     def log_outcomes(self, step: int, outcome: dict) -> None:
         rows = [{"sample_id": sid, "outcome": "trained", "step": step} for sid in outcome.get("trained", [])]
@@ -51,6 +66,7 @@ class MetricsWriter:
             self.tb.close()
         self.metrics_file.close()
         self.ledger_file.close()
+        self.examples_file.close()
 
 
 PROGRESS = (("true_accuracy", "accuracy"), ("judge_truth_agreement", "judge_ok"), ("reward_mean", "reward"),

@@ -496,6 +496,7 @@ class Orchestrator:
                                version=self.version, inflight=len(loop.pending), queues=queues,
                                reissued=self.faults["reissued_batches"], rm_fit=rm_fit, sync_stats=sync_stats)
         writer.log_outcomes(step, result["outcome"])
+        writer.log_examples(step, result.get("examples", []))
         cpu = time.process_time()  # the driver's own work for this step (its Ray threads included): the controller's cost
         metrics["driver_cpu_seconds"], loop.last, loop.last_cpu = cpu - loop.last_cpu, now, cpu
         writer.log_step(step, metrics)

@@ -142,13 +142,42 @@ def _fault_lines(summary: dict) -> list[str]:
     return lines + [f"- {event}" for event in [*faults.get("events", []), *faults.get("resumes", [])][:20]]
 
 
+def _cell(text) -> str:
+    """Text for one markdown table cell: one line, pipes escaped, long text cut."""
+    text = str(text).replace("\n", " ⏎ ").replace("|", "\\|")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _example_lines(run_dir: Path) -> list[str]:
+    """The examples (run_dir/examples.jsonl) of the first and the last step: what the policy wrote, what the judge
+    said, the reward it got."""
+    path = run_dir / "examples.jsonl"
+    rows = read_jsonl(path) if path.exists() else []
+    if not rows:
+        return []
+    steps = sorted({r["step"] for r in rows})
+    lines = ["", "## Examples (first and last step; all in examples.jsonl)"]
+    for step in dict.fromkeys([steps[0], steps[-1]]):
+        picked = [r for r in rows if r["step"] == step]
+        lines += ["", f"Step {step}:", "", "| prompt | response | judge | reward | right | outcome |",
+                  "|---|---|---|---|---|---|"]
+        for r in picked:
+            judge = (f"score {r['judge_score']:.1f}" if r.get("judge_score") is not None else
+                     f"P(win) {r['judge_win_prob']:.2f}" if r.get("judge_win_prob") is not None else "–")
+            right = {True: "✓", False: "✗"}.get(r.get("correct"), "–")
+            lines.append(f"| {_cell(r['prompt'])} | {_cell(r['response'])} | {judge} | {_fmt(r.get('reward'))} | "
+                         f"{right} | {r.get('outcome', '')} |")
+    return lines
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
     _plot(rows, run_dir / "report.png")
     lines = [f"# RLAIF run report — {run_dir.name}", "", *_headline(summary, len(rows)), "", *_metric_rows(rows),
-             *_eval_lines(summary), *_reward_model_lines(summary), *_judge_lines(summary), *_fault_lines(summary), "",
+             *_eval_lines(summary), *_reward_model_lines(summary), *_judge_lines(summary), *_fault_lines(summary),
+             *_example_lines(run_dir), "",
              "![curves](report.png)", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(lines))

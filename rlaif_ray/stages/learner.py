@@ -40,6 +40,7 @@ from rlaif_ray.console import stage_output_to_run_folder
 from rlaif_ray.data import schemas
 from rlaif_ray.data.chat import engine_input, resolve_template, template_text
 from rlaif_ray.data.checkers import make_checker
+from rlaif_ray.data.examples import pick_examples
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.quality import label_quality
 from rlaif_ray.learner_core import CoreSettings, LearnerCore, init_distributed
@@ -228,7 +229,9 @@ class LearnerRank:
             metrics["reward_mean"] = float(np.mean(trained_rewards)) if trainable else float("nan")
             metrics["reward_std"] = float(np.std(trained_rewards)) if trainable else float("nan")
         metrics.update(label_quality(table, self.checker, self.cfg.critic.score_points()))
-        return {"metrics": metrics, "outcome": outcome}
+        outcome_of = {sid: "dropped_stale" for sid in outcome["stale"]} | {sid: "skipped" for sid, _ in outcome["skipped"]}
+        examples = pick_examples(table, rewards, self.checker, self.cfg.output.examples_per_step, outcome_of)
+        return {"metrics": metrics, "outcome": outcome, "examples": examples}
 
     def gradient(self, *tables: pa.Table, micro_batch_tokens: int | None = None) -> dict:
         """What `train_step` on the batch would do, measured and not applied: the accumulated gradient (whole, flat,
