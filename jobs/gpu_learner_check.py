@@ -8,7 +8,7 @@ travels as a wheel built here with `pip wheel --no-deps deepspeed==0.19.8`; no R
 
 runs ZeRO-2 and ZeRO-3 on one rank, gradient checkpointing off and on, chunked log-probs, and LoRA (16 × 2048
 tokens a step, 3 timed steps after a warm-up, each variant in a fresh process: sized for a few minutes on one GPU,
-never run on one yet). On this repo's CPU machines the same script measures the smol model (the README's
+never run on one yet). On this repo's CPU machines the same script measures the smol model (docs/performance.md's
 learner-memory table):
 
     python jobs/gpu_learner_check.py --model smol --rows 8 --prompt-tokens 64 --response-tokens 64

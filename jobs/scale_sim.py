@@ -3,7 +3,7 @@ weight-sync bookkeeping, fault handling, metrics) drives stand-in stage actors t
 declared schemas after the service times of a profile (rlaif_ray.tools.stand_ins.Profile: a 7B policy on
 H100-class engines, a 70B judge), sync and async, over a sweep of engine, judge and learner-rank counts.
 
-    python jobs/scale_sim.py --out runs/scale                 # the README's sweep (~25 min on 2 cores)
+    python jobs/scale_sim.py --out runs/scale                 # the sweep in docs/performance.md (~25 min on 2 cores)
     python jobs/scale_sim.py --out runs/scale --quick         # 1, 8, 64 engines only
 
 Per configuration: samples/s against the profile's bound, achieved / ideal overlap (async over sync speed-up over

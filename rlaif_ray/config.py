@@ -456,7 +456,7 @@ class SyncConfig(_Section):
     on CPU, NCCL on GPU), bucket by bucket in the training dtype; `object_store`: rank 0 puts one array per
     parameter in Ray's object store and every engine reads them; `auto`: collective where learners and engines
     hold GPUs (NCCL), the object store on CPU (on one node it is shared memory: faster than a gloo broadcast, see
-    README), and the object store for the rest of the run after `max_failures` collective syncs in a row failed.
+    docs/performance.md), and the object store for the rest of the run after `max_failures` collective syncs in a row failed.
     A failed collective sync falls back to the object store for that version (listed in the run's faults), and
     the group is rebuilt at the next sync."""
     method: Literal["auto", "collective", "object_store"] = "auto"

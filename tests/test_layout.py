@@ -1,7 +1,7 @@
 """The package's layout holds: no import cycle (counting imports inside functions too), no lower layer importing a
 higher one, and every module imports on its own in a fresh interpreter (no cycle hidden by import order).
 
-Layers, bottom to top (README "Layout"): config, algorithms, engine, weight_transfer, learner_core, data < judge < worlds < stages < runtime
+Layers, bottom to top (docs/development.md, "Layout"): config, algorithms, engine, weight_transfer, learner_core, data < judge < worlds < stages < runtime
 < serve, tools, cli. A module may import its own layer and the ones below it."""
 import ast
 import subprocess

@@ -1,4 +1,4 @@
-"""The README's Ray-job path, literally: a real head node started with `ray start --head` on 127.0.0.1 (auth mode
+"""The Ray-job path (README, docs/clusters.md), literally: a real head node started with `ray start --head` on 127.0.0.1 (auth mode
 set explicitly), a short toy training run submitted through `JobSubmissionClient` with the repo as working_dir,
 its logs followed until it succeeds, and the run folder checked; then the head it started is stopped (only it:
 `ray start --block` owns its processes, so no `ray stop` that would hit other clusters on this machine)."""

@@ -1,4 +1,4 @@
-"""The README's serve section, literally: `rlaif-ray serve CHECKPOINT --detach` deploys a toy checkpoint with Ray
+"""The serve section (docs/serving.md), literally: `rlaif-ray serve CHECKPOINT --detach` deploys a toy checkpoint with Ray
 Serve on the local cluster (token auth on), the official `openai` client talks to it over HTTP on 127.0.0.1,
 invalid requests get their 4xx without taking the replica down, and the same endpoint is the remote judge of
 a short training run."""

@@ -234,7 +234,7 @@ def test_lora_learner_changes_the_engine_through_a_sync_and_its_checkpoint_reloa
 
 
 def test_gpu_weight_transfer_check_reads_every_bucket_as_sent(tmp_path):
-    """jobs/gpu_weight_transfer_check.py (the GPU ordering check, README "GPU") runs its exchange on CPU tensors
+    """jobs/gpu_weight_transfer_check.py (the GPU ordering check, docs/architecture.md, weight sync) runs its exchange on CPU tensors
     here: every bucket the receiver reads equals what the sender sent."""
     import json
     import subprocess

@@ -81,12 +81,11 @@ def check_user_code(cfg: RunConfig) -> None:
         if cfg.data.checker not in BUILT_IN:
             cfg.data.checker = absolute_spec(cfg.data.checker)
         make_checker(cfg.data.checker)
-        for i, entry in enumerate(cfg.reward.functions):
-            if entry.function:
-                entry.function = absolute_spec(entry.function)
-        make_components([f.model_dump() for f in cfg.reward.functions if f.function])
-        specs = [cfg.data.checker] * (cfg.data.checker not in BUILT_IN) + [f.function for f in cfg.reward.functions
-                                                                           if f.function]
+        functions = [entry for entry in cfg.reward.functions if entry.function]
+        for entry in functions:
+            entry.function = absolute_spec(entry.function)
+        make_components([entry.model_dump() for entry in cfg.reward.functions])  # errors name reward.functions[i]
+        specs = [entry.function for entry in functions] + ([cfg.data.checker] if cfg.data.checker not in BUILT_IN else [])
         cfg.ray.py_modules = sorted(set(cfg.ray.py_modules) | set(files_to_ship(specs)))
     except (CheckerError, UserCodeError) as err:
         raise ConfigError(str(err)) from None
