@@ -19,8 +19,8 @@ def main(argv=None) -> int:
     from rlaif_ray.config import ConfigError, load_config
     from rlaif_ray.runtime.driver import train
     from rlaif_ray.runtime.metrics import read_jsonl
-    from rlaif_ray.tools.benchmark import compare, format_table, run_figures, transport_from_timeline, transport_share
-    from rlaif_ray.tools.stage_alone import engine_alone
+    from rlaif_lab.benchmark import compare, format_table, run_figures, transport_from_timeline, transport_share
+    from rlaif_lab.stage_alone import engine_alone
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")

@@ -63,7 +63,7 @@ def run(chosen: list[str], out: Path, rater_noise: float, seed: int, label_figur
 
 
 def verdicts(r: dict) -> list[str]:
-    from rlaif_ray.tools.claims import verdict
+    from rlaif_lab.claims import verdict
     out, j, runs = [], r["judges"], r["runs"]
     for key in j:
         x = j[key]

@@ -4,7 +4,7 @@
                                 [overrides...]
 
 1. RLAIF vs RLHF (Lee et al. 2023): the policy trained against a reward model that learned from AI labels, from
-   simulated human labels (the checker with `--rater-noise`, 0.25 by default: rlaif_ray.tools.claims), and from both
+   simulated human labels (the checker with `--rater-noise`, 0.25 by default: rlaif_lab.claims), and from both
    (half of each minibatch); plus d-RLAIF (direct scores, no reward model) and online DPO on the judge's pairs. AI
    and human labels are the same artefact: preference files of the initial policy's samples, the AI one written
    from the judge's labels as `rlaif-ray preferences` writes it. Ground-truth accuracy and win rate against the
@@ -69,7 +69,7 @@ def _train(cfg_path, overrides, run_dir, seed):
 
 
 def _summarise(runs):
-    from rlaif_ray.tools.claims import mean_of
+    from rlaif_lab.claims import mean_of
     keys = ("accuracy_sampled", "accuracy_greedy", "win_rate", "rm_truth_agreement", "before_sampled", "before_greedy")
     out = {k: mean_of(runs, k) for k in keys}
     out["seeds"], out["per_seed"] = [r["seed"] for r in runs], runs
@@ -86,8 +86,8 @@ def label_figures(cfg, out: Path, rater_noise: float, files: bool, methods=METHO
     from rlaif_ray.data.checkers import make_checker
     from rlaif_ray.data.preferences import labels_to_preferences
     from rlaif_ray.judge.quality import judge_bias_counts, judge_report, label_quality
-    from rlaif_ray.tools import claims
-    from rlaif_ray.tools.studies import initial_batch
+    from rlaif_lab import claims
+    from rlaif_lab.studies import initial_batch
 
     checker = make_checker(cfg.data.checker)
     result = {"methods": {}}
@@ -134,7 +134,7 @@ def _spread(run: dict) -> str:
 
 
 def to_markdown(study: dict) -> str:
-    from rlaif_ray.tools.claims import fmt
+    from rlaif_lab.claims import fmt
     lines = [f"# The papers' claims against ground truth ({study['config']}{' ' if study['overrides'] else ''}"
              f"{' '.join(study['overrides'])}; seeds {', '.join(map(str, study['seeds']))})", ""]
     c = study["claims"]
@@ -237,7 +237,7 @@ def plot(study: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     from rlaif_ray.config import ConfigError, load_config
-    from rlaif_ray.tools.claims import verdict
+    from rlaif_lab.claims import verdict
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="jobs/configs/toy_cpu.yaml")

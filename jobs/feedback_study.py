@@ -51,7 +51,7 @@ def labeler_agreement(base, out: Path, methods=METHODS, pair_modes=PAIRS) -> dic
 
     from rlaif_ray.data.checkers import make_checker
     from rlaif_ray.judge.quality import judge_bias_counts, judge_report, label_quality
-    from rlaif_ray.tools.studies import initial_batch
+    from rlaif_lab.studies import initial_batch
 
     checker = make_checker(base.data.checker)
     with initial_batch(base) as (rollouts, critic, resolved, _):

@@ -127,7 +127,7 @@ def child(spec: dict) -> dict:
 
     from rlaif_ray import algorithms
     from rlaif_ray.learner_core import CoreSettings, LearnerCore, init_distributed
-    from rlaif_ray.tools.compute import matmul_peak
+    from rlaif_lab.compute import matmul_peak
     from rlaif_ray.weight_transfer import layout_bytes
 
     gpu = torch.cuda.is_available()

@@ -24,7 +24,7 @@ def study(cfg) -> dict:
     import ray
 
     from rlaif_ray.judge.injection import ATTACKS, attack, flip_rate, victims
-    from rlaif_ray.tools.studies import initial_batch
+    from rlaif_lab.studies import initial_batch
 
     with initial_batch(cfg) as (rollouts, critic, _, _):
         targets = victims(rollouts)

@@ -16,7 +16,7 @@ accumulation 1), `num_generations` = samples_per_prompt, `max_completion_length`
 dataset is the prompts in the order rlaif_ray's PromptSampler draws them, unshuffled, so step k sees the same
 prompts in both. The policy prompt is TRL's own chat templating of the row's conversation (the template
 `rollout.chat_template` resolves to), checked here to give exactly the token ids rlaif_ray hands vLLM. The reward
-is `rlaif_ray.tools.peer.WinRateReward`: the labeler's judge prompts, pairs, both orders and win-rate arithmetic
+is `rlaif_lab.peer.WinRateReward`: the labeler's judge prompts, pairs, both orders and win-rate arithmetic
 (`tests/test_benchmark.py` checks it against CriticLabeler), judged by `TransformersJudge` (plain transformers
 forward passes, the judge's chat template) behind the same judge cache rlaif_ray's labeler uses.
 TRL generates with transformers `model.generate` on CPU, which is what a TRL user runs on this machine (its vLLM
@@ -25,7 +25,7 @@ path needs a vLLM server on a GPU or a colocated engine of a version it does not
 Figures are taken after `--warmup` steps. TRL's stage seconds come from wrapping its methods: `_generate` (prompt
 tokenization, `model.generate`, decoding), the reward function (judge), `_get_per_token_logps_and_entropies` under
 no_grad (the reference log-probs), the rest of `_generate_and_score_completions` (advantages, padding: "other"), and
-the remainder of the optimizer step (loss forward, backward, optimizer: "train"). Model FLOPs: rlaif_ray.tools.compute.
+the remainder of the optimizer step (loss forward, backward, optimizer: "train"). Model FLOPs: rlaif_lab.compute.
 """
 import argparse
 import json
@@ -110,7 +110,7 @@ def run_trl(cfg, steps: int, out: Path) -> dict:
     from rlaif_ray.judge.cache import CachedJudge
     from rlaif_ray.judge.local import TransformersJudge
     from rlaif_ray.runtime.inputs import resolve_inputs
-    from rlaif_ray.tools.peer import CountingJudge, WinRateReward
+    from rlaif_lab.peer import CountingJudge, WinRateReward
 
     resolved = resolve_inputs(cfg)  # also makes the judge's `auto` labels concrete, as the driver does
     torch.manual_seed(cfg.loop.seed)
@@ -196,8 +196,8 @@ def run_trl(cfg, steps: int, out: Path) -> dict:
 
 def loop_flops_of(rows, tables, warmup: int, cfg, params: dict, count_tokens) -> dict:
     """Model FLOPs of an rlaif_ray run's measured steps (from metrics.jsonl rows and the saved tables)."""
-    from rlaif_ray.tools.compute import loop_flops
-    from rlaif_ray.tools.peer import loop_tokens
+    from rlaif_lab.compute import loop_flops
+    from rlaif_lab.peer import loop_tokens
 
     totals = {"prefill_tokens": 0, "gen_tokens": 0, "judge_tokens": 0.0, "train_tokens": 0}
     for row, table in list(zip(rows, tables))[warmup:]:
@@ -248,10 +248,10 @@ def compare(cfg, args, out: Path) -> int:
     from rlaif_ray.runtime.driver import train
     from rlaif_ray.runtime.inputs import resolve_inputs
     from rlaif_ray.runtime.metrics import read_jsonl
-    from rlaif_ray.tools.benchmark import run_figures
-    from rlaif_ray.tools.compute import flop_share, loop_flops, matmul_params, matmul_peak
-    from rlaif_ray.tools.peer import format_peer_table, trl_figures
-    from rlaif_ray.tools.stage_alone import measure_alone, saved_tables
+    from rlaif_lab.benchmark import run_figures
+    from rlaif_lab.compute import flop_share, loop_flops, matmul_params, matmul_peak
+    from rlaif_lab.peer import format_peer_table, trl_figures
+    from rlaif_lab.stage_alone import measure_alone, saved_tables
 
     peaks = [matmul_peak()]  # fp32, all of torch's threads; again at the end, the higher one counts
     print(f"[peer] matmul peak fp32, {torch.get_num_threads()} threads: {peaks[0] / 1e9:.1f} GFLOP/s", flush=True)

@@ -1,6 +1,6 @@
 """The loop at cluster scale, simulated on one machine: the real Orchestrator (pools, placement groups, sharding,
 weight-sync bookkeeping, fault handling, metrics) drives stand-in stage actors that take and return tables of the
-declared schemas after the service times of a profile (rlaif_ray.tools.stand_ins.Profile: a 7B policy on
+declared schemas after the service times of a profile (rlaif_lab.stand_ins.Profile: a 7B policy on
 H100-class engines, a 70B judge), sync and async, over a sweep of engine, judge and learner-rank counts.
 
     python jobs/scale_sim.py --out runs/scale                 # the sweep in docs/performance.md (~25 min on 2 cores)
@@ -43,8 +43,8 @@ def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: 
 def run_one(base, profile, shape, mode, out: Path, warmup: int) -> dict:
     from rlaif_ray.runtime.driver import train
     from rlaif_ray.runtime.metrics import read_jsonl
-    from rlaif_ray.tools.benchmark import run_figures
-    from rlaif_ray.tools.stand_ins import stand_ins
+    from rlaif_lab.benchmark import run_figures
+    from rlaif_lab.stand_ins import stand_ins
 
     engines, judges, ranks = shape
     run_dir = out / f"e{engines}-j{judges}-r{ranks}-{mode}"
@@ -68,8 +68,8 @@ def derive(base, shape, scale: float, sync: dict, async_: dict) -> dict:
     """One configuration's figures from its two measured runs and the profile's bound: samples/s of each mode over
     its bound, the ideal overlap (bound sync step / bound async step: what the profile lets async gain, pools
     included) and the fraction of it achieved, the driver's CPU share of the simulated and of the profiled step."""
-    from rlaif_ray.tools.benchmark import compare
-    from rlaif_ray.tools.stand_ins import Profile, bound_seconds
+    from rlaif_lab.benchmark import compare
+    from rlaif_lab.stand_ins import Profile, bound_seconds
 
     bound = bound_seconds(Profile(), sim_config(base, *shape, "async", Path(".")))
     ideal = bound["sync_step"] / bound["async_step"]
@@ -93,8 +93,8 @@ def derive(base, shape, scale: float, sync: dict, async_: dict) -> dict:
 def main(argv=None) -> int:
     from rlaif_ray.config import ConfigError, load_config
     from rlaif_ray.runtime.driver import start_ray
-    from rlaif_ray.tools.scale_report import write_outputs
-    from rlaif_ray.tools.stand_ins import Profile, bound_seconds
+    from rlaif_lab.scale_report import write_outputs
+    from rlaif_lab.stand_ins import Profile, bound_seconds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="jobs/configs/scale_sim.yaml")

@@ -1,7 +1,7 @@
 """The benchmark's arithmetic on constructed metrics (the figures themselves come from jobs/benchmark.py)."""
 import pytest
 
-from rlaif_ray.tools.benchmark import compare, format_table, run_figures
+from rlaif_lab.benchmark import compare, format_table, run_figures
 
 
 def rows(step_seconds, stages, n=6, staleness=0):
@@ -25,7 +25,7 @@ def test_ideal_overlap_and_achieved_fraction():
 
 
 def test_transport_from_a_constructed_timeline():
-    from rlaif_ray.tools.benchmark import transport_from_timeline, transport_share
+    from rlaif_lab.benchmark import transport_from_timeline, transport_share
 
     def ev(cat, tid, ts, dur):
         return {"cat": cat, "name": cat, "tid": tid, "ts": ts * 1e6, "dur": dur * 1e6, "ph": "X"}
@@ -97,7 +97,7 @@ def peer_batch(step: int):
      "preamble": "Judge ({principle}).\n", "pairwise_ending": "\nWhich, 1 or 2?"},
 ])
 def test_trl_reward_asks_the_labelers_judge_prompts_and_gives_its_rewards(critic):
-    """The TRL reward function (rlaif_ray.tools.peer.WinRateReward) sends the judge exactly the prompts CriticLabeler
+    """The TRL reward function (rlaif_lab.peer.WinRateReward) sends the judge exactly the prompts CriticLabeler
     sends (same pairs, both orders, same principles, same order, same cache) and returns rlaif_ray's win-rate
     rewards, None where the labeler marks the sample invalid."""
     from types import SimpleNamespace
@@ -107,7 +107,7 @@ def test_trl_reward_asks_the_labelers_judge_prompts_and_gives_its_rewards(critic
     from rlaif_ray.judge.templates import JudgePrompts
     from rlaif_ray.stages.critic import CriticLabeler
     from rlaif_ray.stages.reward import rewards_from_labels
-    from rlaif_ray.tools.peer import WinRateReward
+    from rlaif_lab.peer import WinRateReward
 
     cfg = RunConfig.model_validate({"critic": {"pairwise_labels": ["1", "2"], **critic}, "loop": {"seed": 3}})
     step, table = 5, peer_batch(5)
@@ -137,7 +137,7 @@ def test_trl_reward_pairs_follow_the_step_in_their_seed():
     """random_k pairs are drawn from the sample ids, which carry the step: another step may judge other pairs, so a
     reward that ignored TRL's global_step would not mirror the labeler."""
     from rlaif_ray.config import RunConfig
-    from rlaif_ray.tools.peer import group_sample_ids, pairwise_judge_texts
+    from rlaif_lab.peer import group_sample_ids, pairwise_judge_texts
 
     cfg = RunConfig.model_validate({"critic": {"pairwise_labels": ["1", "2"], "pairs": "random_k", "pairs_k": 1}})
     rows = peer_batch(0).to_pylist()
@@ -149,7 +149,7 @@ def test_trl_reward_pairs_follow_the_step_in_their_seed():
 def test_model_flops_and_parameter_counts(tmp_path):
     from transformers import LlamaConfig
 
-    from rlaif_ray.tools.compute import flop_share, loop_flops, matmul_params
+    from rlaif_lab.compute import flop_share, loop_flops, matmul_params
 
     base = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=2)
@@ -189,7 +189,7 @@ def test_trl_settings_make_one_optimizer_step_one_rlaif_step(config):
 
 
 def test_peer_table_marks_the_target():
-    from rlaif_ray.tools.peer import format_peer_table
+    from rlaif_lab.peer import format_peer_table
 
     def system(rate):
         flops = {"flops_per_s": dict.fromkeys(("gen", "judge", "learner", "total"), 1e9),

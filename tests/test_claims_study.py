@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from rlaif_ray.data.checkers import make_checker
-from rlaif_ray.tools import claims
+from rlaif_lab import claims
 from tests.conftest import job_module
 
 ROOT = Path(__file__).resolve().parents[1]

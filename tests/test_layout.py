@@ -99,3 +99,22 @@ def test_every_module_imports_on_its_own():
     with ThreadPoolExecutor(2) as pool:
         failed = [(m, err) for m, rc, err in pool.map(import_alone, module_names()) if rc != 0]
     assert not failed, failed
+
+
+def test_the_runtime_never_imports_the_lab():
+    """rlaif_lab (what only jobs/ scripts share) sits beside the package: nothing in rlaif_ray imports it, so a user's
+    install never needs it; and each of its modules imports on its own."""
+    lab = PACKAGE.parent / "rlaif_lab"
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(PACKAGE.parent)} imports {n}" for n in names if n.split(".")[0] == "rlaif_lab"]
+    assert not found, found
+    modules = [f"rlaif_lab.{p.stem}" for p in sorted(lab.glob("*.py")) if p.stem != "__init__"]
+    assert len(modules) == 8
+    for module in modules:
+        run = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                             cwd=PACKAGE.parent)
+        assert run.returncode == 0, (module, run.stderr[-500:])
