@@ -44,22 +44,27 @@ def run_summary_lines(summary: dict, rows: list[dict], run_dir: str) -> list[str
         b, a = summary["eval_before"], summary["eval_after"]
         where = "held-out" if summary.get("eval_prompts") == "held_out" else "training"
         win = summary.get("win_rate_vs_initial")
-        lines.append(f"  policy        {where} accuracy ({b['prompts']} prompts, checker): sampled "
+        lines.append(f"  policy        accuracy on {b['prompts']} {where} prompts (checker): sampled "
                      f"{f(b['accuracy_sampled'])} -> {f(a['accuracy_sampled'])}, greedy {f(b['accuracy_greedy'])} -> "
                      f"{f(a['accuracy_greedy'])}" + (f"; win rate vs initial {f(win)}" if win is not None else ""))
     third = max(1, steps // 3)
-    for key, label in (("true_accuracy", "rollouts"), ("judge_truth_agreement", "judge")):
-        first, last = _mean(rows[:third], key), _mean(rows[-third:], key)
-        if first is not None:
-            what = "accuracy of the sampled responses" if key == "true_accuracy" else "agrees with the checker"
-            lines.append(f"  {label:<13} {what}: {f(first)} (first third) -> {f(last)} (last third)")
-    judge = summary.get("judge_report")
-    if judge and judge.get("judge_calls"):
-        parts = [f"{judge['judge_calls']} calls", f"{f(judge.get('labels_per_s'))} labels/s"]
-        parts += [f"{name} {f(judge[key])}" for key, name in (
-            ("position_consistency", "position consistency"), ("first_slot_rate", "first-slot rate"),
-            ("unparsable_share", "unparsable"), ("failed_share", "failed")) if judge.get(key) is not None]
-        lines.append("  judge         " + ", ".join(parts))
+    trend = lambda key: (_mean(rows[:third], key), _mean(rows[-third:], key))  # noqa: E731
+    first, last = trend("true_accuracy")
+    if first is not None:
+        lines.append(f"  rollouts      right (checker): {f(first)} in the first third of the steps -> {f(last)} "
+                     "in the last")
+    judge = summary.get("judge_report") or {}
+    if judge.get("judge_calls"):
+        first, last = trend("judge_truth_agreement")
+        agrees = f"agrees with the checker {f(first)} -> {f(last)}; " if first is not None else ""
+        parts = [f"{name} {f(judge[key])}" for key, name in (
+            ("position_consistency", "position consistency"), ("first_slot_rate", "first-slot rate")) if
+            judge.get(key) is not None]
+        bad = [f"{name} {f(judge[key])}" for key, name in (("unparsable_share", "unparsable"),
+                                                           ("failed_share", "failed")) if judge.get(key)]
+        rate = judge.get("labels_per_s")
+        lines.append(f"  judge         {agrees}{', '.join(parts + bad)}; {judge['judge_calls']} calls"
+                     + (f", {rate:.1f} labels/s" if rate else ""))
     if summary.get("reward_model"):
         lines.append(f"  reward model  {summary['reward_model']}")
     faults = summary.get("faults") or {}
@@ -72,7 +77,7 @@ def run_summary_lines(summary: dict, rows: list[dict], run_dir: str) -> list[str
     lines.append(f"  report        {run_dir}/report.md (+ report.png)")
     if summary.get("checkpoint"):
         lines.append(f"  checkpoint    {summary['checkpoint']}")
-    lines.append(f"  everything    {run_dir}/summary.json, metrics.jsonl, samples.jsonl" +
+    lines.append(f"  everything    {run_dir}/summary.json, metrics.jsonl, samples.jsonl, examples.jsonl" +
                  (", tensorboard/" if (Path(run_dir) / "tensorboard").is_dir() else ""))
     return lines
 
