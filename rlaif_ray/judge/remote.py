@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 
@@ -61,6 +62,45 @@ def label_probs(top, labels: list[str]) -> tuple[list[float] | None, float]:
         probs[k] += math.exp(logprob)
     mass = sum(probs)
     return ([p / mass for p in probs] if mass > 0 else None), mass
+
+
+@dataclass
+class Posted:
+    """What `post_with_retries` got: the 2xx response, or the last attempt's error ("timeout", "connect_error",
+    "http_<status>") and its detail (the transport error's class, or the whole body: redact and cut it yourself)."""
+    response: httpx.Response | None
+    error: str | None
+    detail: str | None
+    attempts: int
+
+
+def post_with_retries(client: httpx.Client, url: str, body: dict, max_retries: int, backoff_s: float) -> Posted:
+    """POST `body` as JSON; 429, 5xx, timeouts and connection errors are retried up to `max_retries` times, waiting
+    `backoff_s` doubled each time (a numeric Retry-After instead, capped); other answers are final. Shared by the remote
+    judge and HTTP reward services (rlaif_ray.stages.reward_functions)."""
+    error = detail = None
+    for attempt in range(max_retries + 1):
+        wait = backoff_s * 2 ** attempt
+        try:
+            resp = client.post(url, json=body)
+        except httpx.TimeoutException:
+            error = "timeout"
+        except httpx.TransportError as e:  # refused, reset, DNS ...
+            error, detail = "connect_error", type(e).__name__
+        else:
+            if 200 <= resp.status_code < 300:
+                return Posted(resp, None, None, attempt + 1)
+            error, detail = f"http_{resp.status_code}", resp.text
+            if resp.status_code not in RETRY_STATUS:
+                return Posted(None, error, detail, attempt + 1)
+            try:
+                wait = min(float(resp.headers.get("retry-after", "")), RETRY_AFTER_CAP_S)
+            except ValueError:
+                pass  # absent or an HTTP date: keep the exponential backoff
+        if attempt < max_retries:
+            log.debug("POST %s: %s, retry %d in %.2fs", url, error, attempt + 1, wait)
+            time.sleep(max(0.0, wait))
+    return Posted(None, error, detail, max_retries + 1)
 
 
 class Secret:
@@ -189,30 +229,12 @@ class OpenAIJudge:
 
     def _one(self, body: dict, read_fn) -> JudgeReply:
         reply, t0 = JudgeReply(), time.perf_counter()
-        for attempt in range(self.cfg.max_retries + 1):
-            reply.attempts, wait = attempt + 1, self.cfg.backoff_s * 2 ** attempt
-            try:
-                resp = self._http.post(self.url, json=body)
-            except httpx.TimeoutException:
-                reply.error = "timeout"
-            except httpx.TransportError as e:  # refused, reset, DNS ...
-                reply.error, reply.detail = "connect_error", type(e).__name__
-            else:
-                if 200 <= resp.status_code < 300:
-                    reply.error = reply.detail = None
-                    self._parse(reply, resp, read_fn)
-                    break
-                reply.error = f"http_{resp.status_code}"
-                reply.detail = self._redact(resp.text)[:200]
-                if resp.status_code not in RETRY_STATUS:
-                    break
-                try:
-                    wait = min(float(resp.headers.get("retry-after", "")), RETRY_AFTER_CAP_S)
-                except ValueError:
-                    pass  # absent or an HTTP date: keep the exponential backoff
-            if attempt < self.cfg.max_retries:
-                log.debug("remote judge %s: %s, retry %d in %.2fs", self.url, reply.error, attempt + 1, wait)
-                time.sleep(max(0.0, wait))
+        posted = post_with_retries(self._http, self.url, body, self.cfg.max_retries, self.cfg.backoff_s)
+        reply.attempts = posted.attempts
+        if posted.response is not None:
+            self._parse(reply, posted.response, read_fn)
+        else:
+            reply.error, reply.detail = posted.error, self._redact(posted.detail or "")[:200]
         reply.detail = reply.detail or ""
         reply.latency_s = time.perf_counter() - t0
         return reply

@@ -7,7 +7,7 @@ Each entry is a Python function (`function: module:function` or `path/to/file.py
 
 A service gets `POST url` with the JSON `{"prompts": [...], "responses": [...], "references": [...]}` and answers
 `{"rewards": [...]}`; 429, 5xx, timeouts and connection errors are retried with exponential backoff up to
-`max_retries` times (like the remote judge), then the run stops naming the service. A `None` reward means "no
+`max_retries` times (the remote judge's own retry, Retry-After honoured), then the run stops naming the service. A `None` reward means "no
 opinion on this sample": it adds nothing to the total.
 
 The sample's reward is the reward kind's own (the judge's win rate or score, a reward model's score, the checker's
@@ -21,7 +21,6 @@ a `RewardFunctionError` naming the entry and the sample (its id and the start of
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlparse
@@ -60,7 +59,10 @@ def _number(value, component: RewardComponent, ids, prompts, i) -> float | None:
 
 
 class HttpReward:
-    """An HTTP reward service: one POST per batch, retried on 429, 5xx, timeouts and connection errors."""
+    """An HTTP reward service: one POST per batch, retried like the remote judge's requests
+    (`rlaif_ray.judge.remote.post_with_retries`: 429, 5xx, timeouts and connection errors, Retry-After honoured)."""
+
+    BACKOFF_S = 0.5  # the first retry's wait; doubles each retry
 
     def __init__(self, url: str, timeout_s: float, max_retries: int, where: str):
         import httpx
@@ -68,30 +70,20 @@ class HttpReward:
         self.client = httpx.Client(timeout=timeout_s)
 
     def __call__(self, prompts: list, responses: list, references: list) -> list:
-        import httpx
+        from rlaif_ray.judge.remote import RETRY_STATUS, post_with_retries
         payload = {"prompts": prompts, "responses": responses, "references": references}
-        last = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
-            try:
-                reply = self.client.post(self.url, json=payload)
-            except httpx.HTTPError as err:  # timeouts and connection errors
-                last = f"{type(err).__name__}: {err}"
-                continue
-            if reply.status_code == 429 or reply.status_code >= 500:
-                last = f"HTTP {reply.status_code}"
-                continue
-            if reply.status_code >= 400:
-                raise RewardFunctionError(f"{self.where}: {self.url} answered HTTP {reply.status_code}: "
-                                          f"{reply.text[:200]}")
-            try:
-                rewards = reply.json()["rewards"]
-            except (ValueError, KeyError, TypeError):
-                raise RewardFunctionError(f"{self.where}: {self.url} did not answer JSON with a 'rewards' list: "
-                                          f"{reply.text[:200]!r}") from None
-            return rewards
-        raise RewardFunctionError(f"{self.where}: {self.url} failed {self.max_retries + 1} times; last: {last}")
+        posted = post_with_retries(self.client, self.url, payload, self.max_retries, self.BACKOFF_S)
+        if posted.response is None:
+            status = int(posted.error[5:]) if posted.error.startswith("http_") else None
+            if status is not None and status not in RETRY_STATUS:
+                raise RewardFunctionError(f"{self.where}: {self.url} answered HTTP {status}: {posted.detail[:200]}")
+            raise RewardFunctionError(f"{self.where}: {self.url} failed {posted.attempts} times; last: "
+                                      f"{posted.error} {(posted.detail or '')[:200]}".rstrip())
+        try:
+            return posted.response.json()["rewards"]
+        except (ValueError, KeyError, TypeError):
+            raise RewardFunctionError(f"{self.where}: {self.url} did not answer JSON with a 'rewards' list: "
+                                      f"{posted.response.text[:200]!r}") from None
 
 
 def make_components(entries: list[dict]) -> list[RewardComponent]:
