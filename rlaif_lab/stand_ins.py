@@ -173,8 +173,10 @@ class StandInScorer(_Stage):
     """The reward stage (the real rule: rlaif_ray.stages.reward.rewards_from_labels) with the profile's time."""
 
     def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10,
-                 checker: str = "exact"):
+                 checker: str = "exact", functions: list[dict] | None = None):
         use_arrow_ipc()
+        if functions:
+            raise ValueError("the scale simulation's stand-in scorer has no reward.functions: leave them out")
         self.kind, self.score_points, self.rm_version = kind, score_points, 0
 
     def ready(self) -> int:

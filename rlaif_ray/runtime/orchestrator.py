@@ -155,7 +155,7 @@ class Orchestrator:
                                  if critic else new_labeler(resolved.critic, cfg, i, **restarts, **self._placed("critic", i))),
             "reward": lambda i: scorer.options(**restarts, **self._placed("reward", 0)).remote(
                 cfg.reward.kind, resolved.reward_model, cfg.critic.score_points(), cfg.data.checker,
-                **({"functions": [f.model_dump() for f in cfg.reward.functions]} if cfg.reward.functions else {})),
+                [f.model_dump() for f in cfg.reward.functions]),
         }
 
     def _start_actors(self, resolved: Resolved) -> None:
