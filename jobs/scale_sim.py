@@ -5,6 +5,7 @@ H100-class engines, a 70B judge), sync and async, over a sweep of engine, judge 
 
     python jobs/scale_sim.py --out runs/scale                 # the sweep in docs/performance.md (~25 min on 2 cores)
     python jobs/scale_sim.py --out runs/scale --quick         # 1, 8, 64 engines only
+    python jobs/scale_sim.py --out runs/scale-tail --quick --lengths long_tail   # long-tailed response lengths
 
 Per configuration: samples/s against the profile's bound, achieved / ideal overlap (async over sync speed-up over
 the sync run's (sum of stages) / (slowest stage)), the driver's own CPU seconds per step (all its threads, Ray's
@@ -15,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 SWEEPS = {  # name -> list of (engines, judges, learner ranks)
@@ -64,14 +66,14 @@ def key_of(shape) -> str:
     return f"e{shape[0]}-j{shape[1]}-r{shape[2]}"
 
 
-def derive(base, shape, scale: float, sync: dict, async_: dict) -> dict:
+def derive(base, shape, scale: float, sync: dict, async_: dict, profile) -> dict:
     """One configuration's figures from its two measured runs and the profile's bound: samples/s of each mode over
     its bound, the ideal overlap (bound sync step / bound async step: what the profile lets async gain, pools
     included) and the fraction of it achieved, the driver's CPU share of the simulated and of the profiled step."""
     from rlaif_lab.benchmark import compare
-    from rlaif_lab.stand_ins import Profile, bound_seconds
+    from rlaif_lab.stand_ins import bound_seconds
 
-    bound = bound_seconds(Profile(), sim_config(base, *shape, "async", Path(".")))
+    bound = bound_seconds(profile, sim_config(base, *shape, "async", Path(".")))
     ideal = bound["sync_step"] / bound["async_step"]
     speedup = async_["samples_per_s"] / sync["samples_per_s"] if sync["samples_per_s"] else 0.0
     row = {"engines": shape[0], "judges": shape[1], "ranks": shape[2], "time_scale": scale,
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     from rlaif_ray.config import ConfigError, load_config
     from rlaif_ray.runtime.driver import start_ray
     from rlaif_lab.scale_report import write_outputs
-    from rlaif_lab.stand_ins import Profile, bound_seconds
+    from rlaif_lab.stand_ins import LENGTHS, Profile, bound_seconds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="jobs/configs/scale_sim.yaml")
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sync-step-seconds", type=float, default=4.0,
                         help="the simulated length of a sync step when --time-scale is not given")
     parser.add_argument("--quick", action="store_true", help="1, 8 and 64 engines only")
+    parser.add_argument("--lengths", choices=LENGTHS, default="fixed",
+                        help="response lengths of the profile: all the same, uniform, or long-tailed (same mean)")
     parser.add_argument("--sweep", action="append", choices=list(SWEEPS), help="run only these sweeps")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute the figures and rewrite the outputs from OUT/scale_sim.json, running nothing")
@@ -136,18 +140,19 @@ def main(argv=None) -> int:
         if not (out / "scale_sim.json").is_file():
             print(f"scale_sim: error: --report-only: no {out / 'scale_sim.json'} (run the sweep first)", file=sys.stderr)
             return 2
-        measured = json.loads((out / "scale_sim.json").read_text())["results"]
+        saved = json.loads((out / "scale_sim.json").read_text())
+        measured, profile = saved["results"], Profile(lengths=saved["profile"].get("lengths", "fixed"))
         results = {s: derive(base, s, measured[key_of(s)]["time_scale"], measured[key_of(s)]["sync"],
-                             measured[key_of(s)]["async"]) for s in shapes if key_of(s) in measured}
+                             measured[key_of(s)]["async"], profile) for s in shapes if key_of(s) in measured}
         sweeps = {k: [s for s in v if s in results] for k, v in sweeps.items()}
     else:
         start_ray(base)
-        results = {}
+        results, profile = {}, Profile(lengths=args.lengths)
         for shape in shapes:
-            bound = bound_seconds(Profile(), sim_config(base, *shape, "async", out))
-            profile = Profile(time_scale=args.time_scale or min(0.1, args.sync_step_seconds / bound["sync_step"]))
-            runs = {mode: run_one(base, profile, shape, mode, out, args.warmup) for mode in ("sync", "async")}
-            results[shape] = row = derive(base, shape, profile.time_scale, runs["sync"], runs["async"])
+            bound = bound_seconds(profile, sim_config(base, *shape, "async", out))
+            scaled = replace(profile, time_scale=args.time_scale or min(0.1, args.sync_step_seconds / bound["sync_step"]))
+            runs = {mode: run_one(base, scaled, shape, mode, out, args.warmup) for mode in ("sync", "async")}
+            results[shape] = row = derive(base, shape, scaled.time_scale, runs["sync"], runs["async"], profile)
             a, sy = row["async"], row["sync"]
             print(f"[scale] {shape[0]:2d} engines {shape[1]:2d} judges {shape[2]} ranks: async "
                   f"{a['profiled_samples_per_s']:6.1f} samples/s ({a['of_bound']:.0%} of bound), sync "
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
                   f"{row['achieved_fraction_of_ideal']:.0%} of {row['ideal_overlap_ratio']:.2f}x; driver "
                   f"{a['driver_cpu_s_per_step'] * 1e3:.0f} ms/step = {a['driver_share_simulated']:.1%} of the "
                   f"simulated step", flush=True)
-    written = write_outputs(out, Profile(), sweeps, results, {"config": args.config, "overrides": args.overrides,
+    written = write_outputs(out, profile, sweeps, results, {"config": args.config, "overrides": args.overrides,
                                                             "warmup": args.warmup, "date": time.strftime("%Y-%m-%d")})
     print("\n" + (out / "scale_sim.md").read_text())
     print("written: " + ", ".join(str(p) for p in written))

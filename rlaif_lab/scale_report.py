@@ -13,8 +13,8 @@ OVERLAP_TARGET = 0.9
 def table(rows: list[dict], axis: str) -> str:
     lines = [f"| {axis} | async samples/s on the profiled cluster (of bound; what binds) | sync samples/s (of bound) | achieved / ideal "
              "overlap | driver CPU ms/step (share of simulated / profiled step) | queue depth gen / label / ready "
-             "(async mean) | staleness (async) |",
-             "|---|---|---|---|---|---|---|"]
+             "(async mean) | engines busy async / sync | staleness (async) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         a, s = r["async"], r["sync"]
         q = a.get("queue_mean", {})
@@ -25,8 +25,14 @@ def table(rows: list[dict], axis: str) -> str:
             f"**{r['achieved_fraction_of_ideal']:.0%}** of {r['ideal_overlap_ratio']:.2f}x | "
             f"{a['driver_cpu_s_per_step'] * 1e3:.0f} ({a['driver_share_simulated']:.1%} / "
             f"{a['driver_share_profiled']:.2%}) | {q.get('queue_gen', 0):.1f} / {q.get('queue_label', 0):.1f} / "
-            f"{q.get('queue_ready', 0):.1f} | {a['staleness_max_hist']} |")
+            f"{q.get('queue_ready', 0):.1f} | {_busy(a)} / {_busy(s)} | {a['staleness_max_hist']} |")
     return "\n".join(lines)
+
+
+def _busy(mode: dict) -> str:
+    """The engines' busy share of the run (the rest is idle: waiting for a batch's slowest answer, or for work)."""
+    gen = (mode.get("busy_fraction") or {}).get("gen")
+    return "n/a" if gen is None else f"{gen:.0%}"
 
 
 def plot(path: Path, sweeps: dict, results: dict) -> None:
@@ -80,7 +86,7 @@ def write_outputs(out: Path, profile, sweeps: dict, results: dict, meta: dict) -
     paths = [out / "scale_sim.json", out / "scale_sim.md", out / "scale_sim.png"]
     paths[0].write_text(json.dumps(data, indent=1))
     scales = sorted({r["time_scale"] for r in results.values()})
-    md = [f"Profile: {profile.name}; time scale {scales[0]:.3g}–{scales[-1]:.3g} simulated seconds per profiled second "
+    md = [f"Profile: {profile.name}; response lengths {profile.lengths} (mean {profile.response_tokens} tokens); time scale {scales[0]:.3g}–{scales[-1]:.3g} simulated seconds per profiled second "
           "(per configuration: its sync step simulated in a few seconds)."]
     for name, shapes in sweeps.items():
         if shapes:

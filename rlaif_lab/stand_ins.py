@@ -5,11 +5,14 @@ DeepSpeed ranks, so the controller can be watched at 64 engines on one machine.
 Each stand-in has the real actor's constructor and the methods the loop calls, takes and returns tables of the
 declared schemas (`rlaif_ray.data.schemas`, validated as the real stages do), and takes as long as the `Profile`
 says the real stage would on the profiled hardware, times `time_scale`: the work it does itself (building the
-table) counts against that time, and it sleeps the rest. What they do not model: contention between stages on a
-node, network time for tables (they cross Ray's object store for real), and stragglers.
+table) counts against that time, and it sleeps the rest. Response lengths follow the profile's distribution
+(`Profile.lengths`: the same for everyone, uniform, or long-tailed), drawn per sample id, so an engine's shard takes
+as long as its longest answer at one stream's speed at least. What they do not model: contention between stages on a
+node, network time for tables (they cross Ray's object store for real), and slow or failing hardware.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +28,9 @@ from rlaif_ray.judge.pairs import select_pairs
 from rlaif_ray.stages.reward import rewards_from_labels
 
 
+LENGTHS = ("fixed", "uniform", "long_tail")  # Profile.lengths
+
+
 @dataclass(frozen=True)
 class Profile:
     """Service times of a 7B policy on H100-class engines with a 70B judge (every figure an input; README "Scale").
@@ -34,7 +40,15 @@ class Profile:
     single stream at 100 tokens/s (a shard never finishes faster than its longest answer) are assumptions of the
     usual order for vLLM on H100; the learner is FLOP-bound: 6·N per trained token plus 2·N for the reference's
     forward, at 40% of an H100's 989 dense bf16 TFLOP/s per rank; a sync broadcasts the bf16 weights at 20 GB/s
-    (NCCL over NVLink/InfiniBand, one broadcast whatever the engine count)."""
+    (NCCL over NVLink/InfiniBand, one broadcast whatever the engine count).
+
+    Response lengths (`lengths`), each with the mean `response_tokens` so that only their spread differs: `fixed`
+    (every answer that long), `uniform` (1 .. 2·mean − 1 tokens) and `long_tail` (log-normal with σ =
+    `length_sigma`, cut at `max_response_tokens`). σ = 0.8 gives p99 / p50 ≈ 6: chat and reasoning answers sampled
+    at temperature 1 are skewed like this, a few answers several times the median, up to the generation limit (the
+    long-tail motivation of AReaL, veRL's fully-async trainer and slime; their papers report the skew, not one
+    distribution, so σ is an assumption of that order). A sample's length is drawn from its id: a re-issued batch
+    has the same lengths."""
     name: str = "7B policy (H100 engines), 70B judge"
     policy_params: float = 7.6e9
     prompt_tokens: int = 256
@@ -49,10 +63,42 @@ class Profile:
     sync_bytes_per_s: float = 20e9
     reward_seconds: float = 0.001              # win-rate arithmetic per call
     time_scale: float = 0.01                   # simulated seconds per profiled second
+    lengths: str = "fixed"                     # fixed | uniform | long_tail
+    length_sigma: float = 0.8                  # long_tail: σ of the log-normal
+    max_response_tokens: int = 8192            # long_tail: the generation limit (rollout.max_new_tokens)
 
-    def gen_seconds(self, samples: int) -> float:
-        tokens = samples * self.response_tokens
-        return max(tokens / self.engine_tokens_per_s, self.response_tokens / self.stream_tokens_per_s)
+    def __post_init__(self):
+        if self.lengths not in LENGTHS:
+            raise ValueError(f"Profile.lengths={self.lengths!r}: one of {', '.join(LENGTHS)}")
+
+    def response_lengths(self, sample_ids: list[str]) -> np.ndarray:
+        """Each sample's response tokens, drawn from its id (the same id, the same length)."""
+        mean = self.response_tokens
+        if self.lengths == "fixed":
+            return np.full(len(sample_ids), mean, dtype=np.int64)
+        u = np.asarray([(int.from_bytes(hashlib.blake2b(s.encode(), digest_size=6).digest(), "big") + 0.5) / 2 ** 48
+                        for s in sample_ids])  # uniform in (0, 1), one value per id
+        if self.lengths == "uniform":
+            return np.floor(1 + u * (2 * mean - 1)).astype(np.int64)
+        from statistics import NormalDist
+        z = np.asarray([NormalDist().inv_cdf(x) for x in u])
+        median = mean * math.exp(-self.length_sigma ** 2 / 2)  # the log-normal's mean is median·exp(σ²/2)
+        return np.clip(np.round(median * np.exp(self.length_sigma * z)), 1, self.max_response_tokens).astype(np.int64)
+
+    def shard_seconds(self, lengths) -> float:
+        """An engine's time for a shard of answers this long: its tokens at full-batch speed, or its longest answer
+        at one stream's speed, whichever is longer (the batch thins out as answers finish)."""
+        lengths = np.asarray(lengths)
+        return max(lengths.sum() / self.engine_tokens_per_s, lengths.max() / self.stream_tokens_per_s)
+
+    def gen_seconds(self, samples: int, draws: int = 400) -> float:
+        """The expected time of a shard of `samples` answers (fixed lengths: exact; else the mean over `draws`
+        shards of seeded draws)."""
+        if self.lengths == "fixed":
+            return self.shard_seconds([self.response_tokens] * samples)
+        ids = [f"bound-{d}-{k}" for d in range(draws) for k in range(samples)]
+        lengths = self.response_lengths(ids).reshape(draws, samples)
+        return float(np.mean([self.shard_seconds(row) for row in lengths]))
 
     def judge_call_seconds(self) -> float:
         return (self.judge_prompt_tokens / self.judge_prefill_tokens_per_s
@@ -126,8 +172,9 @@ class StandInEngine(_Stage):
             "reference": np.repeat(np.asarray(rows.column("reference").to_pylist(), dtype=object), n).tolist(),
         }, schema=schemas.ROLLOUT_SCHEMA)
         table = schemas.validate(table, "rollouts")
-        seconds = self._wait(t0, self.profile.gen_seconds(total))
-        return table, {"gen_seconds": seconds, "engine_seconds": seconds, "gen_tokens": total * self.profile.response_tokens,
+        lengths = self.profile.response_lengths(table.column("sample_id").to_pylist())
+        seconds = self._wait(t0, self.profile.shard_seconds(lengths))
+        return table, {"gen_seconds": seconds, "engine_seconds": seconds, "gen_tokens": int(lengths.sum()),
                        "gen_samples": total, "policy_version": self.version, "worker": self.worker_index}
 
     def update_weights(self, weights, version: int) -> dict:

@@ -59,7 +59,7 @@ def test_pool_picks_from_its_counts_between_prunes(ray_cluster):
         for _ in range(6):  # six shards of one batch: round the pool twice, counting its own calls
             i = pool.pick(prune=False)
             picks.append(i)
-            pool.track(i, actors[i].work.remote(0.5 if i == 0 else 0.0))
+            pool.track(i, actors[i].work.remote(60.0 if i == 0 else 0.0))  # actor 0 busy till the end
         assert sorted(picks) == [0, 0, 1, 1, 2, 2]
         ray.get([a.work.remote(0.0) for a in actors[1:]])
         pool.prune()
@@ -102,3 +102,48 @@ def test_scale_simulation_drives_stand_ins_through_the_real_loop(tmp_path, ray_c
     again = json.loads((out / "scale_sim.json").read_text())["results"]
     assert again["e4-j2-r2"]["achieved_fraction_of_ideal"] == pytest.approx(big["achieved_fraction_of_ideal"])
     assert (out / "scale_sim.png").exists()
+
+
+@pytest.mark.parametrize("lengths, tail", [("fixed", (1.0, 1.0)), ("uniform", (1.5, 2.5)), ("long_tail", (4.5, 8.0))])
+def test_response_lengths_keep_the_mean_and_spread_as_the_profile_says(lengths, tail):
+    import numpy as np
+
+    from rlaif_lab.stand_ins import Profile
+    profile = Profile(lengths=lengths)
+    ids = [f"s-{step:05d}/p{p:03d}/{k}" for step in range(40) for p in range(64) for k in range(8)]
+    got = profile.response_lengths(ids)
+    assert np.array_equal(got, profile.response_lengths(ids))  # drawn from the sample id: a re-issue, the same
+    assert abs(got.mean() / profile.response_tokens - 1) < 0.03 and got.min() >= 1
+    assert got.max() <= profile.max_response_tokens
+    p50, p99 = np.percentile(got, [50, 99])
+    assert tail[0] <= p99 / p50 <= tail[1]
+    # a shard waits for its longest answer: with a long tail the expected shard takes longer than with fixed lengths
+    assert profile.shard_seconds([512] * 8) == max(8 * 512 / 6000, 512 / 100)  # 8 answers of 512: one stream's time
+    assert profile.shard_seconds([100] * 7 + [2000]) == 2000 / 100               # the longest answer's time
+    assert profile.gen_seconds(8) >= Profile().gen_seconds(8) - 1e-9
+    if lengths == "long_tail":
+        assert profile.gen_seconds(8) > 1.8 * Profile().gen_seconds(8)
+    with pytest.raises(ValueError, match="Profile.lengths='gamma'"):
+        Profile(lengths="gamma")
+
+
+def test_stand_in_engine_takes_its_samples_lengths(toy_world):
+    """The stand-in engine (called in this process, no actor) reports the tokens its samples' drawn lengths add up to,
+    and takes the time its shard's longest answer needs."""
+    import time
+
+    from rlaif_lab.stand_ins import Profile, StandInEngine
+    from rlaif_ray.config import load_config
+    from rlaif_ray.data.prompts import load_prompts
+
+    cfg = load_config(ROOT / "jobs/configs/scale_sim.yaml", ["rollout.samples_per_prompt=4"])
+    profile = Profile(lengths="long_tail", time_scale=0.001)
+    engine = type("Engine", (StandInEngine,), {"profile": profile})(toy_world.policy, cfg.model_dump())
+    prompts = load_prompts(toy_world.prompts)
+    t0 = time.perf_counter()
+    table, stats = engine.generate(prompts, [3, 7, 11], step=5)
+    took = time.perf_counter() - t0
+    lengths = profile.response_lengths(table.column("sample_id").to_pylist())
+    assert table.num_rows == 12 and stats["gen_tokens"] == int(lengths.sum())
+    assert took >= profile.shard_seconds(lengths) * profile.time_scale * 0.95
+    assert stats["gen_seconds"] == pytest.approx(max(took, profile.shard_seconds(lengths) * profile.time_scale), rel=0.2)
