@@ -18,9 +18,9 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "smol_rlaif.yaml"
 JUDGES = {"untuned": ("SmolLM2 judge, untuned", ["model.critic=smol"]),
           "tuned": ("SmolLM2 judge, tuned (smol_judge)", [])}
 # reward models start from the policy's checkpoint: the tuned judge learned from the checker, and the comparison is
-# of the labels, not of a backbone that already knows the answer; 60 minibatches of 32 pairs before RL, no refit
+# of the labels, not of a backbone that already knows the answer; 30 minibatches of 32 pairs before RL (about 8 min on one core), no refit
 REWARD_MODEL = {"reward.kind": "reward_model", "reward.model": "policy", "learner.advantage": "grpo",
-                "reward.refresh_every": 0, "reward.warmup_steps": 60, "reward.label_share": 0}
+                "reward.refresh_every": 0, "reward.warmup_steps": 30, "reward.label_share": 0}
 RUNS = {  # name -> (claim, what its reward is, overrides; FILE_AI / FILE_HUMAN: the files the study writes)
     "rlaif_tuned": ("2", "tuned judge, pairwise (PPO)", []),
     "rlaif_untuned": ("2", "untuned judge, pairwise (PPO)", ["model.critic=smol"]),
@@ -38,14 +38,17 @@ def run(chosen: list[str], out: Path, rater_noise: float, seed: int, label_figur
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"config": str(CONFIG.relative_to(CONFIG.parents[2])), "seed": seed, "judges": {}, "runs": {}}
     heldout = None
-    for key, (label, overrides) in JUDGES.items():
+    # claim 1 alone needs only the tuned judge's pairwise labels (its AI file); claims 2-3 compare both judges
+    judges = {k: v for k, v in JUDGES.items() if k == "tuned" or {"2", "3"} & set(chosen)}
+    methods = ("pairwise", "self_reference") if "3" in chosen else ("pairwise",)
+    for key, (label, overrides) in judges.items():
         cfg = load_config(CONFIG, [*overrides, f"loop.seed={seed}"])
         files = key == "tuned" and "1" in chosen
-        figures = label_figures(cfg, out, rater_noise, files=files, methods=("pairwise", "self_reference"))
+        figures = label_figures(cfg, out, rater_noise, files=files, methods=methods)
         pair = figures["methods"]["pairwise"]
         result["judges"][key] = {"label": label, **pair["orders"], "first_slot_rate": pair["first_slot_rate"],
                                  "unparsable_share": pair["unparsable_share"],
-                                 "self_reference": figures["methods"]["self_reference"]["truth_agreement"]}
+                                 "self_reference": (figures["methods"].get("self_reference") or {}).get("truth_agreement")}
         result["batch"] = figures["batch"]
         if files:
             result["files"], heldout = figures["files"], figures["heldout_pairs"]
@@ -81,7 +84,13 @@ def verdicts(r: dict) -> list[str]:
                            f"held-out sampled gain {gain['untuned']:+.3f} -> {gain['tuned']:+.3f}"))
     if "rlaif_rm" in runs and "rlhf_rm" in runs:
         a, h = runs["rlaif_rm"]["accuracy_sampled"], runs["rlhf_rm"]["accuracy_sampled"]
-        out.append(verdict(a >= h - TOLERANCE, "RLAIF is comparable to RLHF (held-out accuracy within 0.05 or better)",
+        before = runs["rlaif_rm"]["before_sampled"]
+        # both policies ending below where they started: each reward model was exploited, and which one was exploited
+        # less says nothing about RLAIF against RLHF
+        holds = None if max(a, h) < before else a >= h - TOLERANCE
+        out.append(verdict(holds, "RLAIF is comparable to RLHF (held-out accuracy within 0.05 or better)",
+                           (f"both policies ended below the initial {before:.3f}: the reward models were exploited; "
+                            if holds is None else "") +
                            f"held-out sampled {a:.3f} with the tuned judge's labels vs {h:.3f} with simulated human "
                            f"labels; reward models agree with the truth on {_f(runs['rlaif_rm'].get('rm_truth_agreement'))}"
                            f" vs {_f(runs['rlhf_rm'].get('rm_truth_agreement'))} of held-out pairs"))

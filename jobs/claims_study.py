@@ -261,7 +261,10 @@ def main(argv=None) -> int:
         if not (out / "claims.json").is_file():
             print(f"claims_study: error: --report-only reads {out / 'claims.json'}, which is not there", file=sys.stderr)
             return 2
-        return write_outputs(json.loads((out / "claims.json").read_text()), out)
+        study = json.loads((out / "claims.json").read_text())
+        if "smol" in study:  # the SmolLM2 verdicts read again from its figures (their rules may have changed)
+            study["smol"]["verdicts"] = claims_smol.verdicts(study["smol"])
+        return write_outputs(study, out)
     out.mkdir(parents=True, exist_ok=True)
     chosen = [k for k in args.claims.split(",") if k]
     runs = [r for r in args.runs.split(",") if r]

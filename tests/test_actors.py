@@ -35,6 +35,25 @@ def test_a_batch_split_into_shards_samples_what_it_samples_whole(engines, prompt
     assert unshifted.column("response_token_ids").to_pylist() != parts[1].column("response_token_ids").to_pylist()
 
 
+def test_groups_stream_out_one_table_each_with_what_the_shard_samples_whole(engines, prompts_ref):
+    """generate_groups (issue 29): each prompt group comes back as its own table as vLLM finishes it, the same
+    samples token for token as one `generate` call of the shard, then the call's stats."""
+    indices, n = [3, 8, 21, 40, 55], engines["cfg"].rollout.samples_per_prompt
+    whole, whole_stats = ray.get(engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, indices, 6, 2))
+    refs = list(engines["rollout"].generate_groups.options(num_returns="streaming").remote(prompts_ref, indices, 6, 2))
+    *groups, stats = ray.get(refs)
+    assert len(groups) == len(indices) and isinstance(stats, dict)
+    for g in groups:  # a whole group per table: one prompt, every sample of it
+        schemas.validate(g, "rollouts")
+        assert len(set(g.column("prompt_id").to_pylist())) == 1 and g.column("group_index").to_pylist() == list(range(n))
+    by_id = {sid: toks for g in groups for sid, toks in zip(g.column("sample_id").to_pylist(),
+                                                            g.column("response_token_ids").to_pylist())}
+    assert by_id == dict(zip(whole.column("sample_id").to_pylist(), whole.column("response_token_ids").to_pylist()))
+    assert (stats["gen_samples"], stats["gen_tokens"]) == (whole_stats["gen_samples"], whole_stats["gen_tokens"])
+    assert len(stats["group_seconds"]) == len(indices) and stats["group_seconds"] == sorted(stats["group_seconds"])
+    assert stats["policy_version"] == whole_stats["policy_version"]
+
+
 def test_rollout_generates_n_samples_with_logprobs(engines, prompts_ref):
     table, stats = generate(engines, prompts_ref, [0, 5, 9])
     table = schemas.validate(table, "rollouts")

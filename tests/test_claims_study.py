@@ -112,6 +112,11 @@ def test_the_smol_claims_read_their_verdicts_from_the_figures(tmp_path):
     assert "**does not hold here**" not in held[0] and "both orders" in held[0]  # 0.5 vs 0.5: averaging is no worse
     worse = smol_section(tuned_gain=-0.2)["verdicts"]  # the tuned judge's policy gained less than the untuned one's
     assert "a better labeler gives a better policy" in worse[2] and "**does not hold here**" in worse[2]
+    section = smol_section(0.4)
+    for name, after in (("rlaif_rm", 0.2), ("rlhf_rm", 0.1)):  # both below the initial 0.4: both reward models exploited
+        section["runs"][name]["accuracy_sampled"] = after
+    exploited = job_module("claims_smol").verdicts(section)[-1]
+    assert "**not measurable here**" in exploited and "reward models were exploited" in exploited
     claims_study = job_module("claims_study")
     study = {"config": "jobs/configs/toy_cpu.yaml", "overrides": [], "seeds": [0], "rater_noise": 0.25, "steps": 24,
              "claims": {}, "smol": smol_section(0.4), "wall_seconds": 3600}

@@ -77,30 +77,67 @@ class RolloutWorker:
         return [[float(step[tok].logprob) for tok, step in zip(ids[1:], out.prompt_logprobs[1:])]
                 for ids, out in zip(token_ids, outs)]
 
-    def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
-        """Sample `rollout.samples_per_prompt` responses for prompts[indices]; `step` names the batch, `first` is the
-        position of indices[0] in it (a shard's offset: each prompt's sampling seed follows its batch position)."""
+    def _requests(self, prompts: pa.Table, indices: list[int], step: int, first: int) -> tuple[list[dict], list]:
+        """The prompt rows of `indices` and one SamplingParams each: `rollout.samples_per_prompt` samples, seeded by
+        the prompt's position in its batch (`first` + i), so a batch samples the same however it is split."""
         from vllm import SamplingParams
 
-        self._injected_pause("hang_generate")
-        t_start = time.perf_counter()
         r = self.cfg.rollout
         rows = prompts.take(pa.array(indices, pa.int64())).to_pylist()
         params = [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
                                  max_tokens=r.max_new_tokens, logprobs=0,
                                  seed=self.cfg.loop.seed * 1_000_003 + step * 10_007 + first + i)
                   for i in range(len(rows))]
+        return rows, params
+
+    def _group(self, step: int, row: dict, out) -> list:
+        return [(schemas.sample_id(step, row["prompt_id"], k), k, row, out, sample) for k, sample in enumerate(out.outputs)]
+
+    def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
+        """Sample `rollout.samples_per_prompt` responses for prompts[indices]; `step` names the batch, `first` is the
+        position of indices[0] in it (a shard's offset: each prompt's sampling seed follows its batch position)."""
+        self._injected_pause("hang_generate")
+        t_start = time.perf_counter()
+        rows, params = self._requests(prompts, indices, step, first)
         t0 = time.perf_counter()
         outputs = self.llm.generate(self._engine_inputs(rows), params, use_tqdm=False)
         engine_seconds = time.perf_counter() - t0
-        samples = [(schemas.sample_id(step, row["prompt_id"], k), k, row, out, sample)
-                   for row, out in zip(rows, outputs) for k, sample in enumerate(out.outputs)]
+        samples = [x for row, out in zip(rows, outputs) for x in self._group(step, row, out)]
         table = self._rollout_table(samples)
         num_tokens = sum(len(sample.token_ids) for *_, sample in samples)
         stats = {"gen_seconds": time.perf_counter() - t_start, "engine_seconds": engine_seconds,
                  "gen_tokens": num_tokens, "gen_samples": table.num_rows, "policy_version": self.version,
                  "worker": self.worker_index}
         return table, stats
+
+    def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0):
+        """`generate` one prompt group at a time (issue 29): a Ray generator that yields each group's `rollouts` table
+        the moment vLLM finishes its last sample (per-request completion, the shard's prompts batched together as in
+        `generate`, the same seeds, so the same samples), then the call's stats dict with `group_seconds`: when each
+        group was done, in seconds from the call's start, in the order they were yielded. Call it with
+        `.options(num_returns="streaming")`."""
+        self._injected_pause("hang_generate")
+        t_start = time.perf_counter()
+        rows, params = self._requests(prompts, indices, step, first)
+        # enqueue answers vLLM's internal ids ("<counter>-<8 random characters>"), outputs carry the counter alone
+        ids = self.llm.enqueue(self._engine_inputs(rows), params, use_tqdm=False)
+        waiting = {rid.rsplit("-", 1)[0]: row for rid, row in zip(ids, rows)}
+        engine, tokens, samples, done = self.llm.llm_engine, 0, 0, []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                group = self._group(step, waiting.pop(out.request_id), out)
+                tokens += sum(len(sample.token_ids) for *_, sample in group)
+                samples += len(group)
+                done.append(time.perf_counter() - t_start)
+                yield self._rollout_table(group)
+        if waiting:  # a request vLLM never finished: the call fails rather than leave a group out
+            raise RuntimeError(f"rollout worker {self.worker_index}: {len(waiting)} prompt groups of step {step} "
+                               "never finished")
+        yield {"gen_seconds": time.perf_counter() - t_start, "engine_seconds": time.perf_counter() - t_start,
+               "gen_tokens": tokens, "gen_samples": samples, "policy_version": self.version,
+               "worker": self.worker_index, "group_seconds": done}
 
     def respond(self, prompts: pa.Table, temperature: float, tag: str) -> pa.Table:
         """One response per prompt (greedy at temperature 0, else seeded), sample ids `tag/prompt_id`."""
