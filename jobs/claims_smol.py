@@ -18,7 +18,8 @@ CONFIG = Path(__file__).resolve().parent / "configs" / "smol_rlaif.yaml"
 JUDGES = {"untuned": ("SmolLM2 judge, untuned", ["model.critic=smol"]),
           "tuned": ("SmolLM2 judge, tuned (smol_judge)", [])}
 # reward models start from the policy's checkpoint: the tuned judge learned from the checker, and the comparison is
-# of the labels, not of a backbone that already knows the answer; 30 minibatches of 32 pairs before RL (about 8 min on one core), no refit
+# of the labels, not of a backbone that already knows the answer; 30 minibatches of 32 pairs before RL (about 8 min
+# on one core), no refit
 REWARD_MODEL = {"reward.kind": "reward_model", "reward.model": "policy", "learner.advantage": "grpo",
                 "reward.refresh_every": 0, "reward.warmup_steps": 30, "reward.label_share": 0}
 RUNS = {  # name -> (claim, what its reward is, overrides; FILE_AI / FILE_HUMAN: the files the study writes)

@@ -86,7 +86,8 @@ def write_outputs(out: Path, profile, sweeps: dict, results: dict, meta: dict) -
     paths = [out / "scale_sim.json", out / "scale_sim.md", out / "scale_sim.png"]
     paths[0].write_text(json.dumps(data, indent=1))
     scales = sorted({r["time_scale"] for r in results.values()})
-    md = [f"Profile: {profile.name}; response lengths {profile.lengths} (mean {profile.response_tokens} tokens); time scale {scales[0]:.3g}–{scales[-1]:.3g} simulated seconds per profiled second "
+    md = [f"Profile: {profile.name}; response lengths {profile.lengths} (mean {profile.response_tokens} tokens); "
+          f"time scale {scales[0]:.3g}–{scales[-1]:.3g} simulated seconds per profiled second "
           "(per configuration: its sync step simulated in a few seconds)."]
     for name, shapes in sweeps.items():
         if shapes:
