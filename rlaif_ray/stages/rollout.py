@@ -91,7 +91,15 @@ class RolloutWorker:
         return rows, params
 
     def _group(self, step: int, row: dict, out) -> list:
-        return [(schemas.sample_id(step, row["prompt_id"], k), k, row, out, sample) for k, sample in enumerate(out.outputs)]
+        """One prompt's samples as `_rollout_table` takes them."""
+        return [(schemas.sample_id(step, row["prompt_id"], k), k, row, out, sample)
+                for k, sample in enumerate(out.outputs)]
+
+    def _gen_stats(self, t_start: float, engine_seconds: float, samples: list) -> dict:
+        """The stats of a generate call (either kind) that produced `samples`."""
+        return {"gen_seconds": time.perf_counter() - t_start, "engine_seconds": engine_seconds,
+                "gen_tokens": sum(len(sample.token_ids) for *_, sample in samples), "gen_samples": len(samples),
+                "policy_version": self.version, "worker": self.worker_index}
 
     def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
         """Sample `rollout.samples_per_prompt` responses for prompts[indices]; `step` names the batch, `first` is the
@@ -103,12 +111,7 @@ class RolloutWorker:
         outputs = self.llm.generate(self._engine_inputs(rows), params, use_tqdm=False)
         engine_seconds = time.perf_counter() - t0
         samples = [x for row, out in zip(rows, outputs) for x in self._group(step, row, out)]
-        table = self._rollout_table(samples)
-        num_tokens = sum(len(sample.token_ids) for *_, sample in samples)
-        stats = {"gen_seconds": time.perf_counter() - t_start, "engine_seconds": engine_seconds,
-                 "gen_tokens": num_tokens, "gen_samples": table.num_rows, "policy_version": self.version,
-                 "worker": self.worker_index}
-        return table, stats
+        return self._rollout_table(samples), self._gen_stats(t_start, engine_seconds, samples)
 
     def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0):
         """`generate` one prompt group at a time (issue 29): a Ray generator that yields each group's `rollouts` table
@@ -122,22 +125,19 @@ class RolloutWorker:
         # enqueue answers vLLM's internal ids ("<counter>-<8 random characters>"), outputs carry the counter alone
         ids = self.llm.enqueue(self._engine_inputs(rows), params, use_tqdm=False)
         waiting = {rid.rsplit("-", 1)[0]: row for rid, row in zip(ids, rows)}
-        engine, tokens, samples, done = self.llm.llm_engine, 0, 0, []
+        engine, samples, done = self.llm.llm_engine, [], []
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if not out.finished:
                     continue
                 group = self._group(step, waiting.pop(out.request_id), out)
-                tokens += sum(len(sample.token_ids) for *_, sample in group)
-                samples += len(group)
+                samples += group
                 done.append(time.perf_counter() - t_start)
                 yield self._rollout_table(group)
         if waiting:  # a request vLLM never finished: the call fails rather than leave a group out
             raise RuntimeError(f"rollout worker {self.worker_index}: {len(waiting)} prompt groups of step {step} "
                                "never finished")
-        yield {"gen_seconds": time.perf_counter() - t_start, "engine_seconds": time.perf_counter() - t_start,
-               "gen_tokens": tokens, "gen_samples": samples, "policy_version": self.version,
-               "worker": self.worker_index, "group_seconds": done}
+        yield {**self._gen_stats(t_start, time.perf_counter() - t_start, samples), "group_seconds": done}
 
     def respond(self, prompts: pa.Table, temperature: float, tag: str) -> pa.Table:
         """One response per prompt (greedy at temperature 0, else seeded), sample ids `tag/prompt_id`."""
