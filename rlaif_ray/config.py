@@ -476,6 +476,10 @@ class LoopConfig(_Section):
     num_steps: int = Field(6, ge=1)
     max_staleness: int = Field(1, ge=0)   # samples more than this many versions old are dropped
     max_inflight: int = Field(1, ge=0)    # batches generated ahead of the learner (0 in sync mode)
+    # "batch": each step's batch goes through every stage as one call per shard; "groups": prompt groups flow through
+    # the stages as their engine finishes them and the learner takes data.prompts_per_step finished groups, oldest
+    # first (rlaif_ray.runtime.streaming); a step's tail no longer holds the judge and the learner
+    flow: Literal["batch", "groups"] = "batch"
     eval_samples: int = Field(4, ge=0)    # before/after the run: samples per prompt for ground-truth accuracy (0: off)
     seed: int = 0
 
@@ -660,6 +664,10 @@ class RunConfig(_Section):
                 raise ValueError("learner.colocate=true: an engine and a learner rank on one GPU cannot be in one NCCL "
                                  "group (NCCL refuses two ranks on one device); colocated engines take the weights "
                                  "through host memory: sync.method=auto or object_store")
+        if self.loop.flow == "groups" and (lcfg.algorithm == "sft" or lcfg.colocate or self.reward.label_share < 1):
+            raise ValueError("loop.flow=groups streams rollouts through the judge to the learner: it does not take "
+                             "learner.algorithm=sft, learner.colocate=true or reward.label_share < 1 yet; use "
+                             "loop.flow=batch for those")
         if lcfg.reference == "none" and (lcfg.algorithm in ("dpo", "ipo") or (lcfg.algorithm == "ppo" and lcfg.kl() > 0)):
             raise ValueError(f"learner.reference=none, but learner.algorithm={lcfg.algorithm} with kl_coef={lcfg.kl()} "
                              "compares with the reference policy: set learner.kl_coef=0 (ppo) or choose a placement")

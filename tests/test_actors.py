@@ -36,21 +36,28 @@ def test_a_batch_split_into_shards_samples_what_it_samples_whole(engines, prompt
 
 
 def test_groups_stream_out_one_table_each_with_what_the_shard_samples_whole(engines, prompts_ref):
-    """generate_groups (issue 29): each prompt group comes back as its own table as vLLM finishes it, the same
-    samples token for token as one `generate` call of the shard, then the call's stats."""
+    """generate_groups (loop.flow=groups): each prompt group comes back as its own table as vLLM finishes it, then a
+    dict naming it; the same samples token for token as one `generate` call of the shard; then the call's stats."""
     indices, n = [3, 8, 21, 40, 55], engines["cfg"].rollout.samples_per_prompt
     whole, whole_stats = ray.get(engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, indices, 6, 2))
-    refs = list(engines["rollout"].generate_groups.options(num_returns="streaming").remote(prompts_ref, indices, 6, 2))
-    *groups, stats = ray.get(refs)
-    assert len(groups) == len(indices) and isinstance(stats, dict)
-    for g in groups:  # a whole group per table: one prompt, every sample of it
+    refs = list(engines["rollout"].generate_groups.options(num_returns="streaming").remote(
+        prompts_ref, indices, 6, [2, 3, 4, 5, 6]))
+    *pairs, stats = ray.get(refs)
+    groups, names = pairs[0::2], pairs[1::2]
+    assert len(groups) == len(names) == len(indices) and isinstance(stats, dict)
+    prompt_of = dict(zip(range(2, 7), ray.get(prompts_ref).take(indices).column("prompt_id").to_pylist()))
+    for g, name in zip(groups, names):  # a whole group per table: one prompt, every sample of it, named by position
         schemas.validate(g, "rollouts")
-        assert len(set(g.column("prompt_id").to_pylist())) == 1 and g.column("group_index").to_pylist() == list(range(n))
+        assert set(g.column("prompt_id").to_pylist()) == {prompt_of[name["position"]]}
+        assert g.column("group_index").to_pylist() == list(range(n))
+        assert (name["samples"], name["version"]) == (n, 0)
+        assert name["tokens"] == sum(len(t) for t in g.column("response_token_ids").to_pylist())
+    assert sorted(name["position"] for name in names) == list(range(2, 7))
     by_id = {sid: toks for g in groups for sid, toks in zip(g.column("sample_id").to_pylist(),
                                                             g.column("response_token_ids").to_pylist())}
     assert by_id == dict(zip(whole.column("sample_id").to_pylist(), whole.column("response_token_ids").to_pylist()))
     assert (stats["gen_samples"], stats["gen_tokens"]) == (whole_stats["gen_samples"], whole_stats["gen_tokens"])
-    assert len(stats["group_seconds"]) == len(indices) and stats["group_seconds"] == sorted(stats["group_seconds"])
+    assert [name["seconds"] for name in names] == stats["group_seconds"]
     assert stats["policy_version"] == whole_stats["policy_version"]
 
 

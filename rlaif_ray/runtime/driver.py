@@ -22,6 +22,7 @@ from rlaif_ray.runtime.faults import LearnerFailure, RunStopped
 from rlaif_ray.runtime.inputs import Resolved, resolve_inputs
 from rlaif_ray.runtime.metrics import MetricsWriter
 from rlaif_ray.runtime.orchestrator import Orchestrator
+from rlaif_ray.runtime.streaming import StreamingOrchestrator
 from rlaif_ray.runtime.placement import check_resources
 from rlaif_ray.runtime.report import write_report
 from rlaif_ray.runtime.trackers import Trackers
@@ -91,7 +92,7 @@ def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, stat
         checkpoint.truncate_lines(run_dir / "metrics.jsonl", state["metrics_lines"])
         checkpoint.truncate_lines(run_dir / "samples.jsonl", state["ledger_lines"])
     t0 = time.perf_counter()
-    orch = Orchestrator(cfg, resolved, stand_ins)
+    orch = (StreamingOrchestrator if cfg.loop.flow == "groups" else Orchestrator)(cfg, resolved, stand_ins)
     startup = time.perf_counter() - t0
     writer = MetricsWriter(run_dir, cfg.output.tensorboard, cfg.loop.num_steps if cfg.output.progress else None,
                            first_step=state["step"] if state else 0, trackers=trackers)

@@ -513,7 +513,7 @@ class Orchestrator:
         cfg, tally, wall = self.cfg, loop.tally, loop.wall()
         gen_actors = len(self.critics) if cfg.learner.algorithm == "sft" else len(self.rollouts)
         summary = {**tally.totals, "final_version": self.version, "wall_seconds": wall,
-                   "samples_per_s": tally.totals["generated"] / wall, "mode": cfg.loop.mode,
+                   "samples_per_s": tally.totals["generated"] / wall, "mode": cfg.loop.mode, "flow": cfg.loop.flow,
                    "algorithm": cfg.learner.algorithm,
                    "busy_fraction": busy_fractions(tally.busy, wall, {"gen": gen_actors, "label": len(self.critics),
                                                                       "reward": 1, "train": 1}),

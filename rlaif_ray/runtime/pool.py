@@ -38,10 +38,11 @@ class ActorPool:
             self.prune()
         return [len(queue) for queue in self._pending]
 
-    def pick(self, prune: bool = True) -> int:
+    def pick(self, prune: bool = True, loads: list[int] | None = None) -> int:
         """Index of the least-loaded actor (fewest unfinished calls); ties go round-robin. `prune=False`: by the
-        counts as they were at the last prune, plus the calls tracked since."""
-        loads = self.loads(prune)
+        counts as they were at the last prune, plus the calls tracked since; `loads`: by counts the caller keeps
+        (streaming calls, which no single ref completes)."""
+        loads = self.loads(prune) if loads is None else loads
         n = len(self.actors)
         best = min(range(n), key=lambda k: (loads[(self._next + k) % n], k))
         index = (self._next + best) % n

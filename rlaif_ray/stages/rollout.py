@@ -77,17 +77,17 @@ class RolloutWorker:
         return [[float(step[tok].logprob) for tok, step in zip(ids[1:], out.prompt_logprobs[1:])]
                 for ids, out in zip(token_ids, outs)]
 
-    def _requests(self, prompts: pa.Table, indices: list[int], step: int, first: int) -> tuple[list[dict], list]:
+    def _requests(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int]) -> tuple[list[dict], list]:
         """The prompt rows of `indices` and one SamplingParams each: `rollout.samples_per_prompt` samples, seeded by
-        the prompt's position in its batch (`first` + i), so a batch samples the same however it is split."""
+        the prompt's position in its batch (`positions[i]`), so a batch samples the same however it is split."""
         from vllm import SamplingParams
 
         r = self.cfg.rollout
         rows = prompts.take(pa.array(indices, pa.int64())).to_pylist()
         params = [SamplingParams(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
                                  max_tokens=r.max_new_tokens, logprobs=0,
-                                 seed=self.cfg.loop.seed * 1_000_003 + step * 10_007 + first + i)
-                  for i in range(len(rows))]
+                                 seed=self.cfg.loop.seed * 1_000_003 + step * 10_007 + position)
+                  for position in positions]
         return rows, params
 
     def _group(self, step: int, row: dict, out) -> list:
@@ -106,34 +106,39 @@ class RolloutWorker:
         position of indices[0] in it (a shard's offset: each prompt's sampling seed follows its batch position)."""
         self._injected_pause("hang_generate")
         t_start = time.perf_counter()
-        rows, params = self._requests(prompts, indices, step, first)
+        rows, params = self._requests(prompts, indices, step, list(range(first, first + len(indices))))
         t0 = time.perf_counter()
         outputs = self.llm.generate(self._engine_inputs(rows), params, use_tqdm=False)
         engine_seconds = time.perf_counter() - t0
         samples = [x for row, out in zip(rows, outputs) for x in self._group(step, row, out)]
         return self._rollout_table(samples), self._gen_stats(t_start, engine_seconds, samples)
 
-    def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0):
-        """`generate` one prompt group at a time (issue 29): a Ray generator that yields each group's `rollouts` table
-        the moment vLLM finishes its last sample (per-request completion, the shard's prompts batched together as in
-        `generate`, the same seeds, so the same samples), then the call's stats dict with `group_seconds`: when each
-        group was done, in seconds from the call's start, in the order they were yielded. Call it with
+    def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int]):
+        """`generate` one prompt group at a time (loop.flow: groups): a Ray generator that yields, for each prompt group
+        the moment vLLM finishes its last sample, its `rollouts` table and then a small dict naming it (`position`:
+        its prompt's position in the batch, `version`, `tokens`, `samples`, `seconds` since the call started), so
+        the driver knows which group a table is without fetching it; after the last group, the call's stats.
+        The shard's prompts are batched together as in `generate`, with the same seeds (`positions[i]` is
+        indices[i]'s position in its batch), so the samples are the same. Call it with
         `.options(num_returns="streaming")`."""
         self._injected_pause("hang_generate")
         t_start = time.perf_counter()
-        rows, params = self._requests(prompts, indices, step, first)
+        rows, params = self._requests(prompts, indices, step, positions)
         # enqueue answers vLLM's internal ids ("<counter>-<8 random characters>"), outputs carry the counter alone
         ids = self.llm.enqueue(self._engine_inputs(rows), params, use_tqdm=False)
-        waiting = {rid.rsplit("-", 1)[0]: row for rid, row in zip(ids, rows)}
+        waiting = {rid.rsplit("-", 1)[0]: (row, pos) for rid, row, pos in zip(ids, rows, positions)}
         engine, samples, done = self.llm.llm_engine, [], []
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if not out.finished:
                     continue
-                group = self._group(step, waiting.pop(out.request_id), out)
+                row, position = waiting.pop(out.request_id)
+                group = self._group(step, row, out)
                 samples += group
                 done.append(time.perf_counter() - t_start)
                 yield self._rollout_table(group)
+                yield {"position": position, "version": self.version, "samples": len(group), "seconds": done[-1],
+                       "tokens": sum(len(sample.token_ids) for *_, sample in group), "worker": self.worker_index}
         if waiting:  # a request vLLM never finished: the call fails rather than leave a group out
             raise RuntimeError(f"rollout worker {self.worker_index}: {len(waiting)} prompt groups of step {step} "
                                "never finished")

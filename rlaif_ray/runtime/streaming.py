@@ -1,0 +1,344 @@
+"""Group-level streaming (`loop.flow: groups`): prompt groups flow through the stages as their engine finishes them.
+
+Batch mode (rlaif_ray.runtime.orchestrator) sends a step's batch through every stage as one call per shard: the
+slowest answer of a shard holds the shard, the judge starts when the shard is complete, the learner waits for the
+whole batch. Here an engine's shard call is a Ray generator (`RolloutWorker.generate_groups`) that hands back each
+prompt group the moment vLLM finishes its last sample; the driver sends that group at once to the least-loaded
+judge and then to the scorer (one `label` and one `score` call per group), and the learner takes
+`data.prompts_per_step` finished groups per step, oldest first (by step, then batch position), from a bounded
+buffer: new prompts are launched a whole step at a time only while at most `loop.max_inflight` steps' worth of
+groups are in flight beyond the step the learner takes next (backpressure, as batch mode bounds its batches).
+
+A group's sample ids stay (step, prompt, k) and its sampling seed follows its position in its step's batch, so the
+groups, the ledger and (in sync mode, where only one step's groups are in flight) the learning are those of batch
+mode. Staleness is per sample as before: a group that waited in the buffer past `loop.max_staleness` versions is
+dropped by the learner and counted.
+
+Faults work per group: a shard call whose engine died (or restarted and lost its weights, or hung past
+`fault.stage_timeout_s`) loses only the groups it had not handed back, which are re-issued under the same ids; a
+group whose judge or scorer died is labelled and scored again from its rollouts. A checkpoint keeps the groups not
+trained yet, which a resumed run launches again.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from rlaif_ray.config import JUDGELESS_REWARDS
+from rlaif_ray.runtime.accounting import merge_shard_stats
+from rlaif_ray.runtime.faults import RunStopped, StaleEngine, StageTimeout, is_actor_fault
+from rlaif_ray.runtime.orchestrator import InFlight, LoopState, Orchestrator, StageCall, shard_indices
+from rlaif_ray.stages.reward_functions import RewardFunctionError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Group:
+    """One prompt's samples on their way to the learner."""
+    step: int
+    index: int                   # the prompt's row in the prompt set
+    position: int                # its position in its step's batch: its sampling seed
+    expected_version: int        # the engine must hold at least this policy version
+    expected_rm: int             # ... and the scorer this reward-model state
+    rollouts: object = None      # ObjectRef of its `rollouts` table, once its engine handed it back
+    meta: dict | None = None     # what the engine said of it (version, samples, tokens, seconds, worker)
+    rewards: object = None       # ObjectRef of its `rewards` table
+    calls: list[StageCall] = field(default_factory=list)  # its label and reward calls
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.step, self.position
+
+
+@dataclass
+class Stream:
+    """One `generate_groups` call: a shard of groups on one engine."""
+    worker: int
+    step: int
+    groups: dict[int, Group]     # position -> the shard's groups not handed back yet
+    generator: object
+    table: object = None         # a group's table ref, waiting for the dict that names the group
+    timed_out: str | None = None  # why the driver killed its engine (fault.stage_timeout_s)
+
+
+class StreamingOrchestrator(Orchestrator):
+    """The Orchestrator with groups, not batches, as the unit that moves through the stages (module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.streams: list[Stream] = []
+        self.labelling: list[Group] = []   # handed back, label and reward calls under way
+        self.ready: list[Group] = []       # rewards done: the learner's buffer
+        self.gen_calls: list[dict] = []    # stats of shard calls that finished since the last step
+        self.faults["reissued_groups"] = 0
+
+    # ------------------------------------------------------------------ launching
+    def launch(self, step: int, indices: list[int] | None = None, positions: list[int] | None = None) -> None:
+        """Submit one step's prompt groups (refs only); `indices` and `positions` given: launch those groups again
+        (a resumed run's groups not trained yet), under the same sample ids and seeds."""
+        if indices is None:
+            indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
+        positions = list(range(len(indices))) if positions is None else positions
+        self._launch_groups([Group(step, i, p, self.synced_version, self.rm_loads) for i, p in zip(indices, positions)])
+
+    def _launch_groups(self, groups: list[Group]) -> None:
+        """Groups (of one step or several) as shard calls on the least-loaded engines, one step per call."""
+        pool = self.pools["rollout"]
+        for step in sorted({g.step for g in groups}):
+            mine = [g for g in groups if g.step == step]
+            for part in shard_indices(mine, min(self.cfg.rollout.shards_per_batch or len(pool), len(mine))):
+                loads = [0] * len(pool)
+                for s in self.streams:
+                    loads[s.worker] += 1
+                w = pool.pick(loads=loads)
+                gen = pool.actors[w].generate_groups.options(num_returns="streaming").remote(
+                    self.prompts_ref, [g.index for g in part], step, [g.position for g in part])
+                self.streams.append(Stream(w, step, {g.position: g for g in part}, gen))
+
+    def outstanding(self) -> int:
+        """Groups launched and not trained yet."""
+        return sum(len(s.groups) for s in self.streams) + len(self.labelling) + len(self.ready)
+
+    def fill_pipeline(self, loop: LoopState) -> None:
+        """Launch whole steps while at most `max_inflight` steps' worth of groups are in flight beyond the step the
+        learner takes next."""
+        per_step = self.cfg.data.prompts_per_step
+        while loop.launched < self.cfg.loop.num_steps and self.outstanding() <= loop.inflight_max * per_step:
+            self.launch(loop.launched)
+            loop.launched += 1
+
+    # ------------------------------------------------------------------ moving groups along
+    def _label_and_score(self, group: Group) -> None:
+        """A handed-back group's label call on the least-loaded judge (pools pruned by the caller), then its score."""
+        labels = group.rollouts
+        group.calls = []
+        if self.cfg.reward.kind not in JUDGELESS_REWARDS:
+            critic_pool = self.pools["critic"]
+            c = critic_pool.pick(prune=False)
+            labels, label_stats = critic_pool.actors[c].label.options(num_returns=2).remote(group.rollouts)
+            critic_pool.track(c, label_stats)
+            group.calls.append(StageCall("label", label_stats, "critic", c))
+            if self.rm_trainer is not None:
+                self.rm_trainer.add.remote(labels)
+        save = (str(self.run_dir / "labels" / f"step-{group.step:06d}-g{group.position:04d}.parquet")
+                if self.cfg.output.save_labels else None)
+        group.rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save_path=save)
+        self.pools["reward"].track(0, reward_stats)
+        group.calls.append(StageCall("reward", reward_stats, "reward", 0))
+        self.labelling.append(group)
+
+    def _advance(self, stream: Stream) -> None:
+        """Take the next ref a shard call handed back: a group's table, the dict naming that group (the group moves
+        on to its judge), or the call's closing stats. Raises the call's error (an actor fault, a stale engine)."""
+        try:
+            ref = next(stream.generator)
+        except StopIteration:
+            self.streams.remove(stream)
+            if stream.table is not None:
+                ray.get(stream.table)  # the call failed: its error came where a table was due
+            if stream.groups:
+                raise RuntimeError(f"rollout worker {stream.worker} ended step {stream.step}'s shard without "
+                                   f"{len(stream.groups)} of its groups")
+            return
+        if stream.table is None and stream.groups:
+            stream.table = ref
+            return
+        value = ray.get(ref)
+        if stream.table is None:  # every group handed back: the call's stats
+            self.gen_calls.append(value)
+            return
+        group = stream.groups.pop(value["position"])
+        group.rollouts, group.meta, stream.table = stream.table, value, None
+        if value["version"] < group.expected_version:
+            stream.groups[group.position] = group  # lost with the rest of the call
+            raise StaleEngine(f"engine {value['worker']} generated step {group.step} with version {value['version']}"
+                              f", expected >= {group.expected_version} (it restarted)")
+        self._label_and_score(group)
+
+    def _finish(self, group: Group) -> None:
+        """A group whose reward call finished: into the learner's buffer, once its stats say it is sound."""
+        self.labelling.remove(group)
+        stats = ray.get([call.stats for call in group.calls])
+        reward = stats[-1]
+        if reward["rm_version"] < group.expected_rm:
+            raise StaleEngine(f"the scorer scored a group of step {group.step} with reward model "
+                              f"{reward['rm_version']}, expected >= {group.expected_rm} (it restarted)")
+        group.meta = {**group.meta, "stage_stats": {call.stage: s for call, s in zip(group.calls, stats)}}
+        self.ready.append(group)
+
+    def _pump(self, timeout: float) -> bool:
+        """Move along every group and call that is ready, waiting at most `timeout` for the first; whether any was."""
+        waitables = [s.generator for s in self.streams] + [g.calls[-1].stats for g in self.labelling]
+        if not waitables:
+            return False
+        done, _ = ray.wait(waitables, num_returns=1, timeout=timeout, fetch_local=False)
+        if not done:
+            return False
+        done, _ = ray.wait(waitables, num_returns=len(waitables), timeout=0, fetch_local=False)
+        done_ids = {id(w) for w in done}
+        if "critic" in self.pools:
+            self.pools["critic"].prune()
+        for stream in [s for s in self.streams if id(s.generator) in done_ids]:
+            self._guard(lambda: self._drain(stream), lost=lambda: self._lose_stream(stream))
+        for group in [g for g in self.labelling if id(g.calls[-1].stats) in done_ids]:
+            self._guard(lambda: self._finish(group), lost=lambda: self._relabel(group))
+        return True
+
+    def _drain(self, stream: Stream) -> None:
+        """Every ref the call has handed back so far (a table and its naming dict come one right after the other)."""
+        self._advance(stream)
+        while stream in self.streams and ray.wait([stream.generator], timeout=0, fetch_local=False)[0]:
+            self._advance(stream)
+
+    # ------------------------------------------------------------------ faults
+    def _guard(self, work, lost) -> None:
+        """Run `work`; an actor fault in it costs what `lost` re-issues (after the stages are repaired)."""
+        try:
+            work()
+        except Exception as err:
+            if isinstance(getattr(err, "cause", None), RewardFunctionError):  # the user's reward: the message says
+                raise RunStopped(str(err.cause)) from None
+            if not is_actor_fault(err):
+                raise
+            self._fault(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", err, lost)
+
+    def _fault(self, reason: str, err: BaseException | None, lost) -> None:
+        self.faults["reissued_batches"] += 1  # here: calls lost to a fault (their groups are re-issued)
+        self.faults["events"].append(reason)
+        if self.faults["reissued_batches"] > self.cfg.fault.max_reissues:
+            raise RunStopped(f"{self.faults['reissued_batches']} calls lost to stage faults, over "
+                             f"fault.max_reissues={self.cfg.fault.max_reissues}; last: {reason}") from err
+        log.warning("groups lost to a stage fault (%s): repairing the stages and re-issuing them", reason)
+        self.recover()
+        lost()
+
+    def _lose_stream(self, stream: Stream) -> None:
+        """A shard call that failed: the groups it had not handed back go out again, same ids and seeds."""
+        if stream in self.streams:
+            self.streams.remove(stream)
+        groups = list(stream.groups.values())
+        for g in groups:
+            g.expected_version, g.expected_rm = self.synced_version, self.rm_loads
+        self.faults["reissued_groups"] += len(groups)
+        self._launch_groups(groups)
+
+    def _relabel(self, group: Group) -> None:
+        """A group whose judge or scorer failed: labelled and scored again from its rollouts."""
+        if group in self.labelling:
+            self.labelling.remove(group)
+        group.expected_rm = self.rm_loads
+        self.faults["reissued_groups"] += 1
+        for pool in ("critic", "reward"):
+            if pool in self.pools:
+                self.pools[pool].prune()
+        self._label_and_score(group)
+
+    def _kill_the_stuck(self, timeout: float) -> None:
+        """Nothing moved for `fault.stage_timeout_s`: the oldest call still open is alive but stuck (an engine hung in
+        `generate_groups`): its actor is killed, and its groups go the way of a dead actor's."""
+        if self.streams:
+            stream = self.streams[0]
+            stream.timed_out = (f"rollout actor {stream.worker} did not finish the gen call of step {stream.step} "
+                                f"within {timeout:.0f} s (fault.stage_timeout_s): killed")
+            ray.kill(self.pools["rollout"].actors[stream.worker], no_restart=True)
+            self.streams.remove(stream)
+            self._fault(stream.timed_out, StageTimeout(stream.timed_out), lambda: self._lose_stream(stream))
+            return
+        group = self.labelling[0]
+        finished = set(ray.wait([c.stats for c in group.calls], num_returns=len(group.calls), timeout=0)[0])
+        call = next(c for c in group.calls if c.stats not in finished)
+        reason = (f"{call.pool} actor {call.index} did not finish the {call.stage} call of a group of step "
+                  f"{group.step} within {timeout:.0f} s (fault.stage_timeout_s): killed")
+        ray.kill(self.pools[call.pool].actors[call.index], no_restart=True)
+        self._fault(reason, StageTimeout(reason), lambda: self._relabel(group))
+
+    # ------------------------------------------------------------------ the learner's side
+    def take(self, count: int) -> list[Group]:
+        """`count` finished groups, oldest first, waiting for them (and moving everything else along meanwhile)."""
+        timeout = self.cfg.fault.stage_timeout_s
+        quiet_since = time.monotonic()
+        while len(self.ready) < count:
+            if not self.streams and not self.labelling:
+                raise RuntimeError(f"the learner needs {count} groups, {len(self.ready)} are finished and none is "
+                                   "under way")
+            if self._pump(timeout=max(0.0, quiet_since + timeout - time.monotonic())):
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= timeout:
+                self._kill_the_stuck(timeout)
+                quiet_since = time.monotonic()
+        self._pump(timeout=0)  # whatever else finished: counted in this step's queues
+        self.ready.sort(key=lambda g: g.key)
+        taken, self.ready = self.ready[:count], self.ready[count:]
+        return taken
+
+    def step_stats(self, groups: list[Group]) -> dict:
+        """The stage stats of a step made of `groups`, in the shape batch mode's merged shard stats have: generation
+        from the groups (samples, tokens, the oldest version, the slowest group's seconds since its call started)
+        and the engines' busy seconds from the shard calls that finished since the last step."""
+        metas = [g.meta for g in groups]
+        calls, self.gen_calls = self.gen_calls, []
+        gen = {"gen_samples": sum(m["samples"] for m in metas), "gen_tokens": sum(m["tokens"] for m in metas),
+               "policy_version": min(m["version"] for m in metas), "gen_seconds": max(m["seconds"] for m in metas),
+               "worker": metas[0]["worker"], "shards": len(calls),
+               "busy_seconds": sum(c["gen_seconds"] for c in calls),
+               "engine_seconds": sum(c["engine_seconds"] for c in calls)}
+        per_stage: dict[str, list[dict]] = {}
+        for m in metas:
+            for stage, stats in m["stage_stats"].items():
+                per_stage.setdefault(stage, []).append(stats)
+        merged = merge_shard_stats(per_stage, {"label": len(self.critics), "reward": 1})
+        reward = merged.get("reward", {})
+        for key in [k for k in reward if k.startswith("reward_") and k != "reward_seconds"]:
+            reward[key] /= len(per_stage["reward"])  # reward.functions: each part's mean over the groups
+        return {"gen": gen, **merged}
+
+    def queue_depths(self, pending) -> dict:
+        return {"queue_gen": sum(len(s.groups) for s in self.streams),
+                "queue_label": self.pools["critic"].depth() if "critic" in self.pools else 0,
+                "queue_reward": self.pools["reward"].depth(), "queue_ready": len(self.ready)}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, writer, resume: dict | None = None) -> dict:
+        """Steps `start .. loop.num_steps-1`: keep groups flowing, take `prompts_per_step` finished ones, train on
+        them and sync the weights, log the step, checkpoint when due."""
+        loop = self.start_loop(resume or {})
+        per_step = self.cfg.data.prompts_per_step
+        for step in range(loop.start, self.cfg.loop.num_steps):
+            self.fill_pipeline(loop)
+            groups = self.take(per_step)
+            stats = self.step_stats(groups)
+            queues = self.queue_depths(None)
+            loop.pending = [None] * self.outstanding()  # the metrics' `inflight`: groups in flight
+            self.refit_reward_model_if_due(loop, step)
+            batch = InFlight(step, [g.index for g in groups], rewards=[g.rewards for g in groups])
+            result, train_wall, sync_stats = self.train_and_sync(loop, batch)
+            self.log_step(writer, loop, step, stats, result, train_wall, sync_stats, queues)
+            if self.cfg.checkpoint.every and (step + 1) % self.cfg.checkpoint.every == 0:
+                self.save(step + 1, self.loop_state(writer, loop))
+        while self.streams:  # the last shard calls' closing stats
+            self._pump(timeout=self.cfg.fault.stage_timeout_s)
+        self.gen_calls = []
+        self.finish_syncs(loop.sync)
+        return self.summary(loop)
+
+    def start_loop(self, resume: dict) -> LoopState:
+        """A fresh loop, or the one a checkpoint held, with its groups not trained yet launched again."""
+        loop = super().start_loop({k: v for k, v in resume.items() if k != "pending"})
+        for part in resume.get("pending", []):
+            self.launch(part["step"], part["indices"], part["positions"])
+        return loop
+
+    def loop_state(self, writer, loop: LoopState) -> dict:
+        """As batch mode's (`Orchestrator.loop_state`), with the groups not trained yet (per step: their prompt rows
+        and batch positions) where batch mode keeps its batches in flight."""
+        groups = [g for s in self.streams for g in s.groups.values()] + self.labelling + self.ready
+        steps = sorted({g.step for g in groups})
+        pending = [{"step": s, "indices": [g.index for g in groups if g.step == s],
+                    "positions": [g.position for g in groups if g.step == s]} for s in steps]
+        return {"launched": loop.launched, "pending": pending, **loop.tally.state(loop.wall()),
+                "metrics_lines": writer.metrics_lines, "ledger_lines": writer.ledger_lines,
+                "eval_before": self.eval_before}
