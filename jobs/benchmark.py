@@ -2,6 +2,9 @@
 figures printed side by side and written as JSON (compare across commits).
 
     python jobs/benchmark.py -c jobs/configs/toy_cpu.yaml loop.num_steps=60 --rounds 3 --out runs/bench
+    python jobs/benchmark.py -c jobs/configs/toy_cpu.yaml loop.num_steps=30 --flows --rounds 2 --out runs/bench-flows
+
+`--flows`: batch flow against group flow (`loop.flow`), both in the config's async mode, instead of sync against async.
 
 Also a Ray job: `ray job submit --working-dir . -- python jobs/benchmark.py -c ... ray.address=auto`.
 """
@@ -28,6 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the figures")
     parser.add_argument("--rounds", type=int, default=1, help="sync/async pairs; the median round is shown")
     parser.add_argument("--alone-batches", type=int, default=20, help="batches for the engine-alone measurement")
+    parser.add_argument("--flows", action="store_true", help="batch flow against group flow (loop.flow), both async")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
     try:
@@ -36,6 +40,8 @@ def main(argv=None) -> int:
         print(f"benchmark: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    if args.flows:
+        return run_flows(base, args, out)
     rounds = []  # per round: {"sync": figures, "async": figures, "windows": ...}
     for k in range(args.rounds):  # sync and async alternate, so slow spells of a shared machine hit both
         figures, windows = {}, {}
@@ -80,6 +86,40 @@ def main(argv=None) -> int:
               "rounds": rounds, "median_round": median}
     (out / "benchmark.json").write_text(json.dumps(result, indent=1))
     print(f"written: {out / 'benchmark.json'}")
+    return 0
+
+
+def run_flows(base, args, out: Path) -> int:
+    """`--flows`: the config async in batch flow and in group flow, alternating per round; the median round shown."""
+    from rlaif_ray.runtime.driver import train
+    from rlaif_ray.runtime.metrics import read_jsonl
+    from rlaif_lab.benchmark import format_flows, run_figures
+
+    rounds = []
+    for k in range(args.rounds):
+        figures = {}
+        for flow in ("batch", "groups"):
+            cfg = base.model_copy(deep=True)
+            cfg.loop.mode, cfg.loop.flow = "async", flow
+            cfg.loop.max_inflight = max(1, base.loop.max_inflight)
+            cfg.output.run_dir = str(out / (flow if args.rounds == 1 else f"round{k}_{flow}"))
+            cfg.output.progress, cfg.output.existing, cfg.output.save_checkpoint = False, "overwrite", False
+            summary = train(cfg)
+            figures[flow] = {**run_figures(read_jsonl(Path(cfg.output.run_dir) / "metrics.jsonl"), args.warmup),
+                             "busy_fraction": summary["busy_fraction"], "generated": summary["generated"],
+                             "trained": summary["trained"]}
+            print(f"[benchmark] round {k + 1}/{args.rounds} {flow} flow: {figures[flow]['samples_per_s']:.1f} "
+                  "samples/s", flush=True)
+        figures["groups_over_batch"] = figures["groups"]["samples_per_s"] / figures["batch"]["samples_per_s"]
+        rounds.append(figures)
+    ratios = [r["groups_over_batch"] for r in rounds]
+    median = sorted(range(len(rounds)), key=lambda i: ratios[i])[len(rounds) // 2]
+    print(format_flows(rounds[median]["batch"], rounds[median]["groups"]))
+    if len(rounds) > 1:
+        print(f"(the round with the median ratio; all rounds: {', '.join(f'{x:.2f}x' for x in ratios)})")
+    (out / "benchmark_flows.json").write_text(json.dumps({"config": args.config, "overrides": args.overrides,
+                                                          **rounds[median], "rounds": rounds}, indent=1))
+    print(f"written: {out / 'benchmark_flows.json'}")
     return 0
 
 

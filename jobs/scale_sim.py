@@ -6,11 +6,16 @@ H100-class engines, a 70B judge), sync and async, over a sweep of engine, judge 
     python jobs/scale_sim.py --out runs/scale                 # the sweep in docs/performance.md (~25 min on 2 cores)
     python jobs/scale_sim.py --out runs/scale --quick         # 1, 8, 64 engines only
     python jobs/scale_sim.py --out runs/scale-tail --quick --lengths long_tail   # long-tailed response lengths
+    python jobs/scale_sim.py --out runs/flows --flows --shapes 8x16x8,64x16x8 --lengths long_tail  # batch vs groups
 
 Per configuration: samples/s against the profile's bound, achieved / ideal overlap (async over sync speed-up over
 the sync run's (sum of stages) / (slowest stage)), the driver's own CPU seconds per step (all its threads, Ray's
 included) as a share of the simulated step and of the profiled one, queue depths and staleness. Writes
 OUT/scale_sim.json, OUT/scale_sim.md and OUT/scale_sim.png.
+
+`--flows`: per configuration, async in batch flow and in group flow (`loop.flow: groups`) side by side instead of sync
+and async: samples/s of each over the profile's async bound, the ratio, the engines' busy share, staleness and the
+driver's CPU; writes OUT/flows.json, OUT/flows.md and OUT/flows.png.
 """
 import argparse
 import json
@@ -27,13 +32,13 @@ SWEEPS = {  # name -> list of (engines, judges, learner ranks)
 QUICK = {"engines": [(e, 16, 8) for e in (1, 8, 64)], "judges": [], "ranks": []}
 
 
-def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: Path):
+def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: Path, flow: str = "batch"):
     cfg = base.model_copy(deep=True)
     cfg.rollout.num_workers, cfg.critic.num_workers, cfg.learner.num_learners = engines, judges, ranks
     # a stand-in sleeps most of its time: a hundredth of a logical CPU each, so 89 of them fit a laptop's Ray
     cfg.rollout.cpus_per_worker = cfg.critic.cpus_per_worker = cfg.learner.cpus_per_learner = cfg.reward.cpus = 0.01
     cfg.rollout.gpus_per_worker = cfg.critic.gpus_per_worker = cfg.learner.gpus_per_learner = 0.0
-    cfg.loop.mode = mode
+    cfg.loop.mode, cfg.loop.flow = mode, flow
     cfg.loop.max_inflight = 0 if mode == "sync" else max(1, base.loop.max_inflight)
     cfg.loop.eval_samples = 0
     cfg.sync.method = "object_store"  # the stand-in engines take the profile's broadcast time either way
@@ -42,15 +47,15 @@ def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: 
     return cfg
 
 
-def run_one(base, profile, shape, mode, out: Path, warmup: int) -> dict:
+def run_one(base, profile, shape, mode, out: Path, warmup: int, flow: str = "batch") -> dict:
     from rlaif_ray.runtime.driver import train
     from rlaif_ray.runtime.metrics import read_jsonl
     from rlaif_lab.benchmark import run_figures
     from rlaif_lab.stand_ins import stand_ins
 
     engines, judges, ranks = shape
-    run_dir = out / f"e{engines}-j{judges}-r{ranks}-{mode}"
-    cfg = sim_config(base, engines, judges, ranks, mode, run_dir)
+    run_dir = out / (f"e{engines}-j{judges}-r{ranks}-{mode}" + ("-groups" if flow == "groups" else ""))
+    cfg = sim_config(base, engines, judges, ranks, mode, run_dir, flow)
     summary = train(cfg, stand_ins=stand_ins(profile))
     rows = read_jsonl(run_dir / "metrics.jsonl")
     # left out: the warm-up steps (the pipeline filling) and the last max_inflight steps (it drains: nothing new is
@@ -92,6 +97,44 @@ def derive(base, shape, scale: float, sync: dict, async_: dict, profile) -> dict
     return row
 
 
+def derive_flows(base, shape, scale: float, batch: dict, groups: dict, profile) -> dict:
+    """One configuration's batch-vs-group-flow figures (both async): samples/s on the profiled cluster, each over
+    the profile's async bound (batch flow's: shards per engine as batch mode cuts them), the ratio, the driver's
+    CPU share of the profiled step."""
+    from rlaif_lab.stand_ins import bound_seconds
+
+    bound = bound_seconds(profile, sim_config(base, *shape, "async", Path(".")))
+    row = {"engines": shape[0], "judges": shape[1], "ranks": shape[2], "time_scale": scale,
+           "bound": {"async_samples_per_s": bound["samples"] / bound["async_step"], "async_limit": bound["async_limit"],
+                     "stage_seconds_profiled": bound["stages"]},
+           "batch": batch, "groups": groups,
+           "groups_over_batch": groups["samples_per_s"] / batch["samples_per_s"] if batch["samples_per_s"] else 0.0}
+    for flow in ("batch", "groups"):
+        r = row[flow]
+        r["profiled_samples_per_s"] = r["samples_per_s"] * scale
+        r["of_bound"] = r["profiled_samples_per_s"] / row["bound"]["async_samples_per_s"]
+        r["driver_share_profiled"] = r["driver_cpu_s_per_step"] / (r["step_seconds"] / scale)
+    return row
+
+
+def run_flows(base, shapes, profile, args, out: Path) -> dict:
+    """`--flows`: each configuration async in batch flow and in group flow, at the same time scale."""
+    from rlaif_lab.stand_ins import bound_seconds
+
+    results = {}
+    for shape in shapes:
+        bound = bound_seconds(profile, sim_config(base, *shape, "sync", out))
+        scaled = replace(profile, time_scale=args.time_scale or min(0.1, args.sync_step_seconds / bound["sync_step"]))
+        runs = {flow: run_one(base, scaled, shape, "async", out, args.warmup, flow) for flow in ("batch", "groups")}
+        results[shape] = row = derive_flows(base, shape, scaled.time_scale, runs["batch"], runs["groups"], profile)
+        print(f"[flows] {shape[0]:3d} engines {shape[1]:2d} judges {shape[2]} ranks: groups "
+              f"{row['groups']['profiled_samples_per_s']:6.1f} samples/s ({row['groups']['of_bound']:.0%} of the bound)"
+              f", batch {row['batch']['profiled_samples_per_s']:6.1f} ({row['batch']['of_bound']:.0%}): "
+              f"{row['groups_over_batch']:.2f}x; driver {row['groups']['driver_cpu_s_per_step'] * 1e3:.0f} ms/step",
+              flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     from rlaif_ray.config import ConfigError, load_config
     from rlaif_ray.runtime.driver import start_ray
@@ -112,6 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="1, 8 and 64 engines only")
     parser.add_argument("--lengths", choices=LENGTHS, default="fixed",
                         help="response lengths of the profile: all the same, uniform, or long-tailed (same mean)")
+    parser.add_argument("--flows", action="store_true",
+                        help="batch flow against group flow (loop.flow), both async, instead of sync against async")
     parser.add_argument("--sweep", action="append", choices=list(SWEEPS), help="run only these sweeps")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute the figures and rewrite the outputs from OUT/scale_sim.json, running nothing")
@@ -136,6 +181,16 @@ def main(argv=None) -> int:
             return 2
     shapes = sorted({s for v in sweeps.values() for s in v})
     out = Path(args.out)
+    if args.flows:
+        from rlaif_lab.scale_report import write_flows
+        start_ray(base)
+        profile = Profile(lengths=args.lengths)
+        results = run_flows(base, shapes, profile, args, out)
+        written = write_flows(out, profile, results, {"config": args.config, "overrides": args.overrides,
+                                                      "warmup": args.warmup, "date": time.strftime("%Y-%m-%d")})
+        print("\n" + (out / "flows.md").read_text())
+        print("written: " + ", ".join(str(p) for p in written))
+        return 0
     if args.report_only:  # the figures again from the runs already measured (the bound's arithmetic may change)
         if not (out / "scale_sim.json").is_file():
             print(f"scale_sim: error: --report-only: no {out / 'scale_sim.json'} (run the sweep first)", file=sys.stderr)

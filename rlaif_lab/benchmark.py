@@ -124,3 +124,22 @@ def format_table(sync: dict, async_: dict, cmp: dict) -> str:
         lines.append(f"rollout efficiency (engine tokens/s in the async loop / alone, {cmp['engine_alone_tokens_per_s']:.0f}"
                      f" tokens/s): {cmp['rollout_efficiency']:.2f}")
     return "\n".join(lines)
+
+
+def format_flows(batch: dict, groups: dict) -> str:
+    """Batch flow and group flow side by side (both async)."""
+    lines = [f"{'':32s}{'batch flow':>12s}{'group flow':>12s}"]
+    for key, label in [("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"), ("step_seconds", "seconds/step")]:
+        lines.append(f"{label:32s}{batch[key]:12.3f}{groups[key]:12.3f}")
+    for stage in batch["stage_seconds"]:
+        lines.append(f"{'stage ' + stage + ' s/step':32s}{batch['stage_seconds'][stage]:12.3f}"
+                     f"{groups['stage_seconds'][stage]:12.3f}")
+    lines.append(f"{'staleness (max per step) hist':32s}{str(batch['staleness_max_hist']):>12s}"
+                 f"{str(groups['staleness_max_hist']):>12s}")
+    for stage in groups.get("busy_fraction", {}):
+        lines.append(f"{'busy fraction ' + stage:32s}{batch['busy_fraction'].get(stage, 0):12.2f}"
+                     f"{groups['busy_fraction'][stage]:12.2f}")
+    for q in groups.get("queue_mean", {}):
+        lines.append(f"{q + ' mean':32s}{batch['queue_mean'].get(q, 0):12.2f}{groups['queue_mean'][q]:12.2f}")
+    lines += ["", f"group flow / batch flow samples/s: {groups['samples_per_s'] / batch['samples_per_s']:.2f}x"]
+    return "\n".join(lines)

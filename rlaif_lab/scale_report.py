@@ -95,3 +95,46 @@ def write_outputs(out: Path, profile, sweeps: dict, results: dict, meta: dict) -
     paths[1].write_text("\n".join(md) + "\n")
     plot(paths[2], sweeps, results)
     return paths
+
+
+def write_flows(out: Path, profile, results: dict, meta: dict) -> list[Path]:
+    """`scale_sim.py --flows`: flows.json, a Markdown table and a picture (samples/s of both flows and the bound, and
+    the engines' busy share, against the engine count)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [results[s] for s in sorted(results)]
+    data = {**meta, "profile": profile.to_dict(), "results": {f"e{s[0]}-j{s[1]}-r{s[2]}": r for s, r in results.items()}}
+    paths = [out / "flows.json", out / "flows.md", out / "flows.png"]
+    paths[0].write_text(json.dumps(data, indent=1))
+    md = [f"Profile: {profile.name}; response lengths {profile.lengths} (mean {profile.response_tokens} tokens); both "
+          "flows async (loop.max_inflight as configured), the same time scale per configuration.", "",
+          "| configuration | group flow samples/s (of bound) | batch flow samples/s (of bound) | groups / batch | "
+          "engines busy groups / batch | driver CPU ms/step groups / batch (share of profiled step) | staleness groups |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        g, b = r["groups"], r["batch"]
+        md.append(f"| {r['engines']} engines, {r['judges']} judges, {r['ranks']} ranks | "
+                  f"{g['profiled_samples_per_s']:.1f} ({g['of_bound']:.0%}) | {b['profiled_samples_per_s']:.1f} "
+                  f"({b['of_bound']:.0%}; bound {r['bound']['async_samples_per_s']:.1f}, {r['bound']['async_limit']}) | "
+                  f"**{r['groups_over_batch']:.2f}x** | {_busy(g)} / {_busy(b)} | "
+                  f"{g['driver_cpu_s_per_step'] * 1e3:.0f} / {b['driver_cpu_s_per_step'] * 1e3:.0f} "
+                  f"({g['driver_share_profiled']:.2%} / {b['driver_share_profiled']:.2%}) | {g['staleness_max_hist']} |")
+    paths[1].write_text("\n".join(md) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["engines"] for r in rows]
+    for flow, style in (("groups", "-o"), ("batch", "-s")):
+        axes[0].plot(xs, [r[flow]["profiled_samples_per_s"] for r in rows], style, label=f"{flow} flow")
+        axes[1].plot(xs, [(r[flow].get("busy_fraction") or {}).get("gen", 0) for r in rows], style, label=f"{flow} flow")
+    axes[0].plot(xs, [r["bound"]["async_samples_per_s"] for r in rows], ":", label="bound (profile)")
+    axes[0].set(xscale="log", yscale="log", xlabel="rollout engines", ylabel="samples/s (profiled cluster)",
+                title=f"throughput, {profile.lengths} lengths")
+    axes[1].set(xscale="log", xlabel="rollout engines", ylabel="engines' busy share", ylim=(0, 1.05), title="engines busy")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=110)
+    plt.close(fig)
+    return paths

@@ -85,11 +85,22 @@ class Profile:
         median = mean * math.exp(-self.length_sigma ** 2 / 2)  # the log-normal's mean is median·exp(σ²/2)
         return np.clip(np.round(median * np.exp(self.length_sigma * z)), 1, self.max_response_tokens).astype(np.int64)
 
+    def finish_seconds(self, lengths) -> np.ndarray:
+        """When each of a shard's answers (this long, all started together) is done: the engine shares its
+        `engine_tokens_per_s` among the answers still running, none faster than `stream_tokens_per_s` (continuous
+        batching: as answers finish, the rest speed up until each runs at one stream's speed)."""
+        lengths = np.asarray(lengths, dtype=np.float64)
+        order, finish = np.argsort(lengths, kind="stable"), np.empty(len(lengths))
+        t, made = 0.0, 0.0  # every running answer has made the same tokens so far
+        for k, i in enumerate(order):
+            t += (lengths[i] - made) / min(self.stream_tokens_per_s, self.engine_tokens_per_s / (len(lengths) - k))
+            made, finish[i] = lengths[i], t
+        return finish
+
     def shard_seconds(self, lengths) -> float:
-        """An engine's time for a shard of answers this long: its tokens at full-batch speed, or its longest answer
-        at one stream's speed, whichever is longer (the batch thins out as answers finish)."""
-        lengths = np.asarray(lengths)
-        return max(lengths.sum() / self.engine_tokens_per_s, lengths.max() / self.stream_tokens_per_s)
+        """An engine's time for a shard of answers this long: until its last answer is done (`finish_seconds`): at
+        least its tokens at full-batch speed and its longest answer at one stream's speed."""
+        return float(self.finish_seconds(lengths).max())
 
     def gen_seconds(self, samples: int, draws: int = 400) -> float:
         """The expected time of a shard of `samples` answers (fixed lengths: exact; else the mean over `draws`
@@ -157,6 +168,33 @@ class StandInEngine(_Stage):
 
     def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
         t0 = time.perf_counter()
+        table = self._rollouts(prompts, indices, step)
+        lengths = self.profile.response_lengths(table.column("sample_id").to_pylist())
+        seconds = self._wait(t0, self.profile.shard_seconds(lengths))
+        return table, self._stats(seconds, lengths)
+
+    def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int]):
+        """As the real engine's (loop.flow: groups): each prompt group's table and the dict naming it when its last
+        answer is done (`Profile.finish_seconds`: the shard's answers share the engine), then the call's stats."""
+        t0 = time.perf_counter()
+        n = self.cfg.rollout.samples_per_prompt
+        table = self._rollouts(prompts, indices, step)
+        lengths = self.profile.response_lengths(table.column("sample_id").to_pylist())
+        done = self.profile.finish_seconds(lengths).reshape(len(indices), n).max(axis=1)
+        seconds = []
+        for g in np.argsort(done, kind="stable"):
+            seconds.append(self._wait(t0, done[g]))
+            yield table.take(pa.array(np.arange(g * n, (g + 1) * n)))
+            yield {"position": positions[g], "version": self.version, "samples": n, "seconds": seconds[-1],
+                   "tokens": int(lengths[g * n:(g + 1) * n].sum()), "worker": self.worker_index}
+        yield {**self._stats(time.perf_counter() - t0, lengths), "group_seconds": seconds}
+
+    def _stats(self, seconds: float, lengths: np.ndarray) -> dict:
+        return {"gen_seconds": seconds, "engine_seconds": seconds, "gen_tokens": int(lengths.sum()),
+                "gen_samples": len(lengths), "policy_version": self.version, "worker": self.worker_index}
+
+    def _rollouts(self, prompts: pa.Table, indices: list[int], step: int) -> pa.Table:
+        """The `rollouts` table of a shard: `samples_per_prompt` placeholder answers per prompt, the real ids."""
         n = self.cfg.rollout.samples_per_prompt
         rows = prompts.take(pa.array(indices, pa.int64())).select(["prompt_id", "prompt", "reference"])
         pids = [pid for pid in rows.column("prompt_id").to_pylist() for _ in range(n)]
@@ -171,11 +209,7 @@ class StandInEngine(_Stage):
             "finish_reason": ["stop"] * total, "policy_version": [self.version] * total,
             "reference": np.repeat(np.asarray(rows.column("reference").to_pylist(), dtype=object), n).tolist(),
         }, schema=schemas.ROLLOUT_SCHEMA)
-        table = schemas.validate(table, "rollouts")
-        lengths = self.profile.response_lengths(table.column("sample_id").to_pylist())
-        seconds = self._wait(t0, self.profile.shard_seconds(lengths))
-        return table, {"gen_seconds": seconds, "engine_seconds": seconds, "gen_tokens": int(lengths.sum()),
-                       "gen_samples": total, "policy_version": self.version, "worker": self.worker_index}
+        return schemas.validate(table, "rollouts")
 
     def update_weights(self, weights, version: int) -> dict:
         t0 = time.perf_counter()

@@ -199,7 +199,8 @@ def test_group_flow_resumes_and_survives_faults_group_by_group(ray_cluster, toy_
     faults = summary["faults"]
     assert summary["resumed_from"].endswith("step-000002") and summary["final_version"] == steps
     assert faults["reissued_batches"] >= 1 and faults["reissued_groups"] >= 1 and faults["replaced_actors"] >= 1
-    assert len(faults["events"]) == faults["reissued_batches"]
+    # one fault per dead actor, however many groups' calls it held (two kills: at most two faults against max_reissues)
+    assert faults["reissued_batches"] <= 2 and len(faults["events"]) == faults["reissued_batches"]
     check_ledger(run, summary, steps, per_step)
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["policy_version"] for m in metrics] == list(range(1, steps + 1))

@@ -147,3 +147,45 @@ def test_stand_in_engine_takes_its_samples_lengths(toy_world):
     assert table.num_rows == 12 and stats["gen_tokens"] == int(lengths.sum())
     assert took >= profile.shard_seconds(lengths) * profile.time_scale * 0.95
     assert stats["gen_seconds"] == pytest.approx(max(took, profile.shard_seconds(lengths) * profile.time_scale), rel=0.2)
+    # group flow: each group handed back when its own last answer is done, in that order, the same samples
+    t0 = time.perf_counter()
+    parts = list(engine.generate_groups(prompts, [3, 7, 11], 5, [4, 5, 6]))
+    groups = [(parts[k], parts[k + 1]) for k in range(0, len(parts) - 1, 2)]
+    finish = profile.finish_seconds(lengths).reshape(3, 4).max(axis=1)
+    assert [meta["position"] for _, meta in groups] == [4 + int(g) for g in finish.argsort()]
+    assert [t.column("sample_id").to_pylist() for t, meta in groups] == \
+        [table.column("sample_id").to_pylist()[4 * (m["position"] - 4):4 * (m["position"] - 3)] for _, m in groups]
+    assert all(m["seconds"] >= f * profile.time_scale * 0.95 for (_, m), f in zip(groups, sorted(finish)))
+    assert parts[-1]["gen_samples"] == 12 and time.perf_counter() - t0 >= finish.max() * profile.time_scale * 0.95
+
+
+def test_answers_share_the_engine_until_each_runs_at_one_streams_speed():
+    """Profile.finish_seconds: the engine's tokens/s shared among the answers still running, each capped at one
+    stream's speed; the shard's time is its last answer's."""
+    from rlaif_lab.stand_ins import Profile
+    p = Profile(engine_tokens_per_s=600.0, stream_tokens_per_s=100.0)
+    # 12 answers: 50 tokens/s each until the 100-token ones finish (2 s); then 6 run at 100 tokens/s
+    finish = p.finish_seconds([100] * 6 + [300] * 6)
+    assert finish[:6] == pytest.approx([2.0] * 6) and finish[6:] == pytest.approx([4.0] * 6)
+    assert p.shard_seconds([100] * 6 + [300] * 6) == pytest.approx(4.0)
+    assert p.finish_seconds([300, 100]) == pytest.approx([3.0, 1.0])  # few answers: one stream's speed each
+
+
+def test_flows_compare_batch_and_groups_on_the_stand_ins(tmp_path, ray_cluster, toy_world):
+    """`scale_sim.py --flows`: the same configuration async in batch flow and in group flow; the group-flow run keeps
+    the exact ledger and takes whole steps of groups."""
+    scale_sim = job_module("scale_sim")
+    out = tmp_path / "flows"
+    assert scale_sim.main(["-c", str(ROOT / "jobs/configs/scale_sim.yaml"), "--flows", "--shapes", "4x2x2", "--out",
+                           str(out), "--time-scale", "0.01", "--lengths", "long_tail", "loop.num_steps=7",
+                           "data.prompts_per_step=8"]) == 0
+    row = json.loads((out / "flows.json").read_text())["results"]["e4-j2-r2"]
+    for flow in ("batch", "groups"):
+        assert 0.2 < row[flow]["of_bound"] < 1.5 and row[flow]["faults"] == 0, (flow, row[flow]["of_bound"])
+    assert row["groups_over_batch"] == pytest.approx(row["groups"]["samples_per_s"] / row["batch"]["samples_per_s"])
+    ledger = [json.loads(line) for line in open(out / "e4-j2-r2-async-groups" / "samples.jsonl")]
+    assert len({r["sample_id"] for r in ledger}) == len(ledger) == 7 * 64
+    metrics = [json.loads(line) for line in open(out / "e4-j2-r2-async-groups" / "metrics.jsonl")]
+    assert all(m["samples_in"] == 64 for m in metrics)
+    assert "| 4 engines, 2 judges, 2 ranks |" in (out / "flows.md").read_text()
+    assert (out / "flows.png").stat().st_size > 10_000

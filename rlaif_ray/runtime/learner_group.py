@@ -24,10 +24,15 @@ class LearnerGroup:
         addr, port = get_all_or_fail([r.address.remote() for r in self.ranks[:1]], "learner start-up", self.timeout_s)[0]
         get_all_or_fail([r.setup.remote(addr, port) for r in self.ranks], "learner start-up", self.timeout_s)
 
-    def train(self, rewards) -> dict:
-        """One learner step on a batch: a table ref, or the refs of its shards' tables (each rank concatenates them)."""
+    def train(self, rewards, meanwhile=None) -> dict:
+        """One learner step on a batch: a table ref, or the refs of its shards' tables (each rank concatenates them).
+        `meanwhile(refs, every, timeout)`: the driver's other work while the ranks step (group flow moves groups
+        along), returning once a rank answered."""
         refs = rewards if isinstance(rewards, list) else [rewards]
-        return get_all_or_fail([r.train_step.remote(*refs) for r in self.ranks], "learner step", self.timeout_s)[0]
+        calls = [r.train_step.remote(*refs) for r in self.ranks]
+        if meanwhile is not None:
+            meanwhile(calls, False, self.timeout_s)
+        return get_all_or_fail(calls, "learner step", self.timeout_s)[0]
 
     def export_weights(self):
         """Rank 0's weights ref, once every rank finished the export (a failed rank: LearnerFailure). The

@@ -55,6 +55,7 @@ class StageCall:
     stats: object                                  # ObjectRef of the call's small stats dict
     pool: str                                      # the pool and actor index that runs it
     index: int
+    life: int = 0                                  # the actor's life when the call was made (ActorPool.lives)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class InFlight:
 
     def track(self, pool: ActorPool, index: int, stage: str, stats) -> None:
         pool.track(index, stats)
-        self.calls.append(StageCall(stage, stats, pool.name, index))
+        self.calls.append(StageCall(stage, stats, pool.name, index, pool.lives[index]))
 
 
 def shard_indices(indices: list[int], shards: int) -> list[list[int]]:
@@ -105,6 +106,10 @@ class LoopState:
 
 
 class Orchestrator:
+    # the driver's work while it waits for the learner or a weight sync: `keep_flowing(refs, every, timeout)` returns
+    # once any of `refs` (`every`: all of them) is done; batch flow has none (rlaif_ray.runtime.streaming has)
+    keep_flowing = None
+
     def __init__(self, cfg: RunConfig, resolved: Resolved, stand_ins: dict | None = None):
         """`stand_ins`: stage ("rollout", "critic", "reward", "learner") -> an actor class with the real one's
         constructor and methods, used in its place (the controller at cluster scale on one machine:
@@ -296,19 +301,29 @@ class Orchestrator:
                                       f", expected >= {batch.expected_rm} (it restarted)")
                 return batch, stats
             except Exception as err:
-                if isinstance(getattr(err, "cause", None), RewardFunctionError):  # the user's reward: the message says
-                    raise RunStopped(f"step {batch.step}: {err.cause}") from None
-                if not is_actor_fault(err):
-                    raise
-                self.faults["reissued_batches"] += 1
-                reason = f"step {batch.step}: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                self.faults["events"].append(reason)
-                if self.faults["reissued_batches"] > self.cfg.fault.max_reissues:
-                    raise RunStopped(f"{self.faults['reissued_batches']} batches lost to stage faults, over "
-                                     f"fault.max_reissues={self.cfg.fault.max_reissues}; last: {reason}") from err
-                log.warning("batch lost to a stage fault (%s): repairing the stages and re-issuing it", reason)
+                self.screen_fault(err, f"step {batch.step}: ")
+                self.count_fault(f"step {batch.step}: {type(err).__name__}: {str(err).splitlines()[0][:200]}", err,
+                                 "batches")
                 self.recover()
                 batch = self.launch(batch.step, batch.indices)
+
+    def screen_fault(self, err: BaseException, where: str = "") -> None:
+        """Raise `err` again unless it is a stage actor's fault (which the loop survives); the user's reward function
+        failing stops the run with its own message."""
+        if isinstance(getattr(err, "cause", None), RewardFunctionError):
+            raise RunStopped(f"{where}{err.cause}") from None
+        if not is_actor_fault(err):
+            raise err
+
+    def count_fault(self, reason: str, err: BaseException | None, lost: str) -> None:
+        """One stage fault in the run's faults (an event), stopping the run past `fault.max_reissues`; `lost`: what
+        the caller re-issues (batches, groups)."""
+        self.faults["reissued_batches"] += 1
+        self.faults["events"].append(reason)
+        if self.faults["reissued_batches"] > self.cfg.fault.max_reissues:
+            raise RunStopped(f"{self.faults['reissued_batches']} stage faults (their {lost} re-issued), over "
+                             f"fault.max_reissues={self.cfg.fault.max_reissues}; last: {reason}") from err
+        log.warning("%s lost to a stage fault (%s): repairing the stages and re-issuing them", lost, reason)
 
     def _stage_stats(self, batch: InFlight) -> dict:
         """The batch's stage stats, its shards' merged (`merge_shard_stats`), waiting at most `fault.stage_timeout_s`
@@ -351,7 +366,7 @@ class Orchestrator:
 
     def finish_syncs(self, pending) -> list[dict]:
         """Results of a weight sync; an engine that died (or hung) meanwhile is repaired (and resynced) instead."""
-        receipts, gone = self.weights.finish(pending, self.version)
+        receipts, gone = self.weights.finish(pending, self.version, meanwhile=self.keep_flowing)
         if gone:
             self.recover()
         return receipts
@@ -468,7 +483,7 @@ class Orchestrator:
         colocated = self.cfg.learner.colocate
         if colocated:
             ray.get([w.sleep.remote() for w in self.rollouts])
-        result = self.learners.train(batch.rewards)
+        result = self.learners.train(batch.rewards, meanwhile=self.keep_flowing)
         if colocated:
             ray.get([w.wake_up.remote(["weights"]) for w in self.rollouts])
         train_wall = time.perf_counter() - t_train

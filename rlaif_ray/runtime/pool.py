@@ -6,6 +6,8 @@ with a non-blocking `ray.wait` that fetches nothing, so the driver never pulls a
 split into many shards prunes once (`prune`) and then picks from the counts it keeps (`pick(prune=False)`):
 one `ray.wait` per pool and batch instead of one per shard (128 a step at 64 engines).
 `depth` is the stage's queue: submitted calls not finished yet (running + waiting in the actors' queues).
+`lives[i]` counts the faults the driver has counted against actor i: a call made in an earlier life of the actor died
+with a fault already counted (one dead actor is one fault, however many calls it held).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class ActorPool:
         self._pending: list[list] = [[] for _ in self.actors]
         self._next = 0
         self.dispatched = [0] * len(self.actors)
+        self.lives = [0] * len(self.actors)
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -26,12 +26,12 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+from ray.exceptions import GetTimeoutError
 
 from rlaif_ray.config import JUDGELESS_REWARDS
 from rlaif_ray.runtime.accounting import merge_shard_stats
-from rlaif_ray.runtime.faults import RunStopped, StaleEngine, StageTimeout, is_actor_fault
+from rlaif_ray.runtime.faults import StaleEngine, StageTimeout
 from rlaif_ray.runtime.orchestrator import InFlight, LoopState, Orchestrator, StageCall, shard_indices
-from rlaif_ray.stages.reward_functions import RewardFunctionError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,11 @@ class Stream:
     step: int
     groups: dict[int, Group]     # position -> the shard's groups not handed back yet
     generator: object
+    life: int                    # the engine's life when the call was made (ActorPool.lives)
     table: object = None         # a group's table ref, waiting for the dict that names the group
-    timed_out: str | None = None  # why the driver killed its engine (fault.stage_timeout_s)
+
+    def actor(self) -> tuple[str, int, int]:
+        return "rollout", self.worker, self.life
 
 
 class StreamingOrchestrator(Orchestrator):
@@ -97,7 +100,7 @@ class StreamingOrchestrator(Orchestrator):
                 w = pool.pick(loads=loads)
                 gen = pool.actors[w].generate_groups.options(num_returns="streaming").remote(
                     self.prompts_ref, [g.index for g in part], step, [g.position for g in part])
-                self.streams.append(Stream(w, step, {g.position: g for g in part}, gen))
+                self.streams.append(Stream(w, step, {g.position: g for g in part}, gen, pool.lives[w]))
 
     def outstanding(self) -> int:
         """Groups launched and not trained yet."""
@@ -121,14 +124,14 @@ class StreamingOrchestrator(Orchestrator):
             c = critic_pool.pick(prune=False)
             labels, label_stats = critic_pool.actors[c].label.options(num_returns=2).remote(group.rollouts)
             critic_pool.track(c, label_stats)
-            group.calls.append(StageCall("label", label_stats, "critic", c))
+            group.calls.append(StageCall("label", label_stats, "critic", c, critic_pool.lives[c]))
             if self.rm_trainer is not None:
                 self.rm_trainer.add.remote(labels)
         save = (str(self.run_dir / "labels" / f"step-{group.step:06d}-g{group.position:04d}.parquet")
                 if self.cfg.output.save_labels else None)
         group.rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save_path=save)
         self.pools["reward"].track(0, reward_stats)
-        group.calls.append(StageCall("reward", reward_stats, "reward", 0))
+        group.calls.append(StageCall("reward", reward_stats, "reward", 0, self.pools["reward"].lives[0]))
         self.labelling.append(group)
 
     def _advance(self, stream: Stream) -> None:
@@ -170,23 +173,37 @@ class StreamingOrchestrator(Orchestrator):
         group.meta = {**group.meta, "stage_stats": {call.stage: s for call, s in zip(group.calls, stats)}}
         self.ready.append(group)
 
-    def _pump(self, timeout: float) -> bool:
-        """Move along every group and call that is ready, waiting at most `timeout` for the first; whether any was."""
+    def _pump(self, timeout: float, also: list = ()) -> bool:
+        """Move along every group and call that is ready, waiting at most `timeout` for the first (or for one of
+        `also`, refs of the driver's other work); whether any moved."""
         waitables = [s.generator for s in self.streams] + [g.calls[-1].stats for g in self.labelling]
-        if not waitables:
+        if not waitables and not also:
             return False
-        done, _ = ray.wait(waitables, num_returns=1, timeout=timeout, fetch_local=False)
-        if not done:
+        done, _ = ray.wait(waitables + list(also), num_returns=1, timeout=timeout, fetch_local=False)
+        if not done or not waitables:
             return False
         done, _ = ray.wait(waitables, num_returns=len(waitables), timeout=0, fetch_local=False)
+        if not done:
+            return False
         done_ids = {id(w) for w in done}
         if "critic" in self.pools:
             self.pools["critic"].prune()
         for stream in [s for s in self.streams if id(s.generator) in done_ids]:
-            self._guard(lambda: self._drain(stream), lost=lambda: self._lose_stream(stream))
+            self._guard(lambda: self._drain(stream), lost=lambda: self._lose_stream(stream), actor=stream.actor)
         for group in [g for g in self.labelling if id(g.calls[-1].stats) in done_ids]:
-            self._guard(lambda: self._finish(group), lost=lambda: self._relabel(group))
+            self._guard(lambda: self._finish(group), lost=lambda: self._relabel(group),
+                        actor=lambda: self._failed_call(group))
         return True
+
+    def keep_flowing(self, refs: list, every: bool, timeout: float) -> None:
+        """Groups keep moving (handed back, labelled, scored) while the driver waits for the learner's step or a
+        weight sync: returns once one of `refs` is done (`every`: all), or after `timeout` s."""
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            waiting = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[1]
+            if not waiting or (not every and len(waiting) < len(refs)):
+                return
+            self._pump(left, also=waiting)
 
     def _drain(self, stream: Stream) -> None:
         """Every ref the call has handed back so far (a table and its naming dict come one right after the other)."""
@@ -195,26 +212,36 @@ class StreamingOrchestrator(Orchestrator):
             self._advance(stream)
 
     # ------------------------------------------------------------------ faults
-    def _guard(self, work, lost) -> None:
-        """Run `work`; an actor fault in it costs what `lost` re-issues (after the stages are repaired)."""
+    def _guard(self, work, lost, actor) -> None:
+        """Run `work`; an actor fault in it costs what `lost` re-issues (after the stages are repaired). `actor()`: the
+        (pool, index, life) of the call that failed."""
         try:
             work()
         except Exception as err:
-            if isinstance(getattr(err, "cause", None), RewardFunctionError):  # the user's reward: the message says
-                raise RunStopped(str(err.cause)) from None
-            if not is_actor_fault(err):
-                raise
-            self._fault(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", err, lost)
+            self.screen_fault(err)
+            self._fault(f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", err, lost, actor())
 
-    def _fault(self, reason: str, err: BaseException | None, lost) -> None:
-        self.faults["reissued_batches"] += 1  # here: calls lost to a fault (their groups are re-issued)
-        self.faults["events"].append(reason)
-        if self.faults["reissued_batches"] > self.cfg.fault.max_reissues:
-            raise RunStopped(f"{self.faults['reissued_batches']} calls lost to stage faults, over "
-                             f"fault.max_reissues={self.cfg.fault.max_reissues}; last: {reason}") from err
-        log.warning("groups lost to a stage fault (%s): repairing the stages and re-issuing them", reason)
+    def _fault(self, reason: str, err: BaseException | None, lost, actor: tuple[str, int, int]) -> None:
+        """A call lost to a fault of `actor` (pool, index, life): counted once per life of the actor (its other calls
+        of that life die with it: the same fault), then the stages repaired and `lost` re-issued."""
+        pool, index, life = actor
+        if self.pools[pool].lives[index] == life:
+            self.pools[pool].lives[index] += 1
+            self.count_fault(reason, err, "groups")
         self.recover()
         lost()
+
+    @staticmethod
+    def _failed_call(group: Group) -> tuple[str, int, int]:
+        """The label or reward call of `group` that raised (a scorer that answered on a stale reward model: its own)."""
+        for call in group.calls:
+            try:
+                ray.get(call.stats, timeout=0)
+            except GetTimeoutError:
+                continue
+            except Exception:
+                return call.pool, call.index, call.life
+        return group.calls[-1].pool, group.calls[-1].index, group.calls[-1].life
 
     def _lose_stream(self, stream: Stream) -> None:
         """A shard call that failed: the groups it had not handed back go out again, same ids and seeds."""
@@ -242,11 +269,11 @@ class StreamingOrchestrator(Orchestrator):
         `generate_groups`): its actor is killed, and its groups go the way of a dead actor's."""
         if self.streams:
             stream = self.streams[0]
-            stream.timed_out = (f"rollout actor {stream.worker} did not finish the gen call of step {stream.step} "
-                                f"within {timeout:.0f} s (fault.stage_timeout_s): killed")
+            reason = (f"rollout actor {stream.worker} did not finish the gen call of step {stream.step} within "
+                      f"{timeout:.0f} s (fault.stage_timeout_s): killed")
             ray.kill(self.pools["rollout"].actors[stream.worker], no_restart=True)
             self.streams.remove(stream)
-            self._fault(stream.timed_out, StageTimeout(stream.timed_out), lambda: self._lose_stream(stream))
+            self._fault(reason, StageTimeout(reason), lambda: self._lose_stream(stream), stream.actor())
             return
         group = self.labelling[0]
         finished = set(ray.wait([c.stats for c in group.calls], num_returns=len(group.calls), timeout=0)[0])
@@ -254,7 +281,7 @@ class StreamingOrchestrator(Orchestrator):
         reason = (f"{call.pool} actor {call.index} did not finish the {call.stage} call of a group of step "
                   f"{group.step} within {timeout:.0f} s (fault.stage_timeout_s): killed")
         ray.kill(self.pools[call.pool].actors[call.index], no_restart=True)
-        self._fault(reason, StageTimeout(reason), lambda: self._relabel(group))
+        self._fault(reason, StageTimeout(reason), lambda: self._relabel(group), (call.pool, call.index, call.life))
 
     # ------------------------------------------------------------------ the learner's side
     def take(self, count: int) -> list[Group]:

@@ -95,14 +95,17 @@ class WeightSync:
         learner_refs = [r.broadcast_weights.remote(self.spec) for r in self.learners.ranks]
         return PendingSync(version, "collective", engine_refs, learner_refs)
 
-    def finish(self, pending: PendingSync | None, learner_version: int) -> tuple[list[dict], list[int]]:
+    def finish(self, pending: PendingSync | None, learner_version: int, meanwhile=None) -> tuple[list[dict], list[int]]:
         """Wait for a sync to end. Returns the engines' receipts and the indices of engines that are gone (for
         the fault handling to replace). Engines a collective sync missed get `learner_version`'s weights from
-        the object store here (the learner holds that version now)."""
+        the object store here (the learner holds that version now). `meanwhile(refs, every, timeout)`: the
+        driver's other work while it waits (group flow: an engine takes its weights only after its open call)."""
         if pending is None:
             return [], []
         refs = pending.engine_refs + pending.learner_refs
         wait_s = self.cfg.sync.timeout_s + DRIVER_MARGIN_S
+        if meanwhile is not None:
+            meanwhile(refs, True, wait_s)
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s, fetch_local=False)
         done = set(done)
         receipts, gone, failed, errors = [], [], [], []
