@@ -32,13 +32,17 @@ SWEEPS = {  # name -> list of (engines, judges, learner ranks)
 QUICK = {"engines": [(e, 16, 8) for e in (1, 8, 64)], "judges": [], "ranks": []}
 
 
-def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: Path, flow: str = "batch"):
+def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: Path, flow: str = "batch",
+               engine_streams: int = 1):
     cfg = base.model_copy(deep=True)
     cfg.rollout.num_workers, cfg.critic.num_workers, cfg.learner.num_learners = engines, judges, ranks
     # a stand-in sleeps most of its time: a hundredth of a logical CPU each, so 89 of them fit a laptop's Ray
     cfg.rollout.cpus_per_worker = cfg.critic.cpus_per_worker = cfg.learner.cpus_per_learner = cfg.reward.cpus = 0.01
     cfg.rollout.gpus_per_worker = cfg.critic.gpus_per_worker = cfg.learner.gpus_per_learner = 0.0
     cfg.loop.mode, cfg.loop.flow = mode, flow
+    cfg.rollout.engine_streams = engine_streams if flow == "groups" else 1
+    if flow != "groups":
+        cfg.rollout.in_flight_update = "finish"
     cfg.loop.max_inflight = 0 if mode == "sync" else max(1, base.loop.max_inflight)
     cfg.loop.eval_samples = 0
     cfg.sync.method = "object_store"  # the stand-in engines take the profile's broadcast time either way
@@ -47,7 +51,7 @@ def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: 
     return cfg
 
 
-def run_one(base, profile, shape, mode, out: Path, warmup: int, flow: str = "batch") -> dict:
+def run_one(base, profile, shape, mode, out: Path, warmup: int, flow: str = "batch", engine_streams: int = 1) -> dict:
     from rlaif_ray.runtime.driver import train
     from rlaif_ray.runtime.metrics import read_jsonl
     from rlaif_lab.benchmark import run_figures
@@ -55,7 +59,7 @@ def run_one(base, profile, shape, mode, out: Path, warmup: int, flow: str = "bat
 
     engines, judges, ranks = shape
     run_dir = out / (f"e{engines}-j{judges}-r{ranks}-{mode}" + ("-groups" if flow == "groups" else ""))
-    cfg = sim_config(base, engines, judges, ranks, mode, run_dir, flow)
+    cfg = sim_config(base, engines, judges, ranks, mode, run_dir, flow, engine_streams)
     summary = train(cfg, stand_ins=stand_ins(profile))
     rows = read_jsonl(run_dir / "metrics.jsonl")
     # left out: the warm-up steps (the pipeline filling) and the last max_inflight steps (it drains: nothing new is
@@ -125,7 +129,8 @@ def run_flows(base, shapes, profile, args, out: Path) -> dict:
     for shape in shapes:
         bound = bound_seconds(profile, sim_config(base, *shape, "sync", out))
         scaled = replace(profile, time_scale=args.time_scale or min(0.1, args.sync_step_seconds / bound["sync_step"]))
-        runs = {flow: run_one(base, scaled, shape, "async", out, args.warmup, flow) for flow in ("batch", "groups")}
+        runs = {flow: run_one(base, scaled, shape, "async", out, args.warmup, flow, args.engine_streams)
+                for flow in ("batch", "groups")}
         results[shape] = row = derive_flows(base, shape, scaled.time_scale, runs["batch"], runs["groups"], profile)
         print(f"[flows] {shape[0]:3d} engines {shape[1]:2d} judges {shape[2]} ranks: groups "
               f"{row['groups']['profiled_samples_per_s']:6.1f} samples/s ({row['groups']['of_bound']:.0%} of the bound)"
@@ -157,6 +162,8 @@ def main(argv=None) -> int:
                         help="response lengths of the profile: all the same, uniform, or long-tailed (same mean)")
     parser.add_argument("--flows", action="store_true",
                         help="batch flow against group flow (loop.flow), both async, instead of sync against async")
+    parser.add_argument("--engine-streams", type=int, default=4,
+                        help="--flows: rollout.engine_streams of the group-flow runs (group calls one engine runs at once)")
     parser.add_argument("--sweep", action="append", choices=list(SWEEPS), help="run only these sweeps")
     parser.add_argument("--report-only", action="store_true",
                         help="recompute the figures and rewrite the outputs from OUT/scale_sim.json, running nothing")
@@ -187,6 +194,7 @@ def main(argv=None) -> int:
         profile = Profile(lengths=args.lengths)
         results = run_flows(base, shapes, profile, args, out)
         written = write_flows(out, profile, results, {"config": args.config, "overrides": args.overrides,
+                                                      "engine_streams": args.engine_streams,
                                                       "warmup": args.warmup, "date": time.strftime("%Y-%m-%d")})
         print("\n" + (out / "flows.md").read_text())
         print("written: " + ", ".join(str(p) for p in written))

@@ -106,7 +106,8 @@ def write_flows(out: Path, profile, results: dict, meta: dict) -> list[Path]:
     paths = [out / "flows.json", out / "flows.md", out / "flows.png"]
     paths[0].write_text(json.dumps(data, indent=1))
     md = [f"Profile: {profile.name}; response lengths {profile.lengths} (mean {profile.response_tokens} tokens); both "
-          "flows async (loop.max_inflight as configured), the same time scale per configuration.", "",
+          f"flows async (loop.max_inflight as configured), group flow with rollout.engine_streams="
+          f"{meta.get('engine_streams', 1)}, the same time scale per configuration.", "",
           "| configuration | group flow samples/s (of bound) | batch flow samples/s (of bound) | groups / batch | "
           "engines busy groups / batch | driver CPU ms/step groups / batch (share of profiled step) | staleness groups |",
           "|---|---|---|---|---|---|---|"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -165,6 +166,8 @@ class StandInEngine(_Stage):
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
         super().__init__(cfg)
         self.worker_index, self.version = worker_index, 0
+        self.clock = SharedClock(self.profile)  # the answers of the group calls running at once
+        self.stream_slots = threading.BoundedSemaphore(self.cfg.rollout.engine_streams)
 
     def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
         t0 = time.perf_counter()
@@ -175,19 +178,24 @@ class StandInEngine(_Stage):
 
     def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int]):
         """As the real engine's (loop.flow: groups): each prompt group's table and the dict naming it when its last
-        answer is done (`Profile.finish_seconds`: the shard's answers share the engine), then the call's stats."""
+        answer is done, then the call's stats. The answers of every group call running on this engine at once
+        (rollout.engine_streams) share it (`SharedClock`; one call alone: `Profile.finish_seconds`)."""
         t0 = time.perf_counter()
         n = self.cfg.rollout.samples_per_prompt
         table = self._rollouts(prompts, indices, step)
         lengths = self.profile.response_lengths(table.column("sample_id").to_pylist())
-        done = self.profile.finish_seconds(lengths).reshape(len(indices), n).max(axis=1)
-        seconds = []
-        for g in np.argsort(done, kind="stable"):
-            seconds.append(self._wait(t0, done[g]))
-            yield table.take(pa.array(np.arange(g * n, (g + 1) * n)))
-            yield {"position": positions[g], "version": self.version, "samples": n, "seconds": seconds[-1],
-                   "tokens": int(lengths[g * n:(g + 1) * n].sum()), "worker": self.worker_index}
-        yield {**self._stats(time.perf_counter() - t0, lengths), "group_seconds": seconds}
+        with self.stream_slots:
+            keys, version = self.clock.add(lengths), self.version
+            seconds, pending = [], list(range(len(indices)))
+            while pending:
+                finished = self.clock.wait_for_any([keys[g * n:(g + 1) * n] for g in pending])
+                for g in [pending[k] for k in finished]:
+                    pending.remove(g)
+                    seconds.append(time.perf_counter() - t0)
+                    yield table.take(pa.array(np.arange(g * n, (g + 1) * n)))
+                    yield {"position": positions[g], "version": version, "samples": n, "seconds": seconds[-1],
+                           "tokens": int(lengths[g * n:(g + 1) * n].sum()), "worker": self.worker_index}
+        yield {**self._stats(time.perf_counter() - t0, lengths), "policy_version": version, "group_seconds": seconds}
 
     def _stats(self, seconds: float, lengths: np.ndarray) -> dict:
         return {"gen_seconds": seconds, "engine_seconds": seconds, "gen_tokens": int(lengths.sum()),
@@ -212,11 +220,104 @@ class StandInEngine(_Stage):
         return schemas.validate(table, "rollouts")
 
     def update_weights(self, weights, version: int) -> dict:
-        t0 = time.perf_counter()
-        seconds = self._wait(t0, self.profile.sync_seconds())
-        self.version = version
+        """As the real engine's: the answers in flight finish under the old weights first (new ones held back), or
+        (rollout.in_flight_update: continue) wait while the weights load and go on (recomputing their KV is not
+        modelled: prefill runs at 10x decode)."""
+        continuing = self.cfg.rollout.in_flight_update == "continue"
+        with self.clock.paused() if continuing else self.clock.exclusive():
+            t0 = time.perf_counter()
+            seconds = self._wait(t0, self.profile.sync_seconds())
+            self.version = version
         return {"ok": True, "method": "object_store", "sync_seconds": seconds,
                 "sync_bytes": int(2 * self.profile.policy_params), "version": version, "worker": self.worker_index}
+
+
+class SharedClock:
+    """The answers running on one stand-in engine, in profiled seconds: the engine's `engine_tokens_per_s` shared
+    among them, none faster than `stream_tokens_per_s` (as `Profile.finish_seconds`, but answers join while others
+    run). Calls poll it: it advances to the present each time it is asked."""
+
+    def __init__(self, profile: Profile):
+        self.profile, self.lock, self.open = profile, threading.Lock(), threading.Event()
+        self.open.set()
+        self.t0, self.t = time.perf_counter(), 0.0
+        self.left: dict[int, float] = {}   # answer -> tokens still to make
+        self.done: set[int] = set()
+        self.next_key = 0
+
+    def _now(self) -> float:
+        return (time.perf_counter() - self.t0) / self.profile.time_scale
+
+    def _rate(self) -> float:
+        return min(self.profile.stream_tokens_per_s, self.profile.engine_tokens_per_s / len(self.left))
+
+    def _advance(self) -> None:
+        now = self._now()
+        while self.left and self.t < now:
+            rate, first = self._rate(), min(self.left.values())
+            step = min(first / rate, now - self.t)
+            self.t += step
+            for key in list(self.left):
+                self.left[key] -= step * rate
+                if self.left[key] <= 1e-6:
+                    del self.left[key]
+                    self.done.add(key)
+        self.t = max(self.t, now)
+
+    def add(self, lengths) -> list[int]:
+        self.open.wait()
+        with self.lock:
+            self._advance()
+            keys = list(range(self.next_key, self.next_key + len(lengths)))
+            self.next_key += len(lengths)
+            self.left.update(zip(keys, (float(x) for x in lengths)))
+        return keys
+
+    def wait_for_any(self, groups: list[list[int]]) -> list[int]:
+        """The indices of the groups whose answers are all done, once there is at least one."""
+        while True:
+            with self.lock:
+                self._advance()
+                finished = [i for i, keys in enumerate(groups) if all(k in self.done for k in keys)]
+                # the earliest the next answer can be done (answers joining later only slow it)
+                ahead = min(self.left.values()) / self._rate() if self.left else 0.0
+            if finished:
+                return finished
+            time.sleep(max(ahead * self.profile.time_scale, 1e-4))
+
+    def paused(self):
+        """The answers running make no progress while this is held (a weight update that continues them)."""
+        clock = self
+
+        class _Paused:
+            def __enter__(self):
+                clock.lock.acquire()
+                clock._advance()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.t0 += time.perf_counter() - self.t0  # the pause is not engine time
+                clock.lock.release()
+        return _Paused()
+
+    def exclusive(self):
+        """New answers held back until the ones running are done (a weight update between two policy versions)."""
+        clock = self
+
+        class _Exclusive:
+            def __enter__(self):
+                clock.open.clear()
+                while True:
+                    with clock.lock:
+                        clock._advance()
+                        if not clock.left:
+                            return
+                        ahead = min(clock.left.values()) / clock._rate()
+                    time.sleep(max(ahead * clock.profile.time_scale, 1e-4))
+
+            def __exit__(self, *exc):
+                clock.open.set()
+        return _Exclusive()
 
 
 class StandInJudge(_Stage):
@@ -321,7 +422,9 @@ class StandInRank(_Stage):
 def stand_ins(profile: Profile) -> dict:
     """Stage -> stand-in actor class with `profile`'s service times, for `Orchestrator(..., stand_ins=...)`."""
     bases = {"rollout": StandInEngine, "critic": StandInJudge, "reward": StandInScorer, "learner": StandInRank}
-    return {stage: ray.remote(type(base.__name__, (base,), {"profile": profile})) for stage, base in bases.items()}
+    groups = {"rollout": {"concurrency_groups": {"streams": 16}}}  # as RolloutWorker's (rollout.engine_streams)
+    made = {stage: type(base.__name__, (base,), {"profile": profile}) for stage, base in bases.items()}
+    return {stage: ray.remote(**groups[stage])(cls) if stage in groups else ray.remote(cls) for stage, cls in made.items()}
 
 
 def bound_seconds(profile: Profile, cfg: RunConfig) -> dict:

@@ -157,6 +157,13 @@ class RolloutConfig(WorkerResources):
     # a step's prompts split into this many shards, each generated and judged on its own (least-loaded) actors,
     # scored and trained as one batch: 0 = one shard per engine, so a step uses every engine (capped by the prompts)
     shards_per_batch: int = Field(0, ge=0)
+    # loop.flow=groups: how many group calls one engine runs at once, their requests batched together in the engine
+    # (rlaif_ray.stages.shared_engine); 1 = one call at a time, as in batch flow
+    engine_streams: int = Field(1, ge=1, le=16)
+    # ... and what a weight update does to the requests in flight on such an engine: "finish" them under the old
+    # weights first (new requests held back meanwhile), or "continue" them under the new weights (vLLM preempts them
+    # and recomputes their KV cache; their tokens so far are kept; the group keeps the version it started under)
+    in_flight_update: Literal["finish", "continue"] = "finish"
     samples_per_prompt: int = Field(4, ge=2)
     max_new_tokens: int = Field(8, ge=1)
     # the sampling distribution; the PPO learner's log π is taken at the same temperature and top-p (a group of
@@ -668,6 +675,9 @@ class RunConfig(_Section):
             raise ValueError("loop.flow=groups streams rollouts through the judge to the learner: it does not take "
                              "learner.algorithm=sft, learner.colocate=true or reward.label_share < 1 yet; use "
                              "loop.flow=batch for those")
+        if self.rollout.engine_streams > 1 and self.loop.flow != "groups":
+            raise ValueError(f"rollout.engine_streams={self.rollout.engine_streams} runs several group calls on one "
+                             "engine: it needs loop.flow=groups (batch flow sends an engine one call at a time)")
         if lcfg.reference == "none" and (lcfg.algorithm in ("dpo", "ipo") or (lcfg.algorithm == "ppo" and lcfg.kl() > 0)):
             raise ValueError(f"learner.reference=none, but learner.algorithm={lcfg.algorithm} with kl_coef={lcfg.kl()} "
                              "compares with the reference policy: set learner.kl_coef=0 (ppo) or choose a placement")

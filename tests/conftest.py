@@ -85,7 +85,9 @@ def shared_engines(ray_cluster, toy_world):
 
     cfg = small_config()
     env = {"env_vars": engine_env(cfg.engine_for("rollout"))}
-    rollout = RolloutWorker.options(num_cpus=1, runtime_env=env).remote(toy_world.policy, cfg.model_dump())
+    # two group calls may share the rollout engine (rollout.engine_streams; generate and the rest are unaffected)
+    streams = small_config(loop={"flow": "groups"}, rollout={"engine_streams": 2})
+    rollout = RolloutWorker.options(num_cpus=1, runtime_env=env).remote(toy_world.policy, streams.model_dump())
     critic = CriticLabeler.options(num_cpus=1, runtime_env=env).remote(toy_world.critic, cfg.model_dump())
     ray_cluster.get([rollout.ready.remote(), critic.ready.remote()])
     yield {"rollout": rollout, "critic": critic, "cfg": cfg}

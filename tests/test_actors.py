@@ -61,6 +61,44 @@ def test_groups_stream_out_one_table_each_with_what_the_shard_samples_whole(engi
     assert stats["policy_version"] == whole_stats["policy_version"]
 
 
+def test_group_calls_share_one_engine_and_a_weight_update_waits_for_them(engines, prompts_ref, toy_world):
+    """rollout.engine_streams=2: two generate_groups calls at once on one engine (the "streams" concurrency group),
+    their requests batched together: each gets exactly its own groups, token for token what one call samples alone;
+    a weight update sent meanwhile takes the engine only when their requests are done, so every group has one version
+    (the one its call started under) and the call's stats say the same."""
+    from tests.conftest import initial_weights
+    shards = {"a": ([3, 8], [0, 1]), "b": ([21, 40, 55], [2, 3, 4])}
+    whole, _ = ray.get(engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, [3, 8, 21, 40, 55], 6))
+    opts = {"num_returns": "streaming", "concurrency_group": "streams"}
+    calls = {k: engines["rollout"].generate_groups.options(**opts).remote(prompts_ref, idx, 6, pos)
+             for k, (idx, pos) in shards.items()}
+    update = engines["rollout"].update_weights.remote(initial_weights(toy_world.policy), 1)  # the same weights
+    by_id = {}
+    for key, call in calls.items():
+        *pairs, stats = ray.get(list(call))
+        groups, names = pairs[0::2], pairs[1::2]
+        assert sorted(n["position"] for n in names) == shards[key][1]
+        versions = {v for g in groups for v in g.column("policy_version").to_pylist()} | {n["version"] for n in names}
+        assert versions == {stats["policy_version"]} and stats["policy_version"] in (0, 1)
+        for g in groups:
+            by_id.update(zip(g.column("sample_id").to_pylist(), g.column("response_token_ids").to_pylist()))
+    assert ray.get(update)["version"] == 1 and ray.get(engines["rollout"].ready.remote()) == 1
+    assert by_id == dict(zip(whole.column("sample_id").to_pylist(), whole.column("response_token_ids").to_pylist()))
+    # in_flight_update=continue: the update takes the engine between two steps; vLLM preempts the requests in flight
+    # and recomputes them under the new (here: the same) weights, keeping their tokens: the same samples again, each
+    # group with the version its call started under
+    calls = {k: engines["rollout"].generate_groups.options(**opts).remote(prompts_ref, idx, 6, pos)
+             for k, (idx, pos) in shards.items()}
+    update = engines["rollout"].update_weights.remote(initial_weights(toy_world.policy), 2, in_flight="continue")
+    again = {}
+    for call in calls.values():
+        *pairs, stats = ray.get(list(call))
+        assert {n["version"] for n in pairs[1::2]} == {stats["policy_version"]} <= {1, 2}
+        for g in pairs[0::2]:
+            again.update(zip(g.column("sample_id").to_pylist(), g.column("response_token_ids").to_pylist()))
+    assert ray.get(update)["version"] == 2 and again == by_id
+
+
 def test_rollout_generates_n_samples_with_logprobs(engines, prompts_ref):
     table, stats = generate(engines, prompts_ref, [0, 5, 9])
     table = schemas.validate(table, "rollouts")

@@ -26,6 +26,9 @@ def test_the_repo_configs_load():
     ("loop.num_steps=many", "loop.num_steps"),
     ("loop.mode=fast", "loop.mode"),
     ("learner.num_learners=0", "learner.num_learners"),
+    ("rollout.engine_streams=2", "needs loop.flow=groups"),
+    ("rollout.engine_streams=17", "rollout.engine_streams"),
+    ("rollout.in_flight_update=abort", "rollout.in_flight_update"),
 ])
 def test_bad_keys_and_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:

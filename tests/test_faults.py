@@ -176,10 +176,11 @@ def test_resume_refuses_a_changed_config(uninterrupted, tmp_path):
 def test_group_flow_resumes_and_survives_faults_group_by_group(ray_cluster, toy_world, tmp_path, monkeypatch):
     """loop.flow=groups, async, two engines: the driver interrupted after a checkpoint resumes with the groups not
     trained yet; in the resumed run an engine killed for good and the judge's process killed cost only the groups
-    their calls held, re-issued under the same ids; every sample id is trained, dropped or skipped exactly once."""
+    their calls held, re-issued under the same ids; every sample id is trained, dropped or skipped exactly once.
+    Two group calls may run at once on an engine (rollout.engine_streams=2): a killed engine loses both."""
     from rlaif_ray.runtime.driver import train
     steps, per_step = 6, 4 * 2
-    cfg = small_config(tmp_path, rollout={"num_workers": 2}, checkpoint={"every": 2},
+    cfg = small_config(tmp_path, rollout={"num_workers": 2, "engine_streams": 2}, checkpoint={"every": 2},
                        loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "eval_samples": 0, "flow": "groups"})
 
     def interrupt(orch):

@@ -152,11 +152,47 @@ def test_stand_in_engine_takes_its_samples_lengths(toy_world):
     parts = list(engine.generate_groups(prompts, [3, 7, 11], 5, [4, 5, 6]))
     groups = [(parts[k], parts[k + 1]) for k in range(0, len(parts) - 1, 2)]
     finish = profile.finish_seconds(lengths).reshape(3, 4).max(axis=1)
-    assert [meta["position"] for _, meta in groups] == [4 + int(g) for g in finish.argsort()]
+    assert sorted(meta["position"] for _, meta in groups) == [4, 5, 6]
     assert [t.column("sample_id").to_pylist() for t, meta in groups] == \
         [table.column("sample_id").to_pylist()[4 * (m["position"] - 4):4 * (m["position"] - 3)] for _, m in groups]
-    assert all(m["seconds"] >= f * profile.time_scale * 0.95 for (_, m), f in zip(groups, sorted(finish)))
+    assert all(m["seconds"] >= finish[m["position"] - 4] * profile.time_scale * 0.95 for _, m in groups)
     assert parts[-1]["gen_samples"] == 12 and time.perf_counter() - t0 >= finish.max() * profile.time_scale * 0.95
+
+
+def test_group_calls_on_one_stand_in_engine_share_it(toy_world):
+    """rollout.engine_streams=2: two group calls at once on one stand-in engine run beside each other (answers at one
+    stream's speed while the engine has room: together they take about as long as the longer one alone), and a
+    weight update waits until their answers are done."""
+    import threading
+    import time
+
+    from rlaif_lab.stand_ins import Profile, StandInEngine
+    from rlaif_ray.config import load_config
+    from rlaif_ray.data.prompts import load_prompts
+
+    cfg = load_config(ROOT / "jobs/configs/scale_sim.yaml", ["rollout.samples_per_prompt=4", "loop.flow=groups",
+                                                             "rollout.engine_streams=2"])
+    profile = Profile(time_scale=0.02)  # fixed lengths: 512 tokens at 100 tokens/s = 5.12 s profiled, ~0.1 s here
+    engine = type("Engine", (StandInEngine,), {"profile": profile})(toy_world.policy, cfg.model_dump())
+    prompts = load_prompts(toy_world.prompts)
+    alone = 512 / 100 * profile.time_scale
+    took, stats = {}, {}
+
+    def call(key, indices):
+        t0 = time.perf_counter()
+        stats[key] = list(engine.generate_groups(prompts, indices, 1, list(range(len(indices)))))[-1]
+        took[key] = time.perf_counter() - t0
+    threads = [threading.Thread(target=call, args=(k, idx)) for k, idx in (("a", [1, 2]), ("b", [3, 4, 5]))]
+    for t in threads:
+        t.start()
+    time.sleep(alone / 3)
+    t_update = time.perf_counter()
+    engine.update_weights(None, 1)  # waits for the answers in flight: about two thirds of `alone`, then the sync
+    assert time.perf_counter() - t_update >= alone / 2
+    for t in threads:
+        t.join()
+    assert max(took.values()) < 1.5 * alone and stats["a"]["policy_version"] == stats["b"]["policy_version"] == 0
+    assert engine.version == 1
 
 
 def test_answers_share_the_engine_until_each_runs_at_one_streams_speed():
@@ -189,3 +225,35 @@ def test_flows_compare_batch_and_groups_on_the_stand_ins(tmp_path, ray_cluster, 
     assert all(m["samples_in"] == 64 for m in metrics)
     assert "| 4 engines, 2 judges, 2 ranks |" in (out / "flows.md").read_text()
     assert (out / "flows.png").stat().st_size > 10_000
+
+
+def test_a_weight_update_that_continues_the_answers_in_flight_only_pauses_them(toy_world):
+    """rollout.in_flight_update=continue on a stand-in engine: the update does not wait for the answers running; they
+    pause while the weights load and go on."""
+    import threading
+    import time
+
+    from rlaif_lab.stand_ins import Profile, StandInEngine
+    from rlaif_ray.config import load_config
+    from rlaif_ray.data.prompts import load_prompts
+
+    cfg = load_config(ROOT / "jobs/configs/scale_sim.yaml", ["rollout.samples_per_prompt=4", "loop.flow=groups",
+                                                             "rollout.engine_streams=2", "rollout.in_flight_update=continue"])
+    profile = Profile(time_scale=0.05)
+    engine = type("Engine", (StandInEngine,), {"profile": profile})(toy_world.policy, cfg.model_dump())
+    prompts = load_prompts(toy_world.prompts)
+    alone, sync = 512 / 100 * profile.time_scale, profile.sync_seconds() * profile.time_scale
+    took = {}
+
+    def call():
+        t0 = time.perf_counter()
+        list(engine.generate_groups(prompts, [1, 2], 1, [0, 1]))
+        took["call"] = time.perf_counter() - t0
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(alone / 3)
+    t_update = time.perf_counter()
+    engine.update_weights(None, 1)
+    assert time.perf_counter() - t_update < alone / 3 + sync  # it did not wait for the answers (2/3 of `alone` left)
+    thread.join()
+    assert took["call"] >= alone + sync * 0.9 and engine.version == 1

@@ -13,11 +13,13 @@ def read_jsonl(path):
 
 
 def test_group_flow_trains_what_batch_flow_trains(tmp_path, ray_cluster, toy_world):
-    """Sync mode, two engines: the same sample ids with the same outcomes, the same rewards and losses, step by step
+    """Sync mode, two engines, a shard per prompt (two per engine; in group flow both run at once on their engine,
+    rollout.engine_streams=2): the same sample ids with the same outcomes, the same rewards and losses, step by step
     (only one step's groups are in flight, so each step takes exactly its own groups, whatever order they finish in)."""
     runs = {}
     for flow in ("batch", "groups"):
-        cfg = small_config(tmp_path / flow, rollout={"num_workers": 2},
+        streams = 2 if flow == "groups" else 1
+        cfg = small_config(tmp_path / flow, rollout={"num_workers": 2, "shards_per_batch": 4, "engine_streams": streams},
                            loop={"mode": "sync", "num_steps": 3, "eval_samples": 0, "flow": flow},
                            output={"tensorboard": False, "save_checkpoint": False})
         runs[flow] = train(cfg), tmp_path / flow / "run"
@@ -29,8 +31,8 @@ def test_group_flow_trains_what_batch_flow_trains(tmp_path, ray_cluster, toy_wor
     got, want = read_jsonl(groups_dir / "metrics.jsonl"), read_jsonl(batch_dir / "metrics.jsonl")
     for key in ("reward_mean", "loss", "trained", "judge_calls", "gen_tokens"):
         assert [m[key] for m in got] == pytest.approx([m[key] for m in want], abs=1e-5), key
-    # two engines, one shard call each per step; every group labelled and scored on its own, and saved
-    assert groups["dispatched"]["rollout"] == [3, 3] and groups["dispatched"]["critic"] == [3 * 4]
+    # two engines, two shard calls each per step; every group labelled and scored on its own, and saved
+    assert groups["dispatched"]["rollout"] == [6, 6] and groups["dispatched"]["critic"] == [3 * 4]
     assert len(list((groups_dir / "labels").glob("step-*-g*.parquet"))) == 3 * 4
     assert all(m["queue_ready"] == 0 and m["inflight"] == 0 for m in got)
     assert groups["faults"]["reissued_groups"] == 0 and groups["busy_fraction"]["gen"] > 0

@@ -78,6 +78,8 @@ class StreamingOrchestrator(Orchestrator):
         self.ready: list[Group] = []       # rewards done: the learner's buffer
         self.gen_calls: list[dict] = []    # stats of shard calls that finished since the last step
         self.faults["reissued_groups"] = 0
+        # rollout.engine_streams > 1: group calls run beside each other on an engine (RolloutWorker's "streams" group)
+        self.stream_group = {"concurrency_group": "streams"} if self.cfg.rollout.engine_streams > 1 else {}
 
     # ------------------------------------------------------------------ launching
     def launch(self, step: int, indices: list[int] | None = None, positions: list[int] | None = None) -> None:
@@ -98,7 +100,7 @@ class StreamingOrchestrator(Orchestrator):
                 for s in self.streams:
                     loads[s.worker] += 1
                 w = pool.pick(loads=loads)
-                gen = pool.actors[w].generate_groups.options(num_returns="streaming").remote(
+                gen = pool.actors[w].generate_groups.options(num_returns="streaming", **self.stream_group).remote(
                     self.prompts_ref, [g.index for g in part], step, [g.position for g in part])
                 self.streams.append(Stream(w, step, {g.position: g for g in part}, gen, pool.lives[w]))
 

@@ -4,9 +4,15 @@
 and returns an Arrow table in the `rollouts` schema, with token ids, per-token log-probs and the policy
 version that generated every row. `update_weights` swaps all weights in one call between two `generate`
 calls; the actor runs one method at a time, so a batch never sees half-loaded weights.
+
+Group flow (`generate_groups`) can run several calls at once on one engine (`rollout.engine_streams`, the
+"streams" concurrency group): their requests share the engine's continuous batch (rlaif_ray.stages.shared_engine),
+and every other method takes the whole engine only once the requests in flight have finished.
 """
 from __future__ import annotations
 
+import functools
+import threading
 import time
 import warnings
 
@@ -21,6 +27,7 @@ from rlaif_ray.data.chat import engine_input, resolve_template
 from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.engine import make_llm
+from rlaif_ray.stages.shared_engine import SharedEngine
 from rlaif_ray.weight_transfer import from_wire
 
 
@@ -30,7 +37,20 @@ def _sampled_logprobs(token_ids, logprobs) -> list[float]:
     return [float(step[tok].logprob) for tok, step in zip(token_ids, logprobs)]
 
 
-@ray.remote
+MAX_ENGINE_STREAMS = 16  # rollout.engine_streams' ceiling: the "streams" group's size (fixed where the class is declared)
+
+
+def _whole_engine(method):
+    """The method uses the whole engine: it waits for the requests of concurrent group calls to finish (and holds new
+    ones back) while it runs."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.shared.exclusive():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+@ray.remote(concurrency_groups={"streams": MAX_ENGINE_STREAMS})
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
@@ -43,6 +63,8 @@ class RolloutWorker:
         self.llm = make_llm(model_path, self.cfg.engine_for("rollout"), seed=self.cfg.loop.seed + worker_index,
                             logprobs_mode="processed_logprobs")
         self.tokenizer = self.llm.get_tokenizer()
+        self.shared = SharedEngine(self.llm)  # group calls running at once (rollout.engine_streams > 1) ...
+        self.stream_slots = threading.BoundedSemaphore(self.cfg.rollout.engine_streams)  # ... at most this many
         self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # None: plain prompt text
         self.version = 0           # -1: a collective sync broke off midway, the weights are incomplete
         self.sync_generation = None  # the sync group this engine's workers belong to (rlaif_ray.weight_transfer)
@@ -66,6 +88,7 @@ class RolloutWorker:
         if seconds:
             time.sleep(seconds)
 
+    @_whole_engine
     def score(self, token_ids: list[list[int]]) -> list[list[float]]:
         """log π(x_t | x_<t) for t >= 1 of each sequence under the engine's current weights (its own distribution):
         what a sync is checked with, against the learner's `score`."""
@@ -101,6 +124,7 @@ class RolloutWorker:
                 "gen_tokens": sum(len(sample.token_ids) for *_, sample in samples), "gen_samples": len(samples),
                 "policy_version": self.version, "worker": self.worker_index}
 
+    @_whole_engine
     def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
         """Sample `rollout.samples_per_prompt` responses for prompts[indices]; `step` names the batch, `first` is the
         position of indices[0] in it (a shard's offset: each prompt's sampling seed follows its batch position)."""
@@ -120,30 +144,32 @@ class RolloutWorker:
         the driver knows which group a table is without fetching it; after the last group, the call's stats.
         The shard's prompts are batched together as in `generate`, with the same seeds (`positions[i]` is
         indices[i]'s position in its batch), so the samples are the same. Call it with
-        `.options(num_returns="streaming")`."""
+        `.options(num_returns="streaming")`, and `concurrency_group="streams"` to run it beside other group calls
+        (their requests batched together in the engine; the group's version is the one its requests started under)."""
         self._injected_pause("hang_generate")
         t_start = time.perf_counter()
         rows, params = self._requests(prompts, indices, step, positions)
-        # enqueue answers vLLM's internal ids ("<counter>-<8 random characters>"), outputs carry the counter alone
-        ids = self.llm.enqueue(self._engine_inputs(rows), params, use_tqdm=False)
-        waiting = {rid.rsplit("-", 1)[0]: (row, pos) for rid, row, pos in zip(ids, rows, positions)}
-        engine, samples, done = self.llm.llm_engine, [], []
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if not out.finished:
-                    continue
+        with self.stream_slots:
+            ids, inbox, version = self.shared.add(self._engine_inputs(rows), params, on_added=lambda: self.version)
+            waiting = {rid: (row, pos) for rid, row, pos in zip(ids, rows, positions)}
+            samples, done = [], []
+            while waiting:
+                try:
+                    out = self.shared.next_finished(inbox)
+                except RuntimeError:  # a request vLLM never finished: the call fails rather than leave a group out
+                    raise RuntimeError(f"rollout worker {self.worker_index}: {len(waiting)} prompt groups of step "
+                                       f"{step} never finished") from None
                 row, position = waiting.pop(out.request_id)
                 group = self._group(step, row, out)
                 samples += group
                 done.append(time.perf_counter() - t_start)
-                yield self._rollout_table(group)
-                yield {"position": position, "version": self.version, "samples": len(group), "seconds": done[-1],
+                yield self._rollout_table(group, version)
+                yield {"position": position, "version": version, "samples": len(group), "seconds": done[-1],
                        "tokens": sum(len(sample.token_ids) for *_, sample in group), "worker": self.worker_index}
-        if waiting:  # a request vLLM never finished: the call fails rather than leave a group out
-            raise RuntimeError(f"rollout worker {self.worker_index}: {len(waiting)} prompt groups of step {step} "
-                               "never finished")
-        yield {**self._gen_stats(t_start, time.perf_counter() - t_start, samples), "group_seconds": done}
+        yield {**self._gen_stats(t_start, time.perf_counter() - t_start, samples), "policy_version": version,
+               "group_seconds": done}
 
+    @_whole_engine
     def respond(self, prompts: pa.Table, temperature: float, tag: str) -> pa.Table:
         """One response per prompt (greedy at temperature 0, else seeded), sample ids `tag/prompt_id`."""
         from vllm import SamplingParams
@@ -155,8 +181,10 @@ class RolloutWorker:
         return self._rollout_table([(f"{tag}/{row['prompt_id']}", 0, row, out, out.outputs[0])
                                     for row, out in zip(rows, outs)])
 
-    def _rollout_table(self, samples: list) -> pa.Table:
-        """A `rollouts` table from (sample id, index in its group, prompt row, vLLM request output, completion)."""
+    def _rollout_table(self, samples: list, version: int | None = None) -> pa.Table:
+        """A `rollouts` table from (sample id, index in its group, prompt row, vLLM request output, completion);
+        `version`: the policy version they were generated under (default: the engine's now)."""
+        version = self.version if version is None else version
         cols: dict[str, list] = {f.name: [] for f in schemas.ROLLOUT_SCHEMA}
         for sid, k, row, out, sample in samples:
             ids = list(sample.token_ids)
@@ -164,11 +192,12 @@ class RolloutWorker:
                                ("prompt", row["prompt"]), ("prompt_token_ids", list(out.prompt_token_ids)),
                                ("response", sample.text), ("response_token_ids", ids),
                                ("response_logprobs", _sampled_logprobs(ids, sample.logprobs)),
-                               ("finish_reason", sample.finish_reason), ("policy_version", self.version),
+                               ("finish_reason", sample.finish_reason), ("policy_version", version),
                                ("reference", row["reference"])):
                 cols[key].append(value)
         return schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")
 
+    @_whole_engine
     def evaluate(self, prompts: pa.Table, samples: int) -> dict:
         """Ground-truth accuracy on every prompt with a reference: `samples` draws at the rollout temperature
         (seeded) and one greedy answer each. Empty when no prompt has a reference."""
@@ -191,27 +220,41 @@ class RolloutWorker:
                 "prompts": len(rows), "samples_per_prompt": samples, "policy_version": self.version,
                 "sampled_hits": hits, "greedy_hits": greedy_hits}  # per prompt, in the file's order: win rates
 
-    def update_weights(self, weights: tuple[list[np.ndarray], list[str]], version: int) -> dict:
+    def _loading_weights(self, in_flight: str | None):
+        """The engine between two steps for new weights: the requests in flight of concurrent group calls either
+        finish first (`rollout.in_flight_update: finish`) or go on under the new weights (`continue`); `in_flight`
+        overrides the setting for one call."""
+        if (in_flight or self.cfg.rollout.in_flight_update) == "continue":
+            return self.shared.between_steps()
+        return self.shared.exclusive()
+
+    def update_weights(self, weights: tuple[list[np.ndarray], list[str]], version: int,
+                       in_flight: str | None = None) -> dict:
         """Load a whole new set of weights (one array per parameter + names, as the learner exports them: an int16
         array holds bfloat16 bits) and take its version. The tensors stay in host memory; the worker copies them to
         its device one at a time as vLLM loads them."""
         arrays, names = weights
-        t0 = time.perf_counter()
         with warnings.catch_warnings():  # the object store hands out read-only arrays; we only read them
             warnings.simplefilter("ignore", UserWarning)
             tensors = [from_wire(a) for a in arrays]
-        self.llm.collective_rpc("rlaif_load_weights", args=(tensors, names))
-        self.llm.reset_prefix_cache()
-        self.version = version
+        with self._loading_weights(in_flight):
+            t0 = time.perf_counter()
+            self.llm.collective_rpc("rlaif_load_weights", args=(tensors, names))
+            self._fresh_cache()
+            self.version = version
         return {"ok": True, "method": "object_store", "sync_seconds": time.perf_counter() - t0,
                 "sync_bytes": int(sum(a.nbytes for a in arrays)), "version": version, "worker": self.worker_index}
 
-    def receive_weights(self, version: int, spec: dict, first_rank: int) -> dict:
+    def receive_weights(self, version: int, spec: dict, first_rank: int, in_flight: str | None = None) -> dict:
         """Take version `version` over the collective sync group `spec` (joined first when it is a new
         generation; this engine's workers are ranks first_rank, first_rank+1, ...). The version is taken only
         once every bucket arrived; a transfer that breaks off midway leaves version -1 (incomplete weights: the
         driver gives this engine the whole version through the object store before it is used). Failures are
         returned, not raised."""
+        with self._loading_weights(in_flight):
+            return self._receive_weights(version, spec, first_rank)
+
+    def _receive_weights(self, version: int, spec: dict, first_rank: int) -> dict:
         from rlaif_ray.weight_transfer import layout_bytes
 
         self._injected_pause("hang_sync")
@@ -234,18 +277,25 @@ class RolloutWorker:
             return {"ok": False, "error": f"engine {self.worker_index} lost version {version} midway (it held "
                                           f"{previous}): {type(err).__name__}: {str(err)[:300]}",
                     "worker": self.worker_index}
-        self.llm.reset_prefix_cache()
+        self._fresh_cache()
         self.version = version
         total = time.perf_counter() - t0
         return {"ok": True, "method": "collective", "sync_seconds": total, "join_seconds": t_joined - t0,
                 "transfer_seconds": max(waits), "load_seconds": total - (t_joined - t0) - max(waits),
                 "sync_bytes": layout_bytes(spec["layout"]), "version": version, "worker": self.worker_index}
 
+    def _fresh_cache(self) -> None:
+        """After new weights: no KV computed by the old ones is used again (requests in flight under
+        `in_flight_update: continue` are preempted and recomputed, keeping their tokens)."""
+        self.llm.reset_prefix_cache(reset_running_requests=self.llm.llm_engine.has_unfinished_requests())
+
+    @_whole_engine
     def sleep(self) -> None:
         """learner.colocate: free this engine's GPU memory for the learners' step (weights offloaded to host memory,
         KV cache dropped; vLLM sleep mode level 1)."""
         self.llm.sleep(level=1)
 
+    @_whole_engine
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Take GPU memory back: ["weights"] before the new weights arrive, ["kv_cache"] after them (then
         generation may start), None both."""
