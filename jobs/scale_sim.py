@@ -67,7 +67,8 @@ def run_one(base, profile, shape, mode, out: Path, warmup: int, flow: str = "bat
     measured = rows[warmup:len(rows) - base.loop.max_inflight]
     figures = run_figures(measured, 0)
     driver = sum(r["driver_cpu_seconds"] for r in measured) / len(measured)
-    return {**figures, "driver_cpu_s_per_step": driver, "startup_seconds": summary["startup_seconds"],
+    trained = sum(r["trained"] for r in measured) / max(sum(r["samples_in"] for r in measured), 1)
+    return {**figures, "driver_cpu_s_per_step": driver, "trained_share": trained, "startup_seconds": summary["startup_seconds"],
             "busy_fraction": summary["busy_fraction"], "faults": summary["faults"]["reissued_batches"]}
 
 

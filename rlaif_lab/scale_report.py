@@ -109,14 +109,16 @@ def write_flows(out: Path, profile, results: dict, meta: dict) -> list[Path]:
           f"flows async (loop.max_inflight as configured), group flow with rollout.engine_streams="
           f"{meta.get('engine_streams', 1)}, the same time scale per configuration.", "",
           "| configuration | group flow samples/s (of bound) | batch flow samples/s (of bound) | groups / batch | "
-          "engines busy groups / batch | driver CPU ms/step groups / batch (share of profiled step) | staleness groups |",
-          "|---|---|---|---|---|---|---|"]
+          "engines busy groups / batch | trained (not dropped as stale) groups / batch | driver CPU ms/step groups / batch "
+          "(share of profiled step) | staleness groups |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g, b = r["groups"], r["batch"]
         md.append(f"| {r['engines']} engines, {r['judges']} judges, {r['ranks']} ranks | "
                   f"{g['profiled_samples_per_s']:.1f} ({g['of_bound']:.0%}) | {b['profiled_samples_per_s']:.1f} "
                   f"({b['of_bound']:.0%}; bound {r['bound']['async_samples_per_s']:.1f}, {r['bound']['async_limit']}) | "
                   f"**{r['groups_over_batch']:.2f}x** | {_busy(g)} / {_busy(b)} | "
+                  f"{g.get('trained_share', 1):.0%} / {b.get('trained_share', 1):.0%} | "
                   f"{g['driver_cpu_s_per_step'] * 1e3:.0f} / {b['driver_cpu_s_per_step'] * 1e3:.0f} "
                   f"({g['driver_share_profiled']:.2%} / {b['driver_share_profiled']:.2%}) | {g['staleness_max_hist']} |")
     paths[1].write_text("\n".join(md) + "\n")

@@ -176,7 +176,8 @@ class StandInEngine(_Stage):
         seconds = self._wait(t0, self.profile.shard_seconds(lengths))
         return table, self._stats(seconds, lengths)
 
-    def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int]):
+    def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int],
+                        min_version: int = 0):
         """As the real engine's (loop.flow: groups): each prompt group's table and the dict naming it when its last
         answer is done, then the call's stats. The answers of every group call running on this engine at once
         (rollout.engine_streams) share it (`SharedClock`; one call alone: `Profile.finish_seconds`)."""
@@ -185,6 +186,9 @@ class StandInEngine(_Stage):
         table = self._rollouts(prompts, indices, step)
         lengths = self.profile.response_lengths(table.column("sample_id").to_pylist())
         with self.stream_slots:
+            deadline = time.monotonic() + self.cfg.sync.timeout_s
+            while self.version < min_version and time.monotonic() < deadline:  # an update beside it (as the real one)
+                time.sleep(0.001)
             keys, version = self.clock.add(lengths), self.version
             seconds, pending = [], list(range(len(indices)))
             while pending:

@@ -101,7 +101,8 @@ class StreamingOrchestrator(Orchestrator):
                     loads[s.worker] += 1
                 w = pool.pick(loads=loads)
                 gen = pool.actors[w].generate_groups.options(num_returns="streaming", **self.stream_group).remote(
-                    self.prompts_ref, [g.index for g in part], step, [g.position for g in part])
+                    self.prompts_ref, [g.index for g in part], step, [g.position for g in part],
+                    min_version=min(g.expected_version for g in part))
                 self.streams.append(Stream(w, step, {g.position: g for g in part}, gen, pool.lives[w]))
 
     def outstanding(self) -> int:

@@ -137,7 +137,8 @@ class RolloutWorker:
         samples = [x for row, out in zip(rows, outputs) for x in self._group(step, row, out)]
         return self._rollout_table(samples), self._gen_stats(t_start, engine_seconds, samples)
 
-    def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int]):
+    def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int],
+                        min_version: int = 0):
         """`generate` one prompt group at a time (loop.flow: groups): a Ray generator that yields, for each prompt group
         the moment vLLM finishes its last sample, its `rollouts` table and then a small dict naming it (`position`:
         its prompt's position in the batch, `version`, `tokens`, `samples`, `seconds` since the call started), so
@@ -145,11 +146,16 @@ class RolloutWorker:
         The shard's prompts are batched together as in `generate`, with the same seeds (`positions[i]` is
         indices[i]'s position in its batch), so the samples are the same. Call it with
         `.options(num_returns="streaming")`, and `concurrency_group="streams"` to run it beside other group calls
-        (their requests batched together in the engine; the group's version is the one its requests started under)."""
+        (their requests batched together in the engine; the group's version is the one its requests started under).
+        `min_version`: the version the driver had sent when it made the call; a call that runs beside a weight update
+        waits for it (at most `sync.timeout_s`), as a call queued behind the update would."""
         self._injected_pause("hang_generate")
         t_start = time.perf_counter()
         rows, params = self._requests(prompts, indices, step, positions)
         with self.stream_slots:
+            deadline = time.monotonic() + self.cfg.sync.timeout_s
+            while self.version < min_version and time.monotonic() < deadline:  # else the driver sees a stale group
+                time.sleep(0.005)
             ids, inbox, version = self.shared.add(self._engine_inputs(rows), params, on_added=lambda: self.version)
             waiting = {rid: (row, pos) for rid, row, pos in zip(ids, rows, positions)}
             samples, done = [], []
