@@ -16,6 +16,7 @@ import hashlib
 import math
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -289,39 +290,32 @@ class SharedClock:
                 return finished
             time.sleep(max(ahead * self.profile.time_scale, 1e-4))
 
+    @contextmanager
     def paused(self):
         """The answers running make no progress while this is held (a weight update that continues them)."""
-        clock = self
+        with self.lock:
+            self._advance()
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.t0 += time.perf_counter() - t0  # the pause is not engine time
 
-        class _Paused:
-            def __enter__(self):
-                clock.lock.acquire()
-                clock._advance()
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.t0 += time.perf_counter() - self.t0  # the pause is not engine time
-                clock.lock.release()
-        return _Paused()
-
+    @contextmanager
     def exclusive(self):
         """New answers held back until the ones running are done (a weight update between two policy versions)."""
-        clock = self
-
-        class _Exclusive:
-            def __enter__(self):
-                clock.open.clear()
-                while True:
-                    with clock.lock:
-                        clock._advance()
-                        if not clock.left:
-                            return
-                        ahead = min(clock.left.values()) / clock._rate()
-                    time.sleep(max(ahead * clock.profile.time_scale, 1e-4))
-
-            def __exit__(self, *exc):
-                clock.open.set()
-        return _Exclusive()
+        self.open.clear()
+        try:
+            while True:
+                with self.lock:
+                    self._advance()
+                    if not self.left:
+                        break
+                    ahead = min(self.left.values()) / self._rate()
+                time.sleep(max(ahead * self.profile.time_scale, 1e-4))
+            yield
+        finally:
+            self.open.set()
 
 
 class StandInJudge(_Stage):

@@ -8,6 +8,9 @@ judge and then to the scorer (one `label` and one `score` call per group), and t
 `data.prompts_per_step` finished groups per step, oldest first (by step, then batch position), from a bounded
 buffer: new prompts are launched a whole step at a time only while at most `loop.max_inflight` steps' worth of
 groups are in flight beyond the step the learner takes next (backpressure, as batch mode bounds its batches).
+With `rollout.engine_streams` > 1 several shard calls run at once on one engine, their requests batched together
+(rlaif_ray.stages.shared_engine); a call waits for the weight version the driver had sent when it made it. While the
+driver waits for the learner's step or a weight sync, groups keep moving (`keep_flowing`).
 
 A group's sample ids stay (step, prompt, k) and its sampling seed follows its position in its step's batch, so the
 groups, the ledger and (in sync mode, where only one step's groups are in flight) the learning are those of batch
@@ -16,8 +19,9 @@ dropped by the learner and counted.
 
 Faults work per group: a shard call whose engine died (or restarted and lost its weights, or hung past
 `fault.stage_timeout_s`) loses only the groups it had not handed back, which are re-issued under the same ids; a
-group whose judge or scorer died is labelled and scored again from its rollouts. A checkpoint keeps the groups not
-trained yet, which a resumed run launches again.
+group whose judge or scorer died is labelled and scored again from its rollouts. One dead actor is one fault against
+`fault.max_reissues`, however many calls it held (`ActorPool.lives`). A checkpoint keeps the groups not trained yet,
+which a resumed run launches again.
 """
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ calls; the actor runs one method at a time, so a batch never sees half-loaded we
 
 Group flow (`generate_groups`) can run several calls at once on one engine (`rollout.engine_streams`, the
 "streams" concurrency group): their requests share the engine's continuous batch (rlaif_ray.stages.shared_engine),
-and every other method takes the whole engine only once the requests in flight have finished.
+and every other method takes the whole engine only once the requests in flight have finished (a weight update under
+`rollout.in_flight_update: continue` takes it between two steps instead, and the requests in flight go on under the
+new weights).
 """
 from __future__ import annotations
 
