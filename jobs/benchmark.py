@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="sync/async pairs; the median round is shown")
     parser.add_argument("--alone-batches", type=int, default=20, help="batches for the engine-alone measurement")
     parser.add_argument("--flows", action="store_true", help="batch flow against group flow (loop.flow), both async")
+    parser.add_argument("--engine-streams", type=int, default=1,
+                        help="--flows: rollout.engine_streams of the group-flow run (group calls one engine runs at once)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
     try:
@@ -101,6 +103,7 @@ def run_flows(base, args, out: Path) -> int:
         for flow in ("batch", "groups"):
             cfg = base.model_copy(deep=True)
             cfg.loop.mode, cfg.loop.flow = "async", flow
+            cfg.rollout.engine_streams = args.engine_streams if flow == "groups" else 1
             cfg.loop.max_inflight = max(1, base.loop.max_inflight)
             cfg.output.run_dir = str(out / (flow if args.rounds == 1 else f"round{k}_{flow}"))
             cfg.output.progress, cfg.output.existing, cfg.output.save_checkpoint = False, "overwrite", False
