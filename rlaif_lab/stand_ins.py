@@ -256,6 +256,13 @@ class SharedClock:
     def _rate(self) -> float:
         return min(self.profile.stream_tokens_per_s, self.profile.engine_tokens_per_s / len(self.left))
 
+    def _sleep_to_next_finish(self, ahead: float) -> None:
+        time.sleep(max(ahead * self.profile.time_scale, 1e-4))
+
+    def _ahead(self) -> float:
+        """Profiled seconds until the next running answer can be done (answers joining later only delay it)."""
+        return min(self.left.values()) / self._rate() if self.left else 0.0
+
     def _advance(self) -> None:
         now = self._now()
         while self.left and self.t < now:
@@ -284,11 +291,10 @@ class SharedClock:
             with self.lock:
                 self._advance()
                 finished = [i for i, keys in enumerate(groups) if all(k in self.done for k in keys)]
-                # the earliest the next answer can be done (answers joining later only slow it)
-                ahead = min(self.left.values()) / self._rate() if self.left else 0.0
+                ahead = self._ahead()
             if finished:
                 return finished
-            time.sleep(max(ahead * self.profile.time_scale, 1e-4))
+            self._sleep_to_next_finish(ahead)
 
     @contextmanager
     def paused(self):
@@ -311,8 +317,8 @@ class SharedClock:
                     self._advance()
                     if not self.left:
                         break
-                    ahead = min(self.left.values()) / self._rate()
-                time.sleep(max(ahead * self.profile.time_scale, 1e-4))
+                    ahead = self._ahead()
+                self._sleep_to_next_finish(ahead)
             yield
         finally:
             self.open.set()

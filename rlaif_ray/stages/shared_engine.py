@@ -51,14 +51,16 @@ class SharedEngine:
                 continue
             try:
                 if inbox.empty():
-                    self._step(for_inbox=inbox)
+                    self._step(caller_waits=True)
             finally:
                 self.lock.release()
 
-    def _step(self, for_inbox=None) -> None:
+    def _step(self, caller_waits: bool = False) -> None:
+        """One engine step, each finished request to its call's inbox. `caller_waits`: the caller still waits for a
+        request of its own, so an engine with nothing left to run is an error, not the end."""
         engine = self.llm.llm_engine
         if not engine.has_unfinished_requests():
-            if for_inbox is not None:
+            if caller_waits:
                 raise RuntimeError("the engine holds none of this call's requests any more: they never finished")
             return
         for out in engine.step():
