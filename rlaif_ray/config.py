@@ -543,7 +543,7 @@ class FaultConfig(_Section):
     max_resumes: int = Field(2, ge=0)          # automatic resumes from the last checkpoint after a learner failure
     judge_failure_limit: float = Field(0.5, ge=0.0, le=1.0)  # stop when failed judge calls exceed this share ...
     judge_failure_min_calls: int = Field(64, ge=1)           # ... counted once this many calls were made
-    recovery_timeout_s: float = Field(300.0, gt=0)           # wait for a restarted or replaced actor to be ready
+    recovery_timeout_s: float = Field(300.0, gt=0)  # wait for a restarted or replaced actor (and the learner ranks at start-up) to be ready
     # a stage call (generate, label, score; a learner step, export or checkpoint) not finished this many seconds
     # after the driver began waiting for it: the actor is alive but stuck, so it is killed and handled like a
     # dead one (a stage actor: replaced, its batch re-issued; a learner rank: the run resumes from a checkpoint)

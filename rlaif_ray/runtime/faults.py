@@ -46,10 +46,11 @@ def is_actor_fault(err: BaseException) -> bool:
     return isinstance(err, rex.RayTaskError) and cause is not None and is_actor_fault(cause)
 
 
-def get_all_or_fail(refs: list, what: str, timeout_s: float | None = None) -> list:
+def get_all_or_fail(refs: list, what: str, timeout_s: float | None = None,
+                    setting: str = "fault.stage_timeout_s") -> list:
     """`ray.get(refs)`, but a failed ref raises at once, even while other refs (ranks blocked in a collective
-    with the failed one) never finish. Actor faults, and refs not all done within `timeout_s`, become
-    LearnerFailure."""
+    with the failed one) never finish. Actor faults, and refs not all done within `timeout_s` (the config
+    `setting` it came from, named in the error), become LearnerFailure."""
     pending, results = list(refs), {}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
@@ -58,7 +59,7 @@ def get_all_or_fail(refs: list, what: str, timeout_s: float | None = None) -> li
             done, pending = ray.wait(pending, num_returns=1, timeout=left)
             if not done:
                 raise LearnerFailure(f"{what}: {len(pending)} of {len(refs)} learner ranks did not answer within "
-                                     f"{timeout_s:.0f} s (fault.stage_timeout_s)")
+                                     f"{timeout_s:.0f} s ({setting})")
             (ref,) = done
             try:
                 results[ref] = ray.get(ref)

@@ -21,8 +21,15 @@ class LearnerGroup:
         self.ranks = [rank_class.options(runtime_env=env, **in_bundle(placement_group, i, shape)).remote(
                           policy_path, cfg.model_dump(), i, shape.count)
                       for i in range(shape.count)]
-        addr, port = get_all_or_fail([r.address.remote() for r in self.ranks[:1]], "learner start-up", self.timeout_s)[0]
-        get_all_or_fail([r.setup.remote(addr, port) for r in self.ranks], "learner start-up", self.timeout_s)
+        # start-up (placing the ranks, loading the model, forming the process group) beside the engines' own
+        # start-up is a new actor becoming ready, not a stage call: it has fault.recovery_timeout_s, like a
+        # replaced actor, or the stage timeout where that is longer
+        startup_s = max(cfg.fault.recovery_timeout_s, self.timeout_s)
+        setting = ("fault.recovery_timeout_s" if startup_s == cfg.fault.recovery_timeout_s
+                   else "fault.stage_timeout_s")
+        addr, port = get_all_or_fail([r.address.remote() for r in self.ranks[:1]], "learner start-up",
+                                     startup_s, setting)[0]
+        get_all_or_fail([r.setup.remote(addr, port) for r in self.ranks], "learner start-up", startup_s, setting)
 
     def train(self, rewards, meanwhile=None) -> dict:
         """One learner step on a batch: a table ref, or the refs of its shards' tables (each rank concatenates them).
