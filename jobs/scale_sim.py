@@ -48,6 +48,7 @@ def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: 
     cfg.sync.method = "object_store"  # the stand-in engines take the profile's broadcast time either way
     cfg.output.run_dir, cfg.output.existing = str(run_dir), "overwrite"
     cfg.output.progress = cfg.output.save_checkpoint = cfg.output.save_labels = False
+    cfg.checkpoint.every, cfg.checkpoint.every_minutes = 0, 0.0  # the stand-in learner keeps no state
     return cfg
 
 

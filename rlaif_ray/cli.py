@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="run an RLAIF job (embedded local Ray cluster unless ray.address)")
     tr.add_argument("--resume", metavar="RUN_DIR", default=None,
-                    help="continue the run in RUN_DIR from its latest checkpoint (its config.yaml + overrides)")
+                    help="continue the run in RUN_DIR from its latest checkpoint (its config.yaml + overrides); "
+                         "'auto' (with -c): continue output.run_dir from its latest checkpoint if it has one, else "
+                         "start it (a job submitted again after its driver, head or node was lost)")
     _config_args(tr)
     _config_args(sub.add_parser("build-toy", help="build (or reuse) the toy world and print its paths"))
     _config_args(sub.add_parser("show-config", help="print the resolved config as YAML"))
@@ -68,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
             from rlaif_ray.data.preferences import write_preference_file
             print(json.dumps(write_preference_file(args.labels, args.out, args.hard), indent=1))
             return 0
-        if getattr(args, "resume", None):
+        if getattr(args, "resume", None) == "auto":
+            args.resume = _auto_resume(load_config(args.config, args.overrides))
+        elif getattr(args, "resume", None):
             if args.config:
                 parser.error("--resume takes the run's own config.yaml: give overrides, not --config")
-            run_yaml = os.path.join(args.resume, "config.yaml")
-            if not os.path.isfile(run_yaml):
+            if not os.path.isfile(os.path.join(args.resume, "config.yaml")):
                 raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a run folder)")
+        if getattr(args, "resume", None) and args.config is None:  # --resume RUN_DIR: the run's own config.yaml
+            run_yaml = os.path.join(args.resume, "config.yaml")
             args.config, args.overrides = run_yaml, [*args.overrides, f"output.run_dir={args.resume}"]
         cfg = load_config(args.config, args.overrides)
         if args.command == "show-config":
@@ -114,6 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlaif-ray: run stopped: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _auto_resume(cfg) -> str | None:
+    """`--resume auto`: the run folder `output.run_dir` when it holds a complete checkpoint (the run continues from
+    the newest one, with the config given: a changed one is refused by name), else None (a fresh run, into a
+    folder `output.existing` allows)."""
+    from rlaif_ray.runtime import checkpoint
+    found = checkpoint.latest(Path(cfg.output.run_dir))
+    if found is None:
+        print(f"[rlaif] --resume auto: no checkpoint in {cfg.output.run_dir}: starting the run", flush=True)
+        return None
+    print(f"[rlaif] --resume auto: continuing {cfg.output.run_dir} from {found.name}", flush=True)
+    return cfg.output.run_dir
 
 
 if __name__ == "__main__":

@@ -527,7 +527,11 @@ class CheckpointConfig(_Section):
     DeepSpeed rank's model and optimizer state, the reward model's state, and the loop's state (prompt cursor
     and RNG, batches in flight, policy version, counters). Written to a temporary folder and renamed, then
     `latest` is replaced: a crash mid-write leaves the previous checkpoint usable."""
-    every: int = Field(0, ge=0)   # steps between checkpoints (0: none; a learner failure then restarts the run)
+    every: int = Field(0, ge=0)   # steps between checkpoints (0: none by steps)
+    # also after the first step that ends this long after the last checkpoint (or the run's start), so a long run
+    # has one by default and a lost node costs minutes, not the run (0: by steps only; with both 0 a learner
+    # failure restarts the run from its start)
+    every_minutes: float = Field(30.0, ge=0)
     keep: int = Field(2, ge=1)    # newest checkpoints kept
 
 
@@ -543,7 +547,8 @@ class FaultConfig(_Section):
     max_resumes: int = Field(2, ge=0)          # automatic resumes from the last checkpoint after a learner failure
     judge_failure_limit: float = Field(0.5, ge=0.0, le=1.0)  # stop when failed judge calls exceed this share ...
     judge_failure_min_calls: int = Field(64, ge=1)           # ... counted once this many calls were made
-    recovery_timeout_s: float = Field(300.0, gt=0)  # wait for a restarted or replaced actor (and the learner ranks at start-up) to be ready
+    # wait for a restarted or replaced actor, and for the learner ranks at start-up, to be ready
+    recovery_timeout_s: float = Field(300.0, gt=0)
     # a stage call (generate, label, score; a learner step, export or checkpoint) not finished this many seconds
     # after the driver began waiting for it: the actor is alive but stuck, so it is killed and handled like a
     # dead one (a stage actor: replaced, its batch re-issued; a learner rank: the run resumes from a checkpoint)

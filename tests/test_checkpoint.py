@@ -64,3 +64,28 @@ def test_truncate_lines(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
     with pytest.raises(ConfigError, match="expects at least 4"):
         checkpoint.truncate_lines(path, 4)
+
+
+def test_checkpoints_are_due_by_steps_and_by_time():
+    """checkpoint.every (steps) and checkpoint.every_minutes (after the first step that ends that long after the last
+    checkpoint): by default a long run gets one every 30 minutes, a short one none."""
+    from types import SimpleNamespace
+
+    from rlaif_ray.runtime.orchestrator import Orchestrator
+    now = [1000.0]
+
+    def due(steps_done: list[int], **section) -> list[int]:
+        driver = SimpleNamespace(cfg=load_config(None, [f"checkpoint.{k}={v}" for k, v in section.items()]),
+                                 last_checkpoint=now[0])
+        out = []
+        for step in range(6):
+            now[0] += steps_done[step]  # seconds the step took
+            if Orchestrator.checkpoint_due(driver, step, now[0]):
+                out.append(step + 1)
+                driver.last_checkpoint = now[0]
+        return out
+    minutes = [60.0] * 6
+    assert due(minutes) == []                                           # default: 6 minutes of steps, none
+    assert due([600.0] * 6) == [3, 6]                                   # 10-minute steps: every 30 minutes
+    assert due(minutes, every=2, every_minutes=0) == [2, 4, 6]
+    assert due(minutes, every=4, every_minutes=2.5) == [3, 4]                # whichever comes first

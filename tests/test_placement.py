@@ -47,3 +47,27 @@ def test_toy_run_across_three_nodes_lands_where_the_config_says(tmp_path, toy_wo
     assert placed["critic"][0] in (nodes["a"], nodes["b"])                 # needs accel: never the head
     assert out["final_version"] == 3 and min(out["dispatched"]["rollout"]) >= 1
     assert out["generated"] == 3 * 4 * 2 == out["trained"] + out["dropped_stale"] + out["skipped"]
+
+
+def test_an_actor_that_cannot_be_placed_is_named_with_what_would_place_it(ray_cluster):
+    """An actor that never came back (fault.recovery_timeout_s): the error names the resources it needs, whether a
+    live node has them, and what would provide them."""
+    import ray
+
+    from rlaif_ray.runtime.faults import RunStopped, probe
+    from rlaif_ray.runtime.placement import room_for
+    assert room_for({"CPU": 1.0, "rollout_node": 1.0}) == (
+        "it needs {CPU: 1, rollout_node: 1} and none of the 1 live node(s) has that: a node that has it (started by "
+        "hand, or by the autoscaler) would take it")
+    assert room_for({"CPU": 1.0}).startswith("it needs {CPU: 1}; 1 live node(s) have that, but it is taken")
+
+    @ray.remote(num_cpus=1, resources={"rollout_node": 1})
+    class Engine:
+        def ready(self):
+            return 0
+    engine = Engine.remote()  # pending: no node has a rollout_node
+    with pytest.raises(RunStopped, match=r"^rollout actor 3 \(a replacement\) did not come back within 2 s "
+                                         r"\(fault.recovery_timeout_s\): it needs \{CPU: 1, rollout_node: 1\} and "
+                                         r"none of the 1 live node\(s\) has that"):
+        probe(engine, 2.0, "rollout actor 3 (a replacement)", {"CPU": 1.0, "rollout_node": 1.0})
+    ray.kill(engine)

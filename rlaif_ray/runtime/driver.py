@@ -136,7 +136,7 @@ def train(cfg: RunConfig, resume: bool = False, stand_ins: dict | None = None) -
         resume_from = checkpoint.latest(run_dir)
         if resume_from is None:
             raise ConfigError(f"--resume {run_dir}: no checkpoint in {checkpoint.checkpoints_dir(run_dir)} "
-                              "(checkpoints are written every checkpoint.every steps)")
+                              "(checkpoints are written every checkpoint.every steps and checkpoint.every_minutes)")
         state = checkpoint.load_state(resume_from, cfg, resolved.prompts)  # what cannot resume fails before Ray
     else:
         resume_from = state = None

@@ -16,6 +16,8 @@ import time
 import ray
 from ray import exceptions as rex
 
+from rlaif_ray.runtime.placement import room_for
+
 log = logging.getLogger(__name__)
 
 ACTOR_FAULTS = (rex.RayActorError, rex.ActorUnavailableError, rex.WorkerCrashedError, rex.ObjectLostError,
@@ -86,30 +88,35 @@ def _dead_peer(refs: list, grace_s: float = 10.0) -> BaseException | None:
     return None
 
 
-def probe(actor, timeout_s: float):
-    """The actor's `ready()` answer once it is up (waits through a restart); ActorDiedError if gone for good."""
+def probe(actor, timeout_s: float, what: str = "an actor", bundle: dict | None = None):
+    """The actor's `ready()` answer once it is up (waits through a restart); ActorDiedError if gone for good.
+    Not up within `timeout_s`: RunStopped naming `what` and, given its `bundle`, the resources no live node has."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
         except (rex.ActorUnavailableError, rex.GetTimeoutError):
             if time.monotonic() > deadline:
-                raise RunStopped(f"an actor did not come back within {timeout_s:.0f} s (fault.recovery_timeout_s)")
+                where = f": {room_for(bundle)}" if bundle else ""
+                raise RunStopped(f"{what} did not come back within {timeout_s:.0f} s (fault.recovery_timeout_s)"
+                                 f"{where}")
             time.sleep(0.5)
 
 
-def recover_pool(pool, factory, timeout_s: float) -> list[tuple[int, object, bool]]:
+def recover_pool(pool, factory, timeout_s: float, bundle: dict | None = None) -> list[tuple[int, object, bool]]:
     """Probe every actor of `pool`; replace the dead ones through `factory(index)`. Returns, per actor,
-    (index, its `ready()` answer, replaced?)."""
+    (index, its `ready()` answer, replaced?). `bundle`: the resources one actor of the pool holds (for the error
+    when one does not come back)."""
     out = []
     for i, actor in enumerate(list(pool.actors)):
+        what = f"{pool.name} actor {i}"
         try:
-            out.append((i, probe(actor, timeout_s), False))
+            out.append((i, probe(actor, timeout_s, what, bundle), False))
         except rex.RayActorError:
             log.warning("%s actor %d is gone for good: starting a replacement", pool.name, i)
             ray.kill(actor, no_restart=True)  # make sure, and free its bundle
             fresh = factory(i)
-            out.append((i, probe(fresh, timeout_s), True))
+            out.append((i, probe(fresh, timeout_s, f"{what} (a replacement)", bundle), True))
             pool.replace(i, fresh)
     return out
 

@@ -131,6 +131,7 @@ class Orchestrator:
         self.rm_loads = 0             # reward-model states pushed to the scorer
         self.eval_before = None       # ground-truth accuracy before the run (kept in checkpoints)
         self.background_labels = []   # (step, ObjectRef of label stats): reward.label_share < 1, beside the loop
+        self.last_checkpoint = time.monotonic()  # checkpoint.every_minutes counts from here, then from each save
         self.faults = {"reissued_batches": 0, "replaced_actors": 0, "resynced_engines": 0, "failed_syncs": 0,
                        "events": []}
         self.weights = WeightSync(cfg, self.learners, self.pools["rollout"], self.faults)
@@ -350,7 +351,8 @@ class Orchestrator:
         the current reward model."""
         timeout = self.cfg.fault.recovery_timeout_s
         for stage, pool in self.pools.items():
-            for i, answer, replaced in recover_pool(pool, self.factories[stage], timeout):
+            bundle = stage_shape(self.cfg, stage).bundle()
+            for i, answer, replaced in recover_pool(pool, self.factories[stage], timeout, bundle):
                 self.faults["replaced_actors"] += int(replaced)
                 if stage == "rollout" and (replaced or answer < self.synced_version):
                     self.weights.regroup(f"engine {i} {'replaced' if replaced else 'restarted'}")
@@ -398,6 +400,15 @@ class Orchestrator:
         return ray.get(self.rollouts[0].evaluate.remote(self.eval_prompts_ref, self.cfg.loop.eval_samples))
 
     # ------------------------------------------------------------------ checkpoints
+    def checkpoint_due(self, step: int, now: float | None = None) -> bool:
+        """After step `step` (counted from 0): every `checkpoint.every` steps, and once `checkpoint.every_minutes`
+        passed since the last checkpoint (or since this driver started its loop) by `now` (time.monotonic())."""
+        c = self.cfg.checkpoint
+        now = time.monotonic() if now is None else now
+        by_steps = c.every > 0 and (step + 1) % c.every == 0
+        by_time = c.every_minutes > 0 and now - self.last_checkpoint >= 60.0 * c.every_minutes
+        return by_steps or by_time
+
     def save(self, step: int, loop_state: dict) -> Path:
         """Checkpoint after `step` steps: learner ranks, reward model, then the loop state; atomic."""
         tmp = checkpoint.begin(self.run_dir, step)
@@ -407,7 +418,9 @@ class Orchestrator:
         state = {"step": step, "version": self.version, "sampler": self.sampler.state(),
                  "config_digest": checkpoint.config_digest(self.cfg),
                  "prompts_digest": self.prompts_digest, "rm_loads": self.rm_loads, **loop_state}
-        return checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
+        folder = checkpoint.commit(tmp, state, self.cfg.checkpoint.keep)
+        self.last_checkpoint = time.monotonic()
+        return folder
 
     def restore(self, folder: Path, state: dict) -> None:
         """Learners, reward model, prompt cursor and engines as they were when `folder` was written."""
@@ -431,7 +444,7 @@ class Orchestrator:
             self.refit_reward_model_if_due(loop, step)
             result, train_wall, sync_stats = self.train_and_sync(loop, batch)
             self.log_step(writer, loop, step, stats, result, train_wall, sync_stats, queues)
-            if self.cfg.checkpoint.every and (step + 1) % self.cfg.checkpoint.every == 0:
+            if self.checkpoint_due(step):
                 self.save(step + 1, self.loop_state(writer, loop))
         self.finish_syncs(loop.sync)
         background = self.finished_background_labels(wait=True)

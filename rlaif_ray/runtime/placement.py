@@ -89,6 +89,19 @@ def check_resources(cfg: RunConfig) -> None:
                               f"{have.get(key, 0.0):g}{hint}")
 
 
+def room_for(bundle: dict[str, float]) -> str:
+    """Whether a live node of the cluster could hold `bundle` (an actor's resources), as a sentence for the error
+    of an actor that never came up: which resources it needs, and what would provide them."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    shape = "{" + ", ".join(f"{key}: {value:g}" for key, value in bundle.items() if value) + "}"
+    fits = [n for n in nodes if all(n["Resources"].get(key, 0.0) >= value for key, value in bundle.items())]
+    if not fits:
+        return (f"it needs {shape} and none of the {len(nodes)} live node(s) has that: a node that has it (started "
+                "by hand, or by the autoscaler) would take it")
+    return (f"it needs {shape}; {len(fits)} live node(s) have that, but it is taken (by other actors, or by other "
+            "bundles of the stage's placement group)")
+
+
 def plan_on_nodes(cfg: RunConfig, nodes: dict[str, dict[str, float]]) -> dict[str, list[str]]:
     """Where every stage's bundles would land on a cluster described as node name -> resources (CPU, GPU and custom
     ones, as `ray status` lists them), without starting anything: stage by stage in config order, PACK/STRICT_PACK
