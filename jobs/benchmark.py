@@ -20,9 +20,7 @@ def main(argv=None) -> int:
     import ray
 
     from rlaif_ray.config import ConfigError, load_config
-    from rlaif_ray.runtime.driver import train
-    from rlaif_ray.runtime.metrics import read_jsonl
-    from rlaif_lab.benchmark import compare, format_table, run_figures, transport_from_timeline, transport_share
+    from rlaif_lab.benchmark import compare, format_table, transport_from_timeline, transport_share
     from rlaif_lab.stage_alone import engine_alone
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,20 +46,10 @@ def main(argv=None) -> int:
     for k in range(args.rounds):  # sync and async alternate, so slow spells of a shared machine hit both
         figures, windows = {}, {}
         for mode in ("sync", "async"):
-            cfg = base.model_copy(deep=True)
-            cfg.loop.mode = mode
-            cfg.loop.max_inflight = 0 if mode == "sync" else max(1, base.loop.max_inflight)
-            cfg.output.run_dir = str(out / (mode if args.rounds == 1 else f"round{k}_{mode}"))
-            cfg.output.progress = False
-            cfg.output.existing = "overwrite"  # this job's own subfolder
-            cfg.output.save_checkpoint = False
             t0 = time.time()
-            summary = train(cfg)
+            figures[mode] = one_run(base, args, out, k, mode, mode=mode,
+                                    max_inflight=0 if mode == "sync" else max(1, base.loop.max_inflight))
             windows[mode] = (t0, time.time())
-            figures[mode] = {**run_figures(read_jsonl(Path(cfg.output.run_dir) / "metrics.jsonl"), args.warmup),
-                             "startup_seconds": summary["startup_seconds"], "busy_fraction": summary["busy_fraction"]}
-            print(f"[benchmark] round {k + 1}/{args.rounds} {mode}: {figures[mode]['samples_per_s']:.1f} samples/s",
-                  flush=True)
         rounds.append({**figures, "windows": windows})
     alone = engine_alone(base, args.alone_batches)
     time.sleep(2.0)  # workers report task events every second
@@ -77,7 +65,7 @@ def main(argv=None) -> int:
         r["comparison"].update(engine_alone_tokens_per_s=alone,
                                rollout_efficiency=in_loop / alone if in_loop and alone else None)
     ratios = [r["comparison"]["async_over_sync"] for r in rounds]
-    median = sorted(range(len(rounds)), key=lambda i: ratios[i])[len(rounds) // 2]
+    median = median_round(ratios)
     shown = rounds[median]
     print(format_table(shown["sync"], shown["async"], shown["comparison"]))
     if len(rounds) > 1:
@@ -91,32 +79,45 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_flows(base, args, out: Path) -> int:
-    """`--flows`: the config async in batch flow and in group flow, alternating per round; the median round shown."""
+def one_run(base, args, out: Path, k: int, name: str, flow: str = "batch", **loop) -> dict:
+    """One training run of the base config with `loop.*` changed as given (in `flow`, with --engine-streams for
+    group flow), into its own subfolder of `out`: its figures after the warm-up steps."""
     from rlaif_ray.runtime.driver import train
     from rlaif_ray.runtime.metrics import read_jsonl
-    from rlaif_lab.benchmark import format_flows, run_figures
+    from rlaif_lab.benchmark import run_figures
+
+    cfg = base.model_copy(deep=True)
+    for key, value in {**loop, "flow": flow}.items():
+        setattr(cfg.loop, key, value)
+    cfg.rollout.engine_streams = args.engine_streams if flow == "groups" else 1
+    cfg.output.run_dir = str(out / (name if args.rounds == 1 else f"round{k}_{name}"))
+    cfg.output.progress, cfg.output.save_checkpoint = False, False
+    cfg.checkpoint.every, cfg.checkpoint.every_minutes = 0, 0.0  # no checkpoint inside the measured steps
+    cfg.output.existing = "overwrite"  # this job's own subfolder
+    summary = train(cfg)
+    figures = {**run_figures(read_jsonl(Path(cfg.output.run_dir) / "metrics.jsonl"), args.warmup),
+               **{key: summary[key] for key in ("startup_seconds", "busy_fraction", "generated", "trained")}}
+    print(f"[benchmark] round {k + 1}/{args.rounds} {name}: {figures['samples_per_s']:.1f} samples/s", flush=True)
+    return figures
+
+
+def median_round(ratios: list[float]) -> int:
+    return sorted(range(len(ratios)), key=lambda i: ratios[i])[len(ratios) // 2]
+
+
+def run_flows(base, args, out: Path) -> int:
+    """`--flows`: the config async in batch flow and in group flow, alternating per round; the median round shown."""
+    from rlaif_lab.benchmark import format_flows
 
     rounds = []
     for k in range(args.rounds):
-        figures = {}
-        for flow in ("batch", "groups"):
-            cfg = base.model_copy(deep=True)
-            cfg.loop.mode, cfg.loop.flow = "async", flow
-            cfg.rollout.engine_streams = args.engine_streams if flow == "groups" else 1
-            cfg.loop.max_inflight = max(1, base.loop.max_inflight)
-            cfg.output.run_dir = str(out / (flow if args.rounds == 1 else f"round{k}_{flow}"))
-            cfg.output.progress, cfg.output.existing, cfg.output.save_checkpoint = False, "overwrite", False
-            summary = train(cfg)
-            figures[flow] = {**run_figures(read_jsonl(Path(cfg.output.run_dir) / "metrics.jsonl"), args.warmup),
-                             "busy_fraction": summary["busy_fraction"], "generated": summary["generated"],
-                             "trained": summary["trained"]}
-            print(f"[benchmark] round {k + 1}/{args.rounds} {flow} flow: {figures[flow]['samples_per_s']:.1f} "
-                  "samples/s", flush=True)
+        figures = {flow: one_run(base, args, out, k, flow, flow=flow, mode="async",
+                                 max_inflight=max(1, base.loop.max_inflight))
+                   for flow in ("batch", "groups")}
         figures["groups_over_batch"] = figures["groups"]["samples_per_s"] / figures["batch"]["samples_per_s"]
         rounds.append(figures)
     ratios = [r["groups_over_batch"] for r in rounds]
-    median = sorted(range(len(rounds)), key=lambda i: ratios[i])[len(rounds) // 2]
+    median = median_round(ratios)
     print(format_flows(rounds[median]["batch"], rounds[median]["groups"]))
     if len(rounds) > 1:
         print(f"(the round with the median ratio; all rounds: {', '.join(f'{x:.2f}x' for x in ratios)})")

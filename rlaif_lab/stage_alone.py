@@ -35,7 +35,8 @@ def batch_indices(prompts: pa.Table, table: pa.Table) -> list[int]:
 
 
 def rollouts_of(table: pa.Table) -> pa.Table:
-    return schemas.validate(table.select(schemas.ROLLOUT_SCHEMA.names), "rollouts")
+    return schemas.validate(table.select([n for n in schemas.ROLLOUT_SCHEMA.names if n in table.column_names]),
+                            "rollouts")
 
 
 def train_tokens(table: pa.Table) -> int:

@@ -28,6 +28,7 @@ from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.pairs import select_pairs
 from rlaif_ray.stages.reward import rewards_from_labels
+from rlaif_ray.stages.shared_engine import BusyClock
 
 
 LENGTHS = ("fixed", "uniform", "long_tail")  # Profile.lengths
@@ -169,6 +170,7 @@ class StandInEngine(_Stage):
         self.worker_index, self.version = worker_index, 0
         self.clock = SharedClock(self.profile)  # the answers of the group calls running at once
         self.stream_slots = threading.BoundedSemaphore(self.cfg.rollout.engine_streams)
+        self.busy = BusyClock()  # as the real engine's: overlapping group calls' busy time counted once
 
     def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
         t0 = time.perf_counter()
@@ -190,17 +192,19 @@ class StandInEngine(_Stage):
             deadline = time.monotonic() + self.cfg.sync.timeout_s
             while self.version < min_version and time.monotonic() < deadline:  # an update beside it (as the real one)
                 time.sleep(0.001)
-            keys, version = self.clock.add(lengths), self.version
-            seconds, pending = [], list(range(len(indices)))
-            while pending:
-                finished = self.clock.wait_for_any([keys[g * n:(g + 1) * n] for g in pending])
-                for g in [pending[k] for k in finished]:
-                    pending.remove(g)
-                    seconds.append(time.perf_counter() - t0)
-                    yield table.take(pa.array(np.arange(g * n, (g + 1) * n)))
-                    yield {"position": positions[g], "version": version, "samples": n, "seconds": seconds[-1],
-                           "tokens": int(lengths[g * n:(g + 1) * n].sum()), "worker": self.worker_index}
-        yield {**self._stats(time.perf_counter() - t0, lengths), "policy_version": version, "group_seconds": seconds}
+            with self.busy.call():
+                keys, version = self.clock.add(lengths), self.version
+                seconds, pending = [], list(range(len(indices)))
+                while pending:
+                    finished = self.clock.wait_for_any([keys[g * n:(g + 1) * n] for g in pending])
+                    for g in [pending[k] for k in finished]:
+                        pending.remove(g)
+                        seconds.append(time.perf_counter() - t0)
+                        yield table.take(pa.array(np.arange(g * n, (g + 1) * n)))
+                        yield {"position": positions[g], "version": version, "samples": n, "seconds": seconds[-1],
+                               "tokens": int(lengths[g * n:(g + 1) * n].sum()), "worker": self.worker_index}
+        yield {**self._stats(time.perf_counter() - t0, lengths), "policy_version": version, "group_seconds": seconds,
+               "busy_seconds": self.busy.take()}
 
     def _stats(self, seconds: float, lengths: np.ndarray) -> dict:
         return {"gen_seconds": seconds, "engine_seconds": seconds, "gen_tokens": int(lengths.sum()),
@@ -220,6 +224,7 @@ class StandInEngine(_Stage):
             "response": [""] * total, "response_token_ids": _lists(total, self.table_tokens, np.int32, 2),
             "response_logprobs": _lists(total, self.table_tokens, np.float32, -1.0),
             "finish_reason": ["stop"] * total, "policy_version": [self.version] * total,
+            "token_versions": [None] * total,
             "reference": np.repeat(np.asarray(rows.column("reference").to_pylist(), dtype=object), n).tolist(),
         }, schema=schemas.ROLLOUT_SCHEMA)
         return schemas.validate(table, "rollouts")
@@ -286,11 +291,14 @@ class SharedClock:
         return keys
 
     def wait_for_any(self, groups: list[list[int]]) -> list[int]:
-        """The indices of the groups whose answers are all done, once there is at least one."""
+        """The indices of the groups whose answers are all done, once there is at least one (each group is asked
+        for until it is returned, once: its answers are forgotten then)."""
         while True:
             with self.lock:
                 self._advance()
                 finished = [i for i, keys in enumerate(groups) if all(k in self.done for k in keys)]
+                for i in finished:
+                    self.done.difference_update(groups[i])
                 ahead = self._ahead()
             if finished:
                 return finished

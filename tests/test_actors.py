@@ -1,5 +1,6 @@
 """Each stage alone, real: vLLM generation and judging, reward scoring, DeepSpeed ranks, weight sync."""
 import math
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +66,8 @@ def test_group_calls_share_one_engine_and_a_weight_update_waits_for_them(engines
     """rollout.engine_streams=2: two generate_groups calls at once on one engine (the "streams" concurrency group),
     their requests batched together: each gets exactly its own groups, token for token what one call samples alone;
     a weight update sent meanwhile takes the engine only when their requests are done, so every group has one version
-    (the one its call started under) and the call's stats say the same."""
+    (the one its call started under) and the call's stats say the same. Under in_flight_update=continue the update
+    comes between two engine steps and each token carries the version that sampled it."""
     from tests.conftest import initial_weights
     shards = {"a": ([3, 8], [0, 1]), "b": ([21, 40, 55], [2, 3, 4])}
     whole, _ = ray.get(engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, [3, 8, 21, 40, 55], 6))
@@ -97,14 +99,31 @@ def test_group_calls_share_one_engine_and_a_weight_update_waits_for_them(engines
         for g in pairs[0::2]:
             again.update(zip(g.column("sample_id").to_pylist(), g.column("response_token_ids").to_pylist()))
     assert ray.get(update)["version"] == 2 and again == by_id
+    # every token carries the version that sampled it: an update that lands after the call's first engine step
+    # (the call is held there until the update came) splits its responses into tokens of version 2, then 3
+    ray.get(engines["rollout"].inject_fault.remote("pause_mid_generation", 60))
+    call = engines["rollout"].generate_groups.options(**opts).remote(prompts_ref, shards["b"][0], 6, shards["b"][1])
+    time.sleep(2)  # the call is held after its first step until the update; the update must not come before it
+    update = engines["rollout"].update_weights.remote(initial_weights(toy_world.policy), 3, in_flight="continue")
+    *pairs, stats = ray.get(list(call))
+    assert ray.get(update)["version"] == 3 and {n["version"] for n in pairs[1::2]} == {2}
+    split = []
+    for g in pairs[0::2]:
+        for sid, toks, versions in zip(*(g.column(c).to_pylist() for c in ("sample_id", "response_token_ids",
+                                                                            "token_versions"))):
+            assert toks == by_id[sid] and len(versions) == len(toks) and versions == sorted(versions)
+            assert set(versions) <= {2, 3}
+            split += [versions] if len(set(versions)) == 2 else []
+    assert split
 
 
 def test_rollout_generates_n_samples_with_logprobs(engines, prompts_ref):
     table, stats = generate(engines, prompts_ref, [0, 5, 9])
     table = schemas.validate(table, "rollouts")
     assert table.num_rows == 3 * engines["cfg"].rollout.samples_per_prompt == stats["gen_samples"]
-    for ids, lps in zip(table.column("response_token_ids").to_pylist(), table.column("response_logprobs").to_pylist()):
-        assert len(ids) == len(lps) >= 1
+    for ids, lps, versions in zip(*(table.column(c).to_pylist() for c in ("response_token_ids", "response_logprobs",
+                                                                          "token_versions"))):
+        assert len(ids) == len(lps) >= 1 and versions == [stats["policy_version"]] * len(ids)
         assert all(lp <= 0.0 and math.isfinite(lp) for lp in lps)
     assert set(table.column("policy_version").to_pylist()) == {0}
     assert table.column("group_index").to_pylist()[:2] == [0, 1]
@@ -119,7 +138,7 @@ def rollout_table(responses: list[str], prompt="2+3=", reference="5", prompt_id=
         "sample_id": [f"{id_prefix}/{i}" for i in range(n)], "prompt_id": [prompt_id] * n, "group_index": list(range(n)),
         "prompt": [prompt] * n, "prompt_token_ids": [[1]] * n, "response": responses,
         "response_token_ids": [[2]] * n, "response_logprobs": [[-1.0]] * n, "finish_reason": ["stop"] * n,
-        "policy_version": [0] * n, "reference": [reference] * n,
+        "policy_version": [0] * n, "token_versions": [None] * n, "reference": [reference] * n,
     }, schema=schemas.ROLLOUT_SCHEMA)
 
 

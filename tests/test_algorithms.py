@@ -99,6 +99,7 @@ def labelled(responses, slot1_probs_by_pair):
         cols["response_logprobs"].append([-1.0])
         cols["finish_reason"].append("stop")
         cols["policy_version"].append(0)
+        cols["token_versions"].append([0])
         cols["reference"].append("2")
         cols["label_method"].append("pairwise")
         cols["judge_model"].append("constructed")

@@ -85,7 +85,7 @@ def peer_batch(step: int):
             for key, value in (("sample_id", schemas.sample_id(step, pid, k)), ("prompt_id", pid), ("group_index", k),
                                ("prompt", prompt), ("prompt_token_ids", [1, 2]), ("response", response),
                                ("response_token_ids", [3]), ("response_logprobs", [-1.0]), ("finish_reason", "stop"),
-                               ("policy_version", 0), ("reference", None)):
+                               ("policy_version", 0), ("token_versions", None), ("reference", None)):
                 cols[key].append(value)
     return pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA)
 

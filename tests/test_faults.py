@@ -4,6 +4,7 @@ every sample id trained once, dropped as stale, or skipped with a reason -- neve
 The injections hook `Orchestrator.launch`, which the driver calls before it submits each batch."""
 import json
 import os
+import re
 import signal
 from collections import Counter
 
@@ -133,8 +134,10 @@ def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, mon
     assert (run / "checkpoints" / "latest").read_text() == "step-000002"
     monkeypatch.undo()
     capsys.readouterr()
-    assert main(["train", "--resume", str(run)]) == 0
+    # the job submitted again with the same config: it finds the checkpoint in its output.run_dir by itself
+    assert main(["train", "-c", str(run / "config.yaml"), "--resume", "auto"]) == 0
     console = capsys.readouterr().out  # the short summary, not summary.json
+    assert f"--resume auto: continuing {run} from step-000002" in console
     assert "rlaif: finished 4 steps" in console and f"{run}/summary.json" in console and '"final_version"' not in console
     ref_run, ref = uninterrupted
     summary = json.loads((run / "summary.json").read_text())
@@ -166,22 +169,29 @@ def test_learner_rank_killed_resumes_from_last_checkpoint(uninterrupted, tmp_pat
     assert all(np.allclose(mine[k], theirs[k], atol=1e-6) for k in theirs)
 
 
-def test_resume_refuses_a_changed_config(uninterrupted, tmp_path):
+def test_resume_refuses_a_changed_config(uninterrupted, tmp_path, capsys):
     from rlaif_ray.cli import main
     ref_run, _ = uninterrupted
     assert main(["train", "--resume", str(ref_run), "learner.learning_rate=0.5"]) == 2
+    assert main(["train", "-c", str(ref_run / "config.yaml"), "--resume", "auto", "learner.learning_rate=0.5"]) == 2
+    assert "was written with a different config" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path)]) == 2  # not a run folder
+    # --resume auto where no checkpoint is: a fresh run (here one that stops on its missing prompts file)
+    assert main(["train", "--resume", "auto", f"output.run_dir={tmp_path / 'new'}", "data.prompts=nowhere.jsonl"]) == 2
+    assert f"--resume auto: no checkpoint in {tmp_path / 'new'}: starting the run" in capsys.readouterr().out
 
 
 def test_group_flow_resumes_and_survives_faults_group_by_group(ray_cluster, toy_world, tmp_path, monkeypatch):
     """loop.flow=groups, async, two engines: the driver interrupted after a checkpoint resumes with the groups not
-    trained yet; in the resumed run an engine killed for good and the judge's process killed cost only the groups
-    their calls held, re-issued under the same ids; every sample id is trained, dropped or skipped exactly once.
-    Two group calls may run at once on an engine (rollout.engine_streams=2): a killed engine loses both."""
+    trained yet; in the resumed run an engine stuck in a group call (killed by the driver once nothing moved for
+    fault.stage_timeout_s, and replaced) and the judge's process killed cost only the groups their calls held,
+    re-issued under the same ids; every sample id is trained, dropped or skipped exactly once. Two group calls may
+    run at once on an engine (rollout.engine_streams=2): a killed engine loses both."""
     from rlaif_ray.runtime.driver import train
     steps, per_step = 6, 4 * 2
     cfg = small_config(tmp_path, rollout={"num_workers": 2, "engine_streams": 2}, checkpoint={"every": 2},
-                       loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "eval_samples": 0, "flow": "groups"})
+                       loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "eval_samples": 0, "flow": "groups"},
+                       fault={"stage_timeout_s": 20})
 
     def interrupt(orch):
         raise KeyboardInterrupt
@@ -193,7 +203,7 @@ def test_group_flow_resumes_and_survives_faults_group_by_group(ray_cluster, toy_
     # three steps launched, two trained: four groups pending (step 2's, or stragglers of step 1 the learner left)
     assert sum(len(p["positions"]) for p in state["pending"]) == 4 and state["launched"] == 3
     monkeypatch.undo()
-    inject(monkeypatch, {4: lambda o: ray.kill(o.rollouts[0]),                        # gone for good: replaced
+    inject(monkeypatch, {4: lambda o: ray.get(o.rollouts[0].inject_fault.remote("hang_generate", 3600)),  # killed
                          5: lambda o: os.kill(pid_of(o.critics[0]), signal.SIGKILL)},  # Ray restarts it
            StreamingOrchestrator)
     summary = train(cfg, resume=True)
@@ -202,6 +212,8 @@ def test_group_flow_resumes_and_survives_faults_group_by_group(ray_cluster, toy_
     assert faults["reissued_batches"] >= 1 and faults["reissued_groups"] >= 1 and faults["replaced_actors"] >= 1
     # one fault per dead actor, however many groups' calls it held (two kills: at most two faults against max_reissues)
     assert faults["reissued_batches"] <= 2 and len(faults["events"]) == faults["reissued_batches"]
+    assert any(re.fullmatch(r"rollout actor 0 did not finish the gen call of step [45] within 20 s "
+                            r"\(fault\.stage_timeout_s\): killed", event) for event in faults["events"])
     check_ledger(run, summary, steps, per_step)
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["policy_version"] for m in metrics] == list(range(1, steps + 1))

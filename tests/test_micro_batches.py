@@ -46,7 +46,10 @@ def batches(draw):
                 "response_token_ids": draw(st.lists(st.integers(3, VOCAB - 1), min_size=n, max_size=n)),
                 "response_logprobs": draw(st.lists(st.floats(-4.0, -0.01), min_size=n, max_size=n)),
                 "finish_reason": draw(st.sampled_from(["stop", "stop", "length"])),
-                "policy_version": 0,
+                # tokens of the learner's version, or (a response continued under new weights) the first ones older
+                "token_versions": (versions := draw(st.sampled_from([None, [0] * n,
+                                                                      [-1] * (n // 2) + [0] * (n - n // 2)]))),
+                "policy_version": min(versions) if versions else 0,
                 "reference": None, "label_method": "pairwise", "judge_model": "test", "label_valid": True,
                 "skip_reason": None, "pair_position_agree": [], "pair_slot1_probs": [], "judge_score": None,
                 "principle": None, "judge_reply": None, "label_latency_s": 0.0,
@@ -121,6 +124,7 @@ def test_micro_batched_ranks_give_the_one_pass_gradient(ray_cluster, toy_world, 
         whole = measure(one, ref, 0)
         split = measure(two, ref, budget)
         assert split["metrics"]["trained"] == whole["metrics"]["trained"]
+        assert split["metrics"]["continued_samples"] == whole["metrics"]["continued_samples"]
         if whole["gradient"] is None:  # no signal anywhere (ppo): neither takes a step
             assert split["gradient"] is None
             return

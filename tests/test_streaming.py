@@ -36,3 +36,27 @@ def test_group_flow_trains_what_batch_flow_trains(tmp_path, ray_cluster, toy_wor
     assert len(list((groups_dir / "labels").glob("step-*-g*.parquet"))) == 3 * 4
     assert all(m["queue_ready"] == 0 and m["inflight"] == 0 for m in got)
     assert groups["faults"]["reissued_groups"] == 0 and groups["busy_fraction"]["gen"] > 0
+
+
+def test_an_engines_busy_clock_counts_overlapping_calls_once():
+    """rollout.engine_streams > 1: an engine's group calls overlap; its busy time is the time at least one call had
+    requests in it (their union), handed out in increments that add up to it, not the calls' seconds summed."""
+    from rlaif_ray.stages.shared_engine import BusyClock
+    now = [0.0]
+    clock = BusyClock(lambda: now[0])
+    first, second, third = clock.call(), clock.call(), clock.call()
+    first.__enter__()                       # 0 .. 10
+    now[0] = 4.0
+    second.__enter__()                      # 4 .. 12, overlapping the first
+    now[0] = 10.0
+    first.__exit__(None, None, None)
+    taken = [clock.take()]                  # 10: the second call still open
+    now[0] = 12.0
+    second.__exit__(None, None, None)
+    taken.append(clock.take())              # 2
+    now[0] = 20.0
+    taken.append(clock.take())              # 0: idle from 12 to 20
+    with third:                             # 20 .. 23
+        now[0] = 23.0
+    taken.append(clock.take())              # 3
+    assert taken == [10.0, 2.0, 0.0, 3.0] and sum(taken) == 15.0  # the calls' own seconds sum to 21

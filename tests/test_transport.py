@@ -11,7 +11,8 @@ def rollouts(n: int) -> pa.Table:
         "sample_id": [f"s/{i}" for i in range(n)], "prompt_id": ["p"] * n, "group_index": list(range(n)),
         "prompt": ["1+2="] * n, "prompt_token_ids": [[1, 5, 6]] * n, "response": [" 3", None][: 1] * n,
         "response_token_ids": [[7, 2]] * n, "response_logprobs": [[-0.1, -2.5]] * n,
-        "finish_reason": ["stop"] * n, "policy_version": [3] * n, "reference": [None] * n,
+        "finish_reason": ["stop"] * n, "policy_version": [3] * n, "token_versions": [[3, 4]] * n,
+        "reference": [None] * n,
     }, schema=schemas.ROLLOUT_SCHEMA)
 
 

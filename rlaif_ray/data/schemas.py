@@ -1,7 +1,8 @@
 """The Arrow schema each stage emits, and the check every stage runs on what it receives.
 
 rollouts -> (CriticLabeler adds label columns) -> labels -> (RewardScorer adds `reward`) -> rewards.
-Every row carries a stable `sample_id` and the `policy_version` whose weights generated it. Rows the
+Every row carries a stable `sample_id` and the `policy_version` whose weights generated it (and, per response
+token, the version that sampled it: `token_versions`). Rows the
 critic could not label stay in the table with `label_valid=false` and a `skip_reason`, so the learner can
 account for every sample (trained, dropped as stale, or skipped with a reason).
 """
@@ -25,7 +26,10 @@ ROLLOUT_FIELDS = [
     pa.field("response_token_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("response_logprobs", pa.list_(pa.float32()), nullable=False),
     pa.field("finish_reason", pa.string(), nullable=True),
-    pa.field("policy_version", pa.int64(), nullable=False),
+    pa.field("policy_version", pa.int64(), nullable=False),  # the version the sample's requests started under
+    # the version whose weights sampled each response token (a weight update taken between two engine steps under
+    # rollout.in_flight_update=continue changes it mid-response); null: every token from `policy_version`
+    pa.field("token_versions", pa.list_(pa.int32()), nullable=True),
     pa.field("reference", pa.string(), nullable=True),       # ground truth where the task has one
 ]
 
@@ -56,6 +60,8 @@ LABEL_SCHEMA = pa.schema(ROLLOUT_FIELDS + LABEL_FIELDS)
 REWARD_SCHEMA = pa.schema(ROLLOUT_FIELDS + LABEL_FIELDS + REWARD_FIELDS)
 
 STAGE_SCHEMAS = {"rollouts": ROLLOUT_SCHEMA, "labels": LABEL_SCHEMA, "rewards": REWARD_SCHEMA}
+# columns added after tables were first saved (output.save_labels): one missing from a table is read as all null
+ADDED_LATER = {"token_versions"}
 
 
 def unjudged(rollouts: pa.Table) -> pa.Table:
@@ -83,6 +89,8 @@ def validate(table: pa.Table, stage: str) -> pa.Table:
     if not isinstance(table, pa.Table):
         raise SchemaError(f"{stage}: expected a pyarrow.Table, got {type(table).__name__}")
     schema = STAGE_SCHEMAS[stage]
+    for name in ADDED_LATER & set(schema.names) - set(table.column_names):
+        table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise SchemaError(f"{stage}: missing column(s) {', '.join(missing)}")

@@ -318,7 +318,8 @@ class StreamingOrchestrator(Orchestrator):
         gen = {"gen_samples": sum(m["samples"] for m in metas), "gen_tokens": sum(m["tokens"] for m in metas),
                "policy_version": min(m["version"] for m in metas), "gen_seconds": max(m["seconds"] for m in metas),
                "worker": metas[0]["worker"], "shards": len(calls),
-               "busy_seconds": sum(c["gen_seconds"] for c in calls),
+               # an engine's busy time once however many of its calls overlapped (rollout.engine_streams)
+               "busy_seconds": sum(c.get("busy_seconds", c["gen_seconds"]) for c in calls),
                "engine_seconds": sum(c["engine_seconds"] for c in calls)}
         per_stage: dict[str, list[dict]] = {}
         for m in metas:
@@ -351,7 +352,7 @@ class StreamingOrchestrator(Orchestrator):
             batch = InFlight(step, [g.index for g in groups], rewards=[g.rewards for g in groups])
             result, train_wall, sync_stats = self.train_and_sync(loop, batch)
             self.log_step(writer, loop, step, stats, result, train_wall, sync_stats, queues)
-            if self.cfg.checkpoint.every and (step + 1) % self.cfg.checkpoint.every == 0:
+            if self.checkpoint_due(step):
                 self.save(step + 1, self.loop_state(writer, loop))
         while self.streams:  # the last shard calls' closing stats
             self._pump(timeout=self.cfg.fault.stage_timeout_s)

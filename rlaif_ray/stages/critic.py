@@ -260,6 +260,7 @@ class CriticLabeler:
             cols["response_logprobs"].append([])
             cols["finish_reason"].append(reply.finish_reason)  # "length": cut off, the learner adds no EOS
             cols["policy_version"].append(version)
+            cols["token_versions"].append(None)  # no policy tokens
             cols["reference"].append(row["reference"])
         table = schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")
         seconds = time.perf_counter() - t0

@@ -7,7 +7,9 @@ One `train_step` per batch; the rule is `learner.algorithm` (the math lives in `
   reinforce_pp), importance-corrected for samples an older policy version generated, KL penalty to the
   frozen initial policy; `ppo_epochs` updates per batch. Its log π (policy, before-update and reference) is
   taken at the rollout temperature and top-p, the distribution vLLM sampled from and returned log-probs of
-  (`logprobs_mode=processed_logprobs`); `logprob_mismatch` reports how far the two are apart on fresh samples.
+  (`logprobs_mode=processed_logprobs`); `logprob_mismatch` reports how far the two are apart on the tokens the
+  current version sampled. Every token's behaviour log-prob is that of the version that sampled it (a response
+  continued under new weights mid-way carries two: `token_versions`); a sample is as stale as its oldest token.
 - `dpo` / `ipo`: online preference optimisation on the judge's soft pairwise labels (OAIF), no reward.
 - `sft`: supervised fine-tuning on demonstrations (the critic-as-teacher baseline); the learner
   tokenizes prompt and response text with the policy's own tokenizer (the prompt in the rollout's chat template)
@@ -74,14 +76,26 @@ def pad_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int)
     return ids, attn, resp
 
 
-def behaviour_logprobs(logprobs: list[list[float]], resp: torch.Tensor) -> torch.Tensor:
-    """The sampling engine's per-token log-probs placed on the response positions (NaN elsewhere)."""
-    out = torch.full(resp.shape, float("nan"))
-    for i, lps in enumerate(logprobs):
+def on_response(values: list[list[float]], resp: torch.Tensor, fill: float = float("nan")) -> torch.Tensor:
+    """Per-token values of each row (the engine's log-probs, the token versions) placed on the response positions
+    (`fill` elsewhere)."""
+    out = torch.full(resp.shape, float(fill), dtype=torch.float32)
+    for i, row in enumerate(values):
         pos = resp[i].nonzero().squeeze(-1)
-        n = min(len(pos), len(lps))
-        out[i, pos[:n]] = torch.tensor(lps[:n], dtype=torch.float32)
+        n = min(len(pos), len(row))
+        out[i, pos[:n]] = torch.tensor(row[:n], dtype=torch.float32)
     return out
+
+
+def token_versions(table: pa.Table, rows: list[int] | None = None) -> list[list[int]]:
+    """The policy version that sampled each response token of `rows` (all rows: None): the rollouts'
+    `token_versions`, or every token the row's `policy_version` where the row has none."""
+    if rows is not None:
+        table = table.take(pa.array(rows, pa.int64()))
+    per_token = table.column("token_versions").to_pylist()
+    started = table.column("policy_version").to_pylist()
+    lengths = [len(t) for t in table.column("response_token_ids").to_pylist()]
+    return [v if v is not None else [p] * n for v, p, n in zip(per_token, started, lengths)]
 
 
 def demonstration_ids(tokenizer, prompts: list[str], responses: list[str], finish_reasons: list[str | None],
@@ -149,7 +163,11 @@ class LearnerRank:
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         table = schemas.validate(table, "rollouts" if algo == "sft" else "rewards")
         ids = table.column("sample_id").to_pylist()
-        staleness = self.version - np.asarray(table.column("policy_version").to_pylist())
+        versions = token_versions(table)
+        # a sample is as stale as its oldest token: under rollout.in_flight_update=continue its later tokens may
+        # come from newer weights than the ones its requests started under (policy_version)
+        oldest = [min(v) if v else p for v, p in zip(versions, table.column("policy_version").to_pylist())]
+        staleness = self.version - np.asarray(oldest, dtype=np.int64)
         outcome = {"trained": [], "stale": [], "skipped": []}
         if algo == "sft":  # demonstrations carry no label; their age does not matter
             trainable = list(range(len(ids)))
@@ -196,7 +214,6 @@ class LearnerRank:
                     adv = algorithms.advantages([rewards[i] for i in in_baseline],
                                                 [group_of[i] for i in in_baseline], self.cfg.learner.advantage)
                     sums = self._update_ppo(table, mine, dict(zip(in_baseline, adv)), total=len(trainable),
-                                            fresh={i for i in mine if staleness[i] == 0},
                                             weight_of=self._sample_weights(table, trainable))
                 else:  # every group's rewards are equal: nothing to learn, and the KL term alone would move the
                     # policy; every rank decides this from the same table, so all of them skip the step (the
@@ -215,6 +232,8 @@ class LearnerRank:
         if self.rank != 0:
             return {}
         fresh = staleness[trainable] if trainable else np.zeros(0)
+        trained_versions = [versions[i] for i in trainable]
+        token_ages = np.asarray([self.version - 1 - v for row in trained_versions for v in row], dtype=np.int64)
         metrics = {
             "learner_version": self.version, "train_seconds": time.perf_counter() - t0, **sums,
             "learning_rate": learning_rate,
@@ -223,6 +242,9 @@ class LearnerRank:
             "skipped": len(outcome["skipped"]), "truncated": len(truncated),
             "staleness_mean": float(fresh.mean()) if len(fresh) else 0.0,
             "staleness_max": int(fresh.max()) if len(fresh) else 0, **signal_counts,
+            # per token (the versions that sampled the trained tokens), and the samples whose tokens span versions
+            "token_staleness_mean": float(token_ages.mean()) if len(token_ages) else 0.0,
+            "continued_samples": sum(len(set(row)) > 1 for row in trained_versions),
         }
         if algo != "sft":
             trained_rewards = [rewards[i] for i in trainable]
@@ -282,7 +304,7 @@ class LearnerRank:
         behav = None
         if self.cfg.learner.algorithm != "sft":  # demonstrations have no behaviour log-probs
             logprobs = table.column("response_logprobs").take(pa.array(rows, pa.int64())).to_pylist()
-            behav = behaviour_logprobs(logprobs, resp).to(self.device)
+            behav = on_response(logprobs, resp).to(self.device)
         return ids.to(self.device), attn.to(self.device), resp.to(self.device), behav
 
     def _lengths(self, table: pa.Table, rows: list[int]) -> dict[int, int]:
@@ -324,10 +346,11 @@ class LearnerRank:
         scale = len(rows) / sum(lengths)
         return {r: n * scale for r, n in zip(rows, lengths)}
 
-    def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int, fresh: set[int],
-                    weight_of: dict[int, float]) -> dict:
-        """`fresh`: the rows the current policy version generated, where log π_prox must equal the engine's
-        log-probs (their mean |difference| per token is `logprob_mismatch`, over fresh samples)."""
+    def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int, weight_of: dict[int, float]) -> dict:
+        """Each token's importance weight is π_prox / π_behav, π_behav the engine's log-prob of the token under the
+        version that sampled it (`token_versions`: a response continued under new weights has two). On the tokens
+        the current version sampled the two must be equal: their mean |difference| per token, averaged over the
+        samples that have such tokens, is `logprob_mismatch` (the engine/learner numerics, not policy lag)."""
         lcfg = self.cfg.learner
         sampling = {"temperature": self.cfg.rollout.temperature, "top_p": self.cfg.rollout.top_p}
         scale = self.world_size / max(total, 1)
@@ -335,35 +358,36 @@ class LearnerRank:
         prepared = []
         mismatch = {"sum": 0.0, "rows": 0.0}
 
-        def count_mismatch(prox_logp, resp, behav, mb) -> None:
-            known = resp * torch.isfinite(behav)
+        def count_mismatch(prox_logp, resp, behav, current) -> None:
+            known = resp * torch.isfinite(behav) * current
             gap = algorithms.token_mean(torch.nan_to_num((prox_logp - behav).abs()), known)
-            is_fresh = torch.tensor([r in fresh for r in mb], device=self.device) & (known.sum(-1) > 0)
-            mismatch["sum"] += float(gap[is_fresh].sum())
-            mismatch["rows"] += float(is_fresh.sum())
+            has_fresh = known.sum(-1) > 0
+            mismatch["sum"] += float(gap[has_fresh].sum())
+            mismatch["rows"] += float(has_fresh.sum())
 
         # one epoch: log π_prox is the policy before this update, which the loss pass computes anyway (dropout is
         # off): taken from it, detached, instead of a pass of its own (a fifth of the step's FLOPs)
         own_prox_pass = lcfg.ppo_epochs > 1
         for mb in mbs:
             ids, attn, resp, behav = self._tensors(table, mb)
+            current = (on_response(token_versions(table, mb), resp, fill=-1) == self.version).to(self.device)
             adv = torch.tensor([adv_of[i] for i in mb], dtype=torch.float32, device=self.device)
             weight = torch.tensor([weight_of[i] for i in mb], dtype=torch.float32, device=self.device)
             with torch.no_grad():
                 prox_logp = self.core.logprobs(ids, attn, **sampling) if own_prox_pass else None
                 ref_logp = self.core.logprobs(ids, attn, **sampling, reference=True) if lcfg.kl() > 0 else None
-                prepared.append((ids, attn, resp, behav, adv, weight, ref_logp, prox_logp, mb))
+                prepared.append((ids, attn, resp, behav, adv, weight, ref_logp, prox_logp, current))
                 if prox_logp is not None:
-                    count_mismatch(prox_logp, resp, behav, mb)
+                    count_mismatch(prox_logp, resp, behav, current)
         sums: dict[str, float] = defaultdict(float)
         for epoch in range(lcfg.ppo_epochs):
             def loss_of(k: int) -> torch.Tensor:
-                ids, attn, resp, behav, adv, weight, ref_logp, prox_logp, mb = prepared[k]
+                ids, attn, resp, behav, adv, weight, ref_logp, prox_logp, current = prepared[k]
                 logp = self.core.logprobs(ids, attn, **sampling)
                 if prox_logp is None:
                     prox_logp = logp.detach()
                     with torch.no_grad():
-                        count_mismatch(prox_logp, resp, behav, mb)
+                        count_mismatch(prox_logp, resp, behav, current)
                 per_sample, pg, kl, stats = self.core.ppo_loss(
                     logp, prox_logp, behav, resp, adv, ref_logp, lcfg.clip_eps,
                     lcfg.is_cap if lcfg.importance_correction else None, lcfg.kl())

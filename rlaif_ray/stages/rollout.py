@@ -29,7 +29,7 @@ from rlaif_ray.data.chat import engine_input, resolve_template
 from rlaif_ray.data.checkers import make_checker
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.engine import make_llm
-from rlaif_ray.stages.shared_engine import SharedEngine
+from rlaif_ray.stages.shared_engine import BusyClock, SharedEngine
 from rlaif_ray.weight_transfer import from_wire
 
 
@@ -37,6 +37,19 @@ def _sampled_logprobs(token_ids, logprobs) -> list[float]:
     if logprobs is None:
         return [float("nan")] * len(token_ids)
     return [float(step[tok].logprob) for tok, step in zip(token_ids, logprobs)]
+
+
+def token_versions(sample, version: int) -> list[int]:
+    """The policy version that sampled each of `sample`'s tokens, from the weight-version spans vLLM records per
+    completion (`CompletionOutput.weight_versions`: the label the worker gave the engine with each update); every
+    token `version` where the engine recorded none or the spans do not cover the tokens."""
+    n = len(sample.token_ids)
+    spans = getattr(sample, "weight_versions", None) or []
+    try:
+        out = [int(span.version) for span in spans for _ in range(span.end - span.start)]
+    except ValueError:  # a label not ours ("default": the engine never got one)
+        out = []
+    return out if len(out) == n else [version] * n
 
 
 MAX_ENGINE_STREAMS = 16  # rollout.engine_streams' ceiling: the "streams" group's size (fixed where the class is declared)
@@ -67,9 +80,16 @@ class RolloutWorker:
         self.tokenizer = self.llm.get_tokenizer()
         self.shared = SharedEngine(self.llm)  # group calls running at once (rollout.engine_streams > 1) ...
         self.stream_slots = threading.BoundedSemaphore(self.cfg.rollout.engine_streams)  # ... at most this many
+        self.busy = BusyClock()  # the group calls' busy time, overlapping calls counted once
         self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # None: plain prompt text
-        self.version = 0           # -1: a collective sync broke off midway, the weights are incomplete
+        self._take_version(0)  # self.version; -1: a collective sync broke off midway, the weights are incomplete
         self.sync_generation = None  # the sync group this engine's workers belong to (rlaif_ray.weight_transfer)
+
+    def _take_version(self, version: int) -> None:
+        """The policy version of the engine's weights now; vLLM labels every token it samples from here on with it
+        (the rollouts' `token_versions`). Called only between two engine steps."""
+        self.version = version
+        self.llm.llm_engine.set_weight_version(str(version))
 
     def _engine_inputs(self, rows: list[dict]) -> list:
         """What the engine gets for each prompt row (rlaif_ray.data.chat): text, or the chat template's token ids."""
@@ -80,9 +100,20 @@ class RolloutWorker:
 
     def inject_fault(self, kind: str, seconds: float) -> None:
         """Chaos hook (tests, drills): the next `generate` ("hang_generate") or the next collective weight sync
-        ("hang_sync") first sleeps `seconds`, as an engine that is alive but does not answer."""
+        ("hang_sync") first sleeps `seconds`, as an engine that is alive but does not answer; "pause_mid_generation":
+        the next group call stops stepping after its first engine step until a weight update has come (at most
+        `seconds`), so the update lands in the middle of its responses."""
+        if kind == "pause_mid_generation":
+            before = self.version
+
+            def pause() -> None:
+                deadline = time.monotonic() + seconds
+                while self.version == before and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            self.shared.after_step = pause
+            return
         if kind not in ("hang_generate", "hang_sync"):
-            raise ValueError(f"unknown fault {kind!r}: hang_generate or hang_sync")
+            raise ValueError(f"unknown fault {kind!r}: hang_generate, hang_sync or pause_mid_generation")
         self._injected = {kind: seconds}
 
     def _injected_pause(self, kind: str) -> None:
@@ -158,24 +189,25 @@ class RolloutWorker:
             deadline = time.monotonic() + self.cfg.sync.timeout_s
             while self.version < min_version and time.monotonic() < deadline:  # else the driver sees a stale group
                 time.sleep(0.005)
-            ids, inbox, version = self.shared.add(self._engine_inputs(rows), params, on_added=lambda: self.version)
-            waiting = {rid: (row, pos) for rid, row, pos in zip(ids, rows, positions)}
-            samples, done = [], []
-            while waiting:
-                try:
-                    out = self.shared.next_finished(inbox)
-                except RuntimeError:  # a request vLLM never finished: the call fails rather than leave a group out
-                    raise RuntimeError(f"rollout worker {self.worker_index}: {len(waiting)} prompt groups of step "
-                                       f"{step} never finished") from None
-                row, position = waiting.pop(out.request_id)
-                group = self._group(step, row, out)
-                samples += group
-                done.append(time.perf_counter() - t_start)
-                yield self._rollout_table(group, version)
-                yield {"position": position, "version": version, "samples": len(group), "seconds": done[-1],
-                       "tokens": sum(len(sample.token_ids) for *_, sample in group), "worker": self.worker_index}
+            with self.busy.call():  # its requests in the engine
+                ids, inbox, version = self.shared.add(self._engine_inputs(rows), params, on_added=lambda: self.version)
+                waiting = {rid: (row, pos) for rid, row, pos in zip(ids, rows, positions)}
+                samples, done = [], []
+                while waiting:
+                    try:
+                        out = self.shared.next_finished(inbox)
+                    except RuntimeError:  # a request vLLM never finished: the call fails rather than leave a group out
+                        raise RuntimeError(f"rollout worker {self.worker_index}: {len(waiting)} prompt groups of step "
+                                           f"{step} never finished") from None
+                    row, position = waiting.pop(out.request_id)
+                    group = self._group(step, row, out)
+                    samples += group
+                    done.append(time.perf_counter() - t_start)
+                    yield self._rollout_table(group, version)
+                    yield {"position": position, "version": version, "samples": len(group), "seconds": done[-1],
+                           "tokens": sum(len(sample.token_ids) for *_, sample in group), "worker": self.worker_index}
         yield {**self._gen_stats(t_start, time.perf_counter() - t_start, samples), "policy_version": version,
-               "group_seconds": done}
+               "group_seconds": done, "busy_seconds": self.busy.take()}
 
     @_whole_engine
     def respond(self, prompts: pa.Table, temperature: float, tag: str) -> pa.Table:
@@ -201,7 +233,7 @@ class RolloutWorker:
                                ("response", sample.text), ("response_token_ids", ids),
                                ("response_logprobs", _sampled_logprobs(ids, sample.logprobs)),
                                ("finish_reason", sample.finish_reason), ("policy_version", version),
-                               ("reference", row["reference"])):
+                               ("token_versions", token_versions(sample, version)), ("reference", row["reference"])):
                 cols[key].append(value)
         return schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")
 
@@ -249,7 +281,7 @@ class RolloutWorker:
             t0 = time.perf_counter()
             self.llm.collective_rpc("rlaif_load_weights", args=(tensors, names))
             self._fresh_cache()
-            self.version = version
+            self._take_version(version)
         return {"ok": True, "method": "object_store", "sync_seconds": time.perf_counter() - t0,
                 "sync_bytes": int(sum(a.nbytes for a in arrays)), "version": version, "worker": self.worker_index}
 
@@ -277,7 +309,8 @@ class RolloutWorker:
             return {"ok": False, "error": f"engine {self.worker_index} did not join sync group {spec['generation']}: "
                                           f"{type(err).__name__}: {str(err)[:300]}", "worker": self.worker_index}
         t_joined = time.perf_counter()
-        previous, self.version = self.version, -1
+        previous = self.version
+        self._take_version(-1)
         try:
             waits = self.llm.collective_rpc("rlaif_receive_weights")
         except Exception as err:
@@ -286,7 +319,7 @@ class RolloutWorker:
                                           f"{previous}): {type(err).__name__}: {str(err)[:300]}",
                     "worker": self.worker_index}
         self._fresh_cache()
-        self.version = version
+        self._take_version(version)
         total = time.perf_counter() - t0
         return {"ok": True, "method": "collective", "sync_seconds": total, "join_seconds": t_joined - t0,
                 "transfer_seconds": max(waits), "load_seconds": total - (t_joined - t0) - max(waits),

@@ -16,7 +16,38 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from contextlib import contextmanager
+
+
+class BusyClock:
+    """An engine's busy wall time: the seconds during which at least one call had requests in it (calls that overlap
+    count once, not once each), handed out in increments: `take()` is the busy time since the previous `take()`, so
+    the increments the engine's calls report add up to its busy time."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock, self.lock = clock, threading.Lock()
+        self.open_calls, self.since, self.total, self.taken = 0, 0.0, 0.0, 0.0
+
+    @contextmanager
+    def call(self):
+        with self.lock:
+            if self.open_calls == 0:
+                self.since = self.clock()
+            self.open_calls += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.open_calls -= 1
+                if self.open_calls == 0:
+                    self.total += self.clock() - self.since
+
+    def take(self) -> float:
+        with self.lock:
+            total = self.total + (self.clock() - self.since if self.open_calls else 0.0)
+            out, self.taken = total - self.taken, total
+        return out
 
 
 class SharedEngine:
@@ -26,6 +57,7 @@ class SharedEngine:
         self.open = threading.Event()     # cleared while a whole-engine use waits for the requests in flight
         self.open.set()
         self.owners: dict[str, queue.SimpleQueue] = {}  # request id (vLLM's output id) -> its call's inbox
+        self.after_step = None  # a chaos hook (RolloutWorker.inject_fault): run once, outside the lock, after a step
 
     def add(self, inputs: list, params: list, on_added=None) -> tuple[list[str], queue.SimpleQueue, object]:
         """Add one call's requests; returns their ids (as outputs carry them), the call's inbox and what `on_added()`
@@ -54,6 +86,9 @@ class SharedEngine:
                     self._step(caller_waits=True)
             finally:
                 self.lock.release()
+            hook, self.after_step = self.after_step, None
+            if hook is not None:
+                hook()
 
     def _step(self, caller_waits: bool = False) -> None:
         """One engine step, each finished request to its call's inbox. `caller_waits`: the caller still waits for a

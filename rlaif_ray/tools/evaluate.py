@@ -70,7 +70,8 @@ def _as_reference(candidate: pa.Table, responses: dict[str, str]) -> pa.Table:
     rows = candidate.to_pylist()
     for row in rows:
         row.update(sample_id="ref/" + row["prompt_id"], response=responses[row["prompt_id"]], prompt_token_ids=[],
-                   response_token_ids=[], response_logprobs=[], policy_version=-1)
+                   response_token_ids=[], response_logprobs=[], policy_version=-1,
+                   token_versions=None)
     return pa.Table.from_pylist(rows, schema=candidate.schema)
 
 
