@@ -46,9 +46,9 @@ def batches(draw):
                 "response_token_ids": draw(st.lists(st.integers(3, VOCAB - 1), min_size=n, max_size=n)),
                 "response_logprobs": draw(st.lists(st.floats(-4.0, -0.01), min_size=n, max_size=n)),
                 "finish_reason": draw(st.sampled_from(["stop", "stop", "length"])),
-                # tokens of the learner's version, or (a response continued under new weights) the first ones older
-                "token_versions": (versions := draw(st.sampled_from([None, [0] * n,
-                                                                      [-1] * (n // 2) + [0] * (n - n // 2)]))),
+                # a third of the responses continued under new weights: their first tokens a version older (not a
+                # draw of its own, so the examples stay those the gradients were first compared on)
+                "token_versions": (versions := [-1] * (n // 2) + [0] * (n - n // 2) if (g + k) % 3 == 0 else None),
                 "policy_version": min(versions) if versions else 0,
                 "reference": None, "label_method": "pairwise", "judge_model": "test", "label_valid": True,
                 "skip_reason": None, "pair_position_agree": [], "pair_slot1_probs": [], "judge_score": None,
