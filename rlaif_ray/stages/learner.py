@@ -87,11 +87,9 @@ def on_response(values: list[list[float]], resp: torch.Tensor, fill: float = flo
     return out
 
 
-def token_versions(table: pa.Table, rows: list[int] | None = None) -> list[list[int]]:
-    """The policy version that sampled each response token of `rows` (all rows: None): the rollouts'
-    `token_versions`, or every token the row's `policy_version` where the row has none."""
-    if rows is not None:
-        table = table.take(pa.array(rows, pa.int64()))
+def token_versions(table: pa.Table) -> list[list[int]]:
+    """The policy version that sampled each response token of every row: the rollouts' `token_versions`, or every
+    token the row's `policy_version` where the row has none."""
     per_token = table.column("token_versions").to_pylist()
     started = table.column("policy_version").to_pylist()
     lengths = [len(t) for t in table.column("response_token_ids").to_pylist()]
@@ -214,7 +212,7 @@ class LearnerRank:
                     adv = algorithms.advantages([rewards[i] for i in in_baseline],
                                                 [group_of[i] for i in in_baseline], self.cfg.learner.advantage)
                     sums = self._update_ppo(table, mine, dict(zip(in_baseline, adv)), total=len(trainable),
-                                            weight_of=self._sample_weights(table, trainable))
+                                            weight_of=self._sample_weights(table, trainable), versions=versions)
                 else:  # every group's rewards are equal: nothing to learn, and the KL term alone would move the
                     # policy; every rank decides this from the same table, so all of them skip the step (the
                     # samples count as trained: the learner took them, and the step is counted as one without signal)
@@ -346,11 +344,13 @@ class LearnerRank:
         scale = len(rows) / sum(lengths)
         return {r: n * scale for r, n in zip(rows, lengths)}
 
-    def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int, weight_of: dict[int, float]) -> dict:
+    def _update_ppo(self, table, rows: list[int], adv_of: dict, total: int, weight_of: dict[int, float],
+                    versions: list[list[int]]) -> dict:
         """Each token's importance weight is π_prox / π_behav, π_behav the engine's log-prob of the token under the
         version that sampled it (`token_versions`: a response continued under new weights has two). On the tokens
         the current version sampled the two must be equal: their mean |difference| per token, averaged over the
-        samples that have such tokens, is `logprob_mismatch` (the engine/learner numerics, not policy lag)."""
+        samples that have such tokens, is `logprob_mismatch` (the engine/learner numerics, not policy lag).
+        `versions`: every row's token versions (`token_versions(table)`)."""
         lcfg = self.cfg.learner
         sampling = {"temperature": self.cfg.rollout.temperature, "top_p": self.cfg.rollout.top_p}
         scale = self.world_size / max(total, 1)
@@ -370,7 +370,7 @@ class LearnerRank:
         own_prox_pass = lcfg.ppo_epochs > 1
         for mb in mbs:
             ids, attn, resp, behav = self._tensors(table, mb)
-            current = (on_response(token_versions(table, mb), resp, fill=-1) == self.version).to(self.device)
+            current = (on_response([versions[i] for i in mb], resp, fill=-1) == self.version).to(self.device)
             adv = torch.tensor([adv_of[i] for i in mb], dtype=torch.float32, device=self.device)
             weight = torch.tensor([weight_of[i] for i in mb], dtype=torch.float32, device=self.device)
             with torch.no_grad():

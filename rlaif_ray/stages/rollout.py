@@ -39,7 +39,7 @@ def _sampled_logprobs(token_ids, logprobs) -> list[float]:
     return [float(step[tok].logprob) for tok, step in zip(token_ids, logprobs)]
 
 
-def token_versions(sample, version: int) -> list[int]:
+def sampled_versions(sample, version: int) -> list[int]:
     """The policy version that sampled each of `sample`'s tokens, from the weight-version spans vLLM records per
     completion (`CompletionOutput.weight_versions`: the label the worker gave the engine with each update); every
     token `version` where the engine recorded none or the spans do not cover the tokens."""
@@ -233,7 +233,7 @@ class RolloutWorker:
                                ("response", sample.text), ("response_token_ids", ids),
                                ("response_logprobs", _sampled_logprobs(ids, sample.logprobs)),
                                ("finish_reason", sample.finish_reason), ("policy_version", version),
-                               ("token_versions", token_versions(sample, version)), ("reference", row["reference"])):
+                               ("token_versions", sampled_versions(sample, version)), ("reference", row["reference"])):
                 cols[key].append(value)
         return schemas.validate(pa.Table.from_pydict(cols, schema=schemas.ROLLOUT_SCHEMA), "rollouts")
 
