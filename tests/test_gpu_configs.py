@@ -127,7 +127,8 @@ class Probe:
 
 ray.init(num_cpus=24, num_gpus=8, include_dashboard=False)
 cfg = small_config(**COLOCATED)
-groups = stage_groups(cfg, timeout_s=60)
+cfg.fault.recovery_timeout_s = 60
+groups = stage_groups(cfg)
 assert groups["rollout"] is groups["learner"]
 out = {}
 for stage in ("rollout", "learner"):

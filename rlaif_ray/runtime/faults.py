@@ -1,9 +1,12 @@
 """What counts as a fault, and how the driver brings a stage back after one.
 
 - A stage actor (RolloutWorker, CriticLabeler, RewardScorer) that dies is restarted by Ray (`max_restarts`) or,
-  when it is gone for good (`ray.kill`, restarts used up), replaced by a new actor in the same placement
-  bundle. `recover_pool` probes every actor of a pool and does that; the loop then gives restarted engines the
-  current weights and re-issues the batches that failed, under the same sample ids.
+  when it is gone for good (`ray.kill`, restarts used up, its node lost), replaced by a new actor in the same
+  placement bundle. `recover_pool` probes every actor of a pool and does that; the loop gives restarted engines the
+  current weights and re-issues the batches that failed, under the same sample ids, to the actors left. A
+  replacement that waits for a node (Ray places the lost node's bundles again once one has room) is taken back
+  when it comes up (`take_back`); only a stage with no actor left waits for one, at most
+  `fault.recovery_timeout_s` (`NoActorLeft`: the loop checkpoints, then stops).
 - A learner rank that dies leaves the others blocked in a collective: `get_all_or_fail` returns as soon as
   one rank's call fails (`LearnerFailure`), and the loop resumes from the last checkpoint.
 - Application errors (a bug, bad data) are not faults: they propagate unchanged, and are never retried.
@@ -30,6 +33,11 @@ class LearnerFailure(RuntimeError):
 
 class RunStopped(RuntimeError):
     """The run cannot go on (too many faults, a judge failing past its limit); the message says why."""
+
+
+class NoActorLeft(RunStopped):
+    """Every actor of a stage is gone and no replacement came up within `fault.recovery_timeout_s` (the message names
+    the resources no live node has); the loop writes a checkpoint before it stops."""
 
 
 class StaleEngine(RuntimeError):
@@ -103,22 +111,51 @@ def probe(actor, timeout_s: float, what: str = "an actor", bundle: dict | None =
             time.sleep(0.5)
 
 
-def recover_pool(pool, factory, timeout_s: float, bundle: dict | None = None) -> list[tuple[int, object, bool]]:
-    """Probe every actor of `pool`; replace the dead ones through `factory(index)`. Returns, per actor,
-    (index, its `ready()` answer, replaced?). `bundle`: the resources one actor of the pool holds (for the error
-    when one does not come back)."""
-    out = []
-    for i, actor in enumerate(list(pool.actors)):
-        what = f"{pool.name} actor {i}"
+def recover_pool(pool, factory, timeout_s: float, bundle: dict | None = None) -> tuple[list[tuple[int, object]], list[int]]:
+    """Probe every actor present in `pool` (waiting through a Ray restart, at most `timeout_s`). Returns the live
+    ones' (index, `ready()` answer), and the indices of those gone for good: each is replaced at once through
+    `factory(index)` in its own bundle, and is absent from the pool until the replacement answers (`take_back`), so
+    the stage goes on with the actors left. `bundle`: the resources one actor of the pool holds."""
+    live, lost = [], []
+    for i in pool.present():
+        actor = pool.actors[i]
         try:
-            out.append((i, probe(actor, timeout_s, what, bundle), False))
+            live.append((i, probe(actor, timeout_s, f"{pool.name} actor {i}", bundle)))
         except rex.RayActorError:
             log.warning("%s actor %d is gone for good: starting a replacement", pool.name, i)
             ray.kill(actor, no_restart=True)  # make sure, and free its bundle
             fresh = factory(i)
-            out.append((i, probe(fresh, timeout_s, f"{what} (a replacement)", bundle), True))
-            pool.replace(i, fresh)
-    return out
+            pool.leave(i, fresh, fresh.ready.remote())
+            lost.append(i)
+    return live, lost
+
+
+def take_back(pool, factory, timeout_s: float | None = None, bundle: dict | None = None) -> tuple[list, int]:
+    """The replacements in `pool` that answered `ready()` by now: rejoined, returned as (index, answer). With
+    `timeout_s`, and no actor of the pool present, waits that long for one to answer (NoActorLeft otherwise). A
+    replacement that died before it answered is replaced again; the count of those is returned beside."""
+    back, again = [], 0
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while pool.absent:
+        refs = list(pool.absent.values())
+        left = 0.0 if deadline is None or pool.present() or back else max(0.0, deadline - time.monotonic())
+        done = set(ray.wait(refs, num_returns=1 if left else len(refs), timeout=left, fetch_local=False)[0])
+        for i, ref in [(i, ref) for i, ref in pool.absent.items() if ref in done]:
+            try:
+                back.append((i, ray.get(ref)))
+                pool.rejoin(i)
+            except rex.RayActorError:
+                log.warning("%s actor %d (a replacement) died before it came up: starting another", pool.name, i)
+                fresh = factory(i)
+                pool.leave(i, fresh, fresh.ready.remote())
+                again += 1
+        if pool.present() or deadline is None:
+            return back, again
+        if time.monotonic() >= deadline:
+            where = f": {room_for(bundle)}" if bundle else ""
+            raise NoActorLeft(f"no {pool.name} actor left: {len(pool.absent)} replacement(s) not up within "
+                              f"{timeout_s:.0f} s (fault.recovery_timeout_s){where}")
+    return back, again
 
 
 def check_judge_failures(counts: dict, failure_limit: float, min_calls: int) -> None:

@@ -14,7 +14,8 @@ batches already submitted to it, so it lands between two `generate` calls. Sampl
 Faults (rlaif_ray.runtime.faults): a batch whose stage actor died (or whose engine restarted and lost its weights) is
 re-issued with the same step and prompts, so its sample ids stay the same and reach the learner once; the
 dead actor is restarted by Ray or replaced, and engines behind the current policy version get its weights
-again. Checkpoints (rlaif_ray.runtime.checkpoint) hold what a resumed run needs to continue exactly.
+again; the stages go on with the actors left while replacements come up (rlaif_ray.runtime.recovery), and a stage
+with none left checkpoints and stops. Checkpoints (rlaif_ray.runtime.checkpoint) hold what a resumed run needs to continue exactly.
 """
 from __future__ import annotations
 
@@ -33,11 +34,12 @@ from rlaif_ray.engine import engine_env
 from rlaif_ray.judge.quality import judge_report
 from rlaif_ray.runtime import checkpoint
 from rlaif_ray.runtime.accounting import Tally, busy_fractions, merge_shard_stats, step_metrics
-from rlaif_ray.runtime.faults import (RunStopped, StageTimeout, StaleEngine, check_judge_failures, is_actor_fault,
-                                     recover_pool)
+from rlaif_ray.runtime.faults import (NoActorLeft, RunStopped, StageTimeout, StaleEngine, check_judge_failures,
+                                     is_actor_fault)
 from rlaif_ray.runtime.inputs import Resolved
 from rlaif_ray.runtime.learner_group import LearnerGroup
 from rlaif_ray.runtime.placement import in_bundle, stage_groups, stage_shape, where
+from rlaif_ray.runtime.recovery import StageRecovery
 from rlaif_ray.runtime.pool import ActorPool
 from rlaif_ray.runtime.weight_sync import WeightSync
 from rlaif_ray.stages.critic import new_labeler
@@ -105,7 +107,7 @@ class LoopState:
         return self.tally.wall_before + time.perf_counter() - self.t_start
 
 
-class Orchestrator:
+class Orchestrator(StageRecovery):
     # the driver's work while it waits for the learner or a weight sync: `keep_flowing(refs, every, timeout)` returns
     # once any of `refs` (`every`: all of them) is done; batch flow has none (rlaif_ray.runtime.streaming has)
     keep_flowing = None
@@ -183,27 +185,34 @@ class Orchestrator:
 
     @property
     def rollouts(self) -> list:
-        return self.pools["rollout"].actors if "rollout" in self.pools else []
+        """The rollout engines present (not those whose replacement waits for a node)."""
+        return self.present("rollout")
 
     @property
     def critics(self) -> list:
-        return self.pools["critic"].actors if "critic" in self.pools else []
+        return self.present("critic")
+
+    def present(self, stage: str) -> list:
+        pool = self.pools.get(stage)
+        return [pool.actors[i] for i in pool.present()] if pool else []
 
     @property
     def scorer(self):
-        return self.pools["reward"].actors[0] if "reward" in self.pools else None
+        scorers = self.present("reward")
+        return scorers[0] if scorers else None
 
     # ------------------------------------------------------------------ batches
     def shard_count(self) -> int:
         """Shards per batch: `rollout.shards_per_batch`, or (0) one per actor of the generating pool (rollout engines;
         judges for sft), never more than the batch's prompts."""
         pool = self.pools["critic" if self.cfg.learner.algorithm == "sft" else "rollout"]
-        return min(self.cfg.rollout.shards_per_batch or len(pool), self.cfg.data.prompts_per_step)
+        return min(self.cfg.rollout.shards_per_batch or len(pool.present()), self.cfg.data.prompts_per_step)
 
     def launch(self, step: int, indices: list[int] | None = None) -> InFlight:
         """Submit one batch (refs only): its prompts split into shards, each generated and labelled on the least-loaded
         actors (sft: teacher demonstrations), then one reward call for the whole batch. `indices` given: re-issue that
         batch (same prompts, same step, so the same sample ids)."""
+        self.take_back(wait=True)  # a stage with no actor left waits here, between steps (NoActorLeft)
         if indices is None:
             indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
         batch = InFlight(step, indices, expected_version=self.synced_version, expected_rm=self.rm_loads)
@@ -346,22 +355,6 @@ class Orchestrator:
         gen_pool = "critic" if self.cfg.learner.algorithm == "sft" else "rollout"
         return merge_shard_stats(per_stage, {"gen": len(self.pools[gen_pool]), "label": len(self.critics), "reward": 1})
 
-    def recover(self) -> None:
-        """Every stage actor up (restarted by Ray or replaced), engines on the current weights, the scorer on
-        the current reward model."""
-        timeout = self.cfg.fault.recovery_timeout_s
-        for stage, pool in self.pools.items():
-            bundle = stage_shape(self.cfg, stage).bundle()
-            for i, answer, replaced in recover_pool(pool, self.factories[stage], timeout, bundle):
-                self.faults["replaced_actors"] += int(replaced)
-                if stage == "rollout" and (replaced or answer < self.synced_version):
-                    self.weights.regroup(f"engine {i} {'replaced' if replaced else 'restarted'}")
-                if stage == "rollout" and answer < self.synced_version:
-                    self.weights.repair([i], self.version)
-                    self.faults["resynced_engines"] += 1
-                if stage == "reward" and self.rm_trainer is not None and answer < self.rm_loads:
-                    ray.get(pool.actors[i].load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads))
-
     def sync_weights(self, version: int):
         self.synced_version = version
         return self.weights.send(version)
@@ -430,6 +423,7 @@ class Orchestrator:
             self.rm_loads = state.get("rm_loads", 1) - 1  # the scorer takes the state under its old number
             self.load_reward_model()
         self.sampler.restore(state["sampler"])
+        self.faults.update(state.get("faults", {}))  # the run's faults so far (in place: WeightSync holds the dict)
         self.finish_syncs(self.sync_weights(self.version))
 
     # ------------------------------------------------------------------ the loop
@@ -438,8 +432,12 @@ class Orchestrator:
         take the oldest batch, train on it and sync the weights, log the step, checkpoint when due."""
         loop = self.start_loop(resume or {})
         for step in range(loop.start, self.cfg.loop.num_steps):
-            self.fill_pipeline(loop)
-            batch, stats = self.collect(loop.pending.popleft())
+            try:
+                self.fill_pipeline(loop)
+                batch, stats = self.collect(loop.pending[0])  # stays in the loop's state until it is trained
+            except NoActorLeft as err:
+                self.stop_with_checkpoint(step, writer, loop, err)
+            loop.pending.popleft()
             queues = self.queue_depths(loop.pending)
             self.refit_reward_model_if_due(loop, step)
             result, train_wall, sync_stats = self.train_and_sync(loop, batch)
@@ -451,6 +449,12 @@ class Orchestrator:
         if background:
             loop.tally.add_labels(background)
         return self.summary(loop)
+
+    def stop_with_checkpoint(self, step: int, writer, loop: LoopState, err: NoActorLeft):
+        """A stage has no actor left (between steps): checkpoint the `step` steps done, then stop the run."""
+        folder = self.save(step, self.loop_state(writer, loop))
+        raise NoActorLeft(f"{err}. A checkpoint of the {step} steps done is in {folder}: continue the run with "
+                          f"`rlaif-ray train -c CONFIG --resume auto` once the cluster has room") from err
 
     def start_loop(self, resume: dict) -> LoopState:
         """A fresh loop, or the one a checkpoint held: its counters, and its batches in flight re-launched (same
@@ -534,7 +538,7 @@ class Orchestrator:
     def loop_state(self, writer, loop: LoopState) -> dict:
         """What a checkpoint needs of the loop to continue it exactly (see `start_loop`)."""
         return {"launched": loop.launched, "pending": [{"step": b.step, "indices": b.indices} for b in loop.pending],
-                **loop.tally.state(loop.wall()), "metrics_lines": writer.metrics_lines,
+                **loop.tally.state(loop.wall()), "faults": self.faults, "metrics_lines": writer.metrics_lines,
                 "ledger_lines": writer.ledger_lines, "eval_before": self.eval_before}
 
     def summary(self, loop: LoopState) -> dict:

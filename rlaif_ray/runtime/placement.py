@@ -89,11 +89,16 @@ def check_resources(cfg: RunConfig) -> None:
                               f"{have.get(key, 0.0):g}{hint}")
 
 
+def shape_text(bundle: dict[str, float]) -> str:
+    """`{CPU: 1, rollout_node: 1}`: a bundle as a person reads it (resources it does not use left out)."""
+    return "{" + ", ".join(f"{key}: {value:g}" for key, value in bundle.items() if value) + "}"
+
+
 def room_for(bundle: dict[str, float]) -> str:
     """Whether a live node of the cluster could hold `bundle` (an actor's resources), as a sentence for the error
     of an actor that never came up: which resources it needs, and what would provide them."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    shape = "{" + ", ".join(f"{key}: {value:g}" for key, value in bundle.items() if value) + "}"
+    shape = shape_text(bundle)
     fits = [n for n in nodes if all(n["Resources"].get(key, 0.0) >= value for key, value in bundle.items())]
     if not fits:
         return (f"it needs {shape} and none of the {len(nodes)} live node(s) has that: a node that has it (started "
@@ -136,8 +141,9 @@ def plan_on_nodes(cfg: RunConfig, nodes: dict[str, dict[str, float]]) -> dict[st
     return plan
 
 
-def stage_groups(cfg: RunConfig, timeout_s: float = 300) -> dict:
-    """One ready placement group per stage (name -> PlacementGroup); removes them all if one cannot be placed."""
+def stage_groups(cfg: RunConfig) -> dict:
+    """One ready placement group per stage (name -> PlacementGroup), waiting at most `fault.recovery_timeout_s` for
+    room (a resumed run whose node was lost waits for a new one); removes them all if one cannot be placed."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     groups, made = {}, []
@@ -146,10 +152,12 @@ def stage_groups(cfg: RunConfig, timeout_s: float = 300) -> dict:
             pg = placement_group([shape.bundle() for _ in range(shape.count)], strategy=shape.strategy)
             made.append((shape, pg))
             groups.update(dict.fromkeys(stages, pg))  # colocated: "rollout" and "learner" name the same group
+        timeout_s = cfg.fault.recovery_timeout_s
         for shape, pg in made:
             if not pg.wait(timeout_seconds=timeout_s):
-                raise ConfigError(f"stage {shape.name}: {shape.count} bundle(s) of {shape.bundle()} with strategy "
-                                  f"{shape.strategy} could not be placed within {timeout_s:g} s")
+                raise ConfigError(f"stage {shape.name}: {shape.count} bundle(s) of {shape_text(shape.bundle())} with "
+                                  f"strategy {shape.strategy} could not be placed within {timeout_s:g} s "
+                                  f"(fault.recovery_timeout_s): {room_for(shape.bundle())}")
     except BaseException:
         for _, pg in made:
             remove_placement_group(pg)

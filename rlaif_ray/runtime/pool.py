@@ -8,6 +8,9 @@ one `ray.wait` per pool and batch instead of one per shard (128 a step at 64 eng
 `depth` is the stage's queue: submitted calls not finished yet (running + waiting in the actors' queues).
 `lives[i]` counts the faults the driver has counted against actor i: a call made in an earlier life of the actor died
 with a fault already counted (one dead actor is one fault, however many calls it held).
+Elastic: an actor gone for good is replaced at once, but its replacement may wait for a node (a lost node, the
+autoscaler adding one). Until it answers `ready()` its index is `absent` (index -> the ref of that answer): `pick`
+passes it over and the stage goes on with the actors `present`; `rejoin` takes it back.
 """
 from __future__ import annotations
 
@@ -23,6 +26,19 @@ class ActorPool:
         self._next = 0
         self.dispatched = [0] * len(self.actors)
         self.lives = [0] * len(self.actors)
+        self.absent: dict[int, object] = {}
+
+    def present(self) -> list[int]:
+        """Indices of the actors that take calls (every one but those waiting for their replacement to come up)."""
+        return [i for i in range(len(self.actors)) if i not in self.absent]
+
+    def leave(self, index: int, replacement, ready_ref) -> None:
+        """Actor `index` is gone: `replacement` takes its place once `ready_ref` (its `ready()` call) answers."""
+        self.replace(index, replacement)
+        self.absent[index] = ready_ref
+
+    def rejoin(self, index: int) -> None:
+        self.absent.pop(index, None)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -47,7 +63,10 @@ class ActorPool:
         (streaming calls, which no single ref completes)."""
         loads = self.loads(prune) if loads is None else loads
         n = len(self.actors)
-        best = min(range(n), key=lambda k: (loads[(self._next + k) % n], k))
+        here = [k for k in range(n) if (self._next + k) % n not in self.absent]
+        if not here:
+            raise RuntimeError(f"{self.name}: no actor is up to take a call (all {n} wait for a node)")
+        best = min(here, key=lambda k: (loads[(self._next + k) % n], k))
         index = (self._next + best) % n
         self._next = (index + 1) % n
         self.dispatched[index] += 1

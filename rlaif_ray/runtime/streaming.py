@@ -22,6 +22,9 @@ Faults work per group: a shard call whose engine died (or restarted and lost its
 group whose judge or scorer died is labelled and scored again from its rollouts. One dead actor is one fault against
 `fault.max_reissues`, however many calls it held (`ActorPool.lives`). A checkpoint keeps the groups not trained yet,
 which a resumed run launches again.
+A stage with no actor present (every one lost, replacements waiting for a node) parks the groups it cannot take:
+they go on once an actor is back, and the step waits for that at most `fault.recovery_timeout_s` (then the run
+checkpoints and stops, as batch mode does).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from ray.exceptions import GetTimeoutError
 
 from rlaif_ray.config import JUDGELESS_REWARDS
 from rlaif_ray.runtime.accounting import merge_shard_stats
-from rlaif_ray.runtime.faults import StaleEngine, StageTimeout
+from rlaif_ray.runtime.faults import NoActorLeft, StaleEngine, StageTimeout
 from rlaif_ray.runtime.orchestrator import InFlight, LoopState, Orchestrator, StageCall, shard_indices
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ class StreamingOrchestrator(Orchestrator):
         self.labelling: list[Group] = []   # handed back, label and reward calls under way
         self.ready: list[Group] = []       # rewards done: the learner's buffer
         self.gen_calls: list[dict] = []    # stats of shard calls that finished since the last step
+        self.parked: list[Group] = []      # groups no engine (parked_labels: no judge or scorer) is present to take
+        self.parked_labels: list[Group] = []
         self.faults["reissued_groups"] = 0
         # rollout.engine_streams > 1: group calls run beside each other on an engine (RolloutWorker's "streams" group)
         self.stream_group = {"concurrency_group": "streams"} if self.cfg.rollout.engine_streams > 1 else {}
@@ -89,6 +94,7 @@ class StreamingOrchestrator(Orchestrator):
     def launch(self, step: int, indices: list[int] | None = None, positions: list[int] | None = None) -> None:
         """Submit one step's prompt groups (refs only); `indices` and `positions` given: launch those groups again
         (a resumed run's groups not trained yet), under the same sample ids and seeds."""
+        self.take_back()  # replacements that came up since join their pools
         if indices is None:
             indices = self.sampler.next_indices(self.cfg.data.prompts_per_step)
         positions = list(range(len(indices))) if positions is None else positions
@@ -97,9 +103,13 @@ class StreamingOrchestrator(Orchestrator):
     def _launch_groups(self, groups: list[Group]) -> None:
         """Groups (of one step or several) as shard calls on the least-loaded engines, one step per call."""
         pool = self.pools["rollout"]
+        if not pool.present():
+            self.parked += groups
+            return
         for step in sorted({g.step for g in groups}):
             mine = [g for g in groups if g.step == step]
-            for part in shard_indices(mine, min(self.cfg.rollout.shards_per_batch or len(pool), len(mine))):
+            shards = min(self.cfg.rollout.shards_per_batch or len(pool.present()), len(mine))
+            for part in shard_indices(mine, shards):
                 loads = [0] * len(pool)
                 for s in self.streams:
                     loads[s.worker] += 1
@@ -111,7 +121,8 @@ class StreamingOrchestrator(Orchestrator):
 
     def outstanding(self) -> int:
         """Groups launched and not trained yet."""
-        return sum(len(s.groups) for s in self.streams) + len(self.labelling) + len(self.ready)
+        return (sum(len(s.groups) for s in self.streams) + len(self.labelling) + len(self.ready) + len(self.parked)
+                + len(self.parked_labels))
 
     def fill_pipeline(self, loop: LoopState) -> None:
         """Launch whole steps while at most `max_inflight` steps' worth of groups are in flight beyond the step the
@@ -126,7 +137,11 @@ class StreamingOrchestrator(Orchestrator):
         """A handed-back group's label call on the least-loaded judge (pools pruned by the caller), then its score."""
         labels = group.rollouts
         group.calls = []
-        if self.cfg.reward.kind not in JUDGELESS_REWARDS:
+        judged = self.cfg.reward.kind not in JUDGELESS_REWARDS
+        if self.scorer is None or (judged and not self.pools["critic"].present()):
+            self.parked_labels.append(group)
+            return
+        if judged:
             critic_pool = self.pools["critic"]
             c = critic_pool.pick(prune=False)
             labels, label_stats = critic_pool.actors[c].label.options(num_returns=2).remote(group.rollouts)
@@ -290,12 +305,27 @@ class StreamingOrchestrator(Orchestrator):
         ray.kill(self.pools[call.pool].actors[call.index], no_restart=True)
         self._fault(reason, StageTimeout(reason), lambda: self._relabel(group), (call.pool, call.index, call.life))
 
+    def _unpark(self) -> None:
+        """Groups parked for want of an actor go on with the ones back; with nothing else under way, the stage waits
+        for one (NoActorLeft after `fault.recovery_timeout_s`)."""
+        self.take_back(wait=not self.streams and not self.labelling)
+        groups, labels, self.parked, self.parked_labels = self.parked, self.parked_labels, [], []
+        if groups:
+            self._launch_groups(groups)
+        for pool in ("critic", "reward"):
+            if pool in self.pools:
+                self.pools[pool].prune()
+        for group in labels:
+            self._label_and_score(group)
+
     # ------------------------------------------------------------------ the learner's side
     def take(self, count: int) -> list[Group]:
         """`count` finished groups, oldest first, waiting for them (and moving everything else along meanwhile)."""
         timeout = self.cfg.fault.stage_timeout_s
         quiet_since = time.monotonic()
         while len(self.ready) < count:
+            if self.parked or self.parked_labels:
+                self._unpark()
             if not self.streams and not self.labelling:
                 raise RuntimeError(f"the learner needs {count} groups, {len(self.ready)} are finished and none is "
                                    "under way")
@@ -343,8 +373,11 @@ class StreamingOrchestrator(Orchestrator):
         loop = self.start_loop(resume or {})
         per_step = self.cfg.data.prompts_per_step
         for step in range(loop.start, self.cfg.loop.num_steps):
-            self.fill_pipeline(loop)
-            groups = self.take(per_step)
+            try:
+                self.fill_pipeline(loop)
+                groups = self.take(per_step)
+            except NoActorLeft as err:
+                self.stop_with_checkpoint(step, writer, loop, err)
             stats = self.step_stats(groups)
             queues = self.queue_depths(None)
             loop.pending = [None] * self.outstanding()  # the metrics' `inflight`: groups in flight
@@ -370,10 +403,11 @@ class StreamingOrchestrator(Orchestrator):
     def loop_state(self, writer, loop: LoopState) -> dict:
         """As batch mode's (`Orchestrator.loop_state`), with the groups not trained yet (per step: their prompt rows
         and batch positions) where batch mode keeps its batches in flight."""
-        groups = [g for s in self.streams for g in s.groups.values()] + self.labelling + self.ready
+        groups = ([g for s in self.streams for g in s.groups.values()] + self.labelling + self.ready + self.parked
+                  + self.parked_labels)
         steps = sorted({g.step for g in groups})
         pending = [{"step": s, "indices": [g.index for g in groups if g.step == s],
                     "positions": [g.position for g in groups if g.step == s]} for s in steps]
         return {"launched": loop.launched, "pending": pending, **loop.tally.state(loop.wall()),
-                "metrics_lines": writer.metrics_lines, "ledger_lines": writer.ledger_lines,
+                "faults": self.faults, "metrics_lines": writer.metrics_lines, "ledger_lines": writer.ledger_lines,
                 "eval_before": self.eval_before}

@@ -8,7 +8,9 @@
 - object_store: learner rank 0 puts one array per parameter in Ray's object store, every engine reads them.
 
 Calls are queued on the actors like any other (an engine takes a version between two `generate` calls), so in
-async mode the driver collects a sync a step later. Nothing waits forever: every member has the group's
+async mode the driver collects a sync a step later. Only the engines present take part (rlaif_ray.runtime.pool:
+one whose replacement waits for a node is given the weights through the object store when it comes back, and the
+sync group is formed anew). Nothing waits forever: every member has the group's
 timeout, and the driver gives up on a member that has not answered `sync.timeout_s` + a margin later (an
 engine that is alive but stuck is killed, so the fault handling replaces it). A failed collective sync is
 listed in the run's faults and the engines it missed get the learner's weights through the object store.
@@ -32,7 +34,8 @@ DRIVER_MARGIN_S = 60.0  # beyond the members' own timeout, before the driver sto
 class PendingSync:
     version: int
     method: str
-    engine_refs: list                                  # one per engine, in pool order
+    engine_refs: list                                  # one per engine present, in pool order
+    engines: list = field(default_factory=list)        # their pool indices
     learner_refs: list = field(default_factory=list)   # collective: every learner rank's broadcast receipt
 
 
@@ -52,7 +55,8 @@ class WeightSync:
 
     @property
     def engines(self) -> list:
-        return self.pool.actors
+        """The engines present (pool index, actor): those a sync goes to."""
+        return [(i, self.pool.actors[i]) for i in self.pool.present()]
 
     def backend(self) -> str:
         if self.cfg.sync.backend != "auto":
@@ -86,14 +90,18 @@ class WeightSync:
         if self.method == "object_store":
             ref = self.learners.export_weights()
             self.snapshot = (ref, version)
-            return PendingSync(version, "object_store", [w.update_weights.remote(ref, version) for w in self.engines])
+            engines = self.engines
+            return PendingSync(version, "object_store", [w.update_weights.remote(ref, version) for _, w in engines],
+                               [i for i, _ in engines])
         self.snapshot = None  # the weights moved on
         if self.spec is None:
             self.spec = self._new_spec()
-        per = self.ranks_per_engine()
-        engine_refs = [w.receive_weights.remote(version, self.spec, 1 + per * i) for i, w in enumerate(self.engines)]
+        per, engines = self.ranks_per_engine(), self.engines
+        if 1 + per * len(engines) != self.spec["world_size"]:  # an engine left or came back since the group formed
+            self.spec = self._new_spec()
+        engine_refs = [w.receive_weights.remote(version, self.spec, 1 + per * k) for k, (_, w) in enumerate(engines)]
         learner_refs = [r.broadcast_weights.remote(self.spec) for r in self.learners.ranks]
-        return PendingSync(version, "collective", engine_refs, learner_refs)
+        return PendingSync(version, "collective", engine_refs, [i for i, _ in engines], learner_refs)
 
     def finish(self, pending: PendingSync | None, learner_version: int, meanwhile=None) -> tuple[list[dict], list[int]]:
         """Wait for a sync to end. Returns the engines' receipts and the indices of engines that are gone (for
@@ -109,10 +117,10 @@ class WeightSync:
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s, fetch_local=False)
         done = set(done)
         receipts, gone, failed, errors = [], [], [], []
-        for i, ref in enumerate(pending.engine_refs):
+        for i, ref in zip(pending.engines, pending.engine_refs):
             if ref not in done:
                 errors.append(f"engine {i} did not answer within {wait_s:.0f} s: killed")
-                ray.kill(self.engines[i], no_restart=True)
+                ray.kill(self.pool.actors[i], no_restart=True)
                 gone.append(i)
                 continue
             try:
@@ -173,5 +181,5 @@ class WeightSync:
         else:
             ref = self.learners.export_weights()
             self.snapshot = (ref, learner_version)
-        return ray.get([self.engines[i].update_weights.remote(ref, learner_version) for i in indices],
+        return ray.get([self.pool.actors[i].update_weights.remote(ref, learner_version) for i in indices],
                        timeout=self.cfg.sync.timeout_s + DRIVER_MARGIN_S)
