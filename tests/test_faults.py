@@ -162,12 +162,18 @@ def test_interrupted_driver_resumes_to_the_same_run(uninterrupted, tmp_path, mon
     assert all(np.allclose(mine[k], theirs[k], atol=1e-6) for k in theirs)
 
 
-def test_learner_rank_killed_resumes_from_last_checkpoint(uninterrupted, tmp_path, monkeypatch):
+def test_learner_rank_and_reward_model_trainer_killed_resume_from_last_checkpoint(uninterrupted, tmp_path,
+                                                                                   monkeypatch):
+    """The reward-model trainer's process killed at step 2 (its refit fails), then a learner rank's at step 3 (in the
+    resumed run): each loss resumes the run from the step-2 checkpoint, which holds the trainer's state too; the run
+    is the uninterrupted one."""
     from rlaif_ray.runtime.driver import train
-    inject(monkeypatch, {3: lambda o: os.kill(pid_of(o.learners.ranks[1]), signal.SIGKILL)})
+    inject(monkeypatch, {2: lambda o: os.kill(pid_of(o.rm_trainer), signal.SIGKILL),
+                         3: lambda o: os.kill(pid_of(o.learners.ranks[1]), signal.SIGKILL)})
     summary = train(small_config(tmp_path, **SYNC))
     run = tmp_path / "run"
-    assert len(summary["faults"]["resumes"]) == 1 and "learner step" in summary["faults"]["resumes"][0]
+    resumes = summary["faults"]["resumes"]
+    assert len(resumes) == 2 and resumes[0].startswith("reward-model trainer (") and "learner step" in resumes[1]
     assert summary["resumed_from"].endswith("step-000002")
     ref_run, _ = uninterrupted
     assert [r["sample_id"] for r in check_ledger(run, summary, 4, 8)] == \
@@ -228,3 +234,22 @@ def test_group_flow_resumes_and_survives_faults_group_by_group(ray_cluster, toy_
     metrics = read_jsonl(run / "metrics.jsonl")
     assert [m["policy_version"] for m in metrics] == list(range(1, steps + 1))
     assert max(m["staleness_max"] for m in metrics) <= 1
+
+
+def test_the_chaos_drill_plans_every_kind_apart_and_checks_the_runs_account(tmp_path):
+    """jobs/chaos_run.py's plan (seeded: the same every time) and its check of a run's account against the kills."""
+    from rlaif_lab.chaos import GAP, KINDS, check, plan_kills
+    plan = plan_kills(3, 40, 9)
+    assert plan == plan_kills(3, 40, 9) and plan != plan_kills(4, 40, 9)
+    assert set(kind for _, kind in plan) == set(KINDS) and len(plan) == 9
+    steps = [step for step, _ in plan]
+    assert steps == sorted(steps) and all(b - a >= GAP for a, b in zip(steps, steps[1:])) and 2 <= steps[0]
+    with pytest.raises(ValueError, match="kills=3: needs at least 5"):
+        plan_kills(0, 40, 3)
+    kills = [(2, "rollout", "rollout 0"), (5, "learner", "learner rank 1"), (8, "critic", "critic 1")]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"sample_id": f"s{k}"}) + "\n" for k in range(6)))
+    summary = {"final_version": 3, "faults": {"replaced_actors": 2, "reissued_batches": 2, "resumes": ["learner"]}}
+    assert all(line.endswith("OK") for line in check(summary, kills, tmp_path, 3, 2))
+    summary["faults"]["replaced_actors"] = 1  # a kill the run did not account for
+    assert [line for line in check(summary, kills, tmp_path, 3, 2) if line.endswith("MISMATCH")] == [
+        "stage actors killed = actors replaced: 2 vs 1: MISMATCH"]

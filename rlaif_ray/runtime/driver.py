@@ -18,7 +18,7 @@ import ray
 from rlaif_ray.config import ConfigError, RunConfig, dump_config
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.runtime import checkpoint
-from rlaif_ray.runtime.faults import LearnerFailure, RunStopped
+from rlaif_ray.runtime.faults import LearnerFailure, RunStopped, trainer_result
 from rlaif_ray.runtime.inputs import Resolved, resolve_inputs
 from rlaif_ray.runtime.metrics import MetricsWriter
 from rlaif_ray.runtime.orchestrator import Orchestrator
@@ -83,9 +83,10 @@ def _reset_outputs(run_dir: Path) -> None:
 
 
 def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, state: dict | None,
-              stand_ins: dict | None = None, trackers: Trackers | None = None) -> dict:
+              stand_ins: dict | None = None, trackers: Trackers | None = None, faults: dict | None = None) -> dict:
     """Start the actors, restore the checkpoint `resume_from` (its loaded `state`) if given, run the loop to the
-    end, save the policy."""
+    end, save the policy. `faults`: the run's faults so far (after a learner failure in this driver: more than the
+    checkpoint holds); a LearnerFailure leaves the run's faults on the error (`err.faults`)."""
 
     run_dir = Path(cfg.output.run_dir)
     if state is not None:  # lines written after the checkpoint belong to steps that run again
@@ -102,13 +103,15 @@ def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, stat
             orch.eval_before = state.get("eval_before")
         else:
             orch.eval_before = orch.evaluate() if cfg.loop.eval_samples else None
+        orch.faults.update(faults or {})
         warmup = orch.warm_up_reward_model() if orch.rm_trainer is not None and state is None else None
         summary = orch.run(writer, state)
         if orch.rm_trainer is not None:
             if warmup is not None:
                 summary["reward_model_warmup"] = warmup
-            summary["reward_model"] = ray.get(orch.rm_trainer.save.remote(str(run_dir.resolve() / "reward_model")))
-            summary["reward_model_labels"] = ray.get(orch.rm_trainer.labels_seen.remote())
+            summary["reward_model"] = trainer_result(orch.rm_trainer.save.remote(str(run_dir.resolve() / "reward_model")),
+                                                     "save")
+            summary["reward_model_labels"] = trainer_result(orch.rm_trainer.labels_seen.remote(), "labels seen")
         summary["startup_seconds"] = startup
         if orch.eval_before is not None:
             summary["eval_before"], summary["eval_after"] = orch.eval_before, orch.evaluate()
@@ -118,6 +121,9 @@ def _run_once(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, stat
             summary["checkpoint"] = orch.save_checkpoint((run_dir / "checkpoint").resolve())
         if state is not None:
             summary["resumed_from"] = str(resume_from)
+    except LearnerFailure as err:
+        err.faults = orch.faults
+        raise
     finally:
         writer.close()
         orch.shutdown()
@@ -167,17 +173,18 @@ def _run_resuming(cfg: RunConfig, resolved: Resolved, resume_from: Path | None, 
                   stand_ins: dict | None = None, trackers: Trackers | None = None) -> dict:
     """`_run_once`, started again from the latest checkpoint after each learner failure (RunStopped past
     `fault.max_resumes`); the summary lists the failures under faults.resumes."""
-    run_dir, resumes = Path(cfg.output.run_dir), []
+    run_dir, resumes, faults = Path(cfg.output.run_dir), [], None
     while True:
         try:
-            summary = _run_once(cfg, resolved, resume_from, state, stand_ins, trackers)
+            summary = _run_once(cfg, resolved, resume_from, state, stand_ins, trackers, faults)
             summary["faults"]["resumes"] = resumes
             return summary
         except LearnerFailure as err:
             resumes.append(str(err))
+            faults = getattr(err, "faults", faults)  # the faults up to the failure: the checkpoint has fewer
             if len(resumes) > cfg.fault.max_resumes:
-                raise RunStopped(f"a learner rank failed {len(resumes)} times, over fault.max_resumes="
-                                 f"{cfg.fault.max_resumes}; last: {err}") from err
+                raise RunStopped(f"the learners (or the reward-model trainer) failed {len(resumes)} times, over "
+                                 f"fault.max_resumes={cfg.fault.max_resumes}; last: {err}") from err
             resume_from = checkpoint.latest(run_dir)
             state = checkpoint.load_state(resume_from, cfg, resolved.prompts) if resume_from else None
             print(f"[rlaif] {err}: resuming from {resume_from or 'the start (no checkpoint yet)'} "

@@ -8,7 +8,8 @@
   when it comes up (`take_back`); only a stage with no actor left waits for one, at most
   `fault.recovery_timeout_s` (`NoActorLeft`: the loop checkpoints, then stops).
 - A learner rank that dies leaves the others blocked in a collective: `get_all_or_fail` returns as soon as
-  one rank's call fails (`LearnerFailure`), and the loop resumes from the last checkpoint.
+  one rank's call fails (`LearnerFailure`), and the loop resumes from the last checkpoint. The reward-model trainer
+  lost is the same (`trainer_result`): its state is in the checkpoints, not in any other actor.
 - Application errors (a bug, bad data) are not faults: they propagate unchanged, and are never retried.
 """
 from __future__ import annotations
@@ -82,6 +83,19 @@ def get_all_or_fail(refs: list, what: str, timeout_s: float | None = None,
             raise LearnerFailure(f"{what}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
         raise
     return [results[ref] for ref in refs]
+
+
+def trainer_result(ref, what: str):
+    """`ray.get(ref)` of a call that needs the reward-model trainer. The trainer lost (its process or its node) is a
+    LearnerFailure: its state (weights, optimizer, label buffer) is in the checkpoints, so the run resumes from the
+    last one, as after a learner rank's loss."""
+    try:
+        return ray.get(ref)
+    except Exception as err:
+        if is_actor_fault(err):
+            raise LearnerFailure(f"reward-model trainer ({what}): {type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:300]}") from err
+        raise
 
 
 def _dead_peer(refs: list, grace_s: float = 10.0) -> BaseException | None:

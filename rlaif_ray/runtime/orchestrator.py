@@ -35,7 +35,7 @@ from rlaif_ray.judge.quality import judge_report
 from rlaif_ray.runtime import checkpoint
 from rlaif_ray.runtime.accounting import Tally, busy_fractions, merge_shard_stats, step_metrics
 from rlaif_ray.runtime.faults import (NoActorLeft, RunStopped, StageTimeout, StaleEngine, check_judge_failures,
-                                     is_actor_fault)
+                                     is_actor_fault, trainer_result)
 from rlaif_ray.runtime.inputs import Resolved
 from rlaif_ray.runtime.learner_group import LearnerGroup
 from rlaif_ray.runtime.placement import in_bundle, stage_groups, stage_shape, where
@@ -380,13 +380,13 @@ class Orchestrator(StageRecovery):
             labels, _ = critic.label.options(num_returns=2).remote(rollouts)
             self.rm_trainer.add.remote(labels)
         fit = judged or self.cfg.preferences.path
-        stats = ray.get(self.rm_trainer.fit.remote(rcfg.warmup_steps)) if fit else {}
+        stats = trainer_result(self.rm_trainer.fit.remote(rcfg.warmup_steps), "warm-up fit") if fit else {}
         self.load_reward_model()
         return stats
 
     def load_reward_model(self) -> None:
         self.rm_loads += 1
-        ray.get(self.scorer.load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads))
+        trainer_result(self.scorer.load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads), "state")
 
     def evaluate(self) -> dict:
         """Ground-truth accuracy of the current policy on the whole evaluation prompt set (sampled and greedy)."""
@@ -407,7 +407,7 @@ class Orchestrator(StageRecovery):
         tmp = checkpoint.begin(self.run_dir, step)
         self.learners.save_state(str(tmp))
         if self.rm_trainer is not None:
-            ray.get(self.rm_trainer.save_state.remote(str(tmp / "reward_model.pt")))
+            trainer_result(self.rm_trainer.save_state.remote(str(tmp / "reward_model.pt")), "checkpoint")
         state = {"step": step, "version": self.version, "sampler": self.sampler.state(),
                  "config_digest": checkpoint.config_digest(self.cfg),
                  "prompts_digest": self.prompts_digest, "rm_loads": self.rm_loads, **loop_state}
@@ -419,7 +419,7 @@ class Orchestrator(StageRecovery):
         """Learners, reward model, prompt cursor and engines as they were when `folder` was written."""
         self.version = self.learners.load_state(str(folder))
         if self.rm_trainer is not None:
-            ray.get(self.rm_trainer.load_state.remote(str(folder / "reward_model.pt")))
+            trainer_result(self.rm_trainer.load_state.remote(str(folder / "reward_model.pt")), "restore")
             self.rm_loads = state.get("rm_loads", 1) - 1  # the scorer takes the state under its old number
             self.load_reward_model()
         self.sampler.restore(state["sampler"])
@@ -523,7 +523,7 @@ class Orchestrator(StageRecovery):
         loop.tally.add(stats, result["metrics"])
         rm_fit = None
         if loop.rm_fit is not None and ray.wait([loop.rm_fit], timeout=0)[0]:
-            rm_fit, loop.rm_fit = ray.get(loop.rm_fit), None
+            rm_fit, loop.rm_fit = trainer_result(loop.rm_fit, f"the refit, step {step}"), None
         metrics = step_metrics(result["metrics"], stats, train_wall=train_wall, step_seconds=now - loop.last,
                                version=self.version, inflight=len(loop.pending), queues=queues,
                                reissued=self.faults["reissued_batches"], rm_fit=rm_fit, sync_stats=sync_stats)

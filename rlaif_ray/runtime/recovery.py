@@ -14,7 +14,7 @@ import logging
 
 import ray
 
-from rlaif_ray.runtime.faults import recover_pool, take_back
+from rlaif_ray.runtime.faults import recover_pool, take_back, trainer_result
 from rlaif_ray.runtime.placement import shape_text, stage_shape, where
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class StageRecovery:
             self.weights.repair([i], self.version)
             self.faults["resynced_engines"] += 1
         if stage == "reward" and self.rm_trainer is not None and answer < self.rm_loads:
-            ray.get(self.pools[stage].actors[i].load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads))
+            scorer = self.pools[stage].actors[i]
+            trainer_result(scorer.load_state.remote(self.rm_trainer.state_dict.remote(), self.rm_loads), "state")
 
     def _node_of(self, stage: str, i: int) -> str:
         """The node that holds bundle i of the stage's placement group now (Ray moves a lost node's bundles)."""
