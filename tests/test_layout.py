@@ -113,7 +113,7 @@ def test_the_runtime_never_imports_the_lab():
             found += [f"{path.relative_to(PACKAGE.parent)} imports {n}" for n in names if n.split(".")[0] == "rlaif_lab"]
     assert not found, found
     modules = [f"rlaif_lab.{p.stem}" for p in sorted(lab.glob("*.py")) if p.stem != "__init__"]
-    assert len(modules) == 8
+    assert len(modules) == 9
     for module in modules:
         run = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
                              cwd=PACKAGE.parent)
