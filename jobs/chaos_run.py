@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     print("\n".join(f"[chaos] {line}" for line in lines))
     print(f"[chaos] faults summary: {summary['faults']['replaced_actors']} actors replaced, "
           f"{summary['faults']['reissued_batches']} batches re-issued, {len(summary['faults']['resumes'])} resumes; "
-          f"eval {summary.get('eval_before', {}).get('sampled_accuracy')} -> "
-          f"{summary.get('eval_after', {}).get('sampled_accuracy')}")
+          f"sampled accuracy {summary.get('eval_before', {}).get('accuracy_sampled')} -> "
+          f"{summary.get('eval_after', {}).get('accuracy_sampled')}")
     return 1 if any(line.endswith("MISMATCH") for line in lines) else 0
 
 
