@@ -152,7 +152,7 @@ def take_back(pool, factory, timeout_s: float | None = None, bundle: dict | None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pool.absent:
         refs = list(pool.absent.values())
-        left = 0.0 if deadline is None or pool.present() or back else max(0.0, deadline - time.monotonic())
+        left = 0.0 if deadline is None or pool.present() else max(0.0, deadline - time.monotonic())
         done = set(ray.wait(refs, num_returns=1 if left else len(refs), timeout=left, fetch_local=False)[0])
         for i, ref in [(i, ref) for i, ref in pool.absent.items() if ref in done]:
             try:

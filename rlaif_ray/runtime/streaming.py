@@ -119,10 +119,13 @@ class StreamingOrchestrator(Orchestrator):
                     min_version=min(g.expected_version for g in part))
                 self.streams.append(Stream(w, step, {g.position: g for g in part}, gen, pool.lives[w]))
 
+    def untrained(self) -> list[Group]:
+        """Groups launched and not trained yet, wherever they are (generating, judged, ready, parked)."""
+        return ([g for s in self.streams for g in s.groups.values()] + self.labelling + self.ready + self.parked
+                + self.parked_labels)
+
     def outstanding(self) -> int:
-        """Groups launched and not trained yet."""
-        return (sum(len(s.groups) for s in self.streams) + len(self.labelling) + len(self.ready) + len(self.parked)
-                + len(self.parked_labels))
+        return len(self.untrained())
 
     def fill_pipeline(self, loop: LoopState) -> None:
         """Launch whole steps while at most `max_inflight` steps' worth of groups are in flight beyond the step the
@@ -281,9 +284,7 @@ class StreamingOrchestrator(Orchestrator):
             self.labelling.remove(group)
         group.expected_rm = self.rm_loads
         self.faults["reissued_groups"] += 1
-        for pool in ("critic", "reward"):
-            if pool in self.pools:
-                self.pools[pool].prune()
+        self._prune_judging()
         self._label_and_score(group)
 
     def _kill_the_stuck(self, timeout: float) -> None:
@@ -305,6 +306,12 @@ class StreamingOrchestrator(Orchestrator):
         ray.kill(self.pools[call.pool].actors[call.index], no_restart=True)
         self._fault(reason, StageTimeout(reason), lambda: self._relabel(group), (call.pool, call.index, call.life))
 
+    def _prune_judging(self) -> None:
+        """The judge and scorer pools' finished calls forgotten, before label and score calls pick from their counts."""
+        for pool in ("critic", "reward"):
+            if pool in self.pools:
+                self.pools[pool].prune()
+
     def _unpark(self) -> None:
         """Groups parked for want of an actor go on with the ones back; with nothing else under way, the stage waits
         for one (NoActorLeft after `fault.recovery_timeout_s`)."""
@@ -312,9 +319,7 @@ class StreamingOrchestrator(Orchestrator):
         groups, labels, self.parked, self.parked_labels = self.parked, self.parked_labels, [], []
         if groups:
             self._launch_groups(groups)
-        for pool in ("critic", "reward"):
-            if pool in self.pools:
-                self.pools[pool].prune()
+        self._prune_judging()
         for group in labels:
             self._label_and_score(group)
 
@@ -403,8 +408,7 @@ class StreamingOrchestrator(Orchestrator):
     def loop_state(self, writer, loop: LoopState) -> dict:
         """As batch mode's (`Orchestrator.loop_state`), with the groups not trained yet (per step: their prompt rows
         and batch positions) where batch mode keeps its batches in flight."""
-        groups = ([g for s in self.streams for g in s.groups.values()] + self.labelling + self.ready + self.parked
-                  + self.parked_labels)
+        groups = self.untrained()
         steps = sorted({g.step for g in groups})
         pending = [{"step": s, "indices": [g.index for g in groups if g.step == s],
                     "positions": [g.position for g in groups if g.step == s]} for s in steps]
