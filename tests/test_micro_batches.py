@@ -36,7 +36,8 @@ def batches(draw):
     for g in range(draw(st.integers(1, 5))):
         size = draw(st.integers(2, 4))
         prompt = draw(st.lists(st.integers(3, VOCAB - 1), min_size=1, max_size=6))
-        flat = draw(st.booleans())  # all rewards equal: a zero-signal group
+        # all rewards equal: a zero-signal group (never the first, so every batch has some signal for ppo)
+        flat = g > 0 and draw(st.booleans())
         for k in range(size):
             n = draw(st.integers(1, 14))
             rows.append({
@@ -53,7 +54,8 @@ def batches(draw):
                 "reference": None, "label_method": "pairwise", "judge_model": "test", "label_valid": True,
                 "skip_reason": None, "pair_position_agree": [], "pair_slot1_probs": [], "judge_score": None,
                 "principle": None, "judge_reply": None, "label_latency_s": 0.0,
-                "reward": 0.5 if flat else draw(st.floats(-1.0, 1.0)),
+                # apart by 0.25 inside a group: hypothesis often draws one float for all (a group without signal)
+                "reward": 0.5 if flat else draw(st.floats(-1.0, 1.0)) + 0.25 * k,
             })
         members = rows[-size:]
         for a in members:  # every pair of the group judged, soft labels symmetric
