@@ -27,6 +27,7 @@ from rlaif_ray.config import RunConfig
 from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.pairs import select_pairs
+from rlaif_ray.stages.group_labels import GroupLabels
 from rlaif_ray.stages.reward import rewards_from_labels
 from rlaif_ray.stages.shared_engine import BusyClock
 
@@ -332,7 +333,7 @@ class SharedClock:
             self.open.set()
 
 
-class StandInJudge(_Stage):
+class StandInJudge(GroupLabels, _Stage):
     """A pairwise judge: `critic.pairs` pairs per group in both orders, `judge_call_seconds` each."""
 
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0):

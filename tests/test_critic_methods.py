@@ -121,6 +121,25 @@ def test_transformers_backend_labels_like_the_engine(engines, hf_critic, method)
 
 
 # ---------------------------------------------------------------- pair selection and the judge cache
+def test_groups_labelled_in_one_call_get_the_labels_of_their_own_calls(engines):
+    """Group flow's `label_groups`: several prompt groups in one judge call come back as one table per group, in the
+    order given, paired inside each group only; labelling each group on its own afterwards is answered wholly from
+    the judge cache the grouped call filled (the very judge prompts) and gives the same labels."""
+    a = rollout_table([" 5", " 4", " 3"], prompt="1+4=", reference="5", prompt_id="g0", id_prefix="ga")
+    b = rollout_table([" 2", " 9"], prompt="1+1=", reference="2", prompt_id="g1", id_prefix="gb")
+    *tables, stats = ray.get(engines["critic"].label_groups.options(num_returns=3).remote(a, b))
+    assert stats["pairs"] == 3 + 1 and stats["labeled_samples"] == 5
+    columns = ["sample_id", "pair_partner_ids", "pair_win_probs", "win_prob", "label_valid"]
+    for group, table in zip((a, b), tables):
+        table = schemas.validate(table, "labels")
+        ids = group.column("sample_id").to_pylist()
+        assert table.column("sample_id").to_pylist() == ids
+        assert all(set(partners) <= set(ids) for partners in table.column("pair_partner_ids").to_pylist())
+        own, own_stats = label(engines, group, "pairwise")
+        assert own_stats["judge_calls"] > 0 and own_stats["judge_cache_hits"] == own_stats["judge_calls"]
+        assert table.select(columns).to_pylist() == own.select(columns).to_pylist()
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
 def test_pair_selection_modes_give_their_declared_pairs(n):
     from rlaif_ray.judge.pairs import select_pairs

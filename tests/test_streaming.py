@@ -31,11 +31,25 @@ def test_group_flow_trains_what_batch_flow_trains(tmp_path, ray_cluster, toy_wor
     got, want = read_jsonl(groups_dir / "metrics.jsonl"), read_jsonl(batch_dir / "metrics.jsonl")
     for key in ("reward_mean", "loss", "trained", "judge_calls", "gen_tokens"):
         assert [m[key] for m in got] == pytest.approx([m[key] for m in want], abs=1e-5), key
-    # two engines, two shard calls each per step; every group labelled and scored on its own, and saved
-    assert groups["dispatched"]["rollout"] == [6, 6] and groups["dispatched"]["critic"] == [3 * 4]
+    # two engines, two shard calls each per step; the groups handed back together labelled in one judge call (at
+    # least one call per step, at most one per group), every group scored on its own and saved
+    assert groups["dispatched"]["rollout"] == [6, 6] and 3 <= groups["dispatched"]["critic"][0] <= 3 * 4
     assert len(list((groups_dir / "labels").glob("step-*-g*.parquet"))) == 3 * 4
     assert all(m["queue_ready"] == 0 and m["inflight"] == 0 for m in got)
     assert groups["faults"]["reissued_groups"] == 0 and groups["busy_fraction"]["gen"] > 0
+
+
+def test_judge_calls_take_one_step_each_spread_over_the_judges_with_a_prompt_once():
+    """The label calls of the groups handed back together: never two steps in one call (a step's groups may go to the
+    learner in different steps), spread over the judges present, and a prompt drawn twice in a step (a prompt set
+    smaller than a step) in two calls, since a judge pairs the samples of each prompt id."""
+    from rlaif_ray.runtime.streaming import Group, judge_calls
+    groups = [Group(step, index, position, 0, 0) for step, index, position in
+              [(3, 10, 0), (3, 11, 1), (3, 12, 2), (4, 10, 0), (3, 10, 3), (3, 13, 4)]]
+    calls = [[(g.step, g.index) for g in call] for call in judge_calls(groups, 2)]
+    assert calls == [[(3, 10), (3, 11)], [(3, 12), (3, 13)], [(3, 10)], [(4, 10)]]
+    assert [len(c) for c in judge_calls(groups[:3], 5)] == [1, 1, 1]   # more judges than groups: one each
+    assert [len(c) for c in judge_calls(groups[:3], 1)] == [3]
 
 
 def test_an_engines_busy_clock_counts_overlapping_calls_once():

@@ -3,8 +3,9 @@
 Batch mode (rlaif_ray.runtime.orchestrator) sends a step's batch through every stage as one call per shard: the
 slowest answer of a shard holds the shard, the judge starts when the shard is complete, the learner waits for the
 whole batch. Here an engine's shard call is a Ray generator (`RolloutWorker.generate_groups`) that hands back each
-prompt group the moment vLLM finishes its last sample; the driver sends that group at once to the least-loaded
-judge and then to the scorer (one `label` and one `score` call per group), and the learner takes
+prompt group the moment vLLM finishes its last sample; the driver sends the groups handed back since it last looked
+at once to the least-loaded judges, as one `label_groups` call per judge (the groups of one step spread over the
+judges present), then each group to the scorer (one `score` call per group), and the learner takes
 `data.prompts_per_step` finished groups per step, oldest first (by step, then batch position), from a bounded
 buffer: new prompts are launched a whole step at a time only while at most `loop.max_inflight` steps' worth of
 groups are in flight beyond the step the learner takes next (backpressure, as batch mode bounds its batches).
@@ -36,11 +37,34 @@ import ray
 from ray.exceptions import GetTimeoutError
 
 from rlaif_ray.config import JUDGELESS_REWARDS
-from rlaif_ray.runtime.accounting import merge_shard_stats
+from rlaif_ray.runtime.accounting import LOWEST, merge_shard_stats
 from rlaif_ray.runtime.faults import NoActorLeft, StaleEngine, StageTimeout
 from rlaif_ray.runtime.orchestrator import InFlight, LoopState, Orchestrator, StageCall, shard_indices
 
 log = logging.getLogger(__name__)
+
+
+def judge_calls(groups: list[Group], judges: int) -> list[list[Group]]:
+    """The label calls for `groups`: per step, its groups spread over at most `judges` calls; a prompt twice in a step
+    (a prompt set smaller than a step) goes in two calls, since a judge forms its pairs inside each prompt's group."""
+    calls = []
+    for step in sorted({g.step for g in groups}):
+        left = [g for g in groups if g.step == step]
+        while left:
+            seen, first, later = set(), [], []
+            for g in left:
+                (later if g.index in seen else first).append(g)
+                seen.add(g.index)
+            calls += [part for part in shard_indices(first, min(judges, len(first))) if part]
+            left = later
+    return calls
+
+
+def counted_once(stats: dict) -> dict:
+    """A label call's stats as its groups after the first carry them: no counts and no seconds (the first group
+    carries the call's own, so a step's or a run's sums count the call once); versions, the worker and flags kept."""
+    return {k: 0 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in LOWEST + ("worker",) else v
+            for k, v in stats.items()}
 
 
 @dataclass
@@ -54,6 +78,7 @@ class Group:
     rollouts: object = None      # ObjectRef of its `rollouts` table, once its engine handed it back
     meta: dict | None = None     # what the engine said of it (version, samples, tokens, seconds, worker)
     rewards: object = None       # ObjectRef of its `rewards` table
+    carries: bool = True         # it carries the stats of the label call it went in (the call's first group)
     calls: list[StageCall] = field(default_factory=list)  # its label and reward calls
 
     @property
@@ -81,6 +106,7 @@ class StreamingOrchestrator(Orchestrator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.streams: list[Stream] = []
+        self.handed: list[Group] = []      # handed back since the driver last sent groups to the judges
         self.labelling: list[Group] = []   # handed back, label and reward calls under way
         self.ready: list[Group] = []       # rewards done: the learner's buffer
         self.gen_calls: list[dict] = []    # stats of shard calls that finished since the last step
@@ -121,8 +147,8 @@ class StreamingOrchestrator(Orchestrator):
 
     def untrained(self) -> list[Group]:
         """Groups launched and not trained yet, wherever they are (generating, judged, ready, parked)."""
-        return ([g for s in self.streams for g in s.groups.values()] + self.labelling + self.ready + self.parked
-                + self.parked_labels)
+        return ([g for s in self.streams for g in s.groups.values()] + self.handed + self.labelling + self.ready
+                + self.parked + self.parked_labels)
 
     def outstanding(self) -> int:
         return len(self.untrained())
@@ -136,28 +162,43 @@ class StreamingOrchestrator(Orchestrator):
             loop.launched += 1
 
     # ------------------------------------------------------------------ moving groups along
-    def _label_and_score(self, group: Group) -> None:
-        """A handed-back group's label call on the least-loaded judge (pools pruned by the caller), then its score."""
-        labels = group.rollouts
-        group.calls = []
+    def _label_and_score(self, groups: list[Group]) -> None:
+        """Handed-back groups to the judges present, one `label_groups` call per judge with a step's groups spread
+        over them (least-loaded first; pools pruned by the caller), then each group's own score call."""
         judged = self.cfg.reward.kind not in JUDGELESS_REWARDS
         if self.scorer is None or (judged and not self.pools["critic"].present()):
-            self.parked_labels.append(group)
+            self.parked_labels += groups
             return
-        if judged:
-            critic_pool = self.pools["critic"]
+        if not judged:
+            for group in groups:
+                self._score(group, group.rollouts, [])
+            return
+        critic_pool = self.pools["critic"]
+        for call in judge_calls(groups, len(critic_pool.present())):
             c = critic_pool.pick(prune=False)
-            labels, label_stats = critic_pool.actors[c].label.options(num_returns=2).remote(group.rollouts)
+            *labels, label_stats = critic_pool.actors[c].label_groups.options(num_returns=len(call) + 1).remote(
+                *[g.rollouts for g in call])
             critic_pool.track(c, label_stats)
-            group.calls.append(StageCall("label", label_stats, "critic", c, critic_pool.lives[c]))
-            if self.rm_trainer is not None:
-                self.rm_trainer.add.remote(labels)
+            for k, (group, labelled) in enumerate(zip(call, labels)):
+                group.carries = k == 0
+                if self.rm_trainer is not None:
+                    self.rm_trainer.add.remote(labelled)
+                self._score(group, labelled, [StageCall("label", label_stats, "critic", c, critic_pool.lives[c])])
+
+    def _score(self, group: Group, labels, calls: list[StageCall]) -> None:
+        """The group's score call (after its label call, `calls`): it then waits in `labelling` for its rewards."""
         save = (str(self.run_dir / "labels" / f"step-{group.step:06d}-g{group.position:04d}.parquet")
                 if self.cfg.output.save_labels else None)
         group.rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save_path=save)
         self.pools["reward"].track(0, reward_stats)
-        group.calls.append(StageCall("reward", reward_stats, "reward", 0, self.pools["reward"].lives[0]))
+        group.calls = calls + [StageCall("reward", reward_stats, "reward", 0, self.pools["reward"].lives[0])]
         self.labelling.append(group)
+
+    def _label_handed(self) -> None:
+        """The groups handed back since the last look, to the judges (one call per judge, not per group)."""
+        if self.handed:
+            groups, self.handed = self.handed, []
+            self._label_and_score(groups)
 
     def _advance(self, stream: Stream) -> None:
         """Take the next ref a shard call handed back: a group's table, the dict naming that group (the group moves
@@ -185,7 +226,7 @@ class StreamingOrchestrator(Orchestrator):
             stream.groups[group.position] = group  # lost with the rest of the call
             raise StaleEngine(f"engine {value['worker']} generated step {group.step} with version {value['version']}"
                               f", expected >= {group.expected_version} (it restarted)")
-        self._label_and_score(group)
+        self.handed.append(group)  # to a judge once every call that finished was read (_label_handed)
 
     def _finish(self, group: Group) -> None:
         """A group whose reward call finished: into the learner's buffer, once its stats say it is sound."""
@@ -195,6 +236,7 @@ class StreamingOrchestrator(Orchestrator):
         if reward["rm_version"] < group.expected_rm:
             raise StaleEngine(f"the scorer scored a group of step {group.step} with reward model "
                               f"{reward['rm_version']}, expected >= {group.expected_rm} (it restarted)")
+        stats = [s if call.stage != "label" or group.carries else counted_once(s) for call, s in zip(group.calls, stats)]
         group.meta = {**group.meta, "stage_stats": {call.stage: s for call, s in zip(group.calls, stats)}}
         self.ready.append(group)
 
@@ -215,6 +257,7 @@ class StreamingOrchestrator(Orchestrator):
             self.pools["critic"].prune()
         for stream in [s for s in self.streams if id(s.generator) in done_ids]:
             self._guard(lambda: self._drain(stream), lost=lambda: self._lose_stream(stream), actor=stream.actor)
+        self._label_handed()
         for group in [g for g in self.labelling if id(g.calls[-1].stats) in done_ids]:
             self._guard(lambda: self._finish(group), lost=lambda: self._relabel(group),
                         actor=lambda: self._failed_call(group))
@@ -285,7 +328,7 @@ class StreamingOrchestrator(Orchestrator):
         group.expected_rm = self.rm_loads
         self.faults["reissued_groups"] += 1
         self._prune_judging()
-        self._label_and_score(group)
+        self._label_and_score([group])
 
     def _kill_the_stuck(self, timeout: float) -> None:
         """Nothing moved for `fault.stage_timeout_s`: the oldest call still open is alive but stuck (an engine hung in
@@ -320,8 +363,8 @@ class StreamingOrchestrator(Orchestrator):
         if groups:
             self._launch_groups(groups)
         self._prune_judging()
-        for group in labels:
-            self._label_and_score(group)
+        if labels:
+            self._label_and_score(labels)
 
     # ------------------------------------------------------------------ the learner's side
     def take(self, count: int) -> list[Group]:

@@ -14,7 +14,8 @@ turned into a label: the sample keeps its row with `label_valid=false` and a `sk
 Judge replies go through a `CachedJudge`: a judge prompt already answered (re-issued batch, identical
 responses) is not judged again; the stats count `judge_calls` (judge prompts the labelling needed) and
 `judge_cache_hits` (of those, answered from the cache).
-`demonstrate` answers prompts with the judge model itself (the strong-teacher SFT baseline).
+`demonstrate` answers prompts with the judge model itself (the strong-teacher SFT baseline). `label_groups` labels
+several prompt groups in one call and hands back a table per group (group flow).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from rlaif_ray.judge.quality import judge_bias_counts
 from rlaif_ray.judge.reply import concrete_labels
 from rlaif_ray.judge.remote import OpenAIJudge, Secret, read_secret
 from rlaif_ray.judge.templates import JudgePrompts
+from rlaif_ray.stages.group_labels import GroupLabels
 
 
 def labeler_env(cfg: RunConfig) -> dict[str, str]:
@@ -73,7 +75,7 @@ def _failure(reply, min_mass: float) -> str | None:
 
 
 @ray.remote
-class CriticLabeler:
+class CriticLabeler(GroupLabels):
     def __init__(self, model_path: str, cfg: dict, worker_index: int = 0, secret: Secret | None = None):
         """`secret`: a remote judge's API key (`read_secret(cfg.critic.remote)` on the driver)."""
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
