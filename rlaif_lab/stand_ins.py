@@ -27,7 +27,7 @@ from rlaif_ray.config import RunConfig
 from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.judge.pairs import select_pairs
-from rlaif_ray.stages.group_labels import GroupLabels
+from rlaif_ray.stages.group_calls import GroupLabels, GroupScores
 from rlaif_ray.stages.reward import rewards_from_labels
 from rlaif_ray.stages.shared_engine import BusyClock
 
@@ -364,7 +364,7 @@ class StandInJudge(GroupLabels, _Stage):
         return {}
 
 
-class StandInScorer(_Stage):
+class StandInScorer(GroupScores, _Stage):
     """The reward stage (the real rule: rlaif_ray.stages.reward.rewards_from_labels) with the profile's time."""
 
     def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10,

@@ -45,7 +45,7 @@ class ActorPool:
 
     def prune(self) -> None:
         """Forget the calls that finished (one non-blocking `ray.wait` over all the pool's unfinished calls)."""
-        refs = [ref for queue in self._pending for ref in queue]
+        refs = self.unfinished()
         if not refs:
             return
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
@@ -79,6 +79,10 @@ class ActorPool:
 
     def track(self, index: int, ref) -> None:
         self._pending[index].append(ref)
+
+    def unfinished(self) -> list:
+        """The refs of the calls not finished at the last prune (and of those tracked since)."""
+        return [ref for queue in self._pending for ref in queue]
 
     def depth(self) -> int:
         return sum(self.loads())

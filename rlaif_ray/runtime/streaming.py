@@ -3,9 +3,10 @@
 Batch mode (rlaif_ray.runtime.orchestrator) sends a step's batch through every stage as one call per shard: the
 slowest answer of a shard holds the shard, the judge starts when the shard is complete, the learner waits for the
 whole batch. Here an engine's shard call is a Ray generator (`RolloutWorker.generate_groups`) that hands back each
-prompt group the moment vLLM finishes its last sample; the driver sends the groups handed back since it last looked
-at once to the least-loaded judges, as one `label_groups` call per judge (the groups of one step spread over the
-judges present), then each group to the scorer (one `score` call per group), and the learner takes
+prompt group the moment vLLM finishes its last sample; the driver sends it to an idle judge at once, or, with every
+judge busy, holds it until one is free and sends it that judge together with every group that waited meanwhile (one
+`label_groups` call: a judge batches many groups in one engine call, as it does a batch's shard), then each group to
+the scorer (one `score_groups` call for the groups of a label call), and the learner takes
 `data.prompts_per_step` finished groups per step, oldest first (by step, then batch position), from a bounded
 buffer: new prompts are launched a whole step at a time only while at most `loop.max_inflight` steps' worth of
 groups are in flight beyond the step the learner takes next (backpressure, as batch mode bounds its batches).
@@ -163,40 +164,52 @@ class StreamingOrchestrator(Orchestrator):
 
     # ------------------------------------------------------------------ moving groups along
     def _label_and_score(self, groups: list[Group]) -> None:
-        """Handed-back groups to the judges present, one `label_groups` call per judge with a step's groups spread
-        over them (least-loaded first; pools pruned by the caller), then each group's own score call."""
+        """Handed-back groups to the idle judges, one `label_groups` call per judge with a step's groups spread over
+        them, then each group's own score call; with every judge busy they wait in `handed` for the first one free
+        (pools pruned by the caller)."""
         judged = self.cfg.reward.kind not in JUDGELESS_REWARDS
         if self.scorer is None or (judged and not self.pools["critic"].present()):
             self.parked_labels += groups
             return
         if not judged:
-            for group in groups:
-                self._score(group, group.rollouts, [])
+            self._score(groups, [g.rollouts for g in groups], [[] for _ in groups])
             return
         critic_pool = self.pools["critic"]
-        for call in judge_calls(groups, len(critic_pool.present())):
+        loads = critic_pool.loads(prune=False)
+        idle = [i for i in critic_pool.present() if loads[i] == 0]
+        if not idle and self.labelling:  # (a judge's call always has its groups in `labelling`)
+            self.handed += groups
+            return
+        for call in judge_calls(groups, len(idle) or len(critic_pool.present())):
             c = critic_pool.pick(prune=False)
             *labels, label_stats = critic_pool.actors[c].label_groups.options(num_returns=len(call) + 1).remote(
                 *[g.rollouts for g in call])
             critic_pool.track(c, label_stats)
-            for k, (group, labelled) in enumerate(zip(call, labels)):
+            for k, group in enumerate(call):
                 group.carries = k == 0
                 if self.rm_trainer is not None:
-                    self.rm_trainer.add.remote(labelled)
-                self._score(group, labelled, [StageCall("label", label_stats, "critic", c, critic_pool.lives[c])])
+                    self.rm_trainer.add.remote(labels[k])
+            label_call = StageCall("label", label_stats, "critic", c, critic_pool.lives[c])
+            self._score(call, labels, [[label_call] for _ in call])
 
-    def _score(self, group: Group, labels, calls: list[StageCall]) -> None:
-        """The group's score call (after its label call, `calls`): it then waits in `labelling` for its rewards."""
-        save = (str(self.run_dir / "labels" / f"step-{group.step:06d}-g{group.position:04d}.parquet")
-                if self.cfg.output.save_labels else None)
-        group.rewards, reward_stats = self.scorer.score.options(num_returns=2).remote(labels, save_path=save)
-        self.pools["reward"].track(0, reward_stats)
-        group.calls = calls + [StageCall("reward", reward_stats, "reward", 0, self.pools["reward"].lives[0])]
-        self.labelling.append(group)
+    def _score(self, groups: list[Group], labels: list, calls: list[list[StageCall]]) -> None:
+        """The groups' score call, one for all (after their label calls, `calls`): each then waits in `labelling`
+        for its rewards."""
+        n = len(groups)
+        saves = [str(self.run_dir / "labels" / f"step-{g.step:06d}-g{g.position:04d}.parquet")
+                 if self.cfg.output.save_labels else None for g in groups]
+        rewards = self.scorer.score_groups.options(num_returns=2 * n).remote(*labels, save_paths=saves)
+        self.pools["reward"].track(0, rewards[-1])
+        for k, (group, before) in enumerate(zip(groups, calls)):
+            group.rewards = rewards[k]
+            group.calls = before + [StageCall("reward", rewards[n + k], "reward", 0, self.pools["reward"].lives[0])]
+            self.labelling.append(group)
 
     def _label_handed(self) -> None:
-        """The groups handed back since the last look, to the judges (one call per judge, not per group)."""
+        """The groups handed back and not sent yet, to the judges free now (one call per judge, not per group)."""
         if self.handed:
+            if "critic" in self.pools:
+                self.pools["critic"].prune()
             groups, self.handed = self.handed, []
             self._label_and_score(groups)
 
@@ -226,7 +239,7 @@ class StreamingOrchestrator(Orchestrator):
             stream.groups[group.position] = group  # lost with the rest of the call
             raise StaleEngine(f"engine {value['worker']} generated step {group.step} with version {value['version']}"
                               f", expected >= {group.expected_version} (it restarted)")
-        self.handed.append(group)  # to a judge once every call that finished was read (_label_handed)
+        self.handed.append(group)  # to a judge once every call that finished was read (`_label_handed`)
 
     def _finish(self, group: Group) -> None:
         """A group whose reward call finished: into the learner's buffer, once its stats say it is sound."""
@@ -244,6 +257,8 @@ class StreamingOrchestrator(Orchestrator):
         """Move along every group and call that is ready, waiting at most `timeout` for the first (or for one of
         `also`, refs of the driver's other work); whether any moved."""
         waitables = [s.generator for s in self.streams] + [g.calls[-1].stats for g in self.labelling]
+        if self.handed and "critic" in self.pools:  # groups waiting for a judge: a judge's call finishing wakes us
+            waitables += self.pools["critic"].unfinished()
         if not waitables and not also:
             return False
         done, _ = ray.wait(waitables + list(also), num_returns=1, timeout=timeout, fetch_local=False)
@@ -253,14 +268,12 @@ class StreamingOrchestrator(Orchestrator):
         if not done:
             return False
         done_ids = {id(w) for w in done}
-        if "critic" in self.pools:
-            self.pools["critic"].prune()
         for stream in [s for s in self.streams if id(s.generator) in done_ids]:
             self._guard(lambda: self._drain(stream), lost=lambda: self._lose_stream(stream), actor=stream.actor)
-        self._label_handed()
         for group in [g for g in self.labelling if id(g.calls[-1].stats) in done_ids]:
             self._guard(lambda: self._finish(group), lost=lambda: self._relabel(group),
                         actor=lambda: self._failed_call(group))
+        self._label_handed()
         return True
 
     def keep_flowing(self, refs: list, every: bool, timeout: float) -> None:
@@ -374,7 +387,7 @@ class StreamingOrchestrator(Orchestrator):
         while len(self.ready) < count:
             if self.parked or self.parked_labels:
                 self._unpark()
-            if not self.streams and not self.labelling:
+            if not self.streams and not self.labelling and not self.handed:
                 raise RuntimeError(f"the learner needs {count} groups, {len(self.ready)} are finished and none is "
                                    "under way")
             if self._pump(timeout=max(0.0, quiet_since + timeout - time.monotonic())):

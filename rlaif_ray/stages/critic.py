@@ -39,7 +39,7 @@ from rlaif_ray.judge.quality import judge_bias_counts
 from rlaif_ray.judge.reply import concrete_labels
 from rlaif_ray.judge.remote import OpenAIJudge, Secret, read_secret
 from rlaif_ray.judge.templates import JudgePrompts
-from rlaif_ray.stages.group_labels import GroupLabels
+from rlaif_ray.stages.group_calls import GroupLabels
 
 
 def labeler_env(cfg: RunConfig) -> dict[str, str]:

@@ -22,6 +22,7 @@ import ray
 from rlaif_ray.config import JUDGELESS_REWARDS
 from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc, write_parquet
+from rlaif_ray.stages.group_calls import GroupScores
 from rlaif_ray.stages.reward_functions import component_rewards, make_components
 
 
@@ -47,7 +48,7 @@ def checker_rewards(rows: pa.Table, is_correct) -> pa.Array:
 
 
 @ray.remote
-class RewardScorer:
+class RewardScorer(GroupScores):
     def __init__(self, kind: str, reward_model_path: str | None = None, score_points: int = 10,
                  checker: str = "exact", functions: list[dict] | None = None):
         use_arrow_ipc()  # tables in and out as one IPC buffer each (rlaif_ray.data.transport)
