@@ -3,10 +3,10 @@
 Batch mode (rlaif_ray.runtime.orchestrator) sends a step's batch through every stage as one call per shard: the
 slowest answer of a shard holds the shard, the judge starts when the shard is complete, the learner waits for the
 whole batch. Here an engine's shard call is a Ray generator (`RolloutWorker.generate_groups`) that hands back each
-prompt group the moment vLLM finishes its last sample; the driver sends it to an idle judge at once, or, with every
-judge busy, holds it until one is free and sends it that judge together with every group that waited meanwhile (one
-`label_groups` call: a judge batches many groups in one engine call, as it does a batch's shard), then each group to
-the scorer (one `score_groups` call for the groups of a label call), and the learner takes
+prompt group the moment vLLM finishes its last sample; the driver sends it at once to a judge with no call waiting
+behind the one it runs, or, with none, holds it until one is and sends that judge every group that waited meanwhile
+(one `label_groups` call: a judge batches many groups in one engine call, as it does a batch's shard), then the groups
+to the scorer (one `score_groups` call for the groups of a label call), and the learner takes
 `data.prompts_per_step` finished groups per step, oldest first (by step, then batch position), from a bounded
 buffer: new prompts are launched a whole step at a time only while at most `loop.max_inflight` steps' worth of
 groups are in flight beyond the step the learner takes next (backpressure, as batch mode bounds its batches).
@@ -43,6 +43,11 @@ from rlaif_ray.runtime.faults import NoActorLeft, StaleEngine, StageTimeout
 from rlaif_ray.runtime.orchestrator import InFlight, LoopState, Orchestrator, StageCall, shard_indices
 
 log = logging.getLogger(__name__)
+
+# label calls a judge may have waiting behind the one it runs: a group handed back goes at once to a judge that has
+# none waiting (so a judge never idles between calls), else it waits on the driver, and the next call takes every
+# group that waited: one judge call for many groups, batched in its engine as a batch's shard is
+JUDGE_QUEUE = 1
 
 
 def judge_calls(groups: list[Group], judges: int) -> list[list[Group]]:
@@ -164,9 +169,9 @@ class StreamingOrchestrator(Orchestrator):
 
     # ------------------------------------------------------------------ moving groups along
     def _label_and_score(self, groups: list[Group]) -> None:
-        """Handed-back groups to the idle judges, one `label_groups` call per judge with a step's groups spread over
-        them, then each group's own score call; with every judge busy they wait in `handed` for the first one free
-        (pools pruned by the caller)."""
+        """Handed-back groups to the judges free (at most `JUDGE_QUEUE` calls waiting behind the one they run), one
+        `label_groups` call per judge with a step's groups spread over them, then one score call for each label call's
+        groups; with no judge free they wait in `handed` for the first one (pools pruned by the caller)."""
         judged = self.cfg.reward.kind not in JUDGELESS_REWARDS
         if self.scorer is None or (judged and not self.pools["critic"].present()):
             self.parked_labels += groups
@@ -176,11 +181,11 @@ class StreamingOrchestrator(Orchestrator):
             return
         critic_pool = self.pools["critic"]
         loads = critic_pool.loads(prune=False)
-        idle = [i for i in critic_pool.present() if loads[i] == 0]
-        if not idle and self.labelling:  # (a judge's call always has its groups in `labelling`)
+        free = [i for i in critic_pool.present() if loads[i] <= JUDGE_QUEUE]
+        if not free and self.labelling:  # (a judge's call always has its groups in `labelling`)
             self.handed += groups
             return
-        for call in judge_calls(groups, len(idle) or len(critic_pool.present())):
+        for call in judge_calls(groups, len(free) or len(critic_pool.present())):
             c = critic_pool.pick(prune=False)
             *labels, label_stats = critic_pool.actors[c].label_groups.options(num_returns=len(call) + 1).remote(
                 *[g.rollouts for g in call])
