@@ -49,5 +49,7 @@ def test_lost_nodes_shrink_the_pool_then_stop_with_a_checkpoint_and_a_resubmitte
     # the first run's events came with its checkpoint: the summary (and report) of the run tells the whole story
     assert [e for e in s["faults"]["events"] if "going on with" in e or "no actor left" in e or " back " in e] == \
         [e for e in first if "going on with" in e or "no actor left" in e or " back " in e]
-    assert s["faults"]["replaced_actors"] == 3 and s["faults"]["reissued_batches"] >= 2
+    # (how many batches were re-issued depends on whether one was still on a lost node when it went, which the
+    # machine's speed decides: 1 on a fresh machine, 2+ before the install compiled bytecode; the ledger decides)
+    assert s["faults"]["replaced_actors"] == 3
     check_ledger(run, summary, 16, 8)  # every sample id of the 16 steps once: none lost to a node, none twice
