@@ -21,6 +21,11 @@ STAGE_LATENCY = {"gen": "gen_seconds", "label": "label_seconds", "reward": "rewa
 LOWEST = ("policy_version", "rm_version")  # a batch is as old as its oldest shard
 
 
+def summed(key: str, value) -> bool:
+    """Whether a stage stat adds up over shards (counts, seconds), unlike versions, the worker and flags."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and key not in LOWEST + ("worker",)
+
+
 def merge_shard_stats(per_stage: dict[str, list[dict]], actors: dict[str, int]) -> dict:
     """One stats dict per stage from its shards' calls: counts summed, `busy_seconds` = the calls' seconds summed (actor
     time worked), the stage's seconds = what the step took of the stage: its slowest call, or its busy seconds spread
@@ -32,7 +37,7 @@ def merge_shard_stats(per_stage: dict[str, list[dict]], actors: dict[str, int]) 
         out: dict = {}
         for part in parts:
             for key, value in part.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in LOWEST + ("worker",):
+                if summed(key, value):
                     out[key] = out.get(key, 0) + value
         out["busy_seconds"] = sum(p[latency] for p in parts)
         out[latency] = max(max(p[latency] for p in parts), out["busy_seconds"] / max(actors.get(stage, 1), 1))

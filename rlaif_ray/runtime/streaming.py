@@ -38,7 +38,7 @@ import ray
 from ray.exceptions import GetTimeoutError
 
 from rlaif_ray.config import JUDGELESS_REWARDS
-from rlaif_ray.runtime.accounting import LOWEST, merge_shard_stats
+from rlaif_ray.runtime.accounting import merge_shard_stats, summed
 from rlaif_ray.runtime.faults import NoActorLeft, StaleEngine, StageTimeout
 from rlaif_ray.runtime.orchestrator import InFlight, LoopState, Orchestrator, StageCall, shard_indices
 
@@ -61,7 +61,7 @@ def judge_calls(groups: list[Group], judges: int) -> list[list[Group]]:
             for g in left:
                 (later if g.index in seen else first).append(g)
                 seen.add(g.index)
-            calls += [part for part in shard_indices(first, min(judges, len(first))) if part]
+            calls += shard_indices(first, judges)  # (never an empty part)
             left = later
     return calls
 
@@ -69,8 +69,7 @@ def judge_calls(groups: list[Group], judges: int) -> list[list[Group]]:
 def counted_once(stats: dict) -> dict:
     """A label call's stats as its groups after the first carry them: no counts and no seconds (the first group
     carries the call's own, so a step's or a run's sums count the call once); versions, the worker and flags kept."""
-    return {k: 0 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in LOWEST + ("worker",) else v
-            for k, v in stats.items()}
+    return {k: 0 if summed(k, v) else v for k, v in stats.items()}
 
 
 @dataclass
