@@ -111,6 +111,9 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
 ])
 def test_each_learner_type_runs_end_to_end(tmp_path, ray_cluster, toy_world, algorithm, sections):
     steps = 2
+    if "critic" in sections:  # the session's toy models by path: "toy" with other judge strings builds a toy world
+        sections = {**sections, "model": {"policy": str(toy_world.policy), "critic": str(toy_world.critic)},
+                    "data": {"prompts": str(toy_world.prompts)}}  # (~60 s)
     cfg = small_config(tmp_path, learner={"algorithm": algorithm, "num_learners": 1}, loop={"num_steps": steps,
                        "eval_samples": 2}, **sections)
     summary = train(cfg)
