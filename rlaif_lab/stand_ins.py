@@ -432,9 +432,11 @@ class StandInRank(_Stage):
         return []
 
 
-def stand_ins(profile: Profile) -> dict:
-    """Stage -> stand-in actor class with `profile`'s service times, for `Orchestrator(..., stand_ins=...)`."""
-    bases = {"rollout": StandInEngine, "critic": StandInJudge, "reward": StandInScorer, "learner": StandInRank}
+def stand_ins(profile: Profile, **replaced) -> dict:
+    """Stage -> stand-in actor class with `profile`'s service times, for `Orchestrator(..., stand_ins=...)`;
+    `replaced`: stage -> a subclass of its stand-in to use instead (a test's stand-in that does more)."""
+    bases = {"rollout": StandInEngine, "critic": StandInJudge, "reward": StandInScorer, "learner": StandInRank,
+             **replaced}
     groups = {"rollout": {"concurrency_groups": {"streams": 16}}}  # as RolloutWorker's (rollout.engine_streams)
     made = {stage: type(base.__name__, (base,), {"profile": profile}) for stage, base in bases.items()}
     return {stage: ray.remote(**groups[stage])(cls) if stage in groups else ray.remote(cls) for stage, cls in made.items()}

@@ -1,11 +1,15 @@
 """loop.flow=groups (rlaif_ray.runtime.streaming) on the local cluster with the real stages: prompt groups go from
 their engine to the judge, the scorer and the learner one by one, and the run is the one batch mode makes."""
 import json
+import time
+from pathlib import Path
 
 import pytest
 
 from rlaif_ray.runtime.driver import train
-from tests.conftest import small_config
+from tests.conftest import job_module, small_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_jsonl(path):
@@ -37,6 +41,41 @@ def test_group_flow_trains_what_batch_flow_trains(tmp_path, ray_cluster, toy_wor
     assert len(list((groups_dir / "labels").glob("step-*-g*.parquet"))) == 3 * 4
     assert all(m["queue_ready"] == 0 and m["inflight"] == 0 for m in got)
     assert groups["faults"]["reissued_groups"] == 0 and groups["busy_fraction"]["gen"] > 0
+
+
+def test_groups_handed_back_while_the_judge_is_busy_go_to_it_in_one_call(tmp_path, ray_cluster, toy_world):
+    """Group flow, one engine handing back a step's 8 groups 0.1 s apart, one judge whose first call takes 2 s: the
+    first group goes to the judge at once, the second waits behind it in the judge's queue (streaming.JUDGE_QUEUE),
+    and the six handed back after that wait on the driver and go to the judge as one call when the first call ends,
+    not as a call each. Stand-ins (the real driver, pools and object store; rlaif_lab.stand_ins) with timings fixed
+    here, so the calls are the same on any machine."""
+    from rlaif_lab.stand_ins import Profile, StandInEngine, StandInJudge, stand_ins
+    calls_log = tmp_path / "label_calls.jsonl"
+
+    class Engine(StandInEngine):
+        def generate_groups(self, *args, **kwargs):
+            for item in super().generate_groups(*args, **kwargs):
+                yield item
+                if isinstance(item, dict) and "position" in item:  # a group just handed back: the next one later
+                    time.sleep(0.1)
+
+    class Judge(StandInJudge):
+        def label_groups(self, *groups):
+            first = not calls_log.exists()
+            with open(calls_log, "a") as f:
+                f.write(json.dumps({"groups": len(groups), "at": time.time()}) + "\n")
+            if first:
+                time.sleep(2.0)
+            return super().label_groups(*groups)
+
+    from rlaif_ray.config import load_config
+    scale_sim = job_module("scale_sim")
+    base = load_config(ROOT / "jobs/configs/scale_sim.yaml", ["data.prompts_per_step=8", "loop.num_steps=1"])
+    cfg = scale_sim.sim_config(base, 1, 1, 1, "sync", tmp_path / "run", flow="groups")
+    summary = train(cfg, stand_ins=stand_ins(Profile(time_scale=0.001), rollout=Engine, critic=Judge))
+    calls = [json.loads(line)["groups"] for line in calls_log.read_text().splitlines()]
+    assert calls == [1, 1, 6], calls  # a call per group would be [1] * 8
+    assert summary["dispatched"]["critic"] == [3] and summary["generated"] == summary["trained"] == 8 * 8
 
 
 def test_judge_calls_take_one_step_each_spread_over_the_judges_with_a_prompt_once():
