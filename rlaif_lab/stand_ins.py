@@ -195,6 +195,11 @@ class StandInEngine(_Stage):
                 time.sleep(0.001)
             with self.busy.call():
                 keys, version = self.clock.add(lengths), self.version
+                # the version its answers start under, as the real engine's tables carry (not the one it had when
+                # the call came: a call waiting for a stream slot, or for an update, starts under a later one)
+                column = table.schema.get_field_index("policy_version")
+                table = table.set_column(column, table.schema.field(column), pa.array([version] * table.num_rows,
+                                                                                       pa.int64()))
                 seconds, pending = [], list(range(len(indices)))
                 while pending:
                     finished = self.clock.wait_for_any([keys[g * n:(g + 1) * n] for g in pending])

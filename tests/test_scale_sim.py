@@ -195,6 +195,41 @@ def test_group_calls_on_one_stand_in_engine_share_it(toy_world):
     assert engine.version == 1
 
 
+def test_a_group_call_that_waited_for_its_stream_carries_the_version_it_started_under(toy_world):
+    """rollout.engine_streams=1: a group call that waits behind another while a weight update lands starts under the
+    new version, and its tables say so, as the real engine's do (the learner counts staleness from the tables: a
+    stand-in that stamped the version the call came with had the learner drop fresh groups as stale)."""
+    import threading
+    import time
+
+    from rlaif_lab.stand_ins import Profile, StandInEngine
+    from rlaif_ray.config import load_config
+    from rlaif_ray.data.prompts import load_prompts
+
+    cfg = load_config(ROOT / "jobs/configs/scale_sim.yaml", ["rollout.samples_per_prompt=2", "loop.flow=groups"])
+    engine = type("Engine", (StandInEngine,), {"profile": Profile(time_scale=0.02)})(toy_world.policy, cfg.model_dump())
+    prompts = load_prompts(toy_world.prompts)
+    out = {}
+
+    def call(key, indices, wait=0.0):
+        time.sleep(wait)
+        out[key] = list(engine.generate_groups(prompts, indices, 1, list(range(len(indices)))))
+    first = threading.Thread(target=call, args=("first", [1]))
+    first.start()
+    time.sleep(0.02)
+    second = threading.Thread(target=call, args=("second", [2, 3], 0.0))
+    second.start()  # waits for the engine's one stream
+    time.sleep(0.02)
+    engine.update_weights(None, 1)  # lands after the first call, before the second starts
+    first.join()
+    second.join()
+    tables = {key: [x for x in items if not isinstance(x, dict)] for key, items in out.items()}
+    metas = {key: [x for x in items[:-1] if isinstance(x, dict)] for key, items in out.items()}
+    assert {v for t in tables["first"] for v in t.column("policy_version").to_pylist()} == {0}
+    assert [m["version"] for m in metas["second"]] == [1, 1]
+    assert {v for t in tables["second"] for v in t.column("policy_version").to_pylist()} == {1}
+
+
 def test_answers_share_the_engine_until_each_runs_at_one_streams_speed():
     """Profile.finish_seconds: the engine's tokens/s shared among the answers still running, each capped at one
     stream's speed; the shard's time is its last answer's."""
