@@ -141,6 +141,7 @@ def test_kuberay_rayservice_serves_with_rlaif_ray_app_builder(toy_world):
     assert cfg.serve.gpus_per_replica >= 1 and cfg.serve.max_replicas >= cfg.serve.min_replicas
     config = llm_config(cfg, toy_world.policy)  # Ray Serve's LLMConfig accepts the engine settings
     assert config.placement_group_config["bundles"][0]["GPU"] == cfg.serve.gpus_per_replica
+    assert "TORCHDYNAMO_DISABLE" not in config.runtime_env["env_vars"]  # a GPU replica keeps vLLM's compiled path
     # the bearer token's variable comes from a Secret in every container that may build or run the app
     key_env = cfg.serve.api_key_env
     groups = [spec["rayClusterConfig"]["headGroupSpec"], *spec["rayClusterConfig"]["workerGroupSpecs"]]

@@ -134,3 +134,8 @@ def test_engines_take_the_cpu_backend_variables_only_without_a_gpu():
     assert "VLLM_CPU_KVCACHE_SPACE" not in engine_env(gpu.engine_for("rollout"))
     assert eager(cpu.engine_for("rollout")) and not eager(gpu.engine_for("rollout"))
     assert eager(load_config(None, ["rollout.gpus_per_worker=1", "vllm.enforce_eager=true"]).engine_for("rollout"))
+    # an eager CPU engine runs vLLM's own torch.compile'd helpers as plain torch; GPU engines, and a CPU engine that
+    # asks for vLLM's compiled path, keep torch.compile
+    assert engine_env(cpu.engine_for("rollout"))["TORCHDYNAMO_DISABLE"] == "1"
+    assert "TORCHDYNAMO_DISABLE" not in engine_env(gpu.engine_for("rollout"))
+    assert "TORCHDYNAMO_DISABLE" not in engine_env(load_config(None, ["vllm.enforce_eager=false"]).engine_for("rollout"))

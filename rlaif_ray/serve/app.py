@@ -113,6 +113,8 @@ def llm_config(cfg: RunConfig, checkpoint: str):
         bundle["GPU"] = min(s.gpus_per_replica, 1.0)
     else:  # CPU engines size their KV cache from this variable, not from gpu_memory_utilization
         env["VLLM_CPU_KVCACHE_SPACE"] = str(v.cpu_kvcache_space_gib)
+        if engine["enforce_eager"]:  # as the loop's engines (rlaif_ray.engine.engine_env): the first request that
+            env["TORCHDYNAMO_DISABLE"] = "1"  # reads log-probs compiled vLLM's sampler helpers for seconds otherwise
     bundles = [bundle]
     if s.gpus_per_replica > 0:  # a tensor-parallel replica: one more GPU bundle per further shard (not run here)
         bundles += [{"GPU": 1}] * (v.tensor_parallel_size - 1)
