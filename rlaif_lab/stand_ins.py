@@ -194,7 +194,7 @@ class StandInEngine(_Stage):
             while self.version < min_version and time.monotonic() < deadline:  # an update beside it (as the real one)
                 time.sleep(0.001)
             with self.busy.call():
-                keys, version = self.clock.add(lengths), self.version
+                keys, version = self.clock.add(lengths, lambda: self.version)
                 # the version its answers start under, as the real engine's tables carry (not the one it had when
                 # the call came: a call waiting for a stream slot, or for an update, starts under a later one)
                 column = table.schema.get_field_index("policy_version")
@@ -287,14 +287,16 @@ class SharedClock:
                     self.done.add(key)
         self.t = max(self.t, now)
 
-    def add(self, lengths) -> list[int]:
+    def add(self, lengths, version=lambda: 0) -> tuple[list[int], int]:
+        """The answers' keys, and `version()` read as they join (under the lock a continuing update holds while it
+        loads: the version they start under, as the real engine's `on_added`)."""
         self.open.wait()
         with self.lock:
             self._advance()
             keys = list(range(self.next_key, self.next_key + len(lengths)))
             self.next_key += len(lengths)
             self.left.update(zip(keys, (float(x) for x in lengths)))
-        return keys
+            return keys, version()
 
     def wait_for_any(self, groups: list[list[int]]) -> list[int]:
         """The indices of the groups whose answers are all done, once there is at least one (each group is asked

@@ -29,11 +29,11 @@ def engine_env(settings: EngineSettings) -> dict[str, str]:
     if not settings.on_gpu():
         env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space_gib)
         if eager(settings):
-            # vLLM torch.compiles a few helpers whatever enforce_eager says (the sampler's gather_logprobs, the
-            # top-k/top-p mask): on a CPU engine the first call that read logprobs compiled them with inductor, 3-6 s
-            # in every engine process (the first rollout and the first judge call of each run) to save microseconds
-            # per step. Read when vLLM is imported (torch.compile gives back the plain function), so it must be in
-            # the environment before that: an eager CPU engine runs them as plain torch.
+            # vLLM torch.compiles a few helpers whatever enforce_eager says (the rank count behind the sampler's
+            # gather_logprobs, among others): on a CPU engine the first call that read log-probs compiled them with
+            # inductor, 3-6 s in every engine process (the first rollout and the first judge call of each run), to
+            # save microseconds per step. Read when vLLM is imported (torch.compile then gives back the plain
+            # function), so it must be in the environment before that: an eager CPU engine runs them as plain torch.
             env["TORCHDYNAMO_DISABLE"] = "1"
         if settings.tensor_parallel_size > 1:  # vLLM's auto binding wants one NUMA node per shard; leave it to the OS
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"

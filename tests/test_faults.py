@@ -118,12 +118,12 @@ def test_hung_engine_is_killed_replaced_and_its_batch_reissued(ray_cluster, toy_
     steps, per_step = 5, 4 * 2
     inject(monkeypatch, {2: lambda o: ray.get(o.rollouts[0].inject_fault.remote("hang_generate", 3600))})
     cfg = small_config(tmp_path, loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "eval_samples": 0},
-                       fault={"stage_timeout_s": 12}, sync={"method": "collective", "timeout_s": 30})
+                       fault={"stage_timeout_s": 15}, sync={"method": "collective", "timeout_s": 30})
     summary = train(cfg)
     faults = summary["faults"]
     # the stuck batch, and the next one when it was queued on the same engine
     assert 1 <= faults["reissued_batches"] <= 2 and faults["replaced_actors"] == 1
-    assert "did not finish the gen call of step 2 within 12 s (fault.stage_timeout_s): killed" in faults["events"][0]
+    assert "did not finish the gen call of step 2 within 15 s (fault.stage_timeout_s): killed" in faults["events"][0]
     assert summary["final_version"] == steps and summary["weight_sync"]["groups_formed"] >= 2
     check_ledger(tmp_path / "run", summary, steps, per_step)
 
@@ -205,7 +205,7 @@ def test_group_flow_resumes_and_survives_faults_group_by_group(ray_cluster, toy_
     steps, per_step = 6, 4 * 2
     cfg = small_config(tmp_path, rollout={"num_workers": 2, "engine_streams": 2}, checkpoint={"every": 2},
                        loop={"mode": "async", "num_steps": steps, "max_inflight": 1, "eval_samples": 0, "flow": "groups"},
-                       fault={"stage_timeout_s": 12})
+                       fault={"stage_timeout_s": 15})
 
     def interrupt(orch):
         raise KeyboardInterrupt
@@ -228,7 +228,7 @@ def test_group_flow_resumes_and_survives_faults_group_by_group(ray_cluster, toy_
     assert faults["reissued_batches"] <= 2 and len(fault_events(faults)) == faults["reissued_batches"], faults
     # the killed engine's replacement starts beside the other engine, which goes on alone meanwhile
     assert "rollout 0 died; going on with 1 of 2; waiting for 1 × {CPU: 1}" in faults["events"], faults["events"]
-    assert any(re.fullmatch(r"rollout actor 0 did not finish the gen call of step [45] within 12 s "
+    assert any(re.fullmatch(r"rollout actor 0 did not finish the gen call of step [45] within 15 s "
                             r"\(fault\.stage_timeout_s\): killed", event) for event in faults["events"])
     check_ledger(run, summary, steps, per_step)
     metrics = read_jsonl(run / "metrics.jsonl")

@@ -102,7 +102,7 @@ running = {}
 def reap():
     pid, status = os.wait()
     name = running.pop(pid)
-    if status != 0 and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 1):  # (1: it printed why)
+    if status != 0 and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3):  # (3: it printed why)
         print(name, "| the child died:", status, flush=True)
 
 for name in sys.argv[1:]:
@@ -114,7 +114,7 @@ for name in sys.argv[1:]:
             importlib.import_module(name)
         except BaseException:
             print(name, "|", traceback.format_exc().strip().splitlines()[-1], flush=True)
-            os._exit(1)
+            os._exit(3)
         os._exit(0)
     running[pid] = name
 while running:
@@ -124,7 +124,7 @@ while running:
 
 def import_failures(modules: list[str]) -> list[str]:
     run = subprocess.run([sys.executable, "-c", IMPORT_EACH, *modules], capture_output=True, text=True,
-                         cwd=PACKAGE.parent)
+                         cwd=PACKAGE.parent, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout.splitlines()
 

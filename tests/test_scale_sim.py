@@ -211,15 +211,14 @@ def test_a_group_call_that_waited_for_its_stream_carries_the_version_it_started_
     prompts = load_prompts(toy_world.prompts)
     out = {}
 
-    def call(key, indices, wait=0.0):
-        time.sleep(wait)
+    def call(key, indices):
         out[key] = list(engine.generate_groups(prompts, indices, 1, list(range(len(indices)))))
     first = threading.Thread(target=call, args=("first", [1]))
     first.start()
-    time.sleep(0.02)
-    second = threading.Thread(target=call, args=("second", [2, 3], 0.0))
+    while engine.clock.next_key == 0:  # the first call's answers are running (~0.1 s)
+        time.sleep(0.001)
+    second = threading.Thread(target=call, args=("second", [2, 3]))
     second.start()  # waits for the engine's one stream
-    time.sleep(0.02)
     engine.update_weights(None, 1)  # lands after the first call, before the second starts
     first.join()
     second.join()

@@ -44,7 +44,7 @@ def test_group_flow_trains_what_batch_flow_trains(tmp_path, ray_cluster, toy_wor
 
 
 def test_groups_handed_back_while_the_judge_is_busy_go_to_it_in_one_call(tmp_path, ray_cluster, toy_world):
-    """Group flow, one engine handing back a step's 8 groups 0.1 s apart, one judge whose first call takes 2 s: the
+    """Group flow, one engine handing back a step's 8 groups 0.2 s apart, one judge whose first call takes 4 s: the
     first group goes to the judge at once, the second waits behind it in the judge's queue (streaming.JUDGE_QUEUE),
     and the six handed back after that wait on the driver and go to the judge as one call when the first call ends,
     not as a call each. Stand-ins (the real driver, pools and object store; rlaif_lab.stand_ins) with timings fixed
@@ -57,7 +57,7 @@ def test_groups_handed_back_while_the_judge_is_busy_go_to_it_in_one_call(tmp_pat
             for item in super().generate_groups(*args, **kwargs):
                 yield item
                 if isinstance(item, dict) and "position" in item:  # a group just handed back: the next one later
-                    time.sleep(0.1)
+                    time.sleep(0.2)
 
     class Judge(StandInJudge):
         def label_groups(self, *groups):
@@ -65,7 +65,7 @@ def test_groups_handed_back_while_the_judge_is_busy_go_to_it_in_one_call(tmp_pat
             with open(calls_log, "a") as f:
                 f.write(json.dumps({"groups": len(groups), "at": time.time()}) + "\n")
             if first:
-                time.sleep(2.0)
+                time.sleep(4.0)  # every other group is handed back meanwhile (8 x 0.2 s)
             return super().label_groups(*groups)
 
     from rlaif_ray.config import load_config
@@ -74,7 +74,9 @@ def test_groups_handed_back_while_the_judge_is_busy_go_to_it_in_one_call(tmp_pat
     cfg = scale_sim.sim_config(base, 1, 1, 1, "sync", tmp_path / "run", flow="groups")
     summary = train(cfg, stand_ins=stand_ins(Profile(time_scale=0.001), rollout=Engine, critic=Judge))
     calls = [json.loads(line)["groups"] for line in calls_log.read_text().splitlines()]
-    assert calls == [1, 1, 6], calls  # a call per group would be [1] * 8
+    # [1, 1, 6] when the driver reads each group before the next comes; a stall of the driver past 0.2 s can put two in
+    # one of the first calls ([2, 1, 5]); a call per group would be [1] * 8
+    assert len(calls) == 3 and sum(calls) == 8 and calls[-1] >= 4, calls
     assert summary["dispatched"]["critic"] == [3] and summary["generated"] == summary["trained"] == 8 * 8
 
 
