@@ -111,9 +111,11 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
 ])
 def test_each_learner_type_runs_end_to_end(tmp_path, ray_cluster, toy_world, algorithm, sections):
     steps = 2
-    if "critic" in sections:  # the session's toy models by path: "toy" with other judge strings builds a toy world
+    if "critic" in sections:  # the session's toy world by path: "toy" with other judge strings would build another
+        # (~60 s; its critic trained on them): this one's critic reads the principle's words untrained, and the test
+        # is the learner's and the labels' path, not the verdicts
         sections = {**sections, "model": {"policy": str(toy_world.policy), "critic": str(toy_world.critic)},
-                    "data": {"prompts": str(toy_world.prompts)}}  # (~60 s)
+                    "data": {"prompts": str(toy_world.prompts)}}
     cfg = small_config(tmp_path, learner={"algorithm": algorithm, "num_learners": 1}, loop={"num_steps": steps,
                        "eval_samples": 2}, **sections)
     summary = train(cfg)
