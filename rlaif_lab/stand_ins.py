@@ -287,7 +287,7 @@ class SharedClock:
                     self.done.add(key)
         self.t = max(self.t, now)
 
-    def add(self, lengths, version=lambda: 0) -> tuple[list[int], int]:
+    def add(self, lengths, version) -> tuple[list[int], int]:
         """The answers' keys, and `version()` read as they join (under the lock a continuing update holds while it
         loads: the version they start under, as the real engine's `on_added`)."""
         self.open.wait()

@@ -27,16 +27,23 @@ def engine_env(settings: EngineSettings) -> dict[str, str]:
     if settings.executor == "mp":
         env["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"  # never fork a Ray worker
     if not settings.on_gpu():
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(settings.cpu_kvcache_space_gib)
-        if eager(settings):
-            # vLLM torch.compiles a few helpers whatever enforce_eager says (the rank count behind the sampler's
-            # gather_logprobs, among others): on a CPU engine the first call that read log-probs compiled them with
-            # inductor, 3-6 s in every engine process (the first rollout and the first judge call of each run), to
-            # save microseconds per step. Read when vLLM is imported (torch.compile then gives back the plain
-            # function), so it must be in the environment before that: an eager CPU engine runs them as plain torch.
-            env["TORCHDYNAMO_DISABLE"] = "1"
+        env.update(cpu_backend_env(settings.cpu_kvcache_space_gib, eager(settings)))
         if settings.tensor_parallel_size > 1:  # vLLM's auto binding wants one NUMA node per shard; leave it to the OS
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return env
+
+
+def cpu_backend_env(kvcache_space_gib: float, eager_engine: bool) -> dict[str, str]:
+    """What a vLLM engine on the CPU backend needs in its environment before vLLM is imported (the loop's engines
+    through `engine_env`, a served CPU replica through its runtime_env)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kvcache_space_gib)}  # its KV cache, not gpu_memory_utilization
+    if eager_engine:
+        # vLLM torch.compiles a few helpers whatever enforce_eager says (the rank count behind the sampler's
+        # gather_logprobs, among others): on a CPU engine the first call that read log-probs compiled them with
+        # inductor, 3-6 s in every engine process (the first rollout and the first judge call of each run), to
+        # save microseconds per step. Read when vLLM is imported (torch.compile then gives back the plain
+        # function), so it must be in the environment before that: an eager CPU engine runs them as plain torch.
+        env["TORCHDYNAMO_DISABLE"] = "1"
     return env
 
 

@@ -98,6 +98,8 @@ def llm_config(cfg: RunConfig, checkpoint: str):
     `serve.*`."""
     from ray.serve.llm import LLMConfig
 
+    from rlaif_ray.engine import cpu_backend_env
+
     s, v = cfg.serve, cfg.engine_for("serve")
     engine = dict(dtype=v.dtype, max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
                   # unset: CUDA graphs on GPU replicas, eager on CPU ones
@@ -111,10 +113,8 @@ def llm_config(cfg: RunConfig, checkpoint: str):
     bundle: dict = {"CPU": s.cpus_per_replica}
     if s.gpus_per_replica > 0:  # vLLM takes the replica's placement group and rejects a bundle of more than one GPU
         bundle["GPU"] = min(s.gpus_per_replica, 1.0)
-    else:  # CPU engines size their KV cache from this variable, not from gpu_memory_utilization
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(v.cpu_kvcache_space_gib)
-        if engine["enforce_eager"]:  # as the loop's engines (rlaif_ray.engine.engine_env): the first request that
-            env["TORCHDYNAMO_DISABLE"] = "1"  # reads log-probs compiled vLLM's sampler helpers for seconds otherwise
+    else:
+        env.update(cpu_backend_env(v.cpu_kvcache_space_gib, engine["enforce_eager"]))
     bundles = [bundle]
     if s.gpus_per_replica > 0:  # a tensor-parallel replica: one more GPU bundle per further shard (not run here)
         bundles += [{"GPU": 1}] * (v.tensor_parallel_size - 1)
