@@ -55,22 +55,30 @@ def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: 
 def run_one(base, profile, shape, mode, out: Path, warmup: int, flow: str = "batch", engine_streams: int = 1) -> dict:
     from rlaif_ray.runtime.driver import train
     from rlaif_ray.runtime.metrics import read_jsonl
-    from rlaif_lab.benchmark import run_figures
+    from rlaif_lab.benchmark import HostLoad, run_figures
     from rlaif_lab.stand_ins import stand_ins
 
     engines, judges, ranks = shape
     run_dir = out / (f"e{engines}-j{judges}-r{ranks}-{mode}" + ("-groups" if flow == "groups" else ""))
     cfg = sim_config(base, engines, judges, ranks, mode, run_dir, flow, engine_streams)
-    summary = train(cfg, stand_ins=stand_ins(profile))
+    with HostLoad(run_dir / "metrics.jsonl") as host:
+        summary = train(cfg, stand_ins=stand_ins(profile))
     rows = read_jsonl(run_dir / "metrics.jsonl")
     # left out: the warm-up steps (the pipeline filling) and the last max_inflight steps (it drains: nothing new is
     # launched, so the stages have less to do than in the steady state); both modes measure the same steps
-    measured = rows[warmup:len(rows) - base.loop.max_inflight]
+    last = len(rows) - base.loop.max_inflight
+    measured = rows[warmup:last]
     figures = run_figures(measured, 0)
     driver = sum(r["driver_cpu_seconds"] for r in measured) / len(measured)
     trained = sum(r["trained"] for r in measured) / max(sum(r["samples_in"] for r in measured), 1)
     return {**figures, "driver_cpu_s_per_step": driver, "trained_share": trained, "startup_seconds": summary["startup_seconds"],
-            "busy_fraction": summary["busy_fraction"], "faults": summary["faults"]["reissued_batches"]}
+            "busy_fraction": summary["busy_fraction"], "faults": summary["faults"]["reissued_batches"],
+            # this machine's CPUs over the measured steps (from the step before the first to the last)
+            "host_cpu_busy": host.busy_share(warmup, last)}
+
+
+def _share(x: float | None) -> str:
+    return "?" if x is None else f"{x:.0%}"
 
 
 def key_of(shape) -> str:
@@ -103,23 +111,28 @@ def derive(base, shape, scale: float, sync: dict, async_: dict, profile) -> dict
     return row
 
 
-def derive_flows(base, shape, scale: float, batch: dict, groups: dict, profile) -> dict:
+def derive_flows(base, shape, scale: float, batch: dict, groups: dict, profile, engine_streams: int = 1) -> dict:
     """One configuration's batch-vs-group-flow figures (both async): samples/s on the profiled cluster, each over
-    the profile's async bound (batch flow's: shards per engine as batch mode cuts them), the ratio, the driver's
-    CPU share of the profiled step."""
+    its own bound from the profile (batch flow's: shards per engine as batch mode cuts them; group flow's: its calls
+    `engine_streams` at a time on an engine, groups as they finish), the ratio, the driver's CPU share of the
+    profiled and of the simulated step (this machine's time: where it is large, the driver's CPU, not the loop,
+    sets the simulated pace), this machine's CPU busy share."""
     from rlaif_lab.stand_ins import bound_seconds
 
-    bound = bound_seconds(profile, sim_config(base, *shape, "async", Path(".")))
+    bounds = {flow: bound_seconds(profile, sim_config(base, *shape, "async", Path("."), flow, engine_streams))
+              for flow in ("batch", "groups")}
     row = {"engines": shape[0], "judges": shape[1], "ranks": shape[2], "time_scale": scale,
-           "bound": {"async_samples_per_s": bound["samples"] / bound["async_step"], "async_limit": bound["async_limit"],
-                     "stage_seconds_profiled": bound["stages"]},
+           "bounds": {flow: {"async_samples_per_s": b["samples"] / b["async_step"], "async_limit": b["async_limit"],
+                             "stage_seconds_profiled": b["stages"]} for flow, b in bounds.items()},
            "batch": batch, "groups": groups,
            "groups_over_batch": groups["samples_per_s"] / batch["samples_per_s"] if batch["samples_per_s"] else 0.0}
+    row["bound"] = row["bounds"]["batch"]
     for flow in ("batch", "groups"):
         r = row[flow]
         r["profiled_samples_per_s"] = r["samples_per_s"] * scale
-        r["of_bound"] = r["profiled_samples_per_s"] / row["bound"]["async_samples_per_s"]
+        r["of_bound"] = r["profiled_samples_per_s"] / row["bounds"][flow]["async_samples_per_s"]
         r["driver_share_profiled"] = r["driver_cpu_s_per_step"] / (r["step_seconds"] / scale)
+        r["driver_share_simulated"] = r["driver_cpu_s_per_step"] / r["step_seconds"]
     return row
 
 
@@ -133,12 +146,16 @@ def run_flows(base, shapes, profile, args, out: Path) -> dict:
         scaled = replace(profile, time_scale=args.time_scale or min(0.1, args.sync_step_seconds / bound["sync_step"]))
         runs = {flow: run_one(base, scaled, shape, "async", out, args.warmup, flow, args.engine_streams)
                 for flow in ("batch", "groups")}
-        results[shape] = row = derive_flows(base, shape, scaled.time_scale, runs["batch"], runs["groups"], profile)
+        results[shape] = row = derive_flows(base, shape, scaled.time_scale, runs["batch"], runs["groups"], profile,
+                                            args.engine_streams)
+        g, b = row["groups"], row["batch"]
         print(f"[flows] {shape[0]:3d} engines {shape[1]:2d} judges {shape[2]} ranks: groups "
-              f"{row['groups']['profiled_samples_per_s']:6.1f} samples/s ({row['groups']['of_bound']:.0%} of the bound)"
-              f", batch {row['batch']['profiled_samples_per_s']:6.1f} ({row['batch']['of_bound']:.0%}): "
-              f"{row['groups_over_batch']:.2f}x; driver {row['groups']['driver_cpu_s_per_step'] * 1e3:.0f} ms/step",
-              flush=True)
+              f"{g['profiled_samples_per_s']:6.1f} samples/s ({g['of_bound']:.0%} of its bound)"
+              f", batch {b['profiled_samples_per_s']:6.1f} ({b['of_bound']:.0%} of its bound): "
+              f"{row['groups_over_batch']:.2f}x; driver {g['driver_cpu_s_per_step'] * 1e3:.0f} / "
+              f"{b['driver_cpu_s_per_step'] * 1e3:.0f} ms/step ({g['driver_share_simulated']:.0%} / "
+              f"{b['driver_share_simulated']:.0%} of the simulated step); this machine's CPUs "
+              f"{_share(g['host_cpu_busy'])} / {_share(b['host_cpu_busy'])} busy", flush=True)
     return results
 
 

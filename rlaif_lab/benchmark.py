@@ -14,7 +14,9 @@ From each run's metrics.jsonl (first `warmup` steps left out):
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter, defaultdict
+from pathlib import Path
 
 # the stage calls a batch goes through; a learner step is one call per rank
 PIPELINE_TASKS = {"RolloutWorker.generate": "gen", "CriticLabeler.label": "label", "CriticLabeler.demonstrate": "gen",
@@ -143,3 +145,45 @@ def format_flows(batch: dict, groups: dict) -> str:
         lines.append(f"{q + ' mean':32s}{batch['queue_mean'].get(q, 0):12.2f}{groups['queue_mean'][q]:12.2f}")
     lines += ["", f"group flow / batch flow samples/s: {groups['samples_per_s'] / batch['samples_per_s']:.2f}x"]
     return "\n".join(lines)
+
+
+class HostLoad:
+    """How busy this machine's CPUs were while a run wrote its measured steps: a thread samples the CPU times
+    (psutil) and the lines of the run's metrics.jsonl every `every` s. A simulation whose machine is near 100% busy
+    measures the machine, not the loop (its stand-ins, Ray and the driver share the cores)."""
+
+    def __init__(self, metrics: Path, every: float = 0.5):
+        self.metrics, self.every, self.samples = metrics, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _lines(self) -> int:
+        try:
+            with open(self.metrics, "rb") as f:
+                return sum(1 for _ in f)
+        except OSError:
+            return 0
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            times = psutil.cpu_times()
+            self.samples.append((self._lines(), times.idle + getattr(times, "iowait", 0.0), sum(times)))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "HostLoad":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def busy_share(self, first: int, last: int) -> float | None:
+        """The CPUs' busy share from when the run had written `first` step lines to when it had written `last`."""
+        start = next((s for s in self.samples if s[0] >= first), None)
+        end = next((s for s in self.samples if s[0] >= last), None)
+        if start is None or end is None or end[2] <= start[2]:
+            return None
+        return 1.0 - (end[1] - start[1]) / (end[2] - start[2])

@@ -454,22 +454,46 @@ def bound_seconds(profile: Profile, cfg: RunConfig) -> dict:
     sync: the stages one after another (a stage's shards spread over its actors). async, with loop.max_inflight + 1
     batches in flight, the longest of: the learner's step; each pool's work per step over the actors that can work
     at once (at most shards × batches in flight), the engines' weight loads included; a batch's way through the
-    stages over the batches in flight. `async_limit` names the one that binds."""
+    stages over the batches in flight. `async_limit` names the one that binds. Group flow (`loop.flow: groups`)
+    has a bound of its own (`_group_limits`)."""
     engines, judges, ranks = cfg.rollout.num_workers, cfg.critic.num_workers, cfg.learner.num_learners
     prompts, n = cfg.data.prompts_per_step, cfg.rollout.samples_per_prompt
     shards = min(cfg.rollout.shards_per_batch or engines, prompts)
     biggest = math.ceil(prompts / shards)
     gen_shard = profile.gen_seconds(biggest * n)
-    label_shard = biggest * profile.judge_call_seconds() * judge_calls(n, cfg.critic.pairs, cfg.critic.pairs_k)
+    label_group = profile.judge_call_seconds() * judge_calls(n, cfg.critic.pairs, cfg.critic.pairs_k)
+    label_shard = biggest * label_group
     stages = {"gen": math.ceil(shards / engines) * gen_shard, "label": math.ceil(shards / judges) * label_shard,
               "reward": profile.reward_seconds,
               "train": profile.train_seconds(prompts * n, ranks, cfg.learner.kl() > 0),
               "sync": profile.sync_seconds()}
     in_flight = cfg.loop.max_inflight + 1
-    limits = {"train": stages["train"] + stages["reward"],
-              "gen": shards * gen_shard / min(engines, shards * in_flight) + stages["sync"],
-              "label": shards * label_shard / min(judges, shards * in_flight),
-              "pipeline depth": (gen_shard + label_shard + stages["reward"] + stages["train"]) / in_flight}
+    if cfg.loop.flow == "groups" and cfg.loop.mode == "async":
+        limits = _group_limits(profile, cfg, stages, shards, gen_shard, label_group)
+    else:
+        limits = {"train": stages["train"] + stages["reward"],
+                  "gen": shards * gen_shard / min(engines, shards * in_flight) + stages["sync"],
+                  "label": shards * label_shard / min(judges, shards * in_flight),
+                  "pipeline depth": (gen_shard + label_shard + stages["reward"] + stages["train"]) / in_flight}
     binding = max(limits, key=limits.get)
     return {"stages": stages, "sync_step": sum(stages.values()), "async_step": limits[binding],
             "async_limit": binding, "samples": prompts * n}
+
+
+def _group_limits(profile: Profile, cfg: RunConfig, stages: dict, shards: int, gen_call: float,
+                  label_group: float) -> dict:
+    """Group flow's limits per step (profiled seconds), the longest binding: the learner's step; the engines, each
+    running `rollout.engine_streams` shard calls at once (a step's tokens at full-batch speed, or its calls over the
+    calls that can run at once, whichever is longer), paused for every weight load; the judges, one group's judge
+    prompts at a time; a group's way to the learner's buffer (its call, its judge call, its score) over the steps'
+    worth of groups in flight (`loop.max_inflight` + 1: groups waiting to be trained count, the step training does
+    not)."""
+    engines, judges = cfg.rollout.num_workers, cfg.critic.num_workers
+    prompts, n = cfg.data.prompts_per_step, cfg.rollout.samples_per_prompt
+    in_flight = cfg.loop.max_inflight + 1
+    tokens = prompts * n * profile.response_tokens
+    gen = max(tokens / (engines * profile.engine_tokens_per_s),
+              shards * gen_call / min(engines * cfg.rollout.engine_streams, shards * in_flight))
+    return {"train": stages["train"] + stages["reward"], "gen": gen + stages["sync"],
+            "label": prompts * label_group / judges,
+            "pipeline depth": (gen_call + label_group + stages["reward"]) / in_flight}

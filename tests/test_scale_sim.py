@@ -127,6 +127,33 @@ def test_response_lengths_keep_the_mean_and_spread_as_the_profile_says(lengths, 
         Profile(lengths="gamma")
 
 
+def test_group_flow_has_a_bound_of_its_own():
+    """Group flow's bound: engines running `engine_streams` calls at once, a group's way over the groups in flight.
+    Under the long tail at 64 engines batch flow is bound by its engines (one call at a time, each waiting for its
+    longest answer), group flow with 4 calls per engine by the learner's step."""
+    from rlaif_lab.stand_ins import Profile, bound_seconds
+    scale_sim = job_module("scale_sim")
+    from rlaif_ray.config import load_config
+    base = load_config(str(ROOT / "jobs/configs/scale_sim.yaml"), ["rollout.in_flight_update=continue"])
+    tail = Profile(lengths="long_tail")
+
+    def bound(flow, engines=64, streams=4, **loop):
+        cfg = scale_sim.sim_config(base, engines, 16, 8, "async", Path("."), flow, streams)
+        cfg.loop = cfg.loop.model_copy(update=loop)
+        b = bound_seconds(tail, cfg)
+        return b["samples"] / b["async_step"], b["async_limit"]
+
+    batch, groups = bound("batch"), bound("groups")
+    assert batch[1] == "gen" and groups[1] == "train" and groups[0] > 1.5 * batch[0]
+    train = bound_seconds(tail, scale_sim.sim_config(base, 64, 16, 8, "async", Path("."), "groups", 4))["stages"]
+    assert groups[0] == pytest.approx(64 * 8 / (train["train"] + train["reward"]))
+    # one call at a time on 8 engines: the engines bind, and more calls per engine raise the bound
+    assert bound("groups", engines=8, streams=1)[1] == "gen"
+    assert bound("groups", engines=8, streams=1)[0] < bound("groups", engines=8, streams=4)[0]
+    # one step in flight: a group's way through the stages (its longest answer) binds
+    assert bound("groups", max_inflight=0)[1] == "pipeline depth"
+
+
 def test_stand_in_engine_takes_its_samples_lengths(toy_world):
     """The stand-in engine (called in this process, no actor) reports the tokens its samples' drawn lengths add up to,
     and takes the time its shard's longest answer needs."""
@@ -252,6 +279,12 @@ def test_flows_compare_batch_and_groups_on_the_stand_ins(tmp_path, ray_cluster, 
     row = json.loads((out / "flows.json").read_text())["results"]["e4-j2-r2"]
     for flow in ("batch", "groups"):
         assert 0.2 < row[flow]["of_bound"] < 1.5 and row[flow]["faults"] == 0, (flow, row[flow]["of_bound"])
+        assert 0.0 < row[flow]["host_cpu_busy"] <= 1.0 and row[flow]["driver_share_simulated"] > 0
+    # each flow against its own bound: group flow's (its calls several at a time on an engine) is not batch flow's
+    bounds = row["bounds"]
+    assert bounds["groups"]["async_samples_per_s"] != bounds["batch"]["async_samples_per_s"]
+    assert row["groups"]["of_bound"] == pytest.approx(row["groups"]["profiled_samples_per_s"]
+                                                      / bounds["groups"]["async_samples_per_s"])
     assert row["groups_over_batch"] == pytest.approx(row["groups"]["samples_per_s"] / row["batch"]["samples_per_s"])
     ledger = [json.loads(line) for line in open(out / "e4-j2-r2-async-groups" / "samples.jsonl")]
     assert len({r["sample_id"] for r in ledger}) == len(ledger) == 7 * 64
