@@ -86,28 +86,12 @@ def write_outputs(out: Path, profile, sweeps: dict, results: dict, meta: dict) -
     paths = [out / "scale_sim.json", out / "scale_sim.md", out / "scale_sim.png"]
     paths[0].write_text(json.dumps(data, indent=1))
     scales = sorted({r["time_scale"] for r in results.values()})
-    md = [f"Profile: {profile.name}; response lengths {profile.lengths} (mean {profile.response_tokens} tokens); both "
-          f"flows async (loop.max_inflight as configured), group flow with rollout.engine_streams="
-          f"{meta.get('engine_streams', 1)}, the same time scale per configuration. Each flow against its own bound "
-          "(the profile's best step for that flow; what binds in brackets). The driver's share of the simulated step "
-          "and this machine's CPU busy share say whether the machine running the simulation, not the loop, set the "
-          "pace: the driver's CPU does not shrink with the time scale.", "",
-          "| configuration | group flow samples/s (of its bound) | batch flow samples/s (of its bound) | groups / batch | "
-          "engines busy groups / batch | trained (not dropped as stale) groups / batch | driver CPU ms/step groups / batch "
-          "(share of profiled / simulated step) | this machine's CPUs busy groups / batch | staleness groups |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        g, b = r["groups"], r["batch"]
-        bounds = r.get("bounds", {"batch": r["bound"], "groups": r["bound"]})
-        md.append(f"| {r['engines']} engines, {r['judges']} judges, {r['ranks']} ranks | "
-                  f"{g['profiled_samples_per_s']:.1f} ({g['of_bound']:.0%} of {_bound(bounds['groups'])}) | "
-                  f"{b['profiled_samples_per_s']:.1f} ({b['of_bound']:.0%} of {_bound(bounds['batch'])}) | "
-                  f"**{r['groups_over_batch']:.2f}x** | {_busy(g)} / {_busy(b)} | "
-                  f"{g.get('trained_share', 1):.0%} / {b.get('trained_share', 1):.0%} | "
-                  f"{g['driver_cpu_s_per_step'] * 1e3:.0f} / {b['driver_cpu_s_per_step'] * 1e3:.0f} "
-                  f"({_pct(g['driver_share_profiled'], 1)} / {_pct(b['driver_share_profiled'], 1)}; "
-                  f"{_pct(g.get('driver_share_simulated'))} / {_pct(b.get('driver_share_simulated'))}) | "
-                  f"{_pct(g.get('host_cpu_busy'))} / {_pct(b.get('host_cpu_busy'))} | {g['staleness_max_hist']} |")
+    md = [f"Profile: {profile.name}; response lengths {profile.lengths} (mean {profile.response_tokens} tokens); "
+          f"time scale {scales[0]:.3g}–{scales[-1]:.3g} simulated seconds per profiled second "
+          "(per configuration: its sync step simulated in a few seconds)."]
+    for name, shapes in sweeps.items():
+        if shapes:
+            md += ["", f"**{name}**", "", table([results[s] for s in shapes], name)]
     paths[1].write_text("\n".join(md) + "\n")
     plot(paths[2], sweeps, results)
     return paths
@@ -131,20 +115,26 @@ def write_flows(out: Path, profile, results: dict, meta: dict) -> list[Path]:
     paths[0].write_text(json.dumps(data, indent=1))
     md = [f"Profile: {profile.name}; response lengths {profile.lengths} (mean {profile.response_tokens} tokens); both "
           f"flows async (loop.max_inflight as configured), group flow with rollout.engine_streams="
-          f"{meta.get('engine_streams', 1)}, the same time scale per configuration.", "",
-          "| configuration | group flow samples/s (of bound) | batch flow samples/s (of bound) | groups / batch | "
+          f"{meta.get('engine_streams', 1)}, the same time scale per configuration. Each flow against its own bound "
+          "(the profile's best step for that flow; what binds in brackets). The driver's share of the simulated step "
+          "and this machine's CPU busy share say whether the machine running the simulation, not the loop, set the "
+          "pace: the driver's CPU does not shrink with the time scale.", "",
+          "| configuration | group flow samples/s (of its bound) | batch flow samples/s (of its bound) | groups / batch | "
           "engines busy groups / batch | trained (not dropped as stale) groups / batch | driver CPU ms/step groups / batch "
-          "(share of profiled step) | staleness groups |",
-          "|---|---|---|---|---|---|---|---|"]
+          "(share of profiled / simulated step) | this machine's CPUs busy groups / batch | staleness groups |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         g, b = r["groups"], r["batch"]
+        bounds = r.get("bounds", {"batch": r["bound"], "groups": r["bound"]})
         md.append(f"| {r['engines']} engines, {r['judges']} judges, {r['ranks']} ranks | "
-                  f"{g['profiled_samples_per_s']:.1f} ({g['of_bound']:.0%}) | {b['profiled_samples_per_s']:.1f} "
-                  f"({b['of_bound']:.0%}; bound {r['bound']['async_samples_per_s']:.1f}, {r['bound']['async_limit']}) | "
+                  f"{g['profiled_samples_per_s']:.1f} ({g['of_bound']:.0%} of {_bound(bounds['groups'])}) | "
+                  f"{b['profiled_samples_per_s']:.1f} ({b['of_bound']:.0%} of {_bound(bounds['batch'])}) | "
                   f"**{r['groups_over_batch']:.2f}x** | {_busy(g)} / {_busy(b)} | "
                   f"{g.get('trained_share', 1):.0%} / {b.get('trained_share', 1):.0%} | "
                   f"{g['driver_cpu_s_per_step'] * 1e3:.0f} / {b['driver_cpu_s_per_step'] * 1e3:.0f} "
-                  f"({g['driver_share_profiled']:.2%} / {b['driver_share_profiled']:.2%}) | {g['staleness_max_hist']} |")
+                  f"({_pct(g['driver_share_profiled'], 1)} / {_pct(b['driver_share_profiled'], 1)}; "
+                  f"{_pct(g.get('driver_share_simulated'))} / {_pct(b.get('driver_share_simulated'))}) | "
+                  f"{_pct(g.get('host_cpu_busy'))} / {_pct(b.get('host_cpu_busy'))} | {g['staleness_max_hist']} |")
     paths[1].write_text("\n".join(md) + "\n")
 
     import matplotlib
