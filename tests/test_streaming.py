@@ -80,6 +80,48 @@ def test_groups_handed_back_while_the_judge_is_busy_go_to_it_in_one_call(tmp_pat
     assert summary["dispatched"]["critic"] == [3] and summary["generated"] == summary["trained"] == 8 * 8
 
 
+def test_a_burst_of_waiting_groups_is_spread_over_the_judges_as_they_free(tmp_path, ray_cluster, toy_world):
+    """Group flow, one engine handing back a step's 12 groups 0.2 s apart, two judges whose first call takes 4 s: the
+    first four groups go to the judges at once (a call running and one waiting on each), the eight handed back after
+    that wait on the driver. The judge that frees first takes at most its share of a step (6 = 12 groups / 2 judges,
+    what batch flow's shard would give it), the other judge the rest a moment later: not all eight in one call while the
+    other judge frees with nothing to do (stand-ins with timings fixed here, as the test above)."""
+    from rlaif_lab.stand_ins import Profile, StandInEngine, StandInJudge, stand_ins
+    calls_log = tmp_path / "label_calls.jsonl"
+
+    class Engine(StandInEngine):
+        def generate_groups(self, *args, **kwargs):
+            for item in super().generate_groups(*args, **kwargs):
+                yield item
+                if isinstance(item, dict) and "position" in item:
+                    time.sleep(0.2)
+
+    class Judge(StandInJudge):
+        def __init__(self, model_path, cfg, worker_index=0):
+            super().__init__(model_path, cfg, worker_index)
+            self.index, self.held = worker_index, False
+
+        def label_groups(self, *groups):
+            with open(calls_log, "a") as f:
+                f.write(json.dumps({"judge": self.index, "groups": len(groups)}) + "\n")
+            if not self.held:
+                self.held = True
+                time.sleep(4.0)
+            return super().label_groups(*groups)
+
+    from rlaif_ray.config import load_config
+    scale_sim = job_module("scale_sim")
+    base = load_config(ROOT / "jobs/configs/scale_sim.yaml", ["data.prompts_per_step=12", "loop.num_steps=1"])
+    cfg = scale_sim.sim_config(base, 1, 2, 1, "sync", tmp_path / "run", flow="groups")
+    summary = train(cfg, stand_ins=stand_ins(Profile(time_scale=0.001), rollout=Engine, critic=Judge))
+    calls = [json.loads(line)["groups"] for line in calls_log.read_text().splitlines()]
+    # [1, 1, 1, 1, 6, 2] (a driver stall can merge two of the first four); one call for the eight: [1, 1, 1, 1, 8]
+    assert sum(calls) == 12 and max(calls) == 6 and len(calls) <= 8, calls
+    assert sorted(summary["dispatched"]["critic"]) == sorted(
+        sum(1 for line in calls_log.read_text().splitlines() if json.loads(line)["judge"] == j) for j in (0, 1))
+    assert summary["generated"] == summary["trained"] == 12 * 8
+
+
 def test_judge_calls_take_one_step_each_spread_over_the_judges_with_a_prompt_once():
     """The label calls of the groups handed back together: never two steps in one call (a step's groups may go to the
     learner in different steps), spread over the judges present, and a prompt drawn twice in a step (a prompt set

@@ -31,6 +31,7 @@ checkpoints and stops, as batch mode does).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -45,8 +46,10 @@ from rlaif_ray.runtime.orchestrator import InFlight, LoopState, Orchestrator, St
 log = logging.getLogger(__name__)
 
 # label calls a judge may have waiting behind the one it runs: a group handed back goes at once to a judge that has
-# none waiting (so a judge never idles between calls), else it waits on the driver, and the next call takes every
-# group that waited: one judge call for many groups, batched in its engine as a batch's shard is
+# none waiting (so a judge never idles between calls), else it waits on the driver, and the next call takes the
+# groups that waited (one judge call for many groups, batched in its engine as a batch's shard is), at most as many
+# as batch flow's shard would give a judge (`call_cap`): the judge that frees first does not take a burst whole while
+# the others free a moment later with nothing to do
 JUDGE_QUEUE = 1
 
 
@@ -169,8 +172,9 @@ class StreamingOrchestrator(Orchestrator):
     # ------------------------------------------------------------------ moving groups along
     def _label_and_score(self, groups: list[Group]) -> None:
         """Handed-back groups to the judges free (at most `JUDGE_QUEUE` calls waiting behind the one they run), one
-        `label_groups` call per judge with a step's groups spread over them, then one score call for each label call's
-        groups; with no judge free they wait in `handed` for the first one (pools pruned by the caller)."""
+        `label_groups` call per judge with a step's groups spread over them, at most `call_cap` groups each, oldest
+        first, then one score call for each label call's groups; the groups not sent wait in `handed` for the next
+        judge free (pools pruned by the caller)."""
         judged = self.cfg.reward.kind not in JUDGELESS_REWARDS
         if self.scorer is None or (judged and not self.pools["critic"].present()):
             self.parked_labels += groups
@@ -180,11 +184,16 @@ class StreamingOrchestrator(Orchestrator):
             return
         critic_pool = self.pools["critic"]
         loads = critic_pool.loads(prune=False)
-        free = [i for i in critic_pool.present() if loads[i] <= JUDGE_QUEUE]
+        present = critic_pool.present()
+        free = [i for i in present if loads[i] <= JUDGE_QUEUE]
         if not free and self.labelling:  # (a judge's call always has its groups in `labelling`)
             self.handed += groups
             return
-        for call in judge_calls(groups, len(free) or len(critic_pool.present())):
+        if free:  # oldest first, at most `call_cap` to each free judge; the rest wait for the next judge that frees
+            groups = sorted(groups, key=lambda g: g.key)
+            most = self.call_cap(len(present)) * len(free)
+            groups, self.handed = groups[:most], groups[most:] + self.handed
+        for call in judge_calls(groups, len(free) or len(present)):
             c = critic_pool.pick(prune=False)
             *labels, label_stats = critic_pool.actors[c].label_groups.options(num_returns=len(call) + 1).remote(
                 *[g.rollouts for g in call])
@@ -195,6 +204,10 @@ class StreamingOrchestrator(Orchestrator):
                     self.rm_trainer.add.remote(labels[k])
             label_call = StageCall("label", label_stats, "critic", c, critic_pool.lives[c])
             self._score(call, labels, [[label_call] for _ in call])
+
+    def call_cap(self, judges: int) -> int:
+        """The most groups one label call takes: a judge's share of a step's groups, as batch flow's shard call."""
+        return math.ceil(self.cfg.data.prompts_per_step / judges)
 
     def _score(self, groups: list[Group], labels: list, calls: list[list[StageCall]]) -> None:
         """The groups' score call, one for all (after their label calls, `calls`): each then waits in `labelling`
