@@ -145,9 +145,9 @@ def write_flows(out: Path, profile, results: dict, meta: dict) -> list[Path]:
     for flow, style in (("groups", "-o"), ("batch", "-s")):
         axes[0].plot(xs, [r[flow]["profiled_samples_per_s"] for r in rows], style, label=f"{flow} flow")
         axes[1].plot(xs, [(r[flow].get("busy_fraction") or {}).get("gen", 0) for r in rows], style, label=f"{flow} flow")
-    for flow, style in (("groups", ":"), ("batch", "--")):
+    for flow, style, color in (("groups", ":", "C0"), ("batch", "--", "C1")):  # (a marker: one configuration shows)
         axes[0].plot(xs, [r.get("bounds", {}).get(flow, r["bound"])["async_samples_per_s"] for r in rows], style,
-                     label=f"{flow} flow's bound (profile)")
+                     marker="_", markersize=24, color=color, label=f"{flow} flow's bound (profile)")
     axes[0].set(xscale="log", yscale="log", xlabel="rollout engines", ylabel="samples/s (profiled cluster)",
                 title=f"throughput, {profile.lengths} lengths")
     axes[1].set(xscale="log", xlabel="rollout engines", ylabel="engines' busy share", ylim=(0, 1.05), title="engines busy")
