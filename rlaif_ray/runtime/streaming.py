@@ -75,7 +75,7 @@ def counted_once(stats: dict) -> dict:
     return {k: 0 if summed(k, v) else v for k, v in stats.items()}
 
 
-@dataclass
+@dataclass(eq=False)  # (a group is itself, not its fields: `in` and `remove` compare identities)
 class Group:
     """One prompt's samples on their way to the learner."""
     step: int
@@ -94,7 +94,7 @@ class Group:
         return self.step, self.position
 
 
-@dataclass
+@dataclass(eq=False)
 class Stream:
     """One `generate_groups` call: a shard of groups on one engine."""
     worker: int
@@ -114,6 +114,7 @@ class StreamingOrchestrator(Orchestrator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.streams: list[Stream] = []
+        self.closing: list[Stream] = []    # every group handed back: the call's closing stats read once a step
         self.handed: list[Group] = []      # handed back since the driver last sent groups to the judges
         self.labelling: list[Group] = []   # handed back, label and reward calls under way
         self.ready: list[Group] = []       # rewards done: the learner's buffer
@@ -231,8 +232,9 @@ class StreamingOrchestrator(Orchestrator):
             self._label_and_score(groups)
 
     def _advance(self, stream: Stream) -> None:
-        """Take the next ref a shard call handed back: a group's table, the dict naming that group (the group moves
-        on to its judge), or the call's closing stats. Raises the call's error (an actor fault, a stale engine)."""
+        """Take the next ref a shard call handed back: a group's table or the dict naming that group (the group moves
+        on to its judge; the call's last group moves the call to `closing`). Raises the call's error (an actor fault,
+        a stale engine)."""
         try:
             ref = next(stream.generator)
         except StopIteration:
@@ -247,9 +249,6 @@ class StreamingOrchestrator(Orchestrator):
             stream.table = ref
             return
         value = ray.get(ref)
-        if stream.table is None:  # every group handed back: the call's stats
-            self.gen_calls.append(value)
-            return
         group = stream.groups.pop(value["position"])
         group.rollouts, group.meta, stream.table = stream.table, value, None
         if value["version"] < group.expected_version:
@@ -257,6 +256,9 @@ class StreamingOrchestrator(Orchestrator):
             raise StaleEngine(f"engine {value['worker']} generated step {group.step} with version {value['version']}"
                               f", expected >= {group.expected_version} (it restarted)")
         self.handed.append(group)  # to a judge once every call that finished was read (`_label_handed`)
+        if not stream.groups:  # only its closing stats to come: read once a step (`_close_finished`), not woken for
+            self.streams.remove(stream)
+            self.closing.append(stream)
 
     def _finish(self, group: Group) -> None:
         """A group whose reward call finished: into the learner's buffer, once its stats say it is sound."""
@@ -271,27 +273,44 @@ class StreamingOrchestrator(Orchestrator):
         self.ready.append(group)
 
     def _pump(self, timeout: float, also: list = ()) -> bool:
-        """Move along every group and call that is ready, waiting at most `timeout` for the first (or for one of
-        `also`, refs of the driver's other work); whether any moved."""
+        """Move along the first group or call that is ready, waiting at most `timeout` for it (or for one of `also`,
+        refs of the driver's other work); whether one moved. One `ray.wait` per event: events come mostly one at a
+        time, and a second wait over every call in flight to gather the others doubled the driver's CPU per step."""
+        streams = {id(s.generator): s for s in self.streams}
+        labelling = {id(g.calls[-1].stats): g for g in self.labelling}
         waitables = [s.generator for s in self.streams] + [g.calls[-1].stats for g in self.labelling]
         if self.handed and "critic" in self.pools:  # groups waiting for a judge: a judge's call finishing wakes us
             waitables += self.pools["critic"].unfinished()
         if not waitables and not also:
             return False
         done, _ = ray.wait(waitables + list(also), num_returns=1, timeout=timeout, fetch_local=False)
-        if not done or not waitables:
-            return False
-        done, _ = ray.wait(waitables, num_returns=len(waitables), timeout=0, fetch_local=False)
         if not done:
             return False
-        done_ids = {id(w) for w in done}
-        for stream in [s for s in self.streams if id(s.generator) in done_ids]:
+        key = id(done[0])
+        if key in streams:
+            stream = streams[key]
             self._guard(lambda: self._drain(stream), lost=lambda: self._lose_stream(stream), actor=stream.actor)
-        for group in [g for g in self.labelling if id(g.calls[-1].stats) in done_ids]:
+        elif key in labelling:
+            group = labelling[key]
             self._guard(lambda: self._finish(group), lost=lambda: self._relabel(group),
                         actor=lambda: self._failed_call(group))
+        elif not any(ref is done[0] for ref in waitables):
+            return False  # one of `also` (the waitables come first: ray.wait keeps their order)
         self._label_handed()
         return True
+
+    def _close_finished(self, timeout: float = 0.0) -> None:
+        """The closing stats of the calls in `closing` that have ended (waiting at most `timeout` for them all): their
+        engines' busy seconds for the step's stats. A call's end is not worth a wake-up of its own (a third of the
+        driver's wake-ups, one per call, at 64 engines), and a fault it ends with costs no group (all handed back)."""
+        if not self.closing:
+            return
+        generators = [s.generator for s in self.closing]
+        ended = {id(g) for g in ray.wait(generators, num_returns=len(generators), timeout=timeout, fetch_local=False)[0]}
+        for stream in [s for s in self.closing if id(s.generator) in ended]:
+            self.closing.remove(stream)
+            self._guard(lambda: self.gen_calls.append(ray.get(next(stream.generator))), lost=lambda: None,
+                        actor=stream.actor)
 
     def keep_flowing(self, refs: list, every: bool, timeout: float) -> None:
         """Groups keep moving (handed back, labelled, scored) while the driver waits for the learner's step or a
@@ -412,7 +431,8 @@ class StreamingOrchestrator(Orchestrator):
             elif time.monotonic() - quiet_since >= timeout:
                 self._kill_the_stuck(timeout)
                 quiet_since = time.monotonic()
-        self._pump(timeout=0)  # whatever else finished: counted in this step's queues
+        while self._pump(timeout=0):  # whatever else finished: counted in this step's queues
+            pass
         self.ready.sort(key=lambda g: g.key)
         taken, self.ready = self.ready[:count], self.ready[count:]
         return taken
@@ -422,6 +442,7 @@ class StreamingOrchestrator(Orchestrator):
         from the groups (samples, tokens, the oldest version, the slowest group's seconds since its call started)
         and the engines' busy seconds from the shard calls that finished since the last step."""
         metas = [g.meta for g in groups]
+        self._close_finished()
         calls, self.gen_calls = self.gen_calls, []
         gen = {"gen_samples": sum(m["samples"] for m in metas), "gen_tokens": sum(m["tokens"] for m in metas),
                "policy_version": min(m["version"] for m in metas), "gen_seconds": max(m["seconds"] for m in metas),
@@ -467,6 +488,7 @@ class StreamingOrchestrator(Orchestrator):
                 self.save(step + 1, self.loop_state(writer, loop))
         while self.streams:  # the last shard calls' closing stats
             self._pump(timeout=self.cfg.fault.stage_timeout_s)
+        self._close_finished(timeout=self.cfg.fault.stage_timeout_s)
         self.gen_calls = []
         self.finish_syncs(loop.sync)
         return self.summary(loop)
