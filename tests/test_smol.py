@@ -173,7 +173,8 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     trained on them, and the judge report shows what a small real judge does. Sync mode and the collective weight
     sync: the second batch comes from the engine after it took version 1, so the learner's log-probs on it must equal
     the engine's (SmolLM2 ties its input and output embeddings: an engine whose output head kept the initial weights
-    after a reload was off by ~1e-3 per token)."""
+    after a reload was off by ~1e-3 per token). The same run in group flow (loop.flow=groups) trains the same samples
+    with the same outcomes, rewards and losses: streaming changes when a group moves, not what it is."""
     import pyarrow.parquet as pq
 
     from transformers import AutoTokenizer
@@ -186,11 +187,12 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
                                          "You add numbers.")
     assert template != tok.chat_template
     (tmp_path / "adder.jinja").write_text(template)
-    cfg = load_config("jobs/configs/smol_cpu.yaml", [
-        f"output.run_dir={tmp_path / 'run'}", "output.progress=false", "output.tensorboard=false",
+    overrides = [
+        "output.progress=false", "output.tensorboard=false",
         "loop.num_steps=2", "loop.eval_samples=0", "data.prompts_per_step=2", "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=8", f"rollout.chat_template={tmp_path / 'adder.jinja'}", "loop.mode=sync",
-        "sync.method=collective"])
+        "sync.method=collective"]
+    cfg = load_config("jobs/configs/smol_cpu.yaml", [f"output.run_dir={tmp_path / 'run'}", *overrides])
     summary = train(cfg)
     assert summary["status"] == "finished" and summary["final_version"] == 2
     assert summary["trained"] + summary["skipped"] + summary["dropped_stale"] == 8
@@ -210,6 +212,16 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     assert summary["weight_sync"]["method"] == "collective" and not summary["faults"]["events"]
     print(f"smol, batch generated after the first sync: log-prob mismatch {metrics[1]['logprob_mismatch']:.2e}")
     assert metrics[1]["logprob_mismatch"] < 1e-4
+
+    groups = train(load_config("jobs/configs/smol_cpu.yaml", [f"output.run_dir={tmp_path / 'groups'}", *overrides,
+                                                               "loop.flow=groups"]))
+    assert groups["flow"] == "groups" and groups["final_version"] == 2 and not groups["faults"]["events"]
+    ledgers = [sorted((r["step"], r["sample_id"], r["outcome"]) for r in map(json.loads, open(run / "samples.jsonl")))
+               for run in (tmp_path / "run", tmp_path / "groups")]
+    assert ledgers[0] == ledgers[1] and len(ledgers[0]) == 8
+    grouped = [json.loads(line) for line in open(tmp_path / "groups" / "metrics.jsonl")]
+    for key in ("reward_mean", "loss", "trained", "judge_calls", "gen_tokens", "true_accuracy"):
+        assert [m[key] for m in grouped] == pytest.approx([m[key] for m in metrics], abs=1e-5), key
 
 
 def test_held_out_sums_are_kept_out_of_the_rl_prompts(smol_world):
