@@ -314,13 +314,18 @@ class StreamingOrchestrator(Orchestrator):
 
     def keep_flowing(self, refs: list, every: bool, timeout: float) -> None:
         """Groups keep moving (handed back, labelled, scored) while the driver waits for the learner's step or a
-        weight sync: returns once one of `refs` is done (`every`: all), or after `timeout` s."""
-        end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0:
-            waiting = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[1]
+        weight sync: returns once one of `refs` is done (`every`: all), or after `timeout` s. `refs` are looked at
+        only when the pump stops for one of them (`every`: the first still open), not at each group's event: at 256
+        engines a sync's refs would be most of every wait."""
+        end, waiting = time.monotonic() + timeout, list(refs)
+        while True:
+            waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0, fetch_local=False)[1]
             if not waiting or (not every and len(waiting) < len(refs)):
                 return
-            self._pump(left, also=waiting)
+            while (left := end - time.monotonic()) > 0 and self._pump(left, also=waiting[:1] if every else waiting):
+                pass
+            if left <= 0:
+                return
 
     def _drain(self, stream: Stream) -> None:
         """Every ref the call has handed back so far (a table and its naming dict come one right after the other)."""
