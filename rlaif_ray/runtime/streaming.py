@@ -491,9 +491,9 @@ class StreamingOrchestrator(Orchestrator):
             self.log_step(writer, loop, step, stats, result, train_wall, sync_stats, queues)
             if self.checkpoint_due(step):
                 self.save(step + 1, self.loop_state(writer, loop))
-        while self.streams:  # the last shard calls' closing stats
+        while self.streams:  # calls with groups still to hand back (none once every launched group was taken)
             self._pump(timeout=self.cfg.fault.stage_timeout_s)
-        self._close_finished(timeout=self.cfg.fault.stage_timeout_s)
+        self._close_finished(timeout=self.cfg.fault.stage_timeout_s)  # the last calls' closing stats
         self.gen_calls = []
         self.finish_syncs(loop.sync)
         return self.summary(loop)
