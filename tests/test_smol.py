@@ -180,6 +180,7 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     from transformers import AutoTokenizer
 
     from rlaif_ray.runtime.driver import train
+    from rlaif_ray.runtime.metrics import read_jsonl
     from rlaif_ray.serve.app import resolve_chat_template
     tok = AutoTokenizer.from_pretrained(smol_world.model)
     # the policy side through a template file: SmolLM2's own, with another default system prompt
@@ -216,10 +217,10 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     groups = train(load_config("jobs/configs/smol_cpu.yaml", [f"output.run_dir={tmp_path / 'groups'}", *overrides,
                                                                "loop.flow=groups"]))
     assert groups["flow"] == "groups" and groups["final_version"] == 2 and not groups["faults"]["events"]
-    ledgers = [sorted((r["step"], r["sample_id"], r["outcome"]) for r in map(json.loads, open(run / "samples.jsonl")))
+    ledgers = [sorted((r["step"], r["sample_id"], r["outcome"]) for r in read_jsonl(run / "samples.jsonl"))
                for run in (tmp_path / "run", tmp_path / "groups")]
     assert ledgers[0] == ledgers[1] and len(ledgers[0]) == 8
-    grouped = [json.loads(line) for line in open(tmp_path / "groups" / "metrics.jsonl")]
+    grouped = read_jsonl(tmp_path / "groups" / "metrics.jsonl")
     for key in ("reward_mean", "loss", "trained", "judge_calls", "gen_tokens", "true_accuracy"):
         assert [m[key] for m in grouped] == pytest.approx([m[key] for m in metrics], abs=1e-5), key
 

@@ -294,8 +294,8 @@ class StreamingOrchestrator(Orchestrator):
             group = labelling[key]
             self._guard(lambda: self._finish(group), lost=lambda: self._relabel(group),
                         actor=lambda: self._failed_call(group))
-        elif not any(ref is done[0] for ref in waitables):
-            return False  # one of `also` (the waitables come first: ray.wait keeps their order)
+        elif any(ref is done[0] for ref in also):
+            return False  # the driver's other work, not an event of the groups'
         self._label_handed()
         return True
 
