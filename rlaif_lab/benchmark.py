@@ -164,12 +164,15 @@ class HostLoad:
         except OSError:
             return 0
 
-    def _sample(self) -> None:
+    def _take_sample(self) -> None:
         import psutil
 
+        times = psutil.cpu_times()
+        self.samples.append((self._lines(), times.idle + getattr(times, "iowait", 0.0), sum(times)))
+
+    def _sample(self) -> None:
         while not self._stop.is_set():
-            times = psutil.cpu_times()
-            self.samples.append((self._lines(), times.idle + getattr(times, "iowait", 0.0), sum(times)))
+            self._take_sample()
             self._stop.wait(self.every)
 
     def __enter__(self) -> "HostLoad":
@@ -179,10 +182,13 @@ class HostLoad:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self._take_sample()  # the run's end, whatever the sampling's phase
 
     def busy_share(self, first: int, last: int) -> float | None:
-        """The CPUs' busy share from when the run had written `first` step lines to when it had written `last`."""
-        start = next((s for s in self.samples if s[0] >= first), None)
+        """The CPUs' busy share from the last sample taken before the run had written more than `first` step lines to
+        the first one taken once it had written `last` (the measured steps, widened to whole sampling intervals: at a
+        small time scale they may all fall inside one)."""
+        start = next((s for s in reversed(self.samples) if s[0] <= first), None)
         end = next((s for s in self.samples if s[0] >= last), None)
         if start is None or end is None or end[2] <= start[2]:
             return None
