@@ -41,8 +41,8 @@ def sim_config(base, engines: int, judges: int, ranks: int, mode: str, run_dir: 
     cfg.rollout.gpus_per_worker = cfg.critic.gpus_per_worker = cfg.learner.gpus_per_learner = 0.0
     cfg.loop.mode, cfg.loop.flow = mode, flow
     cfg.rollout.engine_streams = engine_streams if flow == "groups" else 1
-    if flow != "groups":
-        cfg.rollout.in_flight_update = "finish"
+    if flow != "groups":  # (group flow's settings given on the command line: batch flow has none of them)
+        cfg.rollout.in_flight_update, cfg.sync.delivery = "finish", "push"
     cfg.loop.max_inflight = 0 if mode == "sync" else max(1, base.loop.max_inflight)
     cfg.loop.eval_samples = 0
     cfg.sync.method = "object_store"  # the stand-in engines take the profile's broadcast time either way
@@ -189,8 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", help="run only these configurations, as ENGINESxJUDGESxRANKS,... (e.g. 2x1x1,4x2x2)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)  # overrides anywhere on the line
-    try:
-        base = load_config(args.config, args.overrides)
+    try:  # --flows: the overrides are group flow's settings (sim_config gives batch flow its own)
+        base = load_config(args.config, args.overrides + (["loop.flow=groups"] if args.flows else []))
     except ConfigError as err:
         print(f"scale_sim: error: {err}", file=sys.stderr)
         return 2

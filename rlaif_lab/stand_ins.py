@@ -172,6 +172,7 @@ class StandInEngine(_Stage):
         self.clock = SharedClock(self.profile)  # the answers of the group calls running at once
         self.stream_slots = threading.BoundedSemaphore(self.cfg.rollout.engine_streams)
         self.busy = BusyClock()  # as the real engine's: overlapping group calls' busy time counted once
+        self.pulling = threading.Lock()
 
     def generate(self, prompts: pa.Table, indices: list[int], step: int, first: int = 0) -> tuple[pa.Table, dict]:
         t0 = time.perf_counter()
@@ -181,7 +182,7 @@ class StandInEngine(_Stage):
         return table, self._stats(seconds, lengths)
 
     def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int],
-                        min_version: int = 0):
+                        min_version: int = 0, published: tuple | None = None):
         """As the real engine's (loop.flow: groups): each prompt group's table and the dict naming it when its last
         answer is done, then the call's stats. The answers of every group call running on this engine at once
         (rollout.engine_streams) share it (`SharedClock`; one call alone: `Profile.finish_seconds`)."""
@@ -190,6 +191,7 @@ class StandInEngine(_Stage):
         table = self._rollouts(prompts, indices, step)
         lengths = self.profile.response_lengths(table.column("sample_id").to_pylist())
         with self.stream_slots:
+            pulled = self._pull(published)
             deadline = time.monotonic() + self.cfg.sync.timeout_s
             while self.version < min_version and time.monotonic() < deadline:  # an update beside it (as the real one)
                 time.sleep(0.001)
@@ -210,7 +212,14 @@ class StandInEngine(_Stage):
                         yield {"position": positions[g], "version": version, "samples": n, "seconds": seconds[-1],
                                "tokens": int(lengths[g * n:(g + 1) * n].sum()), "worker": self.worker_index}
         yield {**self._stats(time.perf_counter() - t0, lengths), "policy_version": version, "group_seconds": seconds,
-               "busy_seconds": self.busy.take()}
+               "busy_seconds": self.busy.take(), **({"sync": pulled} if pulled else {})}
+
+    def _pull(self, published: tuple | None) -> dict | None:
+        """As the real engine's (sync.delivery=pull): the published version loaded if this engine holds an older one."""
+        if published is None or self.version >= published[0]:
+            return None
+        with self.pulling:
+            return None if self.version >= published[0] else self.update_weights(ray.get(published[1][0]), published[0])
 
     def _stats(self, seconds: float, lengths: np.ndarray) -> dict:
         return {"gen_seconds": seconds, "engine_seconds": seconds, "gen_tokens": int(lengths.sum()),

@@ -473,6 +473,12 @@ class SyncConfig(_Section):
     # must cover an engine finishing the batch it is generating before it takes the weights
     timeout_s: float = Field(600.0, gt=0)
     max_failures: int = Field(2, ge=1)
+    # push: the driver sends each new version to every engine (a call per engine per step); pull (loop.flow=groups,
+    # the object store): the driver only publishes the version's weights in the object store, each group call names
+    # them, and an engine holding an older version loads them when its next call comes. A sync then costs the driver
+    # one export, not a call per engine (at 256 engines, 256 calls a step). An engine with no call meanwhile keeps its
+    # weights until its next one; the evaluation after the run loads the last version first
+    delivery: Literal["push", "pull"] = "push"
 
     def bucket_bytes(self) -> int:
         return int(self.bucket_mb * 2 ** 20)
@@ -680,6 +686,10 @@ class RunConfig(_Section):
             raise ValueError("loop.flow=groups streams rollouts through the judge to the learner: it does not take "
                              "learner.algorithm=sft, learner.colocate=true or reward.label_share < 1 yet; use "
                              "loop.flow=batch for those")
+        if self.sync.delivery == "pull" and (self.loop.flow != "groups" or self.sync.method == "collective"):
+            raise ValueError("sync.delivery=pull: engines load each version from the object store when a group call "
+                             "names it; it needs loop.flow=groups and sync.method=object_store or auto (got "
+                             f"loop.flow={self.loop.flow}, sync.method={self.sync.method})")
         if self.rollout.engine_streams > 1 and self.loop.flow != "groups":
             raise ValueError(f"rollout.engine_streams={self.rollout.engine_streams} runs several group calls on one "
                              "engine: it needs loop.flow=groups (batch flow sends an engine one call at a time)")

@@ -29,6 +29,7 @@ def test_the_repo_configs_load():
     ("rollout.engine_streams=2", "needs loop.flow=groups"),
     ("rollout.engine_streams=17", "rollout.engine_streams"),
     ("rollout.in_flight_update=abort", "rollout.in_flight_update"),
+    ("sync.delivery=pull", "sync.delivery=pull: engines load each version from the object store"),
 ])
 def test_bad_keys_and_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:

@@ -270,12 +270,13 @@ def test_answers_share_the_engine_until_each_runs_at_one_streams_speed():
 
 def test_flows_compare_batch_and_groups_on_the_stand_ins(tmp_path, ray_cluster, toy_world):
     """`scale_sim.py --flows`: the same configuration async in batch flow and in group flow; the group-flow run keeps
-    the exact ledger and takes whole steps of groups."""
+    the exact ledger and takes whole steps of groups, its engines loading each version when a call names it
+    (sync.delivery=pull, given to group flow only: batch flow's engines are sent theirs)."""
     scale_sim = job_module("scale_sim")
     out = tmp_path / "flows"
     assert scale_sim.main(["-c", str(ROOT / "jobs/configs/scale_sim.yaml"), "--flows", "--shapes", "4x2x2", "--out",
                            str(out), "--time-scale", "0.01", "--lengths", "long_tail", "loop.num_steps=7",
-                           "data.prompts_per_step=8"]) == 0
+                           "data.prompts_per_step=8", "sync.delivery=pull"]) == 0
     row = json.loads((out / "flows.json").read_text())["results"]["e4-j2-r2"]
     for flow in ("batch", "groups"):
         assert 0.2 < row[flow]["of_bound"] < 1.5 and row[flow]["faults"] == 0, (flow, row[flow]["of_bound"])
@@ -290,6 +291,11 @@ def test_flows_compare_batch_and_groups_on_the_stand_ins(tmp_path, ray_cluster, 
     assert len({r["sample_id"] for r in ledger}) == len(ledger) == 7 * 64
     metrics = [json.loads(line) for line in open(out / "e4-j2-r2-async-groups" / "metrics.jsonl")]
     assert all(m["samples_in"] == 64 for m in metrics)
+    # versions the engines loaded themselves reach the groups as pushed ones do (max_inflight 2: step 3's oldest
+    # group was launched after step 0's version); a step's sync figures are the loads that came back with its calls
+    assert max(m["gen_policy_version"] for m in metrics) >= 3 and sum("sync_seconds" in m for m in metrics) >= 3
+    batch = [json.loads(line) for line in open(out / "e4-j2-r2-async" / "metrics.jsonl")]
+    assert all("sync_seconds" in m for m in batch[1:]) and max(m["gen_policy_version"] for m in batch) >= 3
     assert "| 4 engines, 2 judges, 2 ranks |" in (out / "flows.md").read_text()
     assert (out / "flows.png").stat().st_size > 10_000
 

@@ -18,13 +18,16 @@ def read_jsonl(path):
 
 def test_group_flow_trains_what_batch_flow_trains(tmp_path, ray_cluster, toy_world):
     """Sync mode, two engines, a shard per prompt (two per engine; in group flow both run at once on their engine,
-    rollout.engine_streams=2): the same sample ids with the same outcomes, the same rewards and losses, step by step
-    (only one step's groups are in flight, so each step takes exactly its own groups, whatever order they finish in)."""
+    rollout.engine_streams=2, and the engines load each version themselves, sync.delivery=pull): the same sample ids
+    with the same outcomes, the same rewards and losses, step by step (only one step's groups are in flight, so each
+    step takes exactly its own groups, whatever order they finish in), and the same accuracy after the run (the engine
+    that evaluates loads the last version, which no group call named)."""
     runs = {}
     for flow in ("batch", "groups"):
         streams = 2 if flow == "groups" else 1
         cfg = small_config(tmp_path / flow, rollout={"num_workers": 2, "shards_per_batch": 4, "engine_streams": streams},
-                           loop={"mode": "sync", "num_steps": 3, "eval_samples": 0, "flow": flow},
+                           loop={"mode": "sync", "num_steps": 3, "eval_samples": 2, "flow": flow},
+                           sync={"delivery": "pull" if flow == "groups" else "push"},
                            output={"tensorboard": False, "save_checkpoint": False})
         runs[flow] = train(cfg), tmp_path / flow / "run"
     (batch, batch_dir), (groups, groups_dir) = runs["batch"], runs["groups"]
@@ -41,6 +44,9 @@ def test_group_flow_trains_what_batch_flow_trains(tmp_path, ray_cluster, toy_wor
     assert len(list((groups_dir / "labels").glob("step-*-g*.parquet"))) == 3 * 4
     assert all(m["queue_ready"] == 0 and m["inflight"] == 0 for m in got)
     assert groups["faults"]["reissued_groups"] == 0 and groups["busy_fraction"]["gen"] > 0
+    # each engine loaded versions 1 and 2 when its next call named them (their receipts in steps 1 and 2's metrics)
+    assert [m["gen_policy_version"] for m in got] == [0, 1, 2] and all(m["sync_seconds"] > 0 for m in got[1:])
+    assert groups["eval_after"] == batch["eval_after"] and groups["eval_after"] != groups["eval_before"]
 
 
 def test_groups_handed_back_while_the_judge_is_busy_go_to_it_in_one_call(tmp_path, ray_cluster, toy_world):

@@ -390,6 +390,7 @@ class Orchestrator(StageRecovery):
 
     def evaluate(self) -> dict:
         """Ground-truth accuracy of the current policy on the whole evaluation prompt set (sampled and greedy)."""
+        self.weights.bring_up_to_date([0])  # sync.delivery=pull: engine 0 may hold an older version
         return ray.get(self.rollouts[0].evaluate.remote(self.eval_prompts_ref, self.cfg.loop.eval_samples))
 
     # ------------------------------------------------------------------ checkpoints

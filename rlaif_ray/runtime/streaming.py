@@ -119,6 +119,7 @@ class StreamingOrchestrator(Orchestrator):
         self.labelling: list[Group] = []   # handed back, label and reward calls under way
         self.ready: list[Group] = []       # rewards done: the learner's buffer
         self.gen_calls: list[dict] = []    # stats of shard calls that finished since the last step
+        self.pulled: list[dict] = []       # sync.delivery=pull: receipts of the versions engines loaded themselves
         self.parked: list[Group] = []      # groups no engine (parked_labels: no judge or scorer) is present to take
         self.parked_labels: list[Group] = []
         self.faults["reissued_groups"] = 0
@@ -141,6 +142,8 @@ class StreamingOrchestrator(Orchestrator):
         if not pool.present():
             self.parked += groups
             return
+        published = self.weights.published()  # sync.delivery=pull: the calls name the weights their engine loads
+        extra = {"published": published} if published else {}
         for step in sorted({g.step for g in groups}):
             mine = [g for g in groups if g.step == step]
             shards = min(self.cfg.rollout.shards_per_batch or len(pool.present()), len(mine))
@@ -151,7 +154,7 @@ class StreamingOrchestrator(Orchestrator):
                 w = pool.pick(loads=loads)
                 gen = pool.actors[w].generate_groups.options(num_returns="streaming", **self.stream_group).remote(
                     self.prompts_ref, [g.index for g in part], step, [g.position for g in part],
-                    min_version=min(g.expected_version for g in part))
+                    min_version=min(g.expected_version for g in part), **extra)
                 self.streams.append(Stream(w, step, {g.position: g for g in part}, gen, pool.lives[w]))
 
     def untrained(self) -> list[Group]:
@@ -309,8 +312,20 @@ class StreamingOrchestrator(Orchestrator):
         ended = {id(g) for g in ray.wait(generators, num_returns=len(generators), timeout=timeout, fetch_local=False)[0]}
         for stream in [s for s in self.closing if id(s.generator) in ended]:
             self.closing.remove(stream)
-            self._guard(lambda: self.gen_calls.append(ray.get(next(stream.generator))), lost=lambda: None,
-                        actor=stream.actor)
+            self._guard(lambda: self._closed(ray.get(next(stream.generator))), lost=lambda: None, actor=stream.actor)
+
+    def _closed(self, stats: dict) -> None:
+        """A group call's closing stats: for the step's stats, and the receipt of the version it loaded (pull)."""
+        if "sync" in stats:
+            self.pulled.append(stats.pop("sync"))
+        self.gen_calls.append(stats)
+
+    def train_and_sync(self, loop: LoopState, batch: InFlight) -> tuple[dict, float, list[dict]]:
+        """As batch mode's; the step's sync stats with the receipts of the versions engines loaded themselves
+        (sync.delivery=pull) in the calls that closed since the last step."""
+        result, train_wall, sync_stats = super().train_and_sync(loop, batch)
+        pulled, self.pulled = self.pulled, []
+        return result, train_wall, sync_stats + pulled
 
     def keep_flowing(self, refs: list, every: bool, timeout: float) -> None:
         """Groups keep moving (handed back, labelled, scored) while the driver waits for the learner's step or a

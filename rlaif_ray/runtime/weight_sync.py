@@ -6,6 +6,10 @@
   formed lazily at the first sync and formed anew (a new generation, a new port) after any engine was replaced
   or restarted, and after a failed sync.
 - object_store: learner rank 0 puts one array per parameter in Ray's object store, every engine reads them.
+  `sync.delivery: pull` (group flow): the driver sends no engine anything; it publishes the version's ref
+  (`published`), each group call names it, and an engine holding an older version loads it when its next call comes
+  (its receipt comes back with the call's closing stats). A sync then costs the driver one export, not a call per
+  engine.
 
 Calls are queued on the actors like any other (an engine takes a version between two `generate` calls), so in
 async mode the driver collects a sync a step later. Only the engines present take part (rlaif_ray.runtime.pool:
@@ -47,6 +51,9 @@ class WeightSync:
         # colocated (an engine and a learner rank on each GPU): host memory, never an NCCL group inside one GPU
         auto = "collective" if self.backend() == "nccl" and not cfg.learner.colocate else "object_store"
         self.method = {"auto": auto}.get(cfg.sync.method, cfg.sync.method)
+        self.pull = cfg.sync.delivery == "pull"
+        if self.pull:  # (the config refuses pull with sync.method=collective)
+            self.method = "object_store"
         self.generation = 0
         self.spec: dict | None = None   # the sync group's spec (None: form a new one at the next sync)
         self.failures = 0               # collective syncs failed in a row
@@ -90,6 +97,8 @@ class WeightSync:
         if self.method == "object_store":
             ref = self.learners.export_weights()
             self.snapshot = (ref, version)
+            if self.pull:  # the engines load it when a call names it (`published`)
+                return PendingSync(version, "pull", [])
             engines = self.engines
             return PendingSync(version, "object_store", [w.update_weights.remote(ref, version) for _, w in engines],
                                [i for i, _ in engines])
@@ -108,7 +117,7 @@ class WeightSync:
         the fault handling to replace). Engines a collective sync missed get `learner_version`'s weights from
         the object store here (the learner holds that version now). `meanwhile(refs, every, timeout)`: the
         driver's other work while it waits (group flow: an engine takes its weights only after its open call)."""
-        if pending is None:
+        if pending is None or pending.method == "pull":
             return [], []
         refs = pending.engine_refs + pending.learner_refs
         wait_s = self.cfg.sync.timeout_s + DRIVER_MARGIN_S
@@ -173,6 +182,22 @@ class WeightSync:
         self.faults["events"].append(event)
         self.faults["failed_syncs"] = self.faults.get("failed_syncs", 0) + 1
         return self.repair(failed, learner_version) if failed else []
+
+    def published(self) -> tuple[int, list] | None:
+        """sync.delivery=pull: (version, [ref]) of the weights last published, for a group call to name (the ref inside
+        a list, so that Ray hands the call the ref, not the weights: an engine that holds that version fetches nothing);
+        None before the first version (or with push)."""
+        if not self.pull or self.snapshot is None:
+            return None
+        return self.snapshot[1], [self.snapshot[0]]
+
+    def bring_up_to_date(self, indices: list[int]) -> None:
+        """sync.delivery=pull: engines `indices` load the last version published now if they hold an older one (an
+        engine with no call since it was published does)."""
+        published = self.published()
+        if published is not None:
+            ray.get([self.pool.actors[i].load_published.remote(published) for i in indices],
+                    timeout=self.cfg.sync.timeout_s + DRIVER_MARGIN_S)
 
     def repair(self, indices: list[int], learner_version: int) -> list[dict]:
         """Give engines `indices` the whole current policy through the object store, and wait."""

@@ -84,6 +84,7 @@ class RolloutWorker:
         self.template = resolve_template(self.cfg.rollout.chat_template, self.tokenizer)  # None: plain prompt text
         self._take_version(0)  # self.version; -1: a collective sync broke off midway, the weights are incomplete
         self.sync_generation = None  # the sync group this engine's workers belong to (rlaif_ray.weight_transfer)
+        self.pulling = threading.Lock()  # sync.delivery=pull: one group call loads a version, those beside it wait
 
     def _take_version(self, version: int) -> None:
         """The policy version of the engine's weights now; vLLM labels every token it samples from here on with it
@@ -171,7 +172,7 @@ class RolloutWorker:
         return self._rollout_table(samples), self._gen_stats(t_start, engine_seconds, samples)
 
     def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int],
-                        min_version: int = 0):
+                        min_version: int = 0, published: tuple[int, list] | None = None):
         """`generate` one prompt group at a time (loop.flow: groups): a Ray generator that yields, for each prompt group
         the moment vLLM finishes its last sample, its `rollouts` table and then a small dict naming it (`position`:
         its prompt's position in the batch, `version`, `tokens`, `samples`, `seconds` since the call started), so
@@ -181,11 +182,14 @@ class RolloutWorker:
         `.options(num_returns="streaming")`, and `concurrency_group="streams"` to run it beside other group calls
         (their requests batched together in the engine; the group's version is the one its requests started under).
         `min_version`: the version the driver had sent when it made the call; a call that runs beside a weight update
-        waits for it (at most `sync.timeout_s`), as a call queued behind the update would."""
+        waits for it (at most `sync.timeout_s`), as a call queued behind the update would. `published` (sync.delivery=
+        pull): (version, [weights ref]) of the last version published; an engine that holds an older one loads it
+        first (the load's receipt comes back in the closing stats, as `sync`)."""
         self._injected_pause("hang_generate")
         t_start = time.perf_counter()
         rows, params = self._requests(prompts, indices, step, positions)
         with self.stream_slots:
+            pulled = self._pull(published)
             deadline = time.monotonic() + self.cfg.sync.timeout_s
             while self.version < min_version and time.monotonic() < deadline:  # else the driver sees a stale group
                 time.sleep(0.005)
@@ -207,7 +211,22 @@ class RolloutWorker:
                     yield {"position": position, "version": version, "samples": len(group), "seconds": done[-1],
                            "tokens": sum(len(sample.token_ids) for *_, sample in group), "worker": self.worker_index}
         yield {**self._gen_stats(t_start, time.perf_counter() - t_start, samples), "policy_version": version,
-               "group_seconds": done, "busy_seconds": self.busy.take()}
+               "group_seconds": done, "busy_seconds": self.busy.take(), **({"sync": pulled} if pulled else {})}
+
+    def load_published(self, published: tuple[int, list]) -> dict | None:
+        """sync.delivery=pull: the published version loaded now if this engine holds an older one (before the
+        evaluation after a run: no group call may have named the last version)."""
+        return self._pull(published)
+
+    def _pull(self, published: tuple[int, list] | None) -> dict | None:
+        """sync.delivery=pull: the published version loaded if this engine holds an older one (its receipt), as an
+        update the driver sent would be (`update_weights`: requests of the calls beside it finish first, or continue)."""
+        if published is None or self.version >= published[0]:
+            return None
+        with self.pulling:
+            if self.version >= published[0]:  # a call beside this one loaded it meanwhile
+                return None
+            return self.update_weights(ray.get(published[1][0]), published[0])
 
     @_whole_engine
     def respond(self, prompts: pa.Table, temperature: float, tag: str) -> pa.Table:
