@@ -184,8 +184,8 @@ class StandInEngine(_Stage):
     def generate_groups(self, prompts: pa.Table, indices: list[int], step: int, positions: list[int],
                         min_version: int = 0, published: tuple | None = None):
         """As the real engine's (loop.flow: groups): each prompt group's table and the dict naming it when its last
-        answer is done, then the call's stats. The answers of every group call running on this engine at once
-        (rollout.engine_streams) share it (`SharedClock`; one call alone: `Profile.finish_seconds`)."""
+        answer is done, the last one with the call's stats. The answers of every group call running on this engine at
+        once (rollout.engine_streams) share it (`SharedClock`; one call alone: `Profile.finish_seconds`)."""
         t0 = time.perf_counter()
         n = self.cfg.rollout.samples_per_prompt
         table = self._rollouts(prompts, indices, step)
@@ -209,10 +209,13 @@ class StandInEngine(_Stage):
                         pending.remove(g)
                         seconds.append(time.perf_counter() - t0)
                         yield table.take(pa.array(np.arange(g * n, (g + 1) * n)))
-                        yield {"position": positions[g], "version": version, "samples": n, "seconds": seconds[-1],
-                               "tokens": int(lengths[g * n:(g + 1) * n].sum()), "worker": self.worker_index}
-        yield {**self._stats(time.perf_counter() - t0, lengths), "policy_version": version, "group_seconds": seconds,
-               "busy_seconds": self.busy.take(), **({"sync": pulled} if pulled else {})}
+                        name = {"position": positions[g], "version": version, "samples": n, "seconds": seconds[-1],
+                                "tokens": int(lengths[g * n:(g + 1) * n].sum()), "worker": self.worker_index}
+                        if not pending:  # the last group's name carries the call's stats (as the real engine's)
+                            name["closing"] = {**self._stats(seconds[-1], lengths), "policy_version": version,
+                                               "group_seconds": seconds, "busy_seconds": self.busy.take(),
+                                               **({"sync": pulled} if pulled else {})}
+                        yield name
 
     def _pull(self, published: tuple | None) -> dict | None:
         """As the real engine's (sync.delivery=pull): the published version loaded if this engine holds an older one."""

@@ -38,14 +38,16 @@ def test_a_batch_split_into_shards_samples_what_it_samples_whole(engines, prompt
 
 def test_groups_stream_out_one_table_each_with_what_the_shard_samples_whole(engines, prompts_ref):
     """generate_groups (loop.flow=groups): each prompt group comes back as its own table as vLLM finishes it, then a
-    dict naming it; the same samples token for token as one `generate` call of the shard; then the call's stats."""
+    dict naming it; the same samples token for token as one `generate` call of the shard; the last group's dict
+    carries the call's stats (`closing`)."""
     indices, n = [3, 8, 21, 40, 55], engines["cfg"].rollout.samples_per_prompt
     whole, whole_stats = ray.get(engines["rollout"].generate.options(num_returns=2).remote(prompts_ref, indices, 6, 2))
     refs = list(engines["rollout"].generate_groups.options(num_returns="streaming").remote(
         prompts_ref, indices, 6, [2, 3, 4, 5, 6]))
-    *pairs, stats = ray.get(refs)
+    pairs = ray.get(refs)
     groups, names = pairs[0::2], pairs[1::2]
-    assert len(groups) == len(names) == len(indices) and isinstance(stats, dict)
+    stats = names[-1].pop("closing")
+    assert len(groups) == len(names) == len(indices) and not any("closing" in name for name in names)
     prompt_of = dict(zip(range(2, 7), ray.get(prompts_ref).take(indices).column("prompt_id").to_pylist()))
     for g, name in zip(groups, names):  # a whole group per table: one prompt, every sample of it, named by position
         schemas.validate(g, "rollouts")
@@ -77,8 +79,8 @@ def test_group_calls_share_one_engine_and_a_weight_update_waits_for_them(engines
     update = engines["rollout"].update_weights.remote(initial_weights(toy_world.policy), 1)  # the same weights
     by_id = {}
     for key, call in calls.items():
-        *pairs, stats = ray.get(list(call))
-        groups, names = pairs[0::2], pairs[1::2]
+        pairs = ray.get(list(call))
+        groups, names, stats = pairs[0::2], pairs[1::2], pairs[-1]["closing"]
         assert sorted(n["position"] for n in names) == shards[key][1]
         versions = {v for g in groups for v in g.column("policy_version").to_pylist()} | {n["version"] for n in names}
         assert versions == {stats["policy_version"]} and stats["policy_version"] in (0, 1)
@@ -94,7 +96,8 @@ def test_group_calls_share_one_engine_and_a_weight_update_waits_for_them(engines
     update = engines["rollout"].update_weights.remote(initial_weights(toy_world.policy), 2, in_flight="continue")
     again = {}
     for call in calls.values():
-        *pairs, stats = ray.get(list(call))
+        pairs = ray.get(list(call))
+        stats = pairs[-1]["closing"]
         assert {n["version"] for n in pairs[1::2]} == {stats["policy_version"]} <= {1, 2}
         for g in pairs[0::2]:
             again.update(zip(g.column("sample_id").to_pylist(), g.column("response_token_ids").to_pylist()))
@@ -105,7 +108,7 @@ def test_group_calls_share_one_engine_and_a_weight_update_waits_for_them(engines
     call = engines["rollout"].generate_groups.options(**opts).remote(prompts_ref, shards["b"][0], 6, shards["b"][1])
     time.sleep(2)  # the call is held after its first step until the update; the update must not come before it
     update = engines["rollout"].update_weights.remote(initial_weights(toy_world.policy), 3, in_flight="continue")
-    *pairs, stats = ray.get(list(call))
+    pairs = ray.get(list(call))
     assert ray.get(update)["version"] == 3 and {n["version"] for n in pairs[1::2]} == {2}
     split = []
     for g in pairs[0::2]:

@@ -177,13 +177,15 @@ def test_stand_in_engine_takes_its_samples_lengths(toy_world):
     # group flow: each group handed back when its own last answer is done, in that order, the same samples
     t0 = time.perf_counter()
     parts = list(engine.generate_groups(prompts, [3, 7, 11], 5, [4, 5, 6]))
-    groups = [(parts[k], parts[k + 1]) for k in range(0, len(parts) - 1, 2)]
+    groups = [(parts[k], parts[k + 1]) for k in range(0, len(parts), 2)]
     finish = profile.finish_seconds(lengths).reshape(3, 4).max(axis=1)
     assert sorted(meta["position"] for _, meta in groups) == [4, 5, 6]
     assert [t.column("sample_id").to_pylist() for t, meta in groups] == \
         [table.column("sample_id").to_pylist()[4 * (m["position"] - 4):4 * (m["position"] - 3)] for _, m in groups]
     assert all(m["seconds"] >= finish[m["position"] - 4] * profile.time_scale * 0.95 for _, m in groups)
-    assert parts[-1]["gen_samples"] == 12 and time.perf_counter() - t0 >= finish.max() * profile.time_scale * 0.95
+    assert [("closing" in m) for _, m in groups] == [False, False, True]  # the last group's dict: the call's stats
+    assert parts[-1]["closing"]["gen_samples"] == 12
+    assert time.perf_counter() - t0 >= finish.max() * profile.time_scale * 0.95
 
 
 def test_group_calls_on_one_stand_in_engine_share_it(toy_world):
@@ -207,7 +209,7 @@ def test_group_calls_on_one_stand_in_engine_share_it(toy_world):
 
     def call(key, indices):
         t0 = time.perf_counter()
-        stats[key] = list(engine.generate_groups(prompts, indices, 1, list(range(len(indices)))))[-1]
+        stats[key] = list(engine.generate_groups(prompts, indices, 1, list(range(len(indices)))))[-1]["closing"]
         took[key] = time.perf_counter() - t0
     threads = [threading.Thread(target=call, args=(k, idx)) for k, idx in (("a", [1, 2]), ("b", [3, 4, 5]))]
     for t in threads:
@@ -250,7 +252,7 @@ def test_a_group_call_that_waited_for_its_stream_carries_the_version_it_started_
     first.join()
     second.join()
     tables = {key: [x for x in items if not isinstance(x, dict)] for key, items in out.items()}
-    metas = {key: [x for x in items[:-1] if isinstance(x, dict)] for key, items in out.items()}
+    metas = {key: [x for x in items if isinstance(x, dict)] for key, items in out.items()}
     assert {v for t in tables["first"] for v in t.column("policy_version").to_pylist()} == {0}
     assert [m["version"] for m in metas["second"]] == [1, 1]
     assert {v for t in tables["second"] for v in t.column("policy_version").to_pylist()} == {1}

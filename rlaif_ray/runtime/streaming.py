@@ -114,7 +114,6 @@ class StreamingOrchestrator(Orchestrator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.streams: list[Stream] = []
-        self.closing: list[Stream] = []    # every group handed back: the call's closing stats read once a step
         self.handed: list[Group] = []      # handed back since the driver last sent groups to the judges
         self.labelling: list[Group] = []   # handed back, label and reward calls under way
         self.ready: list[Group] = []       # rewards done: the learner's buffer
@@ -236,8 +235,8 @@ class StreamingOrchestrator(Orchestrator):
 
     def _advance(self, stream: Stream) -> None:
         """Take the next ref a shard call handed back: a group's table or the dict naming that group (the group moves
-        on to its judge; the call's last group moves the call to `closing`). Raises the call's error (an actor fault,
-        a stale engine)."""
+        on to its judge; the call's last group's dict carries the call's stats, and ends it). Raises the call's error
+        (an actor fault, a stale engine)."""
         try:
             ref = next(stream.generator)
         except StopIteration:
@@ -252,6 +251,7 @@ class StreamingOrchestrator(Orchestrator):
             stream.table = ref
             return
         value = ray.get(ref)
+        closing = value.pop("closing", None)
         group = stream.groups.pop(value["position"])
         group.rollouts, group.meta, stream.table = stream.table, value, None
         if value["version"] < group.expected_version:
@@ -259,9 +259,9 @@ class StreamingOrchestrator(Orchestrator):
             raise StaleEngine(f"engine {value['worker']} generated step {group.step} with version {value['version']}"
                               f", expected >= {group.expected_version} (it restarted)")
         self.handed.append(group)  # to a judge once every call that finished was read (`_label_handed`)
-        if not stream.groups:  # only its closing stats to come: read once a step (`_close_finished`), not woken for
+        if closing is not None:  # the call's last group: its end is not waited for (no wake-up of its own)
             self.streams.remove(stream)
-            self.closing.append(stream)
+            self._closed(closing)
 
     def _finish(self, group: Group) -> None:
         """A group whose reward call finished: into the learner's buffer, once its stats say it is sound."""
@@ -302,20 +302,10 @@ class StreamingOrchestrator(Orchestrator):
         self._label_handed()
         return True
 
-    def _close_finished(self, timeout: float = 0.0) -> None:
-        """The closing stats of the calls in `closing` that have ended (waiting at most `timeout` for them all): their
-        engines' busy seconds for the step's stats. A call's end is not worth a wake-up of its own (a third of the
-        driver's wake-ups, one per call, at 64 engines), and a fault it ends with costs no group (all handed back)."""
-        if not self.closing:
-            return
-        generators = [s.generator for s in self.closing]
-        ended = {id(g) for g in ray.wait(generators, num_returns=len(generators), timeout=timeout, fetch_local=False)[0]}
-        for stream in [s for s in self.closing if id(s.generator) in ended]:
-            self.closing.remove(stream)
-            self._guard(lambda: self._closed(ray.get(next(stream.generator))), lost=lambda: None, actor=stream.actor)
-
     def _closed(self, stats: dict) -> None:
-        """A group call's closing stats: for the step's stats, and the receipt of the version it loaded (pull)."""
+        """A group call's stats (its last group's dict carries them: the call's end is not worth a wake-up of its own,
+        a third of the driver's wake-ups at 64 engines): the engine's busy seconds for the step's stats, and the
+        receipt of the version it loaded (pull)."""
         if "sync" in stats:
             self.pulled.append(stats.pop("sync"))
         self.gen_calls.append(stats)
@@ -462,7 +452,6 @@ class StreamingOrchestrator(Orchestrator):
         from the groups (samples, tokens, the oldest version, the slowest group's seconds since its call started)
         and the engines' busy seconds from the shard calls that finished since the last step."""
         metas = [g.meta for g in groups]
-        self._close_finished()
         calls, self.gen_calls = self.gen_calls, []
         gen = {"gen_samples": sum(m["samples"] for m in metas), "gen_tokens": sum(m["tokens"] for m in metas),
                "policy_version": min(m["version"] for m in metas), "gen_seconds": max(m["seconds"] for m in metas),
@@ -508,7 +497,6 @@ class StreamingOrchestrator(Orchestrator):
                 self.save(step + 1, self.loop_state(writer, loop))
         while self.streams:  # calls with groups still to hand back (none once every launched group was taken)
             self._pump(timeout=self.cfg.fault.stage_timeout_s)
-        self._close_finished(timeout=self.cfg.fault.stage_timeout_s)  # the last calls' closing stats
         self.gen_calls = []
         self.finish_syncs(loop.sync)
         return self.summary(loop)

@@ -8,7 +8,7 @@
 - object_store: learner rank 0 puts one array per parameter in Ray's object store, every engine reads them.
   `sync.delivery: pull` (group flow): the driver sends no engine anything; it publishes the version's ref
   (`published`), each group call names it, and an engine holding an older version loads it when its next call comes
-  (its receipt comes back with the call's closing stats). A sync then costs the driver one export, not a call per
+  (its receipt comes back with the call's stats). A sync then costs the driver one export, not a call per
   engine.
 
 Calls are queued on the actors like any other (an engine takes a version between two `generate` calls), so in

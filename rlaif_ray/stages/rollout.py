@@ -176,7 +176,8 @@ class RolloutWorker:
         """`generate` one prompt group at a time (loop.flow: groups): a Ray generator that yields, for each prompt group
         the moment vLLM finishes its last sample, its `rollouts` table and then a small dict naming it (`position`:
         its prompt's position in the batch, `version`, `tokens`, `samples`, `seconds` since the call started), so
-        the driver knows which group a table is without fetching it; after the last group, the call's stats.
+        the driver knows which group a table is without fetching it; the last group's dict carries the call's stats
+        too (`closing`).
         The shard's prompts are batched together as in `generate`, with the same seeds (`positions[i]` is
         indices[i]'s position in its batch), so the samples are the same. Call it with
         `.options(num_returns="streaming")`, and `concurrency_group="streams"` to run it beside other group calls
@@ -184,7 +185,7 @@ class RolloutWorker:
         `min_version`: the version the driver had sent when it made the call; a call that runs beside a weight update
         waits for it (at most `sync.timeout_s`), as a call queued behind the update would. `published` (sync.delivery=
         pull): (version, [weights ref]) of the last version published; an engine that holds an older one loads it
-        first (the load's receipt comes back in the closing stats, as `sync`)."""
+        first (the load's receipt comes back in the call's stats, as `sync`)."""
         self._injected_pause("hang_generate")
         t_start = time.perf_counter()
         rows, params = self._requests(prompts, indices, step, positions)
@@ -208,10 +209,13 @@ class RolloutWorker:
                     samples += group
                     done.append(time.perf_counter() - t_start)
                     yield self._rollout_table(group, version)
-                    yield {"position": position, "version": version, "samples": len(group), "seconds": done[-1],
-                           "tokens": sum(len(sample.token_ids) for *_, sample in group), "worker": self.worker_index}
-        yield {**self._gen_stats(t_start, time.perf_counter() - t_start, samples), "policy_version": version,
-               "group_seconds": done, "busy_seconds": self.busy.take(), **({"sync": pulled} if pulled else {})}
+                    name = {"position": position, "version": version, "samples": len(group), "seconds": done[-1],
+                            "tokens": sum(len(sample.token_ids) for *_, sample in group), "worker": self.worker_index}
+                    if not waiting:  # the last group's name carries the call's stats (no item, no wake-up of their own)
+                        name["closing"] = {**self._gen_stats(t_start, done[-1], samples), "policy_version": version,
+                                           "group_seconds": done, "busy_seconds": self.busy.take(),
+                                           **({"sync": pulled} if pulled else {})}
+                    yield name
 
     def load_published(self, published: tuple[int, list]) -> dict | None:
         """sync.delivery=pull: the published version loaded now if this engine holds an older one (before the
