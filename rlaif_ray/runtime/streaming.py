@@ -143,14 +143,15 @@ class StreamingOrchestrator(Orchestrator):
             return
         published = self.weights.published()  # sync.delivery=pull: the calls name the weights their engine loads
         extra = {"published": published} if published else {}
+        loads = [0] * len(pool)  # open group calls per engine (counted once, not per shard: O(engines) each time)
+        for s in self.streams:
+            loads[s.worker] += 1
         for step in sorted({g.step for g in groups}):
             mine = [g for g in groups if g.step == step]
             shards = min(self.cfg.rollout.shards_per_batch or len(pool.present()), len(mine))
             for part in shard_indices(mine, shards):
-                loads = [0] * len(pool)
-                for s in self.streams:
-                    loads[s.worker] += 1
                 w = pool.pick(loads=loads)
+                loads[w] += 1
                 gen = pool.actors[w].generate_groups.options(num_returns="streaming", **self.stream_group).remote(
                     self.prompts_ref, [g.index for g in part], step, [g.position for g in part],
                     min_version=min(g.expected_version for g in part), **extra)
