@@ -80,6 +80,10 @@ class ActorPool:
     def track(self, index: int, ref) -> None:
         self._pending[index].append(ref)
 
+    def forget(self, index: int, ref) -> None:
+        """The call of actor `index` that `ref` completes finished (its caller was told so: no wait needed)."""
+        self._pending[index] = [r for r in self._pending[index] if r is not ref]
+
     def unfinished(self) -> list:
         """The refs of the calls not finished at the last prune (and of those tracked since)."""
         return [ref for queue in self._pending for ref in queue]

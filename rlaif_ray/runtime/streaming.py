@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, ObjectRefStreamEndOfStreamError
 
 from rlaif_ray.config import JUDGELESS_REWARDS
 from rlaif_ray.runtime.accounting import merge_shard_stats, summed
@@ -102,10 +103,21 @@ class Stream:
     groups: dict[int, Group]     # position -> the shard's groups not handed back yet
     generator: object
     life: int                    # the engine's life when the call was made (ActorPool.lives)
-    table: object = None         # a group's table ref, waiting for the dict that names the group
+    next_group: list | None = None  # the refs of the next group's table and naming dict, looked up once (`waitable`)
 
     def actor(self) -> tuple[str, int, int]:
         return "rollout", self.worker, self.life
+
+    def waitable(self):
+        """The ref of the dict naming the call's next group, which the driver watches (`_watch`) in place of the
+        generator: a wait on a generator looks its next item up again at every wait (at 64 engines, ~200 calls open
+        at each of a step's hundreds of waits: a fifth of the driver's Python time); this looks it up once per group,
+        through the generator's private `_get_next_ref_n` / `_consume_next_ref_n` (Ray 2.60, pinned by the lock; Ray
+        Serve uses them). An error of the call (an actor fault, an exception in the engine) comes in both refs, so
+        the dict's raises it."""
+        if self.next_group is None:
+            self.next_group = self.generator._get_next_ref_n(2)
+        return self.next_group[1]
 
 
 class StreamingOrchestrator(Orchestrator):
@@ -122,6 +134,10 @@ class StreamingOrchestrator(Orchestrator):
         self.parked: list[Group] = []      # groups no engine (parked_labels: no judge or scorer) is present to take
         self.parked_labels: list[Group] = []
         self.faults["reissued_groups"] = 0
+        # what finished, as Ray tells it (`_watch`): (what, object, ref) of a group's next dict, a group's reward call,
+        # a judge's call, or a ref `keep_flowing` waits for (`awaited`: the ids of those not finished yet)
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.awaited: set[int] = set()
         # rollout.engine_streams > 1: group calls run beside each other on an engine (RolloutWorker's "streams" group)
         self.stream_group = {"concurrency_group": "streams"} if self.cfg.rollout.engine_streams > 1 else {}
 
@@ -155,7 +171,9 @@ class StreamingOrchestrator(Orchestrator):
                 gen = pool.actors[w].generate_groups.options(num_returns="streaming", **self.stream_group).remote(
                     self.prompts_ref, [g.index for g in part], step, [g.position for g in part],
                     min_version=min(g.expected_version for g in part), **extra)
-                self.streams.append(Stream(w, step, {g.position: g for g in part}, gen, pool.lives[w]))
+                stream = Stream(w, step, {g.position: g for g in part}, gen, pool.lives[w])
+                self.streams.append(stream)
+                self._watch("stream", stream, stream.waitable())
 
     def untrained(self) -> list[Group]:
         """Groups launched and not trained yet, wherever they are (generating, judged, ready, parked)."""
@@ -202,6 +220,7 @@ class StreamingOrchestrator(Orchestrator):
             *labels, label_stats = critic_pool.actors[c].label_groups.options(num_returns=len(call) + 1).remote(
                 *[g.rollouts for g in call])
             critic_pool.track(c, label_stats)
+            self._watch("judge", c, label_stats)  # a judge that frees takes the groups waiting (`_label_handed`)
             for k, group in enumerate(call):
                 group.carries = k == 0
                 if self.rm_trainer is not None:
@@ -225,36 +244,31 @@ class StreamingOrchestrator(Orchestrator):
             group.rewards = rewards[k]
             group.calls = before + [StageCall("reward", rewards[n + k], "reward", 0, self.pools["reward"].lives[0])]
             self.labelling.append(group)
+            self._watch("group", group, rewards[n + k])
 
     def _label_handed(self) -> None:
-        """The groups handed back and not sent yet, to the judges free now (one call per judge, not per group)."""
+        """The groups handed back and not sent yet, to the judges free now (one call per judge, not per group; the
+        judges' counts kept by their calls' events, not by a wait over every call)."""
         if self.handed:
-            if "critic" in self.pools:
-                self.pools["critic"].prune()
             groups, self.handed = self.handed, []
             self._label_and_score(groups)
 
     def _advance(self, stream: Stream) -> None:
-        """Take the next ref a shard call handed back: a group's table or the dict naming that group (the group moves
-        on to its judge; the call's last group's dict carries the call's stats, and ends it). Raises the call's error
-        (an actor fault, a stale engine)."""
+        """The call's next group is handed back (its naming dict is there, and so its table, yielded before it): the
+        group moves on to its judge; the call's last group's dict carries the call's stats, and ends it. Raises the
+        call's error (an actor fault, a stale engine)."""
+        stream.waitable()
+        table, name = stream.next_group
         try:
-            ref = next(stream.generator)
-        except StopIteration:
-            self.streams.remove(stream)
-            if stream.table is not None:
-                ray.get(stream.table)  # the call failed: its error came where a table was due
-            if stream.groups:
-                raise RuntimeError(f"rollout worker {stream.worker} ended step {stream.step}'s shard without "
-                                   f"{len(stream.groups)} of its groups")
-            return
-        if stream.table is None and stream.groups:
-            stream.table = ref
-            return
-        value = ray.get(ref)
+            value = ray.get(name)
+        except ObjectRefStreamEndOfStreamError:
+            raise RuntimeError(f"rollout worker {stream.worker} ended step {stream.step}'s shard without "
+                               f"{len(stream.groups)} of its groups") from None
+        stream.generator._consume_next_ref_n(2)
+        stream.next_group = None
         closing = value.pop("closing", None)
         group = stream.groups.pop(value["position"])
-        group.rollouts, group.meta, stream.table = stream.table, value, None
+        group.rollouts, group.meta = table, value
         if value["version"] < group.expected_version:
             stream.groups[group.position] = group  # lost with the rest of the call
             raise StaleEngine(f"engine {value['worker']} generated step {group.step} with version {value['version']}"
@@ -263,6 +277,8 @@ class StreamingOrchestrator(Orchestrator):
         if closing is not None:  # the call's last group: its end is not waited for (no wake-up of its own)
             self.streams.remove(stream)
             self._closed(closing)
+        elif stream.groups:
+            self._watch("stream", stream, stream.waitable())
 
     def _finish(self, group: Group) -> None:
         """A group whose reward call finished: into the learner's buffer, once its stats say it is sound."""
@@ -276,32 +292,44 @@ class StreamingOrchestrator(Orchestrator):
         group.meta = {**group.meta, "stage_stats": {call.stage: s for call, s in zip(group.calls, stats)}}
         self.ready.append(group)
 
-    def _pump(self, timeout: float, also: list = ()) -> bool:
-        """Move along the first group or call that is ready, waiting at most `timeout` for it (or for one of `also`,
-        refs of the driver's other work); whether one moved. One `ray.wait` per event: events come mostly one at a
-        time, and a second wait over every call in flight to gather the others doubled the driver's CPU per step."""
-        streams = {id(s.generator): s for s in self.streams}
-        labelling = {id(g.calls[-1].stats): g for g in self.labelling}
-        waitables = [s.generator for s in self.streams] + [g.calls[-1].stats for g in self.labelling]
-        if self.handed and "critic" in self.pools:  # groups waiting for a judge: a judge's call finishing wakes us
-            waitables += self.pools["critic"].unfinished()
-        if not waitables and not also:
-            return False
-        done, _ = ray.wait(waitables + list(also), num_returns=1, timeout=timeout, fetch_local=False)
-        if not done:
-            return False
-        key = id(done[0])
-        if key in streams:
-            stream = streams[key]
-            self._guard(lambda: self._drain(stream), lost=lambda: self._lose_stream(stream), actor=stream.actor)
-        elif key in labelling:
-            group = labelling[key]
-            self._guard(lambda: self._finish(group), lost=lambda: self._relabel(group),
-                        actor=lambda: self._failed_call(group))
-        elif any(ref is done[0] for ref in also):
-            return False  # the driver's other work, not an event of the groups'
-        self._label_handed()
-        return True
+    def _watch(self, what: str, obj, ref) -> None:
+        """Ray puts `(what, obj, ref)` in `events` once `ref` is there (or failed): each ref is handed to Ray once, and
+        the driver waits on a queue, not with a `ray.wait` over every call in flight (which costs the driver, at each
+        event, as much as the calls it looks at: ~250 at 64 engines; two thirds of the driver's Python time went to
+        those waits). `ObjectRef._on_ready` is Ray's private hook for this (Ray 2.60, pinned by the lock; Ray Serve
+        waits on its replicas' streams with it); it neither fetches nor reads the object."""
+        ref._on_ready(lambda _error: self.events.put((what, obj, ref)))
+
+    def _pump(self, timeout: float) -> bool:
+        """Move along the next group or call that finished, waiting at most `timeout` for one; whether one moved
+        (False: none did, or one of the refs `keep_flowing` waits for finished). Events of what was dropped meanwhile
+        (a call lost to a fault, a group labelled again) are passed over."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                what, obj, ref = self.events.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                return False
+            if what == "stream":
+                if obj not in self.streams or obj.next_group is None or obj.next_group[1] is not ref:
+                    continue
+                self._guard(lambda: self._advance(obj), lost=lambda: self._lose_stream(obj), actor=obj.actor)
+            elif what == "group":
+                if obj not in self.labelling or obj.calls[-1].stats is not ref:
+                    continue
+                self._guard(lambda: self._finish(obj), lost=lambda: self._relabel(obj),
+                            actor=lambda: self._failed_call(obj))
+            elif what == "judge":
+                self.pools["critic"].forget(obj, ref)
+                if not self.handed:
+                    continue
+            elif id(ref) in self.awaited:  # "awaited"
+                self.awaited.discard(id(ref))
+                return False
+            else:
+                continue
+            self._label_handed()
+            return True
 
     def _closed(self, stats: dict) -> None:
         """A group call's stats (its last group's dict carries them: the call's end is not worth a wake-up of its own,
@@ -320,24 +348,18 @@ class StreamingOrchestrator(Orchestrator):
 
     def keep_flowing(self, refs: list, every: bool, timeout: float) -> None:
         """Groups keep moving (handed back, labelled, scored) while the driver waits for the learner's step or a
-        weight sync: returns once one of `refs` is done (`every`: all), or after `timeout` s. `refs` are looked at
-        only when the pump stops for one of them (`every`: the first still open), not at each group's event: at 256
-        engines a sync's refs would be most of every wait."""
-        end, waiting = time.monotonic() + timeout, list(refs)
-        while True:
-            waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0, fetch_local=False)[1]
-            if not waiting or (not every and len(waiting) < len(refs)):
-                return
-            while (left := end - time.monotonic()) > 0 and self._pump(left, also=waiting[:1] if every else waiting):
-                pass
-            if left <= 0:
-                return
-
-    def _drain(self, stream: Stream) -> None:
-        """Every ref the call has handed back so far (a table and its naming dict come one right after the other)."""
-        self._advance(stream)
-        while stream in self.streams and ray.wait([stream.generator], timeout=0, fetch_local=False)[0]:
-            self._advance(stream)
+        weight sync: returns once one of `refs` is done (`every`: all), or after `timeout` s."""
+        end = time.monotonic() + timeout
+        self.awaited = {id(ref) for ref in refs}
+        for ref in refs:
+            self._watch("awaited", None, ref)
+        try:
+            while self.awaited if every else len(self.awaited) == len(refs):
+                if (left := end - time.monotonic()) <= 0:
+                    return
+                self._pump(left)
+        finally:
+            self.awaited = set()
 
     # ------------------------------------------------------------------ faults
     def _guard(self, work, lost, actor) -> None:
