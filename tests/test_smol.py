@@ -173,8 +173,10 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     trained on them, and the judge report shows what a small real judge does. Sync mode and the collective weight
     sync: the second batch comes from the engine after it took version 1, so the learner's log-probs on it must equal
     the engine's (SmolLM2 ties its input and output embeddings: an engine whose output head kept the initial weights
-    after a reload was off by ~1e-3 per token). The same run in group flow (loop.flow=groups) trains the same samples
-    with the same outcomes, rewards and losses: streaming changes when a group moves, not what it is."""
+    after a reload was off by ~1e-3 per token). The same run in group flow (loop.flow=groups), its engine fetching each
+    version itself (sync.delivery=pull, through the object store), trains the same samples with the same outcomes,
+    rewards and losses: streaming changes when a group moves, not what it is; and its second batch matches the
+    learner's log-probs as closely (the engine loaded version 1, tied embeddings included, before generating it)."""
     import pyarrow.parquet as pq
 
     from transformers import AutoTokenizer
@@ -215,7 +217,8 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     assert metrics[1]["logprob_mismatch"] < 1e-4
 
     groups = train(load_config("jobs/configs/smol_cpu.yaml", [f"output.run_dir={tmp_path / 'groups'}", *overrides,
-                                                               "loop.flow=groups"]))
+                                                               "loop.flow=groups", "sync.method=object_store",
+                                                               "sync.delivery=pull"]))
     assert groups["flow"] == "groups" and groups["final_version"] == 2 and not groups["faults"]["events"]
     ledgers = [sorted((r["step"], r["sample_id"], r["outcome"]) for r in read_jsonl(run / "samples.jsonl"))
                for run in (tmp_path / "run", tmp_path / "groups")]
@@ -223,6 +226,8 @@ def test_smol_rlaif_run_with_chat_templates(ray_cluster, smol_world, tmp_path):
     grouped = read_jsonl(tmp_path / "groups" / "metrics.jsonl")
     for key in ("reward_mean", "loss", "trained", "judge_calls", "gen_tokens", "true_accuracy"):
         assert [m[key] for m in grouped] == pytest.approx([m[key] for m in metrics], abs=1e-5), key
+    assert [m["gen_policy_version"] for m in grouped] == [0, 1] and grouped[1]["sync_seconds"] > 0
+    assert grouped[1]["logprob_mismatch"] < 1e-4
 
 
 def test_held_out_sums_are_kept_out_of_the_rl_prompts(smol_world):
