@@ -256,8 +256,7 @@ class StreamingOrchestrator(Orchestrator):
     def _advance(self, stream: Stream) -> None:
         """The call's next group is handed back (its naming dict is there, and so its table, yielded before it): the
         group moves on to its judge; the call's last group's dict carries the call's stats, and ends it. Raises the
-        call's error (an actor fault, a stale engine)."""
-        stream.waitable()
+        call's error (an actor fault, a stale engine). Called for the event of the dict `waitable` looked up."""
         table, name = stream.next_group
         try:
             value = ray.get(name)
