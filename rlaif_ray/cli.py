@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(srv)
     tj = sub.add_parser("train-judge", help="fine-tune the judge (model.critic) on a preference file so that the verdict "
                                             "the labeler reads matches its labels (judge_training.*)")
-    tj.add_argument("preferences", help="preference file (JSONL/Parquet/dataset folder; preferences.*_key fields)")
+    tj.add_argument("preferences", help="preference file (JSONL/Parquet/dataset folder; preferences.*_key fields); "
+                                        "with critic.method=direct, graded answers (prompt, response, grade in [0, 1])")
     tj.add_argument("--out", required=True, help="folder for the tuned judge (Hugging Face) and judge_report.*")
     _config_args(tj)
     rep = sub.add_parser("report", help="re-write report.md/report.png of a run folder")

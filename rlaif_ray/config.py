@@ -51,11 +51,14 @@ class SmolWorldConfig(_Section):
     held_out: int = Field(0, ge=0)
     # model.critic=smol_judge (rlaif_ray.worlds.smol_judge): the judge is tuned on SmolLM2's own answers to sums with
     # an operand above max_operand up to judge_max_operand (at most judge_max_prompts of them, judge_samples answers
-    # each, up to judge_pairs_per_prompt right-vs-wrong pairs per prompt)
+    # each, up to judge_pairs_per_prompt right-vs-wrong pairs per prompt), plus tie pairs (two distinct answers the
+    # checker grades the same, label 0.5; at most one per prompt, a seeded sample) up to judge_tie_share of the
+    # right-vs-wrong pairs: where the judge cannot tell two answers apart it should say 0.5 in both orders, not slot 1
     judge_max_operand: int = Field(20, ge=2, le=99)
     judge_samples: int = Field(8, ge=2)
     judge_pairs_per_prompt: int = Field(2, ge=1)
     judge_max_prompts: int = Field(400, ge=1)
+    judge_tie_share: float = Field(0.25, ge=0, le=1)
 
 
 class ModelConfig(_Section):
@@ -376,6 +379,9 @@ class PreferencesConfig(_Section):
     label_key: str = "label"          # soft label P(chosen ≻ rejected) in [0, 1] (optional; 1 when absent)
     strength_key: str = "strength"    # or a strength in [0, 1], read as (1 + strength) / 2
     source_key: str = "source"        # who labelled the row ("human", "ai:<judge>"): counted in the run's records
+    # graded single answers (`rlaif-ray train-judge` with critic.method=direct; rlaif_ray.data.graded)
+    response_key: str = "response"
+    grade_key: str = "grade"          # in [0, 1]: 0 the worst answer, 1 the best
 
 
 class LoraSettings(_Section):
@@ -601,13 +607,16 @@ class JudgeTrainingConfig(_Section):
     the pairwise verdict the labeler reads (`critic.*` templates and labels, both orders) matches the file's labels.
     `held_out`: the share of pairs (seeded by `loop.seed`) kept out of training and reported before → after;
     `batch_size`: judge prompts (two per pair) per optimizer step; `max_pairs` 0: every pair; `lora_rank` > 0: train
-    LoRA adapters and save the merged model."""
+    LoRA adapters and save the merged model; `symmetry` > 0: add that weight times the pair-symmetry term, (z₁ + z₂)²
+    with z the judge's log-odds of slot 1 in each order of a pair (0 when the two orders pick opposite slots by the
+    same margin, whatever the label), so the judge learns no position bias; batches then hold both orders of a pair."""
     epochs: int = Field(2, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
     batch_size: int = Field(16, ge=1)
     held_out: float = Field(0.2, ge=0, lt=1)
     max_pairs: int = Field(0, ge=0)
     lora_rank: int = Field(0, ge=0)
+    symmetry: float = Field(0.0, ge=0)
 
 
 class RunConfig(_Section):

@@ -89,6 +89,104 @@ def test_the_labeler_reads_what_training_optimised(tuned, ray_cluster):
     assert trained[0] > 0.5 > trained[1]  # the direction training was given, in both orders
 
 
+def test_the_symmetry_term_penalises_position_bias_only_and_batches_keep_pairs_whole():
+    """judge_training.symmetry: (z₁ + z₂)² over a pair's two orders is 0 for mirrored verdicts whatever their margin,
+    positive for a judge that picks slot 1 in both orders, and its gradient lowers both orders' slot-1 log-odds; the
+    batches it trains on hold both orders of every pair, every judge prompt once."""
+    import torch
+
+    from rlaif_ray.judge.tuning import JudgeExample, pair_batches, pair_symmetry
+    examples = [JudgeExample([1], 1.0 - order, pair, order) for pair in range(7) for order in (0, 1)]
+    mirrored = torch.log_softmax(torch.tensor([[3.0, 0.0], [0.0, 3.0]] * 7), -1)
+    assert float(pair_symmetry(mirrored, examples)) == pytest.approx(0.0, abs=1e-6)
+    slot_one = torch.tensor([[2.0, 0.0], [1.0, 0.0]] * 7, requires_grad=True)  # slot 1 in both orders: z 2 and 1
+    penalty = pair_symmetry(torch.log_softmax(slot_one, -1), examples)
+    assert float(penalty) == pytest.approx(9.0, rel=1e-5)
+    penalty.backward()
+    assert (slot_one.grad[:, 0] > 0).all() and (slot_one.grad[:, 1] < 0).all()
+    assert float(pair_symmetry(mirrored[:1], examples[:1])) == 0.0  # no whole pair: nothing to compare
+    batches = pair_batches(examples, 4, np.random.default_rng(0))
+    assert [len(b) for b in batches] == [4, 4, 4, 2]
+    assert sorted((e.pair, e.order) for b in batches for e in b) == sorted((e.pair, e.order) for e in examples)
+    assert all(sorted(e.order for e in b if e.pair == k) == [0, 1] for b in batches for k in {e.pair for e in b})
+
+
+@pytest.fixture(scope="module")
+def tuned_direct(tmp_path_factory, toy_world):
+    """The toy critic tuned on the direct (1-K) scale from graded single answers: right 1, wrong 0."""
+    folder = tmp_path_factory.mktemp("direct")
+    graded = folder / "graded.jsonl"
+    pairs = toy_pairs(toy_world.prompts, 30)
+    rows = [{"prompt": r["prompt"], "response": r[side], "grade": float(side == "chosen")}
+            for r in pairs for side in ("chosen", "rejected")]
+    graded.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = folder / "tuned"
+    proc = run_cli("train-judge", str(graded), "--out", str(out), "model.critic=toy", "critic.method=direct",
+                   "reward.kind=direct_score",
+                   "judge_training.epochs=2", "judge_training.learning_rate=2e-4", "judge_training.batch_size=8",
+                   "judge_training.held_out=0.2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "judge_report.json").read_text()), rows
+
+
+def test_the_direct_labeler_reads_the_score_training_optimised(tuned_direct, ray_cluster):
+    """critic.method=direct: train-judge reads graded answers, tunes the 1-K score, and a CriticLabeler on the tuned
+    folder reads Σ i·P(i) as training computes it on an answer it trained on, the right answer above the wrong."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlaif_ray.config import CriticConfig
+    from rlaif_ray.data.chat import resolve_template
+    from rlaif_ray.judge.reply import concrete_labels, label_token_ids
+    from rlaif_ray.judge.trainer import split_pairs
+    from rlaif_ray.judge.tuning import direct_examples, label_logits
+    from rlaif_ray.stages.critic import CriticLabeler
+    from tests.conftest import small_config
+    from tests.test_actors import rollout_table
+
+    out, report, rows = tuned_direct
+    assert report["method"] == "direct" and report["pairs"] == {"train": 48, "held_out": 12, "too_long": 0}
+    assert report["epoch_losses"][1] < report["epoch_losses"][0]
+    assert {"agreement", "pearson", "mae", "label_mass"} <= set(report["held_out_after"])
+    assert "| pearson |" in (out / "judge_report.md").read_text()
+    trained_row = split_pairs(len(rows), 0.2, 0)[0][0] // 2 * 2  # a prompt whose right answer was trained on
+    prompt, right, wrong = rows[trained_row]["prompt"], rows[trained_row]["response"], rows[trained_row + 1]["response"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    critic = concrete_labels(CriticConfig(method="direct"), tokenizer)
+    examples, _ = direct_examples([(prompt, right, 1.0), (prompt, wrong, 0.0)], critic, tokenizer,
+                                  resolve_template("auto", tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logp = label_logits(model, examples, label_token_ids(tokenizer, critic.direct_labels, str(out)), 0, "cpu")
+    trained = (logp.softmax(-1) * torch.arange(1, logp.shape[1] + 1)).sum(-1).numpy()
+
+    cfg = small_config(critic={"method": "direct", "backend": "transformers"}, reward={"kind": "direct_score"})
+    labeler = CriticLabeler.options(num_cpus=1).remote(str(out), cfg.model_dump())
+    try:
+        table, _ = ray.get(labeler.label.options(num_returns=2).remote(rollout_table([right, wrong], prompt=prompt)))
+    finally:
+        ray.kill(labeler)
+    read = table.column("judge_score").to_pylist()
+    assert np.allclose(read, trained, atol=2e-2), (read, trained)
+    assert trained[0] > trained[1]  # the direction training was given
+
+
+def test_bad_graded_rows_name_the_file_row_and_field(tmp_path):
+    from rlaif_ray.data.graded import read_graded_file
+    from rlaif_ray.data.prompts import PromptFileError  # what every input file's row error is (the CLI exits 2)
+    bad = tmp_path / "graded.jsonl"
+    for row, field in (({"prompt": "1+1=", "response": " 2", "grade": 1.7}, "'grade'"),
+                       ({"prompt": "1+1=", "grade": 1}, "'response'"), ({"response": " 2", "grade": 0}, "'prompt'")):
+        bad.write_text(json.dumps({"prompt": "1+2=", "response": " 3", "grade": 1}) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(PromptFileError, match="row 2") as err:
+            read_graded_file(bad)
+        assert str(bad) in str(err.value) and field in str(err.value)
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="}], "response": " 2", "grade": 0.5,
+                               "note": "x"}) + "\n")
+    rows, stats = read_graded_file(bad)
+    assert rows == [("1+1=", " 2", 0.5)] and stats["unused_fields"] == {"note": 1}
+
+
 def test_bad_preference_rows_name_the_file_row_and_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "1+1=", "chosen": " 2", "rejected": " 3"}) + "\n"
@@ -127,3 +225,21 @@ def test_the_smol_judge_is_built_once_per_judge_prompt(tmp_path, smol_world):
     other = load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml",
                         [*overrides, "critic.pairwise_ending=Which answer is right? Reply 1 or 2."])
     assert judge_key(other) != judge_key(cfg)
+
+
+def test_checker_pairs_add_ties_up_to_their_share():
+    """The smol judge's training pairs: right over wrong (label 1) per question, then ties (two distinct answers the
+    checker grades the same, label 0.5) up to smol.judge_tie_share of them, never two copies of one answer."""
+    from rlaif_ray.worlds.smol_judge import checker_pairs
+    questions = [(f"What is {k} + 1?", str(k + 1)) for k in range(1, 9)]
+    answers = [[str(k + 1), f"It is {k + 1}", str(k + 3), str(k + 4), str(k + 3)] for k in range(1, 9)]
+    rows, counts = checker_pairs(questions, answers, per_prompt=2, tie_share=0.25, seed=0)
+    decided = [r for r in rows if r["label"] == 1.0]
+    ties = [r for r in rows if r["label"] == 0.5]
+    assert len(decided) == 16 and counts == {"prompts": 8, "answers": 40, "right_share": 0.4, "pairs": 16,
+                                             "tie_pairs": 4}
+    assert len(ties) == 4 and all(r["chosen"] != r["rejected"] and r["source"] == "checker_tie" for r in ties)
+    for r in ties:  # both right (two distinct right answers exist in every question here)
+        k = int(r["prompt"].split()[2])
+        assert {r["chosen"], r["rejected"]} == {str(k + 1), f"It is {k + 1}"}
+    assert checker_pairs(questions, answers, per_prompt=2, tie_share=0.0)[0] == decided

@@ -52,7 +52,7 @@ class PreferenceKeys:
     split: str = "train"
 
 
-def _response(path: Path, lineno: int, field: str, value) -> tuple[str, list[dict] | None]:
+def response_field(path: Path, lineno: int, field: str, value) -> tuple[str, list[dict] | None]:
     """(the response text, the turns before it when the field is a conversation)."""
     if isinstance(value, list):
         turns = messages_field(path, lineno, field, value, prompt=False)
@@ -108,8 +108,8 @@ def read_preference_file(path: str | Path, keys: PreferenceKeys = PreferenceKeys
     for lineno, row in rows:
         unused.update(k for k, v in row.items() if k not in used and v is not None)
         pair_id = row_id(path, lineno, keys.id, row.get(keys.id), seen)
-        chosen, chosen_context = _response(path, lineno, keys.chosen, row.get(keys.chosen))
-        rejected, rejected_context = _response(path, lineno, keys.rejected, row.get(keys.rejected))
+        chosen, chosen_context = response_field(path, lineno, keys.chosen, row.get(keys.chosen))
+        rejected, rejected_context = response_field(path, lineno, keys.rejected, row.get(keys.rejected))
         messages, prompt = row.get(keys.messages), row.get(keys.prompt)
         if messages is not None:
             messages = messages_field(path, lineno, keys.messages, messages)

@@ -1,6 +1,8 @@
 """The judge under training (`JudgeTrainer`): its tokenizer, label token ids, judge-prompt examples and one
 DeepSpeed rank of the learner core; held-out quality before and after, the tuned folder and its report. Used by
-`rlaif-ray train-judge` (rlaif_ray.tools.train_judge) and the smol world's judge (rlaif_ray.worlds.smol_judge)."""
+`rlaif-ray train-judge` (rlaif_ray.tools.train_judge) and the smol world's judge (rlaif_ray.worlds.smol_judge).
+It tunes the verdict `critic.method` reads: pairwise (pairs in both orders; also for cot and self_reference, whose
+verdict is the same label read after more text) or direct (graded single answers on the 1–K scale)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +15,9 @@ import torch
 
 from rlaif_ray.config import RunConfig
 from rlaif_ray.data.chat import resolve_template
-from rlaif_ray.judge.reply import concrete_labels
-from rlaif_ray.judge.tuning import judge_examples, label_logits, pairwise_label_ids, tuning_loss, verdict_quality
+from rlaif_ray.judge.reply import concrete_labels, label_token_ids
+from rlaif_ray.judge.tuning import (direct_examples, judge_examples, label_logits, pair_batches, pair_symmetry,
+                                    score_quality, score_targets, tuning_loss, verdict_quality)
 
 
 def _free_port() -> int:
@@ -43,7 +46,9 @@ class JudgeTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(judge_path)
         self.template = resolve_template(cfg.critic.chat_template, self.tokenizer, "critic.chat_template")
         self.critic = concrete_labels(cfg.critic, self.tokenizer)
-        self.label_ids = pairwise_label_ids(self.critic, self.tokenizer, judge_path)
+        self.direct = cfg.critic.method == "direct"
+        self.labels = list(self.critic.direct_labels if self.direct else self.critic.pairwise_labels)
+        self.label_ids = label_token_ids(self.tokenizer, self.labels, judge_path)
         if not dist.is_initialized():
             init_distributed("nccl" if torch.cuda.is_available() else "gloo", "127.0.0.1", _free_port(), 0, 1)
         self.core = LearnerCore(judge_path, CoreSettings(  # constant learning rate, no reference model
@@ -54,25 +59,34 @@ class JudgeTrainer:
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.max_tokens = cfg.engine_for("critic").max_model_len - 1
 
-    def examples(self, pairs):
-        return judge_examples(pairs, self.critic, self.tokenizer, self.template, self.cfg.loop.seed, self.max_tokens)
+    def examples(self, rows):
+        """Judge prompts of (prompt, chosen, rejected, label) pairs, both orders; direct: of (prompt, response,
+        grade) answers. Returns the examples and how many rows were too long for the judge."""
+        make = direct_examples if self.direct else judge_examples
+        return make(rows, self.critic, self.tokenizer, self.template, self.cfg.loop.seed, self.max_tokens)
 
-    def slot1_probs(self, examples, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """P(slot 1) the labeler would read for each example, and the label mass (no gradient)."""
+    def verdicts(self, examples, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """The labels' probabilities the labeler would read for each example ([N, labels], renormalised over the
+        labels) and their mass (no gradient)."""
         probs, mass = [], []
         with torch.no_grad():
             for k in range(0, len(examples), batch):
                 logp = label_logits(self.core.engine, examples[k:k + batch], self.label_ids, self.pad_id,
                                     self.core.device)
-                probs += torch.softmax(logp, -1)[:, 0].cpu().tolist()
+                probs += torch.softmax(logp, -1).cpu().tolist()
                 mass += logp.exp().sum(-1).cpu().tolist()
-        return np.asarray(probs), np.asarray(mass)
+        return np.asarray(probs).reshape(-1, len(self.label_ids)), np.asarray(mass)
 
     def quality(self, examples, labels: dict[int, float]) -> dict:
-        """verdict_quality of the pairs both of whose orders are in `examples`."""
-        probs, mass = self.slot1_probs(examples)
+        """verdict_quality of the pairs both of whose orders are in `examples` (`labels`: P(chosen ≻ rejected) per
+        pair); direct: score_quality of the answers (`labels`: the grade per answer)."""
+        probs, mass = self.verdicts(examples)
+        if self.direct:
+            expected = probs @ np.arange(1, len(self.label_ids) + 1)
+            return score_quality(expected, np.asarray([labels[e.pair] for e in examples]), len(self.label_ids), mass,
+                                 self.critic.min_label_mass)
         by_pair: dict[int, list] = {}  # pair -> [(P(slot 1), label mass) of order 0, of order 1]
-        for e, p, m in zip(examples, probs, mass):
+        for e, p, m in zip(examples, probs[:, 0], mass):
             by_pair.setdefault(e.pair, [None, None])[e.order] = (p, m)
         pairs = sorted(k for k, v in by_pair.items() if None not in v)
         both = np.asarray([by_pair[k] for k in pairs], dtype=float).reshape(-1, 2, 2)  # [pair, order, (p, mass)]
@@ -80,21 +94,30 @@ class JudgeTrainer:
                                self.critic.min_label_mass)
 
     def train(self, examples, progress=print) -> list[float]:
-        """`judge_training.epochs` passes over `examples` in seeded random order; the mean loss per epoch."""
+        """`judge_training.epochs` passes over `examples` in seeded random order (whole pairs per batch when
+        `judge_training.symmetry` > 0); the mean loss per epoch (the cross-entropy plus the weighted symmetry term)."""
         jt, rng = self.cfg.judge_training, np.random.default_rng(self.cfg.loop.seed + 1)
+        symmetry = 0.0 if self.direct else jt.symmetry
         losses = []
         for epoch in range(jt.epochs):
-            order = rng.permutation(len(examples))
+            if symmetry > 0:
+                batches = pair_batches(examples, jt.batch_size, rng)
+            else:
+                order = rng.permutation(len(examples))
+                batches = [[examples[i] for i in order[s:s + jt.batch_size]]
+                           for s in range(0, len(examples), jt.batch_size)]
             total, t0 = 0.0, time.perf_counter()
-            for start in range(0, len(examples), jt.batch_size):
-                chunk = [examples[i] for i in order[start:start + jt.batch_size]]
+            for chunk in batches:
                 targets = torch.tensor([e.target for e in chunk], dtype=torch.float32, device=self.core.device)
-
+                if self.direct:
+                    targets = score_targets(targets, len(self.label_ids))
                 seen: list[float] = []
 
                 def loss_of(_, chunk=chunk, targets=targets, seen=seen):
-                    loss = tuning_loss(label_logits(self.core.engine, chunk, self.label_ids, self.pad_id,
-                                                    self.core.device), targets).mean()
+                    logp = label_logits(self.core.engine, chunk, self.label_ids, self.pad_id, self.core.device)
+                    loss = tuning_loss(logp, targets).mean()
+                    if symmetry > 0:
+                        loss = loss + symmetry * pair_symmetry(logp, chunk)
                     seen.append(float(loss.detach()))
                     return loss
                 self.core.train_passes(1, 1, loss_of)
@@ -118,12 +141,14 @@ def write_report(out: str, report: dict) -> None:
 
 def _markdown(report: dict) -> str:
     lines = [f"# Judge tuning: {report['judge']}", "",
-             f"{report['pairs']['train']} training pairs, {report['pairs']['held_out']} held out; "
+             f"{report['pairs']['train']} training {report.get('unit', 'pairs')}, "
+             f"{report['pairs']['held_out']} held out; "
              f"epoch losses {', '.join(f'{x:.4f}' for x in report['epoch_losses'])}; {report['seconds']} s.", ""]
     before, after = report["held_out_before"], report["held_out_after"]
     if before and after:
-        lines += ["| held-out pairs | before | after |", "|---|---|---|"]
-        for key in ("agreement", "position_consistency", "first_slot_rate", "brier", "label_mass", "unparsable_share"):
+        lines += [f"| held-out {report.get('unit', 'pairs')} | before | after |", "|---|---|---|"]
+        for key in ("agreement", "position_consistency", "first_slot_rate", "brier", "pearson", "mae", "mean_score",
+                    "label_mass", "unparsable_share"):
             fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
             if key in before:
                 lines.append(f"| {key.replace('_', ' ')} | {fmt(before[key])} | {fmt(after[key])} |")

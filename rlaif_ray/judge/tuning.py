@@ -10,6 +10,11 @@ first, its complement in the other). That is the two-way cross-entropy the label
 -log(label mass): the labels keep the answer's probability. (With the two-way term alone, SmolLM2's label mass fell
 to 0.01, below `critic.min_label_mass`, and the labeler refused every verdict.) What training optimised is therefore
 what the labeler reads, token for token.
+
+With `critic.method=direct` the judge is tuned on graded single answers instead (`direct_examples`): the labeler shows
+`preamble + direct_template(prompt, response) + direct_ending` and reads Σ i·P(i) over the K score labels
+(renormalised), so the target is a distribution over the K labels whose expected score is 1 + grade·(K − 1)
+(`score_targets`), and the loss the same cross-entropy over the whole vocabulary.
 """
 from __future__ import annotations
 
@@ -26,9 +31,9 @@ from rlaif_ray.judge.templates import JudgePrompts
 @dataclass(frozen=True)
 class JudgeExample:
     ids: list[int]     # the judge prompt's tokens, as the labeler encodes it
-    target: float      # P(slot 1 is better): the pair's label in this order
-    pair: int          # index of the pair it comes from
-    order: int         # 0: chosen in slot 1, 1: rejected in slot 1
+    target: float      # P(slot 1 is better): the pair's label in this order (direct: the answer's grade in [0, 1])
+    pair: int          # index of the pair (direct: of the graded answer) it comes from
+    order: int         # 0: chosen in slot 1, 1: rejected in slot 1 (direct: 0)
 
 
 def judge_examples(pairs: list[tuple[str, str, str, float]], critic, tokenizer, template, seed: int = 0,
@@ -50,9 +55,40 @@ def judge_examples(pairs: list[tuple[str, str, str, float]], critic, tokenizer, 
     return out, too_long
 
 
+def direct_examples(answers: list[tuple[str, str, float]], critic, tokenizer, template, seed: int = 0,
+                    max_tokens: int | None = None) -> tuple[list[JudgeExample], int]:
+    """Every (prompt, response, grade) as the direct judge prompt of `critic`; one principle per answer where the
+    config has principles (seeded). Answers whose prompt is longer than `max_tokens` are left out (and counted)."""
+    prompts = JudgePrompts(critic)
+    rng = np.random.default_rng(seed)
+    out, too_long = [], 0
+    for k, (prompt, response, grade) in enumerate(answers):
+        principle = critic.principles[int(rng.integers(len(critic.principles)))] if critic.principles else ""
+        ids = user_turn_ids(tokenizer, prompts.direct(prompt, response, principle) + critic.direct_ending, template)
+        if max_tokens is not None and len(ids) > max_tokens:
+            too_long += 1
+            continue
+        out.append(JudgeExample(ids, float(grade), k, 0))
+    return out, too_long
+
+
 def pairwise_label_ids(critic, tokenizer, name: str) -> list[int]:
     """The token ids of the slot-1 and slot-2 labels (each exactly one token, or JudgeLabelError)."""
     return label_token_ids(tokenizer, critic.pairwise_labels, name)
+
+
+def score_targets(grades: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n]: for each grade in [0, 1] the distribution over the direct scale's labels 1..n whose expected score
+    (what the labeler reads, Σ i·P(i)) is 1 + grade·(n − 1): the mass split between the two nearest labels, so a
+    grade of 0 or 1 puts it all on label 1 or label n."""
+    pos = grades.clamp(0, 1) * (n - 1)
+    low = pos.floor().long().clamp(max=n - 2)
+    upper = pos - low
+    out = torch.zeros(len(grades), n, dtype=grades.dtype, device=grades.device)
+    rows = torch.arange(len(grades), device=grades.device)
+    out[rows, low] = 1 - upper
+    out[rows, low + 1] = upper
+    return out
 
 
 def label_logits(model, examples: list[JudgeExample], label_ids: list[int], pad_id: int, device) -> torch.Tensor:
@@ -76,10 +112,61 @@ def label_logits(model, examples: list[JudgeExample], label_ids: list[int], pad_
 
 
 def tuning_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy between the judge's next-token distribution (`logp`: the two labels' log-probs,
-    from `label_logits`) and the soft target P(slot 1) on the slot-1 label, the rest on the slot-2 label: the two-way
-    cross-entropy plus -log(label mass)."""
-    return -(targets * logp[:, 0] + (1 - targets) * logp[:, 1])
+    """Per-example cross-entropy between the judge's next-token distribution (`logp`: the labels' log-probs, from
+    `label_logits`) and the target put on the labels: [B] a soft P(slot 1) on the slot-1 label, the rest on the
+    slot-2 label; or [B, L] a distribution over L labels (`score_targets`). The L-way cross-entropy plus
+    -log(label mass)."""
+    if targets.dim() == 1:
+        targets = torch.stack([targets, 1 - targets], dim=-1)
+    return -(targets * logp).sum(-1)
+
+
+def pair_symmetry(logp: torch.Tensor, examples: list[JudgeExample]) -> torch.Tensor:
+    """Mean over the pairs with both orders in `examples` of (z₁ + z₂)², z the judge's log-odds of slot 1 (`logp`
+    from `label_logits`) in each order. The two orders' targets are each other's complement, so their log-odds are
+    each other's negatives whatever the label: the term is 0 for a judge with no position bias, and it pushes a pair the
+    judge puts in slot 1 in both orders (or slot 2 in both) back towards opposite verdicts. 0 when no pair is whole."""
+    z = logp[:, 0] - logp[:, 1]
+    rows: dict[int, list] = {}
+    for i, e in enumerate(examples):
+        rows.setdefault(e.pair, [None, None])[e.order] = i
+    whole = [v for v in rows.values() if None not in v]
+    if not whole:
+        return z.sum() * 0.0
+    idx = torch.tensor(whole, device=z.device)
+    return ((z[idx[:, 0]] + z[idx[:, 1]]) ** 2).mean()
+
+
+def pair_batches(examples: list[JudgeExample], batch_size: int, rng: np.random.Generator) -> list[list[JudgeExample]]:
+    """`examples` in batches of about `batch_size` judge prompts that keep both orders of a pair together (pairs in
+    seeded random order; a batch holds max(1, batch_size // 2) pairs), so `pair_symmetry` sees whole pairs."""
+    by_pair: dict[int, list[JudgeExample]] = {}
+    for e in examples:
+        by_pair.setdefault(e.pair, []).append(e)
+    pairs = list(by_pair.values())
+    per = max(1, batch_size // 2)
+    order = rng.permutation(len(pairs))
+    return [[e for k in order[s:s + per] for e in pairs[k]] for s in range(0, len(pairs), per)]
+
+
+def score_quality(expected: np.ndarray, grades: np.ndarray, n: int, mass: np.ndarray | None = None,
+                  min_mass: float = 0.0) -> dict:
+    """What the labeler's figures would say of a direct judge on held-out graded answers. `expected`: Σ i·P(i) the
+    labeler reads (1..n); `grades` in [0, 1]. agreement: the score is above the scale's middle exactly when the grade
+    is (answers with a grade other than 0.5, as the run's judge report counts a direct score "right"); pearson:
+    correlation of the score with the grade; mae: mean absolute error of the score put on [0, 1] against the grade;
+    with `mass`: its mean and the share the labeler would refuse (below `min_mass`)."""
+    graded = (expected - 1) / (n - 1)
+    decided = np.abs(grades - 0.5) > 1e-6
+    agree = ((graded > 0.5) == (grades > 0.5))[decided]
+    spread = len(grades) > 1 and np.std(grades) > 0 and np.std(graded) > 0
+    return {"answers": int(len(grades)),
+            "agreement": float(agree.mean()) if agree.size else None,
+            "pearson": float(np.corrcoef(graded, grades)[0, 1]) if spread else None,
+            "mae": float(np.abs(graded - grades).mean()) if len(grades) else None,
+            "mean_score": float(expected.mean()) if len(grades) else None,
+            **({"label_mass": float(mass.mean()), "unparsable_share": float((mass < min_mass).mean())}
+               if mass is not None and len(grades) else {})}
 
 
 def verdict_quality(slot1: np.ndarray, labels: np.ndarray, mass: np.ndarray | None = None,

@@ -164,6 +164,20 @@ def read_preferences(cfg: RunConfig):
     return table, {"path": str(Path(p.path).expanduser().resolve()), **stats}
 
 
+def read_graded(cfg: RunConfig):
+    """preferences.path read as graded single answers ((prompt, response, grade) rows), with what it holds said
+    once."""
+    from rlaif_ray.data.graded import GradedKeys, read_graded_file
+    p = cfg.preferences
+    keys = GradedKeys(prompt=p.prompt_key, messages=p.messages_key, id=p.id_key, response=p.response_key,
+                      grade=p.grade_key, split=p.split)
+    rows, stats = read_graded_file(p.path, keys)
+    print(f"[rlaif] {p.path}: {stats['answers']} graded answers (mean grade {stats['mean_grade']})"
+          + "".join(f"; field '{name}' ({n} rows) is not used" for name, n in sorted(stats["unused_fields"].items())),
+          flush=True)
+    return rows, stats
+
+
 def built_in_worlds(cfg: RunConfig) -> tuple[str, str, str]:
     """model.policy, model.critic and data.prompts, with the names of built-in worlds replaced by their paths."""
     names = (cfg.model.policy, cfg.model.critic, cfg.data.prompts)
@@ -176,7 +190,7 @@ def built_in_worlds(cfg: RunConfig) -> tuple[str, str, str]:
         from rlaif_ray.worlds.smol import build_smol_world
         smol = build_smol_world(cfg.smol)
         paths = [{"smol": p}.get(n, q) for n, q, p in zip(names, paths, (smol.model, smol.model, smol.prompts))]
-    if cfg.model.critic == "smol_judge":  # built (about 16 min, once) only where a judge is asked anything
+    if cfg.model.critic == "smol_judge":  # built (about 18 min, once) only where a judge is asked anything
         from rlaif_ray.worlds.smol_judge import build_smol_judge
         paths[1] = build_smol_judge(cfg) if cfg.judge_in_loop() else smol.model
     return paths[0], paths[1], paths[2]

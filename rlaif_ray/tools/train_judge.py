@@ -4,6 +4,8 @@ its pairwise verdict, read the way the labeler reads it, matches the file's labe
 One process, one DeepSpeed rank through the learner core (no Ray, no vLLM). Held-out pairs (`judge_training.held_out`)
 are kept out of training and scored before and after; the output folder is a Hugging Face model (+ tokenizer with the
 judge's chat template) that `model.critic` takes as it is, with `judge_report.json` and `judge_report.md` beside it.
+With `critic.method=direct` the file holds graded single answers (rlaif_ray.data.graded) and the judge is tuned on
+the 1–K score the direct labeler reads.
 """
 from __future__ import annotations
 
@@ -16,11 +18,16 @@ from rlaif_ray.judge.trainer import JudgeTrainer, split_pairs, write_report
 
 def train_judge(cfg: RunConfig, preferences: str, out: str, judge_path: str | None = None, progress=print) -> dict:
     """Fine-tune the judge on `preferences`, write the tuned judge and its report into `out`; returns the report."""
-    from rlaif_ray.runtime.inputs import built_in_worlds, read_preferences
+    from rlaif_ray.runtime.inputs import built_in_worlds, read_graded, read_preferences
 
     cfg = cfg.model_copy(update={"preferences": cfg.preferences.model_copy(update={"path": preferences})})
-    table, stats = read_preferences(cfg)
-    rows = list(zip(*(table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected", "label"))))
+    direct = cfg.critic.method == "direct"
+    if direct:  # graded single answers: (prompt, response, grade)
+        rows, stats = read_graded(cfg)
+    else:
+        table, stats = read_preferences(cfg)
+        rows = list(zip(*(table.column(c).to_pylist() for c in ("prompt", "chosen", "rejected", "label"))))
+    unit = "answers" if direct else "pairs"
     jt = cfg.judge_training
     if jt.max_pairs:
         rows = rows[:jt.max_pairs]
@@ -29,14 +36,15 @@ def train_judge(cfg: RunConfig, preferences: str, out: str, judge_path: str | No
     t0 = time.perf_counter()
     trainer = JudgeTrainer(judge_path, cfg)
     examples, too_long = trainer.examples(rows)
-    labels = {k: float(r[3]) for k, r in enumerate(rows)}
+    labels = {k: float(r[-1]) for k, r in enumerate(rows)}  # P(chosen ≻ rejected), or the grade
     held = [e for e in examples if e.pair in set(held_idx)]
     train_examples = [e for e in examples if e.pair in set(train_idx)]
     if not train_examples:
-        raise ConfigError(f"{preferences}: no pair left to train on ({len(rows)} pairs, {len(held_idx)} held out, "
+        raise ConfigError(f"{preferences}: nothing left to train on ({len(rows)} {unit}, {len(held_idx)} held out, "
                          f"{too_long} longer than the judge's max_model_len)")
     before = trainer.quality(held, labels) if held else None
-    progress(f"[train-judge] {judge_path}: {len(train_idx)} training pairs, {len(held_idx)} held out"
+    progress(f"[train-judge] {judge_path} ({'direct 1-' + str(len(trainer.labels)) if direct else 'pairwise'}): "
+             f"{len(train_idx)} training {unit}, {len(held_idx)} held out"
              + (f"; {too_long} left out (judge prompt longer than {trainer.max_tokens} tokens)" if too_long else "")
              + (f"; held-out before: {before}" if before else ""))
     losses = trainer.train(train_examples, progress)
@@ -44,8 +52,9 @@ def train_judge(cfg: RunConfig, preferences: str, out: str, judge_path: str | No
     Path(out).mkdir(parents=True, exist_ok=True)
     trainer.save(out)
     report = {"judge": judge_path, "preferences": stats, "out": str(Path(out).resolve()),
+              "method": "direct" if direct else "pairwise", "unit": unit,
               "pairs": {"train": len(train_idx), "held_out": len(held_idx), "too_long": too_long},
-              "labels": list(trainer.critic.pairwise_labels), "label_token_ids": trainer.label_ids,
+              "labels": trainer.labels, "label_token_ids": trainer.label_ids,
               "settings": jt.model_dump(), "epoch_losses": losses, "held_out_before": before,
               "held_out_after": after, "seconds": round(time.perf_counter() - t0, 1)}
     write_report(out, report)

@@ -6,7 +6,10 @@ labels are noise. This world builds a judge that is not, from nothing but the mo
 1. SmolLM2 answers "What is a + b?" prompts *outside* the RL prompt set (operands 1 .. `smol.judge_max_operand`, at
    least one above `smol.max_operand`) `smol.judge_samples` times each at the rollout temperature (vLLM), and the
    checker grades every answer; each prompt gives up to `smol.judge_pairs_per_prompt` pairs of a distinct right and
-   a distinct wrong answer (hard labels).
+   a distinct wrong answer (hard labels), plus tie pairs (two distinct answers graded the same, label 0.5) up to
+   `smol.judge_tie_share` of them. Trained on right-vs-wrong pairs alone, the judge leant towards slot 1 where it
+   could not tell the answers apart (held-out first-slot rate 0.554; 0.585 with `judge_training.symmetry` 0.25); with
+   ties, 0.469.
 2. The same for the RL prompt set itself: held-out pairs, never trained on, scored before and after.
 3. `rlaif_ray.judge.trainer.JudgeTrainer` tunes the model on the run's own judge prompts (`critic.*` templates,
    labels and chat template, both orders): what it optimised is what the CriticLabeler reads.
@@ -39,7 +42,8 @@ JUDGE_PROMPT_FIELDS = ("preamble", "few_shot", "principles", "pairwise_template"
 def judge_key(cfg: RunConfig) -> str:
     s = cfg.smol
     keyed = {"v": JUDGE_BUILD_VERSION, "model": config_hash(s), "max_operand": s.max_operand,
-             "judge": [s.judge_max_operand, s.judge_samples, s.judge_pairs_per_prompt, s.judge_max_prompts],
+             "judge": [s.judge_max_operand, s.judge_samples, s.judge_pairs_per_prompt, s.judge_max_prompts,
+                       s.judge_tie_share],
              "critic": cfg.critic.model_dump(include=set(JUDGE_PROMPT_FIELDS)),
              "training": cfg.judge_training.model_dump(exclude={"held_out", "max_pairs"}),
              "answers": [cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.rollout.chat_template],
@@ -64,7 +68,7 @@ def build_smol_judge(cfg: RunConfig, force: bool = False, progress=print) -> str
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=cache))
         try:
             (tmp / "run_config.json").write_text(cfg.model_dump_json())
-            progress(f"[rlaif] building the smol judge into {root} (once; about 16 min on 2 cores: SmolLM2 answers "
+            progress(f"[rlaif] building the smol judge into {root} (once; about 18 min on 2 cores: SmolLM2 answers "
                      f"prompts outside the RL set, the checker grades them, the judge is tuned on the pairs)")
             t0 = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "rlaif_ray.worlds.smol_judge", str(tmp)],
@@ -86,28 +90,44 @@ def build_smol_judge(cfg: RunConfig, force: bool = False, progress=print) -> str
 
 
 def answer_pairs(llm, tokenizer, template, questions: list[tuple[str, str]], samples: int, max_tokens: int,
-                 temperature: float, per_prompt: int) -> tuple[list[dict], dict]:
-    """(question, reference) -> preference rows (a right answer chosen over a wrong one) and counts."""
+                 temperature: float, per_prompt: int, tie_share: float = 0.0, seed: int = 0) -> tuple[list[dict], dict]:
+    """(question, reference) -> SmolLM2's answers (vLLM) -> `checker_pairs`."""
     from vllm import SamplingParams
 
     from rlaif_ray.data.chat import user_turn_ids
-    from rlaif_ray.data.checkers import last_number
     inputs = [{"prompt_token_ids": user_turn_ids(tokenizer, q, template)} for q, _ in questions]
     params = SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens)  # the engine's seed (a
     # per-request seed crashed vLLM-cpu on SmolLM2 once: "CPU Generator does not use offset")
     outs = llm.generate(inputs, params, use_tqdm=False)
-    rows, right_total, answers = [], 0, 0
-    for (question, reference), out in zip(questions, outs):
-        texts = list(dict.fromkeys(o.text for o in out.outputs))  # distinct answers
+    return checker_pairs(questions, [[o.text for o in out.outputs] for out in outs], per_prompt, tie_share, seed)
+
+
+def checker_pairs(questions: list[tuple[str, str]], answers: list[list[str]], per_prompt: int, tie_share: float = 0.0,
+                  seed: int = 0) -> tuple[list[dict], dict]:
+    """Preference rows from each question's answers as the checker grades them: up to `per_prompt` pairs of a
+    distinct right answer chosen over a distinct wrong one (label 1), then ties (two distinct answers graded the same,
+    label 0.5; at most one per question, a seeded sample) up to `tie_share` of their number; and counts."""
+    import numpy as np
+
+    from rlaif_ray.data.checkers import last_number
+    rows, ties, right_total, total = [], [], 0, 0
+    for (question, reference), texts in zip(questions, answers):
+        right_total += sum(last_number(t, reference) for t in texts)
+        total += len(texts)
+        texts = list(dict.fromkeys(texts))  # distinct answers
         right = [t for t in texts if last_number(t, reference)]
         wrong = [t for t in texts if not last_number(t, reference)]
-        right_total += sum(last_number(o.text, reference) for o in out.outputs)
-        answers += len(out.outputs)
         for k in range(min(per_prompt, len(right), len(wrong))):
             rows.append({"prompt": question, "chosen": right[k], "rejected": wrong[k], "label": 1.0,
                          "source": "checker"})
-    return rows, {"prompts": len(questions), "answers": answers, "right_share": round(right_total / max(answers, 1), 4),
-                  "pairs": len(rows)}
+        same = right if len(right) >= 2 else wrong  # two answers the checker grades the same: a tie
+        if len(same) >= 2:
+            ties.append({"prompt": question, "chosen": same[0], "rejected": same[1], "label": 0.5,
+                         "source": "checker_tie"})
+    keep = sorted(np.random.default_rng(seed).permutation(len(ties))[:round(tie_share * len(rows))].tolist())
+    return rows + [ties[i] for i in keep], {
+        "prompts": len(questions), "answers": total, "right_share": round(right_total / max(total, 1), 4),
+        "pairs": len(rows), "tie_pairs": len(keep)}
 
 
 def judge_questions(cfg: RunConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -142,8 +162,9 @@ def _build(folder: Path) -> None:
     template = resolve_template(cfg.rollout.chat_template, tokenizer)
     gen = dict(samples=cfg.smol.judge_samples, max_tokens=cfg.rollout.max_new_tokens,
                temperature=cfg.rollout.temperature, per_prompt=cfg.smol.judge_pairs_per_prompt)
-    train_rows, train_counts = answer_pairs(llm, tokenizer, template, train_q, **gen)
-    held_rows, held_counts = answer_pairs(llm, tokenizer, template, held_q, **gen)
+    train_rows, train_counts = answer_pairs(llm, tokenizer, template, train_q, **gen,
+                                            tie_share=cfg.smol.judge_tie_share, seed=cfg.loop.seed)
+    held_rows, held_counts = answer_pairs(llm, tokenizer, template, held_q, **gen)  # right vs wrong only
     seconds_answers = time.perf_counter() - t0
     del llm
     for name, rows in (("train_pairs.jsonl", train_rows), ("held_out_pairs.jsonl", held_rows)):
@@ -169,7 +190,7 @@ def _build(folder: Path) -> None:
         "judge": "smol (SmolLM2-135M-Instruct), tuned as the smol world's judge",
         "preferences": {"train": train_counts, "held_out": held_counts},
         "pairs": {"train": len(train_rows), "held_out": len(held_rows), "too_long": 0},
-        "labels": list(trainer.critic.pairwise_labels), "label_token_ids": trainer.label_ids,
+        "labels": trainer.labels, "label_token_ids": trainer.label_ids,
         "settings": {**cfg.judge_training.model_dump(), "smol": cfg.smol.model_dump()},
         "epoch_losses": losses, "held_out_before": before, "held_out_after": after,
         "seconds_answers": round(seconds_answers, 1), "seconds": round(time.perf_counter() - t0, 1),
