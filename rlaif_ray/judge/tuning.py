@@ -92,8 +92,9 @@ def score_targets(grades: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def label_logits(model, examples: list[JudgeExample], label_ids: list[int], pad_id: int, device) -> torch.Tensor:
-    """The judge's log-probabilities (over its whole vocabulary) of the two label tokens right after each prompt,
-    [B, 2]: softmax over the two is P(slot 1) / P(slot 2) as the labeler reads them, exp summed is the label mass.
+    """The judge's log-probabilities (over its whole vocabulary) of the label tokens right after each prompt,
+    [B, labels]: softmax over them is P(slot 1) / P(slot 2) (direct: P(score i)) as the labeler reads them, exp
+    summed is the label mass.
     Right-padded, so each row's answer position is its own last token; only those positions go through the output
     head."""
     from rlaif_ray.learner_core import causal_lm
