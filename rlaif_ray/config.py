@@ -605,7 +605,8 @@ class ServeConfig(_Section):
 class JudgeTrainingConfig(_Section):
     """`rlaif-ray train-judge PREFERENCES --out DIR` (rlaif_ray.tools.train_judge): fine-tunes `model.critic` so that
     the pairwise verdict the labeler reads (`critic.*` templates and labels, both orders) matches the file's labels.
-    `held_out`: the share of pairs (seeded by `loop.seed`) kept out of training and reported before → after;
+    `held_out`: the share of prompts (with all their pairs or answers; seeded by `loop.seed`) kept out of training
+    and reported before → after;
     `batch_size`: judge prompts (two per pair) per optimizer step; `max_pairs` 0: every pair; `lora_rank` > 0: train
     LoRA adapters and save the merged model; `symmetry` > 0: add that weight times the pair-symmetry term, (z₁ + z₂)²
     with z the judge's log-odds of slot 1 in each order of a pair (0 when the two orders pick opposite slots by the

@@ -65,9 +65,9 @@ def test_the_labeler_reads_what_training_optimised(tuned, ray_cluster):
     from tests.conftest import small_config
     from tests.test_actors import rollout_table
 
-    from rlaif_ray.judge.trainer import split_pairs
+    from rlaif_ray.judge.trainer import split_by_prompt
     out, _, pairs = tuned
-    first_trained = split_pairs(len(pairs), 0.2, 0)[0][0]
+    first_trained = split_by_prompt([p["prompt"] for p in pairs], 0.2, 0)[0][0]
     prompt, a, b = (pairs[first_trained][k] for k in ("prompt", "chosen", "rejected"))
     tokenizer = AutoTokenizer.from_pretrained(out)
     critic = concrete_labels(CriticConfig(), tokenizer)
@@ -138,7 +138,7 @@ def test_the_direct_labeler_reads_the_score_training_optimised(tuned_direct, ray
     from rlaif_ray.config import CriticConfig
     from rlaif_ray.data.chat import resolve_template
     from rlaif_ray.judge.reply import concrete_labels, label_token_ids
-    from rlaif_ray.judge.trainer import split_pairs
+    from rlaif_ray.judge.trainer import split_by_prompt
     from rlaif_ray.judge.tuning import direct_examples, label_logits
     from rlaif_ray.stages.critic import CriticLabeler
     from tests.conftest import small_config
@@ -149,7 +149,7 @@ def test_the_direct_labeler_reads_the_score_training_optimised(tuned_direct, ray
     assert report["epoch_losses"][1] < report["epoch_losses"][0]
     assert {"agreement", "pearson", "mae", "label_mass"} <= set(report["held_out_after"])
     assert "| pearson |" in (out / "judge_report.md").read_text()
-    trained_row = split_pairs(len(rows), 0.2, 0)[0][0] // 2 * 2  # a prompt whose right answer was trained on
+    trained_row = split_by_prompt([r["prompt"] for r in rows], 0.2, 0)[0][0]  # a prompt trained on: right, wrong
     prompt, right, wrong = rows[trained_row]["prompt"], rows[trained_row]["response"], rows[trained_row + 1]["response"]
     tokenizer = AutoTokenizer.from_pretrained(out)
     critic = concrete_labels(CriticConfig(method="direct"), tokenizer)
@@ -171,12 +171,44 @@ def test_the_direct_labeler_reads_the_score_training_optimised(tuned_direct, ray
     assert trained[0] > trained[1]  # the direction training was given
 
 
+def test_the_direct_targets_and_figures_and_a_split_by_prompt():
+    """score_targets puts each grade's expected score, what the labeler reads, at 1 + grade·(K − 1); score_quality's
+    figures on a hand-worked case; held-out rows take whole prompts."""
+    import torch
+
+    from rlaif_ray.judge.trainer import split_by_prompt
+    from rlaif_ray.judge.tuning import score_quality, score_targets
+    for n in (2, 5, 10):
+        grades = torch.tensor([0.0, 1 / 3, 0.5, 0.9, 1.0])
+        targets = score_targets(grades, n)
+        assert torch.allclose(targets.sum(-1), torch.ones(5)) and (targets >= 0).all()
+        assert torch.allclose(targets @ torch.arange(1.0, n + 1), 1 + grades * (n - 1), atol=1e-6)
+        assert targets[0, 0] == 1 and targets[-1, -1] == 1
+    q = score_quality(np.array([9.0, 2.0, 6.0, 4.0]), np.array([1.0, 0.0, 0.0, 0.5]), 9)
+    assert q["agreement"] == pytest.approx(2 / 3) and q["mae"] == pytest.approx((0 + 1 / 8 + 5 / 8 + 1 / 8) / 4)
+    assert q["pearson"] > 0 and q["mean_score"] == 5.25
+    prompts = ["a", "b", "a", "c", "b", "d", "e"]
+    train, held = split_by_prompt(prompts, 0.4, 0)
+    assert sorted(train + held) == list(range(7)) and not {prompts[i] for i in train} & {prompts[i] for i in held}
+    assert len({prompts[i] for i in held}) == 2
+
+
+def test_the_symmetry_term_is_refused_on_the_direct_scale():
+    from rlaif_ray.config import ConfigError
+    from rlaif_ray.judge.trainer import JudgeTrainer
+    from tests.conftest import small_config
+    cfg = small_config(critic={"method": "direct"}, reward={"kind": "direct_score"}, judge_training={"symmetry": 0.5})
+    with pytest.raises(ConfigError, match="judge_training.symmetry"):
+        JudgeTrainer("/nonexistent/judge", cfg)
+
+
 def test_bad_graded_rows_name_the_file_row_and_field(tmp_path):
     from rlaif_ray.data.graded import read_graded_file
     from rlaif_ray.data.prompts import PromptFileError  # what every input file's row error is (the CLI exits 2)
     bad = tmp_path / "graded.jsonl"
     for row, field in (({"prompt": "1+1=", "response": " 2", "grade": 1.7}, "'grade'"),
-                       ({"prompt": "1+1=", "grade": 1}, "'response'"), ({"response": " 2", "grade": 0}, "'prompt'")):
+                       ({"prompt": "1+1=", "grade": 1}, "'response'"), ({"response": " 2", "grade": 0}, "'prompt'"),
+                       ({"prompt": "1+1=", "response": " 2"}, "'grade' is missing")):
         bad.write_text(json.dumps({"prompt": "1+2=", "response": " 3", "grade": 1}) + "\n" + json.dumps(row) + "\n")
         with pytest.raises(PromptFileError, match="row 2") as err:
             read_graded_file(bad)
@@ -225,6 +257,9 @@ def test_the_smol_judge_is_built_once_per_judge_prompt(tmp_path, smol_world):
     other = load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml",
                         [*overrides, "critic.pairwise_ending=Which answer is right? Reply 1 or 2."])
     assert judge_key(other) != judge_key(cfg)
+    for setting in ("smol.judge_tie_share=0.5", "judge_training.symmetry=0.25", "judge_training.learning_rate=1e-4"):
+        assert judge_key(load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml", [*overrides, setting])) != \
+            judge_key(cfg), setting
 
 
 def test_checker_pairs_add_ties_up_to_their_share():

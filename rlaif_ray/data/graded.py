@@ -44,6 +44,9 @@ def read_graded_file(path: str | Path, keys: GradedKeys = GradedKeys()) -> tuple
             prompt = readable_prompt(messages or context)
         prompt = text_field(path, lineno, keys.prompt, prompt)
         grade = row.get(keys.grade)
+        if grade is None:
+            raise PreferenceFileError(f"{path}: row {lineno}: field '{keys.grade}' is missing (a number in [0, 1]: "
+                                      "0 the worst answer, 1 the best)")
         if isinstance(grade, bool) or not isinstance(grade, (int, float)) or not 0 <= grade <= 1:
             raise PreferenceFileError(f"{path}: row {lineno}: field '{keys.grade}' must be a number in [0, 1] "
                                       f"(0 the worst answer, 1 the best), got {grade!r}")

@@ -1,8 +1,9 @@
 """The judge under training (`JudgeTrainer`): its tokenizer, label token ids, judge-prompt examples and one
 DeepSpeed rank of the learner core; held-out quality before and after, the tuned folder and its report. Used by
 `rlaif-ray train-judge` (rlaif_ray.tools.train_judge) and the smol world's judge (rlaif_ray.worlds.smol_judge).
-It tunes the verdict `critic.method` reads: pairwise (pairs in both orders; also for cot and self_reference, whose
-verdict is the same label read after more text) or direct (graded single answers on the 1–K scale)."""
+It tunes the verdict `critic.method` reads: pairwise (pairs in both orders) or direct (graded single answers on the
+1–K scale). cot and self_reference read the same pairwise labels after a rationale or the judge's own answer, which
+tuning does not generate: for them it trains the plain pairwise prompt, an approximation."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlaif_ray.config import RunConfig
+from rlaif_ray.config import ConfigError, RunConfig
 from rlaif_ray.data.chat import resolve_template
 from rlaif_ray.judge.reply import concrete_labels, label_token_ids
 from rlaif_ray.judge.tuning import (direct_examples, judge_examples, label_logits, pair_batches, pair_symmetry,
@@ -33,6 +34,16 @@ def split_pairs(n: int, held_out: float, seed: int) -> tuple[list[int], list[int
     return sorted(order[k:]), sorted(order[:k])
 
 
+def split_by_prompt(prompts: list[str], held_out: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train and held-out row indices with every row of a prompt on the same side: `split_pairs` over the distinct
+    prompts (in order of first appearance), so no held-out verdict is on a prompt the judge trained on."""
+    distinct = list(dict.fromkeys(prompts))
+    train, held = split_pairs(len(distinct), held_out, seed)
+    held_prompts = {distinct[k] for k in held}
+    rows = range(len(prompts))
+    return [i for i in rows if prompts[i] not in held_prompts], [i for i in rows if prompts[i] in held_prompts]
+
+
 class JudgeTrainer:
     """The judge under training: its tokenizer, label ids, prompt examples and a LearnerCore."""
 
@@ -42,6 +53,9 @@ class JudgeTrainer:
 
         from rlaif_ray.learner_core import CoreSettings, LearnerCore, init_distributed
         jt = cfg.judge_training
+        if cfg.critic.method == "direct" and jt.symmetry > 0:
+            raise ConfigError("judge_training.symmetry compares a pair's two orders; critic.method=direct scores "
+                              "single answers (set judge_training.symmetry=0)")
         self.cfg, self.path = cfg, judge_path
         self.tokenizer = AutoTokenizer.from_pretrained(judge_path)
         self.template = resolve_template(cfg.critic.chat_template, self.tokenizer, "critic.chat_template")

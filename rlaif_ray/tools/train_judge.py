@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from rlaif_ray.config import ConfigError, RunConfig
-from rlaif_ray.judge.trainer import JudgeTrainer, split_pairs, write_report
+from rlaif_ray.judge.trainer import JudgeTrainer, split_by_prompt, write_report
 
 
 def train_judge(cfg: RunConfig, preferences: str, out: str, judge_path: str | None = None, progress=print) -> dict:
@@ -32,7 +32,7 @@ def train_judge(cfg: RunConfig, preferences: str, out: str, judge_path: str | No
     if jt.max_pairs:
         rows = rows[:jt.max_pairs]
     judge_path = judge_path or built_in_worlds(cfg)[1]
-    train_idx, held_idx = split_pairs(len(rows), jt.held_out, cfg.loop.seed)
+    train_idx, held_idx = split_by_prompt([r[0] for r in rows], jt.held_out, cfg.loop.seed)  # whole prompts held out
     t0 = time.perf_counter()
     trainer = JudgeTrainer(judge_path, cfg)
     examples, too_long = trainer.examples(rows)

@@ -124,7 +124,7 @@ def checker_pairs(questions: list[tuple[str, str]], answers: list[list[str]], pe
         if len(same) >= 2:
             ties.append({"prompt": question, "chosen": same[0], "rejected": same[1], "label": 0.5,
                          "source": "checker_tie"})
-    keep = sorted(np.random.default_rng(seed).permutation(len(ties))[:round(tie_share * len(rows))].tolist())
+    keep = sorted(np.random.default_rng(seed).permutation(len(ties))[:int(tie_share * len(rows) + 0.5)].tolist())
     return rows + [ties[i] for i in keep], {
         "prompts": len(questions), "answers": total, "right_share": round(right_total / max(total, 1), 4),
         "pairs": len(rows), "tie_pairs": len(keep)}
