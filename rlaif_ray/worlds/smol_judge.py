@@ -7,9 +7,8 @@ labels are noise. This world builds a judge that is not, from nothing but the mo
    least one above `smol.max_operand`) `smol.judge_samples` times each at the rollout temperature (vLLM), and the
    checker grades every answer; each prompt gives up to `smol.judge_pairs_per_prompt` pairs of a distinct right and
    a distinct wrong answer (hard labels), plus tie pairs (two distinct answers graded the same, label 0.5) up to
-   `smol.judge_tie_share` of them. Trained on right-vs-wrong pairs alone, the judge leant towards slot 1 where it
-   could not tell the answers apart (held-out first-slot rate 0.554; 0.585 with `judge_training.symmetry` 0.25); with
-   ties, 0.469.
+   `smol.judge_tie_share` of them (0 by default). Ties took the held-out first-slot rate from 0.554 to 0.469-0.513,
+   but PPO against those judges drifted to answers they prefer wrongly (docs/feedback.md).
 2. The same for the RL prompt set itself: held-out pairs, never trained on, scored before and after.
 3. `rlaif_ray.judge.trainer.JudgeTrainer` tunes the model on the run's own judge prompts (`critic.*` templates,
    labels and chat template, both orders): what it optimised is what the CriticLabeler reads.
