@@ -67,7 +67,7 @@ def build_smol_judge(cfg: RunConfig, force: bool = False, progress=print) -> str
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=cache))
         try:
             (tmp / "run_config.json").write_text(cfg.model_dump_json())
-            progress(f"[rlaif] building the smol judge into {root} (once; about 18 min on 2 cores: SmolLM2 answers "
+            progress(f"[rlaif] building the smol judge into {root} (once; about 16 min on 2 cores: SmolLM2 answers "
                      f"prompts outside the RL set, the checker grades them, the judge is tuned on the pairs)")
             t0 = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "rlaif_ray.worlds.smol_judge", str(tmp)],
