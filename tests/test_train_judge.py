@@ -101,7 +101,7 @@ def test_the_symmetry_term_penalises_position_bias_only_and_batches_keep_pairs_w
     assert float(pair_symmetry(mirrored, examples)) == pytest.approx(0.0, abs=1e-6)
     slot_one = torch.tensor([[2.0, 0.0], [1.0, 0.0]] * 7, requires_grad=True)  # slot 1 in both orders: z 2 and 1
     penalty = pair_symmetry(torch.log_softmax(slot_one, -1), examples)
-    assert float(penalty) == pytest.approx(9.0, rel=1e-5)
+    assert float(penalty.detach()) == pytest.approx(9.0, rel=1e-5)
     penalty.backward()
     assert (slot_one.grad[:, 0] > 0).all() and (slot_one.grad[:, 1] < 0).all()
     assert float(pair_symmetry(mirrored[:1], examples[:1])) == 0.0  # no whole pair: nothing to compare
