@@ -59,8 +59,8 @@ def test_the_labeler_reads_what_training_optimised(tuned, ray_cluster):
     from rlaif_ray.config import CriticConfig
     from rlaif_ray.data.chat import resolve_template
     from rlaif_ray.engine import engine_env
-    from rlaif_ray.judge.reply import concrete_labels
-    from rlaif_ray.judge.tuning import judge_examples, label_logits, pairwise_label_ids
+    from rlaif_ray.judge.reply import concrete_labels, label_token_ids
+    from rlaif_ray.judge.tuning import judge_examples, label_logits
     from rlaif_ray.stages.critic import CriticLabeler
     from tests.conftest import small_config
     from tests.test_actors import rollout_table
@@ -74,7 +74,7 @@ def test_the_labeler_reads_what_training_optimised(tuned, ray_cluster):
     examples, _ = judge_examples([(prompt, a, b, 1.0)], critic, tokenizer, resolve_template("auto", tokenizer))
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     with __import__("torch").no_grad():
-        trained = label_logits(model, examples, pairwise_label_ids(critic, tokenizer, str(out)), 0, "cpu")
+        trained = label_logits(model, examples, label_token_ids(tokenizer, critic.pairwise_labels, str(out)), 0, "cpu")
     trained = trained.softmax(-1)[:, 0].numpy()  # P(slot 1) with a first, then with b first
 
     cfg = small_config()

@@ -53,14 +53,14 @@ class JudgeTrainer:
 
         from rlaif_ray.learner_core import CoreSettings, LearnerCore, init_distributed
         jt = cfg.judge_training
-        if cfg.critic.method == "direct" and jt.symmetry > 0:
+        self.direct = cfg.critic.method == "direct"
+        if self.direct and jt.symmetry > 0:
             raise ConfigError("judge_training.symmetry compares a pair's two orders; critic.method=direct scores "
                               "single answers (set judge_training.symmetry=0)")
         self.cfg, self.path = cfg, judge_path
         self.tokenizer = AutoTokenizer.from_pretrained(judge_path)
         self.template = resolve_template(cfg.critic.chat_template, self.tokenizer, "critic.chat_template")
         self.critic = concrete_labels(cfg.critic, self.tokenizer)
-        self.direct = cfg.critic.method == "direct"
         self.labels = list(self.critic.direct_labels if self.direct else self.critic.pairwise_labels)
         self.label_ids = label_token_ids(self.tokenizer, self.labels, judge_path)
         if not dist.is_initialized():
@@ -111,7 +111,7 @@ class JudgeTrainer:
         """`judge_training.epochs` passes over `examples` in seeded random order (whole pairs per batch when
         `judge_training.symmetry` > 0); the mean loss per epoch (the cross-entropy plus the weighted symmetry term)."""
         jt, rng = self.cfg.judge_training, np.random.default_rng(self.cfg.loop.seed + 1)
-        symmetry = 0.0 if self.direct else jt.symmetry
+        symmetry = jt.symmetry  # 0 on the direct scale (refused in __init__)
         losses = []
         for epoch in range(jt.epochs):
             if symmetry > 0:

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from rlaif_ray.data.chat import user_turn_ids
-from rlaif_ray.judge.reply import label_token_ids
 from rlaif_ray.judge.templates import JudgePrompts
 
 
@@ -70,11 +69,6 @@ def direct_examples(answers: list[tuple[str, str, float]], critic, tokenizer, te
             continue
         out.append(JudgeExample(ids, float(grade), k, 0))
     return out, too_long
-
-
-def pairwise_label_ids(critic, tokenizer, name: str) -> list[int]:
-    """The token ids of the slot-1 and slot-2 labels (each exactly one token, or JudgeLabelError)."""
-    return label_token_ids(tokenizer, critic.pairwise_labels, name)
 
 
 def score_targets(grades: torch.Tensor, n: int) -> torch.Tensor:

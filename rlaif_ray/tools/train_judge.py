@@ -37,8 +37,9 @@ def train_judge(cfg: RunConfig, preferences: str, out: str, judge_path: str | No
     trainer = JudgeTrainer(judge_path, cfg)
     examples, too_long = trainer.examples(rows)
     labels = {k: float(r[-1]) for k, r in enumerate(rows)}  # P(chosen ≻ rejected), or the grade
-    held = [e for e in examples if e.pair in set(held_idx)]
-    train_examples = [e for e in examples if e.pair in set(train_idx)]
+    held_set, train_set = set(held_idx), set(train_idx)
+    held = [e for e in examples if e.pair in held_set]
+    train_examples = [e for e in examples if e.pair in train_set]
     if not train_examples:
         raise ConfigError(f"{preferences}: nothing left to train on ({len(rows)} {unit}, {len(held_idx)} held out, "
                          f"{too_long} longer than the judge's max_model_len)")

@@ -111,11 +111,11 @@ def checker_pairs(questions: list[tuple[str, str]], answers: list[list[str]], pe
     from rlaif_ray.data.checkers import last_number
     rows, ties, right_total, total = [], [], 0, 0
     for (question, reference), texts in zip(questions, answers):
-        right_total += sum(last_number(t, reference) for t in texts)
+        graded = {t: last_number(t, reference) for t in texts}  # each distinct answer checked once, in order
+        right_total += sum(graded[t] for t in texts)
         total += len(texts)
-        texts = list(dict.fromkeys(texts))  # distinct answers
-        right = [t for t in texts if last_number(t, reference)]
-        wrong = [t for t in texts if not last_number(t, reference)]
+        right = [t for t, ok in graded.items() if ok]
+        wrong = [t for t, ok in graded.items() if not ok]
         for k in range(min(per_prompt, len(right), len(wrong))):
             rows.append({"prompt": question, "chosen": right[k], "rejected": wrong[k], "label": 1.0,
                          "source": "checker"})
