@@ -54,12 +54,15 @@ class SmolWorldConfig(_Section):
     # each, up to judge_pairs_per_prompt right-vs-wrong pairs per prompt), plus tie pairs (two distinct answers the
     # checker grades the same, label 0.5; at most one per prompt, a seeded sample) up to judge_tie_share of the
     # right-vs-wrong pairs (0.25 took the held-out first-slot rate 0.554 -> 0.469, but PPO then exploited the judge:
-    # docs/feedback.md, so 0 by default)
-    judge_max_operand: int = Field(20, ge=2, le=99)
+    # docs/feedback.md, so 0 by default). Its position calibration (rlaif_ray.judge.calibration) is measured on
+    # judge_calibration_prompts more sums, with an operand in judge_max_operand + 1 .. + 5 (neither trained on nor in
+    # the RL set; right-vs-wrong pairs of SmolLM2's answers as for training, labels not read); 0: no calibration
+    judge_max_operand: int = Field(20, ge=2, le=94)
     judge_samples: int = Field(8, ge=2)
     judge_pairs_per_prompt: int = Field(2, ge=1)
     judge_max_prompts: int = Field(400, ge=1)
     judge_tie_share: float = Field(0.0, ge=0, le=1)
+    judge_calibration_prompts: int = Field(200, ge=0)
 
 
 class ModelConfig(_Section):
@@ -292,6 +295,12 @@ class CriticConfig(WorkerResources):
     # (the toy critic, base models); "none"; or a Jinja file / inline template. A remote judge: `remote.api`.
     chat_template: str = "auto"
     min_label_mass: float = Field(0.05, ge=0.0, le=1.0)  # below this the reply counts as unparsable
+    # a pairwise judge's lean towards one slot, taken off every verdict's log-odds (rlaif_ray.judge.calibration):
+    # "none" = raw verdicts; "auto" = the judge folder's judge_calibration.json where it has one (train-judge and the
+    # smol judge write it; pairwise only); a number = that offset in log-odds of slot 1 (any pairwise method). Off by
+    # default: on the smol judge it took the held-out first-slot rate into 0.45-0.55, but PPO on the calibrated labels
+    # was exploited where the raw ones taught the policy (docs/feedback.md#position-calibration)
+    position_calibration: Literal["auto", "none"] | float = "none"
     raw_reply_chars: int = Field(200, ge=0)               # how much of the judge's text each label row keeps
     remote: RemoteJudgeConfig = Field(default_factory=RemoteJudgeConfig)
 
@@ -611,7 +620,11 @@ class JudgeTrainingConfig(_Section):
     `batch_size`: judge prompts (two per pair) per optimizer step; `max_pairs` 0: every pair; `lora_rank` > 0: train
     LoRA adapters and save the merged model; `symmetry` > 0: add that weight times the pair-symmetry term, (z₁ + z₂)²
     with z the judge's log-odds of slot 1 in each order of a pair (0 when the two orders pick opposite slots by the
-    same margin, whatever the label), so the judge learns no position bias; batches then hold both orders of a pair."""
+    same margin, whatever the label), so the judge learns no position bias; batches then hold both orders of a pair;
+    `calibration` (pairwise): the share of the remaining prompts set aside, not trained on, to measure the judge's lean
+    towards one slot after training (their labels are not read): the offset goes into `judge_calibration.json`
+    beside the weights, the report gives the held-out figures with it taken off, and the labeler takes it off every
+    verdict with `critic.position_calibration=auto`; 0: none."""
     epochs: int = Field(2, ge=1)
     learning_rate: float = Field(5e-5, gt=0)
     batch_size: int = Field(16, ge=1)
@@ -619,6 +632,7 @@ class JudgeTrainingConfig(_Section):
     max_pairs: int = Field(0, ge=0)
     lora_rank: int = Field(0, ge=0)
     symmetry: float = Field(0.0, ge=0)
+    calibration: float = Field(0.1, ge=0, lt=1)
 
 
 class RunConfig(_Section):

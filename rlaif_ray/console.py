@@ -60,6 +60,8 @@ def run_summary_lines(summary: dict, rows: list[dict], run_dir: str) -> list[str
         parts = [f"{name} {f(judge[key])}" for key, name in (
             ("position_consistency", "position consistency"), ("first_slot_rate", "first-slot rate")) if
             judge.get(key) is not None]
+        if judge.get("position_offset"):
+            parts.append(f"after a slot-1 log-odds offset of {judge['position_offset']:+.2f} (its calibration)")
         bad = [f"{name} {f(judge[key])}" for key, name in (("unparsable_share", "unparsable"),
                                                            ("failed_share", "failed")) if judge.get(key)]
         rate = judge.get("labels_per_s")

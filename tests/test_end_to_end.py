@@ -76,6 +76,7 @@ def test_async_run_two_learners(tmp_path, ray_cluster, toy_world):
     b, a = summary["eval_before"], summary["eval_after"]
     assert f"sampled {b['accuracy_sampled']:.3f} -> {a['accuracy_sampled']:.3f}" in text
     assert f"position consistency {report['position_consistency']:.3f}" in text and "faults        none" in text
+    assert report["position_offset"] == 0.0 and "log-odds offset" not in text  # the toy critic has no calibration
     assert f"{run}/report.md" in text and summary["checkpoint"] in text
     # examples a person reads: the first prompt's samples of every step, in the report for the first and last
     examples = read_jsonl(run / "examples.jsonl")

@@ -44,21 +44,30 @@ def tuned(tmp_path_factory, toy_world):
 def test_train_judge_writes_a_judge_folder_and_a_report(tuned):
     out, report, _ = tuned
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
-    assert report["pairs"] == {"train": 24, "held_out": 6, "too_long": 0}
+    # 30 prompts: 6 held out, 2 of the other 24 set aside for the position calibration (judge_training.calibration)
+    assert report["pairs"] == {"train": 22, "held_out": 6, "calibration": 2, "too_long": 0}
     assert len(report["epoch_losses"]) == 2 and report["epoch_losses"][1] < report["epoch_losses"][0]
     for key in ("agreement", "position_consistency", "first_slot_rate", "brier"):
         assert key in report["held_out_before"] and key in report["held_out_after"]
+        assert key in report["held_out_calibrated"]
+    calibration = json.loads((out / "judge_calibration.json").read_text())
+    assert calibration["slot1_log_odds_offset"] == pytest.approx(report["position_offset"], abs=1e-6)
+    assert calibration["method"] == "pairwise" and calibration["pairs"] == 2
     assert "| agreement |" in (out / "judge_report.md").read_text()
+    assert "Position calibration" in (out / "judge_report.md").read_text()
 
 
 def test_the_labeler_reads_what_training_optimised(tuned, ray_cluster):
     """On a pair it trained on, the CriticLabeler on the tuned folder reads, in both orders, the P(slot 1) the
-    training code computes, and it prefers the chosen answer in both."""
+    training code computes, with the folder's position offset taken off its log-odds when asked
+    (critic.position_calibration=auto; the default, none, reads the raw verdict), and it prefers the chosen answer in
+    both."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlaif_ray.config import CriticConfig
     from rlaif_ray.data.chat import resolve_template
     from rlaif_ray.engine import engine_env
+    from rlaif_ray.judge.calibration import shift_slot1
     from rlaif_ray.judge.reply import concrete_labels, label_token_ids
     from rlaif_ray.judge.tuning import judge_examples, label_logits
     from rlaif_ray.stages.critic import CriticLabeler
@@ -76,8 +85,11 @@ def test_the_labeler_reads_what_training_optimised(tuned, ray_cluster):
     with __import__("torch").no_grad():
         trained = label_logits(model, examples, label_token_ids(tokenizer, critic.pairwise_labels, str(out)), 0, "cpu")
     trained = trained.softmax(-1)[:, 0].numpy()  # P(slot 1) with a first, then with b first
+    offset = json.loads((out / "judge_calibration.json").read_text())["slot1_log_odds_offset"]
+    assert abs(offset) > 0.05  # else reading it or not would look the same below
+    calibrated = shift_slot1(trained, offset)
 
-    cfg = small_config()
+    cfg = small_config(critic={"position_calibration": "auto"})
     labeler = CriticLabeler.options(num_cpus=1, runtime_env={"env_vars": engine_env(cfg.engine_for("critic"))}).remote(
         str(out), cfg.model_dump())
     try:
@@ -85,8 +97,8 @@ def test_the_labeler_reads_what_training_optimised(tuned, ray_cluster):
     finally:
         ray.kill(labeler)
     read = [row["pair_slot1_probs"][0] for row in table.to_pylist()]  # row a: a in slot 1; row b: b in slot 1
-    assert np.allclose(read, trained, atol=2e-3), (read, trained)
-    assert trained[0] > 0.5 > trained[1]  # the direction training was given, in both orders
+    assert np.allclose(read, calibrated, atol=2e-3), (read, calibrated, trained)
+    assert calibrated[0] > 0.5 > calibrated[1]  # the direction training was given, in both orders
 
 
 def test_the_symmetry_term_penalises_position_bias_only_and_batches_keep_pairs_whole():
@@ -240,6 +252,7 @@ def test_the_smol_judge_is_built_once_per_judge_prompt(tmp_path, smol_world):
     (cache / smol_world.root.name).symlink_to(smol_world.root)  # the converted model, not converted again
     overrides = [f"smol.cache_dir={cache}", "smol.max_operand=3", "smol.judge_max_operand=9",
                  "smol.held_out=2", "smol.judge_max_prompts=12", "smol.judge_samples=4", "judge_training.epochs=1",
+                 "smol.judge_calibration_prompts=6",
                  "judge_training.batch_size=8", "model.critic=smol_judge", f"output.run_dir={tmp_path / 'run'}"]
     cfg = load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml", overrides)
     messages = []
@@ -251,13 +264,19 @@ def test_the_smol_judge_is_built_once_per_judge_prompt(tmp_path, smol_world):
     assert set(after) >= {"agreement", "position_consistency", "first_slot_rate", "brier", "label_mass"}
     assert after["unparsable_share"] == 0  # the labels keep the answer's probability: the labeler reads every verdict
     assert "| agreement |" in (folder / "judge_report.md").read_text() and len(messages) == 2
+    assert report["pairs"]["calibration"] > 0  # right-vs-wrong pairs of SmolLM2's answers to the calibration sums
+    assert report["held_out_calibrated"]["first_slot_rate"] is not None
+    assert json.loads((folder / "judge_calibration.json").read_text())["slot1_log_odds_offset"] == \
+        pytest.approx(report["position_offset"], abs=1e-6)
+    assert "taken off" in messages[-1]
     built = (folder / "config.json").stat().st_mtime_ns
     assert built_in_worlds(cfg)[1] == str(folder)  # reused: not built again
     assert (folder / "config.json").stat().st_mtime_ns == built and not list(cache.glob("judge-*.*/"))
     other = load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml",
                         [*overrides, "critic.pairwise_ending=Which answer is right? Reply 1 or 2."])
     assert judge_key(other) != judge_key(cfg)
-    for setting in ("smol.judge_tie_share=0.5", "judge_training.symmetry=0.25", "judge_training.learning_rate=1e-4"):
+    for setting in ("smol.judge_tie_share=0.5", "judge_training.symmetry=0.25", "judge_training.learning_rate=1e-4",
+                    "smol.judge_calibration_prompts=7"):
         assert judge_key(load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml", [*overrides, setting])) != \
             judge_key(cfg), setting
 

@@ -16,6 +16,7 @@ import torch
 
 from rlaif_ray.config import ConfigError, RunConfig
 from rlaif_ray.data.chat import resolve_template
+from rlaif_ray.judge.calibration import estimate_offset, shift_slot1
 from rlaif_ray.judge.reply import concrete_labels, label_token_ids
 from rlaif_ray.judge.tuning import (direct_examples, judge_examples, label_logits, pair_batches, pair_symmetry,
                                     score_quality, score_targets, tuning_loss, verdict_quality)
@@ -91,21 +92,33 @@ class JudgeTrainer:
                 mass += logp.exp().sum(-1).cpu().tolist()
         return np.asarray(probs).reshape(-1, len(self.label_ids)), np.asarray(mass)
 
-    def quality(self, examples, labels: dict[int, float]) -> dict:
-        """verdict_quality of the pairs both of whose orders are in `examples` (`labels`: P(chosen ≻ rejected) per
-        pair); direct: score_quality of the answers (`labels`: the grade per answer)."""
+    def both_orders(self, examples) -> tuple[list[int], np.ndarray]:
+        """The pairs both of whose orders are in `examples`, and [pairs, order, (P(slot 1), label mass)]."""
         probs, mass = self.verdicts(examples)
-        if self.direct:
-            expected = probs @ np.arange(1, len(self.label_ids) + 1)
-            return score_quality(expected, np.asarray([labels[e.pair] for e in examples]), len(self.label_ids), mass,
-                                 self.critic.min_label_mass)
         by_pair: dict[int, list] = {}  # pair -> [(P(slot 1), label mass) of order 0, of order 1]
         for e, p, m in zip(examples, probs[:, 0], mass):
             by_pair.setdefault(e.pair, [None, None])[e.order] = (p, m)
         pairs = sorted(k for k, v in by_pair.items() if None not in v)
-        both = np.asarray([by_pair[k] for k in pairs], dtype=float).reshape(-1, 2, 2)  # [pair, order, (p, mass)]
-        return verdict_quality(both[:, :, 0], np.asarray([labels[k] for k in pairs]), both[:, :, 1],
-                               self.critic.min_label_mass)
+        return pairs, np.asarray([by_pair[k] for k in pairs], dtype=float).reshape(-1, 2, 2)
+
+    def calibrate(self, examples) -> tuple[float, int]:
+        """The position offset (rlaif_ray.judge.calibration) on `examples`, pairs in both orders that were neither
+        trained on nor scored (their labels are not read); and how many pairs it was estimated on."""
+        pairs, both = self.both_orders(examples)
+        return estimate_offset(both[:, :, 0]), len(pairs)
+
+    def quality(self, examples, labels: dict[int, float], offset: float = 0.0) -> dict:
+        """verdict_quality of the pairs both of whose orders are in `examples` (`labels`: P(chosen ≻ rejected) per
+        pair), each verdict's log-odds of slot 1 less `offset` (the labeler's position calibration); direct:
+        score_quality of the answers (`labels`: the grade per answer)."""
+        if not self.direct:
+            pairs, both = self.both_orders(examples)
+            return verdict_quality(shift_slot1(both[:, :, 0], offset), np.asarray([labels[k] for k in pairs]),
+                                   both[:, :, 1], self.critic.min_label_mass)
+        probs, mass = self.verdicts(examples)
+        expected = probs @ np.arange(1, len(self.label_ids) + 1)
+        return score_quality(expected, np.asarray([labels[e.pair] for e in examples]), len(self.label_ids), mass,
+                             self.critic.min_label_mass)
 
     def train(self, examples, progress=print) -> list[float]:
         """`judge_training.epochs` passes over `examples` in seeded random order (whole pairs per batch when
@@ -158,12 +171,20 @@ def _markdown(report: dict) -> str:
              f"{report['pairs']['train']} training {report.get('unit', 'pairs')}, "
              f"{report['pairs']['held_out']} held out; "
              f"epoch losses {', '.join(f'{x:.4f}' for x in report['epoch_losses'])}; {report['seconds']} s.", ""]
-    before, after = report["held_out_before"], report["held_out_after"]
+    before, after, calibrated = report["held_out_before"], report["held_out_after"], report.get("held_out_calibrated")
     if before and after:
-        lines += [f"| held-out {report.get('unit', 'pairs')} | before | after |", "|---|---|---|"]
+        columns = [before, after] + ([calibrated] if calibrated else [])
+        lines += [f"| held-out {report.get('unit', 'pairs')} | before | after |"
+                  + (" after, calibrated (critic.position_calibration=auto) |" if calibrated else ""),
+                  "|---" * (len(columns) + 1) + "|"]
         for key in ("agreement", "position_consistency", "first_slot_rate", "brier", "pearson", "mae", "mean_score",
                     "label_mass", "unparsable_share"):
             fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
             if key in before:
-                lines.append(f"| {key.replace('_', ' ')} | {fmt(before[key])} | {fmt(after[key])} |")
+                lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(fmt(c[key]) for c in columns) + " |")
+    if report.get("position_offset") is not None:
+        lines += ["", f"Position calibration: slot-1 log-odds offset {report['position_offset']:+.3f}, the median "
+                  f"over both orders of {report['pairs'].get('calibration', 'the')} pairs neither trained on nor held "
+                  f"out (judge_calibration.json; the labeler takes it off every verdict with "
+                  f"critic.position_calibration=auto)."]
     return "\n".join(lines) + "\n"

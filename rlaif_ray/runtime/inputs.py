@@ -190,7 +190,7 @@ def built_in_worlds(cfg: RunConfig) -> tuple[str, str, str]:
         from rlaif_ray.worlds.smol import build_smol_world
         smol = build_smol_world(cfg.smol)
         paths = [{"smol": p}.get(n, q) for n, q, p in zip(names, paths, (smol.model, smol.model, smol.prompts))]
-    if cfg.model.critic == "smol_judge":  # built (about 16 min, once) only where a judge is asked anything
+    if cfg.model.critic == "smol_judge":  # built (about 17 min, once) only where a judge is asked anything
         from rlaif_ray.worlds.smol_judge import build_smol_judge
         paths[1] = build_smol_judge(cfg) if cfg.judge_in_loop() else smol.model
     return paths[0], paths[1], paths[2]

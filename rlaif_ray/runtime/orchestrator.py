@@ -560,6 +560,8 @@ class Orchestrator(StageRecovery):
                 for key, value in usage.items():
                     tally.judge_counts[key] += value
             summary["judge_report"] = judge_report(tally.judge_counts)
+            # the slot-1 log-odds every verdict had taken off (rlaif_ray.judge.calibration): the figures above are after it
+            summary["judge_report"]["position_offset"] = ray.get(self.critics[0].slot1_offset.remote())
         return summary
 
     def save_checkpoint(self, path: Path) -> str:

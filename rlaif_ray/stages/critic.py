@@ -19,6 +19,7 @@ several prompt groups in one call and hands back a table per group (group flow).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import zlib
 from collections import defaultdict
@@ -33,6 +34,7 @@ from rlaif_ray.data import schemas
 from rlaif_ray.data.transport import use_arrow_ipc
 from rlaif_ray.engine import engine_env
 from rlaif_ray.judge.cache import CachedJudge
+from rlaif_ray.judge.calibration import position_offset, shift_slot1
 from rlaif_ray.judge.local import LocalJudge, TransformersJudge
 from rlaif_ray.judge.pairs import select_pairs
 from rlaif_ray.judge.quality import judge_bias_counts
@@ -88,6 +90,10 @@ class CriticLabeler(GroupLabels):
         self.judge_name = self.ccfg.remote.model if self.ccfg.remote.base_url else model_path
         self.judge = CachedJudge(judge, self.judge_name, self.ccfg.cache_size, self.ccfg.min_label_mass)
         self.prompts = JudgePrompts(self.ccfg)
+        self.model_path = model_path
+        self.offsets: dict[str, tuple[float, str]] = {}  # method -> (position offset, its source), on first use
+        if self.ccfg.method != "direct":
+            self._position_offset(self.ccfg.method)  # a malformed calibration file fails at start, not mid-run
 
     def ready(self) -> str:
         return self.judge_name
@@ -98,6 +104,20 @@ class CriticLabeler(GroupLabels):
             return None
         rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
         return self.ccfg.principles[int(rng.integers(len(self.ccfg.principles)))]
+
+    def _position_offset(self, method: str) -> float:
+        """The log-odds of slot 1 taken off each verdict of `method` (rlaif_ray.judge.calibration); said once."""
+        if method not in self.offsets:
+            self.offsets[method] = position_offset(self.ccfg.position_calibration, self.model_path, method)
+            offset, source = self.offsets[method]
+            if offset:
+                print(f"[critic] {method} verdicts: slot-1 log-odds {offset:+.3f} taken off (position calibration "
+                      f"from {source})", flush=True)
+        return self.offsets[method][0]
+
+    def slot1_offset(self) -> float:
+        """The position offset this labeler takes off `critic.method`'s verdicts (0 for direct scores)."""
+        return 0.0 if self.ccfg.method == "direct" else self._position_offset(self.ccfg.method)
 
     def _clip(self, text: str) -> str:
         return text[: self.ccfg.raw_reply_chars]
@@ -169,7 +189,11 @@ class CriticLabeler(GroupLabels):
         texts, step_texts = self._judge_texts(method, items)
         todo = [k for k, t in enumerate(texts) if t is not None]
         replies: list = [None] * len(texts)
+        offset = self._position_offset(method)
         for k, reply in zip(todo, self.judge.distribution([texts[k] for k in todo], self.ccfg.pairwise_labels)):
+            if offset and reply.probs and not reply.error:  # a copy: the cache keeps the judge's own reply
+                p1 = shift_slot1(reply.probs[0], offset)
+                reply = dataclasses.replace(reply, probs=[p1, 1.0 - p1])
             replies[k] = reply
         n = rollouts.num_rows
         partners, wins, agree, slot1 = ([[] for _ in range(n)] for _ in range(4))

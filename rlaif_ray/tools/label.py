@@ -75,6 +75,7 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
         os.replace(tmp, out_path)  # a reader never sees half a file
         for key, value in ray.get(critic.usage.remote()).items():
             counts[key] += value
+        offset = ray.get(critic.slot1_offset.remote())  # the position calibration the labels were read with
     finally:
         for actor in (worker, critic, scorer):
             ray.kill(actor)
@@ -82,5 +83,5 @@ def label_prompts(cfg: RunConfig, out: str) -> dict:
             tmp.unlink()
     agree = [q["judge_truth_agreement"] for q in quality if q.get("judge_truth_agreement") is not None]
     return {"out": str(out_path), "prompts": n, "samples": rows, "valid_labels": valid, "method": cfg.critic.method,
-            "seconds": time.perf_counter() - t0, "judge_report": judge_report(counts),
+            "seconds": time.perf_counter() - t0, "judge_report": {**judge_report(counts), "position_offset": offset},
             "judge_truth_agreement": sum(agree) / len(agree) if agree else None}

@@ -12,6 +12,8 @@ labels are noise. This world builds a judge that is not, from nothing but the mo
 2. The same for the RL prompt set itself: held-out pairs, never trained on, scored before and after.
 3. `rlaif_ray.judge.trainer.JudgeTrainer` tunes the model on the run's own judge prompts (`critic.*` templates,
    labels and chat template, both orders): what it optimised is what the CriticLabeler reads.
+4. Its position calibration (rlaif_ray.judge.calibration) is measured on SmolLM2's right-vs-wrong answers to
+   `smol.judge_calibration_prompts` sums in neither set (an operand in judge_max_operand + 1 .. + 5).
 
 The folder is cached under `smol.cache_dir/judge-<key>`, the key covering the smol model, the task, the judge prompts
 (`critic` templates, labels, principles, chat template), `judge_training`, the answer settings and `loop.seed`, so a
@@ -33,7 +35,7 @@ from pathlib import Path
 from rlaif_ray.config import ConfigError, RunConfig
 from rlaif_ray.worlds.smol import QUESTION, build_smol_world, config_hash
 
-JUDGE_BUILD_VERSION = "2"  # bump when the pairs, the training or the report change
+JUDGE_BUILD_VERSION = "3"  # bump when the pairs, the training or the report change
 JUDGE_PROMPT_FIELDS = ("preamble", "few_shot", "principles", "pairwise_template", "pairwise_ending", "pairwise_labels",
                        "chat_template")
 
@@ -42,7 +44,7 @@ def judge_key(cfg: RunConfig) -> str:
     s = cfg.smol
     keyed = {"v": JUDGE_BUILD_VERSION, "model": config_hash(s), "max_operand": s.max_operand,
              "judge": [s.judge_max_operand, s.judge_samples, s.judge_pairs_per_prompt, s.judge_max_prompts,
-                       s.judge_tie_share],
+                       s.judge_tie_share, s.judge_calibration_prompts],
              "critic": cfg.critic.model_dump(include=set(JUDGE_PROMPT_FIELDS)),
              "training": cfg.judge_training.model_dump(exclude={"held_out", "max_pairs"}),
              "answers": [cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.rollout.chat_template],
@@ -67,7 +69,7 @@ def build_smol_judge(cfg: RunConfig, force: bool = False, progress=print) -> str
         tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=cache))
         try:
             (tmp / "run_config.json").write_text(cfg.model_dump_json())
-            progress(f"[rlaif] building the smol judge into {root} (once; about 16 min on 2 cores: SmolLM2 answers "
+            progress(f"[rlaif] building the smol judge into {root} (once; about 17 min on 2 cores: SmolLM2 answers "
                      f"prompts outside the RL set, the checker grades them, the judge is tuned on the pairs)")
             t0 = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "rlaif_ray.worlds.smol_judge", str(tmp)],
@@ -78,11 +80,15 @@ def build_smol_judge(cfg: RunConfig, force: bool = False, progress=print) -> str
             if root.exists():
                 shutil.rmtree(root)
             (tmp / "judge").rename(root)
-            after = report["held_out_after"]
+            after, cal = report["held_out_after"], report.get("held_out_calibrated")
+            calibrated = (f"; with its position calibration (critic.position_calibration=auto, slot-1 log-odds "
+                          f"{report['position_offset']:+.3f} taken off): position consistency "
+                          f"{cal['position_consistency']:.3f}, first-slot rate {cal['first_slot_rate']:.3f}"
+                          if cal else "")
             progress(f"[rlaif] smol judge built in {time.perf_counter() - t0:.0f} s; held-out pairs: agreement "
                      f"{after['agreement']:.3f}, position consistency {after['position_consistency']:.3f}, "
-                     f"first-slot rate {after['first_slot_rate']:.3f}, label mass {after['label_mass']:.3f} "
-                     f"({root}/judge_report.md)")
+                     f"first-slot rate {after['first_slot_rate']:.3f}, label mass {after['label_mass']:.3f}"
+                     f"{calibrated} ({root}/judge_report.md)")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return str(root)
@@ -129,9 +135,10 @@ def checker_pairs(questions: list[tuple[str, str]], answers: list[list[str]], pe
         "pairs": len(rows), "tie_pairs": len(keep)}
 
 
-def judge_questions(cfg: RunConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Training questions (outside the RL set; a seeded sample of at most `judge_max_prompts`) and held-out ones
-    (the RL prompt set)."""
+def judge_questions(cfg: RunConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[tuple[str, str]]]:
+    """Training questions (outside the RL set; a seeded sample of at most `judge_max_prompts`), held-out ones (the
+    RL prompt set) and calibration ones (an operand in judge_max_operand + 1 .. + 5: in neither; a seeded sample of
+    `judge_calibration_prompts`)."""
     import numpy as np
     s = cfg.smol
     top = max(s.judge_max_operand, s.max_operand)
@@ -143,19 +150,23 @@ def judge_questions(cfg: RunConfig) -> tuple[list[tuple[str, str]], list[tuple[s
     keep = np.random.default_rng(cfg.loop.seed).permutation(len(train))[:s.judge_max_prompts]
     held = [(QUESTION.format(a=a, b=b), str(a + b)) for a in range(1, s.max_operand + 1)
             for b in range(1, s.max_operand + 1)]
-    return [train[i] for i in sorted(keep)], held
+    calib = [(QUESTION.format(a=a, b=b), str(a + b)) for a in range(1, top + 6) for b in range(1, top + 6)
+             if max(a, b) > top]
+    pick = np.random.default_rng(cfg.loop.seed + 1).permutation(len(calib))[:s.judge_calibration_prompts]
+    return [train[i] for i in sorted(keep)], held, [calib[i] for i in sorted(pick)]
 
 
 def _build(folder: Path) -> None:
     """The child process: answers, pairs, tuning, report, into `folder/judge`."""
     from rlaif_ray.data.chat import resolve_template
     from rlaif_ray.engine import make_llm
+    from rlaif_ray.judge.calibration import write_calibration
     from rlaif_ray.judge.trainer import JudgeTrainer, write_report
 
     cfg = RunConfig.model_validate_json((folder / "run_config.json").read_text())
     world = build_smol_world(cfg.smol)
     t0 = time.perf_counter()
-    train_q, held_q = judge_questions(cfg)
+    train_q, held_q, calib_q = judge_questions(cfg)
     llm = make_llm(world.model, cfg.engine_for("rollout"), seed=cfg.loop.seed)
     tokenizer = llm.get_tokenizer()
     template = resolve_template(cfg.rollout.chat_template, tokenizer)
@@ -164,12 +175,15 @@ def _build(folder: Path) -> None:
     train_rows, train_counts = answer_pairs(llm, tokenizer, template, train_q, **gen,
                                             tie_share=cfg.smol.judge_tie_share, seed=cfg.loop.seed)
     held_rows, held_counts = answer_pairs(llm, tokenizer, template, held_q, **gen)  # right vs wrong only
+    # a call of its own, after the others: the training and held-out answers stay what they were without it
+    calib_rows, calib_counts = answer_pairs(llm, tokenizer, template, calib_q, **gen) if calib_q else ([], {})
     seconds_answers = time.perf_counter() - t0
     del llm
-    for name, rows in (("train_pairs.jsonl", train_rows), ("held_out_pairs.jsonl", held_rows)):
+    for name, rows in (("train_pairs.jsonl", train_rows), ("held_out_pairs.jsonl", held_rows),
+                       ("calibration_pairs.jsonl", calib_rows)):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"[smol-judge] answers ({seconds_answers:.0f} s): training prompts {train_counts}; held-out prompts (the RL "
-          f"set) {held_counts}", flush=True)
+          f"set) {held_counts}; calibration prompts {calib_counts}", flush=True)
     if not train_rows or not held_rows:
         raise SystemExit("[smol-judge] no right/wrong pair to train on or to score: the model was always right or "
                          "always wrong (smol.judge_samples, rollout.temperature)")
@@ -183,15 +197,26 @@ def _build(folder: Path) -> None:
     losses = trainer.train(train_ex)
     after = trainer.quality(held_ex, labels)
     print(f"[smol-judge] held-out after: {after}", flush=True)
+    offset, calibrated, calib_pairs = None, None, 0
+    if calib_rows:
+        calib_ex, _ = trainer.examples([pair(r) for r in calib_rows])
+        offset, calib_pairs = trainer.calibrate(calib_ex)
+        calibrated = trainer.quality(held_ex, labels, offset)
+        print(f"[smol-judge] position offset {offset:+.3f} (slot-1 log-odds, {calib_pairs} calibration pairs); "
+              f"held-out after, calibrated: {calibrated}", flush=True)
     out = folder / "judge"
     trainer.save(str(out))
+    if calib_rows:
+        write_calibration(str(out), offset, calib_pairs, f"SmolLM2's answers to {len(calib_q)} sums with an operand "
+                          f"{cfg.smol.judge_max_operand + 1}..{cfg.smol.judge_max_operand + 5}, both orders")
     write_report(str(out), {
         "judge": "smol (SmolLM2-135M-Instruct), tuned as the smol world's judge",
-        "preferences": {"train": train_counts, "held_out": held_counts},
-        "pairs": {"train": len(train_rows), "held_out": len(held_rows), "too_long": 0},
+        "preferences": {"train": train_counts, "held_out": held_counts, "calibration": calib_counts},
+        "pairs": {"train": len(train_rows), "held_out": len(held_rows), "calibration": calib_pairs, "too_long": 0},
         "labels": trainer.labels, "label_token_ids": trainer.label_ids,
         "settings": {**cfg.judge_training.model_dump(), "smol": cfg.smol.model_dump()},
         "epoch_losses": losses, "held_out_before": before, "held_out_after": after,
+        "position_offset": offset, "held_out_calibrated": calibrated,
         "seconds_answers": round(seconds_answers, 1), "seconds": round(time.perf_counter() - t0, 1),
         "cpus": os.cpu_count()})
 
