@@ -382,6 +382,9 @@ class StandInJudge(GroupLabels, _Stage):
     def usage(self) -> dict:
         return {}
 
+    def slot1_offset(self) -> float:
+        return 0.0  # no position calibration: the stand-in reads no verdicts
+
 
 class StandInScorer(GroupScores, _Stage):
     """The reward stage (the real rule: rlaif_ray.stages.reward.rewards_from_labels) with the profile's time."""

@@ -116,6 +116,7 @@ def test_trl_reward_asks_the_labelers_judge_prompts_and_gives_its_rewards(critic
     labeler.cfg, labeler.ccfg, labeler.seed, labeler.judge_name = cfg, cfg.critic, cfg.loop.seed + 7919, "judge"
     labeler.judge = CachedJudge(theirs, "judge", 64, cfg.critic.min_label_mass)
     labeler.prompts = JudgePrompts(cfg.critic)
+    labeler.model_path, labeler.offsets = "judge", {}  # no position calibration (critic.position_calibration=none)
     labels, _ = labeler.label(table)
     expected = rewards_from_labels(labels, "win_rate").to_pylist()
 
