@@ -101,24 +101,33 @@ class JudgeTrainer:
         pairs = sorted(k for k, v in by_pair.items() if None not in v)
         return pairs, np.asarray([by_pair[k] for k in pairs], dtype=float).reshape(-1, 2, 2)
 
-    def calibrate(self, examples) -> tuple[float, int]:
-        """The position offset (rlaif_ray.judge.calibration) on `examples`, pairs in both orders that were neither
-        trained on nor scored (their labels are not read); and how many pairs it was estimated on."""
-        pairs, both = self.both_orders(examples)
-        return estimate_offset(both[:, :, 0]), len(pairs)
-
-    def quality(self, examples, labels: dict[int, float], offset: float = 0.0) -> dict:
+    def quality(self, examples, labels: dict[int, float]) -> dict:
         """verdict_quality of the pairs both of whose orders are in `examples` (`labels`: P(chosen ≻ rejected) per
-        pair), each verdict's log-odds of slot 1 less `offset` (the labeler's position calibration); direct:
-        score_quality of the answers (`labels`: the grade per answer)."""
+        pair); direct: score_quality of the answers (`labels`: the grade per answer)."""
         if not self.direct:
-            pairs, both = self.both_orders(examples)
-            return verdict_quality(shift_slot1(both[:, :, 0], offset), np.asarray([labels[k] for k in pairs]),
-                                   both[:, :, 1], self.critic.min_label_mass)
+            return self._pair_quality(*self.both_orders(examples), labels)
         probs, mass = self.verdicts(examples)
         expected = probs @ np.arange(1, len(self.label_ids) + 1)
         return score_quality(expected, np.asarray([labels[e.pair] for e in examples]), len(self.label_ids), mass,
                              self.critic.min_label_mass)
+
+    def quality_calibrated(self, held, labels: dict[int, float], calib) -> tuple[dict | None, float, int, dict | None]:
+        """After training, pairwise: the held-out quality (`quality`), the position offset (rlaif_ray.judge.calibration)
+        measured on `calib` (pairs in both orders neither trained on nor scored; their labels are not read), how many
+        pairs it was estimated on, and the held-out quality with the offset taken off each verdict's log-odds, as
+        the labeler reads it with critic.position_calibration=auto. The held-out verdicts are computed once."""
+        calib_pairs, calib_both = self.both_orders(calib)
+        offset = estimate_offset(calib_both[:, :, 0])
+        if not held:
+            return None, offset, len(calib_pairs), None
+        pairs, both = self.both_orders(held)
+        return (self._pair_quality(pairs, both, labels), offset, len(calib_pairs),
+                self._pair_quality(pairs, both, labels, offset))
+
+    def _pair_quality(self, pairs: list[int], both: np.ndarray, labels: dict[int, float], offset: float = 0.0) -> dict:
+        """verdict_quality of `both_orders`' output, each verdict's log-odds of slot 1 less `offset`."""
+        return verdict_quality(shift_slot1(both[:, :, 0], offset), np.asarray([labels[k] for k in pairs]),
+                               both[:, :, 1], self.critic.min_label_mass)
 
     def train(self, examples, progress=print) -> list[float]:
         """`judge_training.epochs` passes over `examples` in seeded random order (whole pairs per batch when

@@ -59,13 +59,13 @@ def train_judge(cfg: RunConfig, preferences: str, out: str, judge_path: str | No
              + (f"; {too_long} left out (judge prompt longer than {trainer.max_tokens} tokens)" if too_long else "")
              + (f"; held-out before: {before}" if before else ""))
     losses = trainer.train(train_examples, progress)
-    after = trainer.quality(held, labels) if held else None
     offset, calibrated = None, None
     if calib:
-        offset, calib_pairs = trainer.calibrate(calib)
-        calibrated = trainer.quality(held, labels, offset) if held else None
+        after, offset, calib_pairs, calibrated = trainer.quality_calibrated(held, labels, calib)
         progress(f"[train-judge] position calibration: slot-1 log-odds offset {offset:+.3f} on {calib_pairs} pairs "
                  "not trained on (critic.position_calibration=auto takes it off every verdict)")
+    else:
+        after = trainer.quality(held, labels) if held else None
     Path(out).mkdir(parents=True, exist_ok=True)
     trainer.save(out)
     if calib:

@@ -195,13 +195,14 @@ def _build(folder: Path) -> None:
     before = trainer.quality(held_ex, labels)
     print(f"[smol-judge] held-out before: {before}", flush=True)
     losses = trainer.train(train_ex)
-    after = trainer.quality(held_ex, labels)
-    print(f"[smol-judge] held-out after: {after}", flush=True)
     offset, calibrated, calib_pairs = None, None, 0
     if calib_rows:
         calib_ex, _ = trainer.examples([pair(r) for r in calib_rows])
-        offset, calib_pairs = trainer.calibrate(calib_ex)
-        calibrated = trainer.quality(held_ex, labels, offset)
+        after, offset, calib_pairs, calibrated = trainer.quality_calibrated(held_ex, labels, calib_ex)
+    else:
+        after = trainer.quality(held_ex, labels)
+    print(f"[smol-judge] held-out after: {after}", flush=True)
+    if calib_rows:
         print(f"[smol-judge] position offset {offset:+.3f} (slot-1 log-odds, {calib_pairs} calibration pairs); "
               f"held-out after, calibrated: {calibrated}", flush=True)
     out = folder / "judge"
