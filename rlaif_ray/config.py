@@ -63,6 +63,10 @@ class SmolWorldConfig(_Section):
     judge_max_prompts: int = Field(400, ge=1)
     judge_tie_share: float = Field(0.0, ge=0, le=1)
     judge_calibration_prompts: int = Field(200, ge=0)
+    # counterfactual pairs trained on besides (rlaif_ray.worlds.smol_judge): minimal, a right answer over itself with
+    # its number made wrong (judge_pairs_per_prompt per prompt); flipped, each right-vs-wrong pair with its two
+    # numbers swapped, so each form wins once each way; both. The held-out report measures both kinds either way
+    judge_counterfactuals: Literal["none", "minimal", "flipped", "both"] = "none"
 
 
 class ModelConfig(_Section):

@@ -252,7 +252,7 @@ def test_the_smol_judge_is_built_once_per_judge_prompt(tmp_path, smol_world):
     (cache / smol_world.root.name).symlink_to(smol_world.root)  # the converted model, not converted again
     overrides = [f"smol.cache_dir={cache}", "smol.max_operand=3", "smol.judge_max_operand=9",
                  "smol.held_out=2", "smol.judge_max_prompts=12", "smol.judge_samples=4", "judge_training.epochs=1",
-                 "smol.judge_calibration_prompts=6",
+                 "smol.judge_calibration_prompts=6", "smol.judge_counterfactuals=both",
                  "judge_training.batch_size=8", "model.critic=smol_judge", f"output.run_dir={tmp_path / 'run'}"]
     cfg = load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml", overrides)
     messages = []
@@ -269,6 +269,13 @@ def test_the_smol_judge_is_built_once_per_judge_prompt(tmp_path, smol_world):
     assert json.loads((folder / "judge_calibration.json").read_text())["slot1_log_odds_offset"] == \
         pytest.approx(report["position_offset"], abs=1e-6)
     assert "taken off" in messages[-1]
+    trained = report["preferences"]["train"]  # smol.judge_counterfactuals=both: the twins are trained on
+    assert trained["minimal_pairs"] > 0 and trained["flipped_pairs"] > 0
+    assert report["pairs"]["train"] == trained["pairs"] + trained["minimal_pairs"] + trained["flipped_pairs"]
+    for kind in ("minimal", "flipped"):  # measured on the held-out answers' twins whatever is trained on
+        twin = report["held_out_twins"][kind]
+        assert twin["pairs"] > 0 and twin["after"]["agreement"] is not None
+        assert f"held-out {kind} pairs" in (folder / "judge_report.md").read_text()
     built = (folder / "config.json").stat().st_mtime_ns
     assert built_in_worlds(cfg)[1] == str(folder)  # reused: not built again
     assert (folder / "config.json").stat().st_mtime_ns == built and not list(cache.glob("judge-*.*/"))
@@ -276,7 +283,7 @@ def test_the_smol_judge_is_built_once_per_judge_prompt(tmp_path, smol_world):
                         [*overrides, "critic.pairwise_ending=Which answer is right? Reply 1 or 2."])
     assert judge_key(other) != judge_key(cfg)
     for setting in ("smol.judge_tie_share=0.5", "judge_training.symmetry=0.25", "judge_training.learning_rate=1e-4",
-                    "smol.judge_calibration_prompts=7"):
+                    "smol.judge_calibration_prompts=7", "smol.judge_counterfactuals=flipped"):
         assert judge_key(load_config(ROOT / "jobs" / "configs" / "smol_rlaif.yaml", [*overrides, setting])) != \
             judge_key(cfg), setting
 
@@ -297,3 +304,49 @@ def test_checker_pairs_add_ties_up_to_their_share():
         k = int(r["prompt"].split()[2])
         assert {r["chosen"], r["rejected"]} == {str(k + 1), f"It is {k + 1}"}
     assert checker_pairs(questions, answers, per_prompt=2, tie_share=0.0)[0] == decided
+
+
+def test_minimal_pairs_differ_in_the_number_only():
+    """The smol judge's counterfactual twins: each right answer (at most per_prompt, distinct) is chosen over itself
+    with its last number made wrong, preferring numbers the model gave wrongly to that question; the checker grades
+    the chosen answer right and the twin wrong, and nothing but that number differs."""
+    import re
+
+    from rlaif_ray.data.checkers import last_number
+    from rlaif_ray.worlds.smol_judge import minimal_pairs, with_last_number
+    questions = [("What is 7 + 8?", "15"), ("What is 1 + 1?", "2"), ("What is 2 + 2?", "4")]
+    answers = [["7 + 8 equals 15.", "15", "It is 16", "7 + 8 equals 15.", "15 apples, or 15"],
+               ["2", "The answer is 2.", "1 + 1 = 2", "no idea"],
+               ["5", "six"]]  # no right answer: no twin
+    rows = minimal_pairs(questions, answers, per_prompt=2, seed=0)
+    assert [(r["prompt"], r["chosen"]) for r in rows] == [
+        ("What is 7 + 8?", "7 + 8 equals 15."), ("What is 7 + 8?", "15"),
+        ("What is 1 + 1?", "2"), ("What is 1 + 1?", "The answer is 2.")]
+    assert rows[0]["rejected"] == "7 + 8 equals 16."  # the model's own wrong number first
+    for (question, reference), r in ((questions[0], rows[0]), (questions[0], rows[1]), (questions[1], rows[2]),
+                                     (questions[1], rows[3])):
+        assert last_number(r["chosen"], reference) and not last_number(r["rejected"], reference)
+        assert re.sub(r"\d+", "N", r["chosen"]) == re.sub(r"\d+", "N", r["rejected"])
+        assert r["label"] == 1.0 and r["source"] == "checker_minimal"
+    assert with_last_number("15 apples, or 15", 3) == "15 apples, or 3"
+    assert minimal_pairs(questions, answers, per_prompt=2, seed=0) == rows  # seeded
+    assert len(minimal_pairs(questions, answers, per_prompt=1)) == 2
+
+
+def test_flipped_pairs_swap_the_numbers_of_a_pair():
+    """Each right-vs-wrong pair flipped: the wrong answer with the right number over the right answer with the wrong
+    number, so each form wins once; a wrong answer without a number gives no flipped pair."""
+    from rlaif_ray.data.checkers import last_number
+    from rlaif_ray.worlds.smol_judge import checker_pairs, flipped_pairs
+    questions = [("What is 7 + 8?", "15"), ("What is 1 + 1?", "2")]
+    answers = [["7 + 8 equals 15.", "15", "It is 16", "no idea"], ["2", "The answer is 3."]]
+    rows, _ = checker_pairs(questions, answers, per_prompt=2)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("7 + 8 equals 15.", "It is 16"), ("15", "no idea"),
+                                                            ("2", "The answer is 3.")]
+    flipped = flipped_pairs(questions, rows)
+    assert [(r["chosen"], r["rejected"]) for r in flipped] == [("It is 15", "7 + 8 equals 16."),
+                                                               ("The answer is 2.", "3")]
+    for r in flipped:
+        reference = dict(questions)[r["prompt"]]
+        assert last_number(r["chosen"], reference) and not last_number(r["rejected"], reference)
+        assert r["label"] == 1.0 and r["source"] == "checker_flipped"

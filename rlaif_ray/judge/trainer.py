@@ -191,6 +191,14 @@ def _markdown(report: dict) -> str:
             fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
             if key in before:
                 lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(fmt(c[key]) for c in columns) + " |")
+    twins = report.get("held_out_twins") or {}
+    meaning = {"minimal": "a right answer over itself with its number made wrong",
+               "flipped": "each held-out pair with its two numbers swapped"}
+    for kind, twin in twins.items():
+        lines += ["", f"| {twin['pairs']} held-out {kind} pairs ({meaning.get(kind, kind)}) | before | after |",
+                  "|---|---|---|"]
+        lines += [f"| {key.replace('_', ' ')} | {twin['before'][key]:.3f} | {twin['after'][key]:.3f} |"
+                  for key in ("agreement", "position_consistency", "first_slot_rate")]
     if report.get("position_offset") is not None:
         lines += ["", f"Position calibration: slot-1 log-odds offset {report['position_offset']:+.3f}, the median "
                   f"over both orders of {report['pairs'].get('calibration', 'the')} pairs neither trained on nor held "

