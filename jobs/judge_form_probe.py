@@ -46,7 +46,7 @@ def probe(judge: str, cfg) -> dict[tuple[str, str], dict]:
 
     from rlaif_ray.data.chat import resolve_template
     from rlaif_ray.judge.reply import concrete_labels, label_token_ids
-    from rlaif_ray.judge.tuning import judge_examples, label_logits, verdict_quality
+    from rlaif_ray.judge.tuning import judge_examples, label_probs, pair_orders, verdict_quality
     tokenizer = AutoTokenizer.from_pretrained(judge)
     model = AutoModelForCausalLM.from_pretrained(judge, dtype=torch.float32).eval()
     template = resolve_template(cfg.critic.chat_template, tokenizer, "critic.chat_template")
@@ -56,14 +56,8 @@ def probe(judge: str, cfg) -> dict[tuple[str, str], dict]:
     out = {}
     for cell, pairs in probe_pairs(cfg.loop.seed, cfg.smol.max_operand).items():
         examples, _ = judge_examples(pairs, critic, tokenizer, template, cfg.loop.seed)
-        slot1 = np.zeros((len(pairs), 2))
-        with torch.no_grad():
-            for k in range(0, len(examples), 32):
-                chunk = examples[k:k + 32]
-                probs = torch.softmax(label_logits(model, chunk, label_ids, pad, "cpu"), -1)[:, 0]
-                for e, p in zip(chunk, probs.tolist()):
-                    slot1[e.pair, e.order] = p
-        out[cell] = verdict_quality(slot1, np.ones(len(pairs)))
+        kept, both = pair_orders(examples, *label_probs(model, examples, label_ids, pad, "cpu"))
+        out[cell] = verdict_quality(both[:, :, 0], np.ones(len(kept)), both[:, :, 1], critic.min_label_mass)
     return out
 
 

@@ -18,8 +18,9 @@ from rlaif_ray.config import ConfigError, RunConfig
 from rlaif_ray.data.chat import resolve_template
 from rlaif_ray.judge.calibration import estimate_offset, shift_slot1
 from rlaif_ray.judge.reply import concrete_labels, label_token_ids
-from rlaif_ray.judge.tuning import (direct_examples, judge_examples, label_logits, pair_batches, pair_symmetry,
-                                    score_quality, score_targets, tuning_loss, verdict_quality)
+from rlaif_ray.judge.tuning import (direct_examples, judge_examples, label_logits, label_probs, pair_batches,
+                                    pair_orders, pair_symmetry, score_quality, score_targets, tuning_loss,
+                                    verdict_quality)
 
 
 def _free_port() -> int:
@@ -80,26 +81,13 @@ class JudgeTrainer:
         make = direct_examples if self.direct else judge_examples
         return make(rows, self.critic, self.tokenizer, self.template, self.cfg.loop.seed, self.max_tokens)
 
-    def verdicts(self, examples, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """The labels' probabilities the labeler would read for each example ([N, labels], renormalised over the
-        labels) and their mass (no gradient)."""
-        probs, mass = [], []
-        with torch.no_grad():
-            for k in range(0, len(examples), batch):
-                logp = label_logits(self.core.engine, examples[k:k + batch], self.label_ids, self.pad_id,
-                                    self.core.device)
-                probs += torch.softmax(logp, -1).cpu().tolist()
-                mass += logp.exp().sum(-1).cpu().tolist()
-        return np.asarray(probs).reshape(-1, len(self.label_ids)), np.asarray(mass)
+    def verdicts(self, examples) -> tuple[np.ndarray, np.ndarray]:
+        """`label_probs` of the judge under training: the labels' probabilities for each example and their mass."""
+        return label_probs(self.core.engine, examples, self.label_ids, self.pad_id, self.core.device)
 
     def both_orders(self, examples) -> tuple[list[int], np.ndarray]:
         """The pairs both of whose orders are in `examples`, and [pairs, order, (P(slot 1), label mass)]."""
-        probs, mass = self.verdicts(examples)
-        by_pair: dict[int, list] = {}  # pair -> [(P(slot 1), label mass) of order 0, of order 1]
-        for e, p, m in zip(examples, probs[:, 0], mass):
-            by_pair.setdefault(e.pair, [None, None])[e.order] = (p, m)
-        pairs = sorted(k for k, v in by_pair.items() if None not in v)
-        return pairs, np.asarray([by_pair[k] for k in pairs], dtype=float).reshape(-1, 2, 2)
+        return pair_orders(examples, *self.verdicts(examples))
 
     def quality(self, examples, labels: dict[int, float]) -> dict:
         """verdict_quality of the pairs both of whose orders are in `examples` (`labels`: P(chosen ≻ rejected) per

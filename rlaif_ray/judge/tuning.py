@@ -106,6 +106,29 @@ def label_logits(model, examples: list[JudgeExample], label_ids: list[int], pad_
     return torch.log_softmax(lm.get_output_embeddings()(answer).float(), dim=-1)[:, label_ids]
 
 
+def label_probs(model, examples: list[JudgeExample], label_ids: list[int], pad_id: int, device,
+                batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The labels' probabilities the labeler would read for each example ([N, labels], renormalised over the labels)
+    and their mass, `label_logits` in batches without gradient."""
+    probs, mass = [], []
+    with torch.no_grad():
+        for k in range(0, len(examples), batch):
+            logp = label_logits(model, examples[k:k + batch], label_ids, pad_id, device)
+            probs += torch.softmax(logp, -1).cpu().tolist()
+            mass += logp.exp().sum(-1).cpu().tolist()
+    return np.asarray(probs).reshape(-1, len(label_ids)), np.asarray(mass)
+
+
+def pair_orders(examples: list[JudgeExample], probs: np.ndarray, mass: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """The pairs both of whose orders are in `examples`, and [pairs, order, (P(slot 1), label mass)] from
+    `label_probs`' output."""
+    by_pair: dict[int, list] = {}  # pair -> [(P(slot 1), label mass) of order 0, of order 1]
+    for e, p, m in zip(examples, probs[:, 0], mass):
+        by_pair.setdefault(e.pair, [None, None])[e.order] = (p, m)
+    pairs = sorted(k for k, v in by_pair.items() if None not in v)
+    return pairs, np.asarray([by_pair[k] for k in pairs], dtype=float).reshape(-1, 2, 2)
+
+
 def tuning_loss(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-example cross-entropy between the judge's next-token distribution (`logp`: the labels' log-probs, from
     `label_logits`) and the target put on the labels: [B] a soft P(slot 1) on the slot-1 label, the rest on the

@@ -123,6 +123,13 @@ def answer_pairs(llm, tokenizer, template, questions: list[tuple[str, str]], sam
         **counts, **{f"{kind}_pairs": len(twins[kind]) for kind in counterfactuals}}
 
 
+def last_whole_number(text: str) -> int | None:
+    """The last number in `text` (as the last_number checker reads it) where it is a whole number, else None."""
+    from rlaif_ray.data.checkers import NUMBER
+    found = NUMBER.findall(text)
+    return int(float(found[-1])) if found and float(found[-1]).is_integer() else None
+
+
 def with_last_number(text: str, value: int) -> str:
     """`text` with its last number (as the last_number checker reads it) replaced by `value`."""
     from rlaif_ray.data.checkers import NUMBER
@@ -140,13 +147,13 @@ def minimal_pairs(questions: list[tuple[str, str]], answers: list[list[str]], pe
     alone preferred "a + b equals N." to a bare N whatever N was (docs/feedback.md)."""
     import numpy as np
 
-    from rlaif_ray.data.checkers import NUMBER, last_number
+    from rlaif_ray.data.checkers import last_number
     rng, rows = np.random.default_rng(seed), []
     for (question, reference), texts in zip(questions, answers):
         ref = int(float(reference))
         right = [t for t in dict.fromkeys(texts) if last_number(t, reference)][:per_prompt]
-        given = [int(float(n[-1])) for n in (NUMBER.findall(t) for t in texts) if n and float(n[-1]).is_integer()]
-        distractors = list(dict.fromkeys(n for n in given if n != ref))
+        given = [last_whole_number(t) for t in texts]
+        distractors = list(dict.fromkeys(n for n in given if n is not None and n != ref))
         for k, text in enumerate(right):
             if k < len(distractors):
                 wrong = distractors[k]
@@ -163,17 +170,15 @@ def flipped_pairs(questions: list[tuple[str, str]], rows: list[dict]) -> list[di
     given the right number is chosen over the right answer given the wrong one (pairs whose wrong answer has no whole
     number are left out). The forms of a pair then win once each way, so only the number decides both; the checker
     grades the flipped pair as it labels it."""
-    from rlaif_ray.data.checkers import NUMBER
     reference = dict(questions)
     out = []
     for r in rows:
-        found = NUMBER.findall(r["rejected"])
-        if not found or not float(found[-1]).is_integer():
+        wrong = last_whole_number(r["rejected"])
+        if wrong is None:
             continue
         ref = int(float(reference[r["prompt"]]))
         out.append({"prompt": r["prompt"], "chosen": with_last_number(r["rejected"], ref),
-                    "rejected": with_last_number(r["chosen"], int(float(found[-1]))), "label": 1.0,
-                    "source": "checker_flipped"})
+                    "rejected": with_last_number(r["chosen"], wrong), "label": 1.0, "source": "checker_flipped"})
     return out
 
 
@@ -267,15 +272,14 @@ def _build(folder: Path) -> None:
     train_ex, _ = trainer.examples([pair(r) for r in train_rows])
     held_ex, _ = trainer.examples([pair(r) for r in held_rows])
     labels = {k: 1.0 for k in range(len(held_rows))}
-    twin_ex = {kind: trainer.examples([pair(r) for r in rows])[0] for kind, rows in held_twins.items() if rows}
-    twins = {kind: {"pairs": len(held_twins[kind]),
-                    "before": trainer.quality(ex, {k: 1.0 for k in range(len(held_twins[kind]))})}
-             for kind, ex in twin_ex.items()}
+    twin_sets = {kind: (trainer.examples([pair(r) for r in rows])[0], {k: 1.0 for k in range(len(rows))})
+                 for kind, rows in held_twins.items() if rows}  # kind -> (examples, labels)
+    twins = {kind: {"pairs": len(held_twins[kind]), "before": trainer.quality(*twin_sets[kind])} for kind in twin_sets}
     before = trainer.quality(held_ex, labels)
     print(f"[smol-judge] held-out before: {before}; twins: {twins}", flush=True)
     losses = trainer.train(train_ex)
-    for kind, ex in twin_ex.items():
-        twins[kind]["after"] = trainer.quality(ex, {k: 1.0 for k in range(len(held_twins[kind]))})
+    for kind, twin_set in twin_sets.items():
+        twins[kind]["after"] = trainer.quality(*twin_set)
     offset, calibrated, calib_pairs = None, None, 0
     if calib_rows:
         calib_ex, _ = trainer.examples([pair(r) for r in calib_rows])
